@@ -1,0 +1,39 @@
+# grokstack: `make run` starts the whole stack on this machine, `make test` runs every test.
+# Both install what they need into .venv the first time (about 3 minutes) and reuse it after.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+LOCK := requirements/cpu.lock
+STAMP := $(VENV)/.installed
+MODEL := .data/models/SmolLM2-135M-Instruct/config.json
+
+.PHONY: install model run test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(LOCK) pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+model: $(MODEL)
+
+$(MODEL): | $(STAMP)
+	$(BIN)/grokstack model --log-format console
+
+run: install model
+	$(BIN)/grokstack up --log-format console
+
+test: install model
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not engine"
+
+bench: install model
+	$(BIN)/grokstack bench
+
+clean:
+	rm -rf $(VENV) .data

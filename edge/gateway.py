@@ -1,0 +1,152 @@
+"""The edge's side of the bus: publish requests, route token events back, in order.
+
+Events of all requests of this edge arrive on one subscription (`gs.evt.<edge>.*`) and are
+sorted into per-request streams that deliver them by sequence number: duplicates are dropped,
+early arrivals wait for the ones before them, and a gap that does not fill in time is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections import OrderedDict
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from bus.codec import BadMessage, decode, decode_event, encode
+from bus.jetstream import ensure_streams
+from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Event, Heartbeat, SamplingSpec
+from bus.subjects import Priority, Subjects
+from services.settings import Settings
+
+log = structlog.get_logger("grokstack.edge")
+
+
+class SubmitFailed(RuntimeError):
+    pass
+
+
+class RequestStream:
+    """One request's events, delivered in sequence order exactly once."""
+
+    def __init__(self, request_id: str, gap_timeout_s: float) -> None:
+        self.request_id = request_id
+        self._gap_timeout_s = gap_timeout_s
+        self._next_seq = 0
+        self._early: dict[int, Event] = {}
+        self._ready: asyncio.Queue[Event] = asyncio.Queue()
+        self.duplicates = 0
+
+    def deliver(self, event: Event) -> None:
+        if event.seq < self._next_seq or event.seq in self._early:
+            self.duplicates += 1
+            return
+        self._early[event.seq] = event
+        while self._next_seq in self._early:
+            self._ready.put_nowait(self._early.pop(self._next_seq))
+            self._next_seq += 1
+
+    async def next(self, timeout: float) -> Event:
+        """The next event in order. A gap that lasts `gap_timeout_s` becomes a stream_gap error."""
+        wait = min(timeout, self._gap_timeout_s) if self._early else timeout
+        try:
+            return await asyncio.wait_for(self._ready.get(), wait)
+        except asyncio.TimeoutError:
+            if self._early and wait < timeout:
+                missing = self._next_seq
+                return ErrorEvent(request_id=self.request_id, seq=missing, code="stream_gap",
+                                  message=f"token event {missing} never arrived")
+            raise
+
+
+def edge_id_for(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:48]
+
+
+class Gateway:
+    def __init__(self, settings: Settings, nc: NATS, edge_id: str) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(settings.subject_prefix)
+        self.edge_id = edge_id_for(edge_id)
+        self._streams: dict[str, RequestStream] = {}
+        self._orphans: OrderedDict[str, None] = OrderedDict()  # ids we already told to stop
+        self._last_beat: dict[str, float] = {}  # role -> monotonic time of its last heartbeat
+
+    async def start(self) -> None:
+        await ensure_streams(self.js, self.settings, self.subjects)
+        await self.nc.subscribe(self.subjects.events_of_edge(self.edge_id), cb=self._on_event)
+        await self.nc.subscribe(self.subjects.heartbeats(self.settings.region), cb=self._on_beat)
+
+    # ------------------------------------------------------------------ requests
+
+    def new_request(self, messages: list[ChatMessage], sampling: SamplingSpec, priority: Priority,
+                    conversation_id: str | None) -> ChatRequest:
+        request_id = uuid.uuid4().hex
+        now = time.time()
+        return ChatRequest(
+            request_id=request_id, region=self.settings.region, priority=priority,
+            messages=messages, sampling=sampling,
+            reply_to=self.subjects.events(self.edge_id, request_id),
+            conversation_id=conversation_id, created_at=now,
+            deadline=now + self.settings.request_timeout_s)
+
+    async def submit(self, request: ChatRequest) -> RequestStream:
+        stream = RequestStream(request.request_id, gap_timeout_s=5.0)
+        self._streams[request.request_id] = stream  # before publishing: events may come fast
+        try:
+            await self.js.publish(self.subjects.request(request.region, request.priority),
+                                  encode(request), timeout=5,
+                                  headers={"Nats-Msg-Id": request.request_id})
+        except Exception as exc:
+            self._streams.pop(request.request_id, None)
+            raise SubmitFailed(f"the bus did not accept the request: {type(exc).__name__}: {exc}") from None
+        return stream
+
+    def forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def cancel(self, request_id: str, reason: str) -> None:
+        self._streams.pop(request_id, None)
+        self._remember_orphan(request_id)
+        try:
+            await self.nc.publish(self.subjects.cancel(self.settings.region),
+                                  encode(Cancel(request_id=request_id, reason=reason)))
+        except Exception as exc:
+            log.warning("cancel not published", request_id=request_id, error=str(exc))
+
+    def _remember_orphan(self, request_id: str) -> None:
+        self._orphans[request_id] = None
+        while len(self._orphans) > 10_000:
+            self._orphans.popitem(last=False)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except BadMessage as exc:
+            log.warning("dropped malformed event", subject=msg.subject, reason=exc.reason)
+            return
+        stream = self._streams.get(event.request_id)
+        if stream is not None:
+            stream.deliver(event)
+        elif event.request_id not in self._orphans and not isinstance(event, ErrorEvent):
+            # Nobody here waits for it (client gone, edge restarted): stop the work.
+            await self.cancel(event.request_id, "no_listener")
+
+    async def _on_beat(self, msg: Msg) -> None:
+        try:
+            beat = decode(msg.data, Heartbeat)
+        except BadMessage:
+            return
+        self._last_beat[beat.role] = time.monotonic()
+
+    def workers_alive(self) -> dict[str, bool]:
+        horizon = time.monotonic() - 3 * self.settings.heartbeat_s
+        return {role: self._last_beat.get(role, 0.0) >= horizon for role in ("prefill", "decode")}

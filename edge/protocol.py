@@ -1,0 +1,186 @@
+"""The websocket frame protocol: JSON text frames, validated before anything is published.
+
+Client -> edge
+  {"type": "chat", "id": "c1", "messages": [{"role": "user", "content": "Hi"}],
+   "max_tokens": 128, "temperature": 0.7, "top_p": 0.95, "stop": ["\\n\\n"], "seed": 7,
+   "priority": "interactive", "conversation_id": "conv-42"}
+       only "type" and "messages" are required; "id" names the request on this connection
+       (the edge makes one up when it is missing) so several can be in flight at once.
+  {"type": "cancel", "id": "c1"}
+
+Edge -> client
+  {"type": "accepted", "id": "c1", "request_id": "…"}           the request is on the bus
+  {"type": "token", "id": "c1", "seq": 0, "text": "Hel", "tokens": 1}   in order, no gaps, no repeats
+  {"type": "done", "id": "c1", "finish_reason": "stop", "usage": {…}, "timings": {…}, "kv": {…}}
+  {"type": "error", "id": "c1" | null, "code": "invalid_request", "message": "…", "retryable": false}
+
+Error codes are stable (see `ErrorCode`); messages are for humans and may change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from bus.messages import ChatMessage, KvTransfer, Timings
+from bus.subjects import PRIORITIES, Priority
+
+ErrorCode = Literal[
+    "invalid_json",  # the frame is not JSON
+    "invalid_frame",  # not an object with a known "type", or a field is missing or mistyped
+    "frame_too_large",
+    "invalid_request",  # a value is out of range, or the prompt is empty or too long
+    "prompt_too_long",  # the prompt does not fit the model's context (found by prefill)
+    "duplicate_id",  # a request with this id is already in flight on this connection
+    "unknown_id",  # cancel of a request this connection does not have
+    "too_many_requests",  # too many requests in flight on this connection
+    "unavailable",  # the bus did not accept the request; retry
+    "timeout",  # no answer in time; the request was cancelled
+    "cancelled",
+    "stream_gap",  # token events were lost on the way; the request was cancelled
+    "internal",
+]
+
+ClientId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class ChatFrame(Struct, tag="chat", tag_field="type", forbid_unknown_fields=True):
+    messages: list[ChatMessage]
+    id: ClientId | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    priority: Priority = "interactive"
+    conversation_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+
+
+class CancelFrame(Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):
+    id: ClientId
+
+
+ClientFrame = Union[ChatFrame, CancelFrame]
+_FRAME_TYPES = {"chat": ChatFrame, "cancel": CancelFrame}
+
+
+class UsageFrame(Struct):
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    total_ms: float
+
+
+class AcceptedFrame(Struct, tag="accepted", tag_field="type"):
+    id: str
+    request_id: str
+
+
+class TokenFrame(Struct, tag="token", tag_field="type"):
+    id: str
+    seq: int
+    text: str
+    tokens: int  # how many tokens this frame carries (several when speculation is accepted)
+
+
+class DoneFrame(Struct, tag="done", tag_field="type"):
+    id: str
+    finish_reason: str
+    usage: UsageFrame
+    timings: Timings
+    kv: KvTransfer
+
+
+class ErrorFrame(Struct, tag="error", tag_field="type"):
+    id: str | None
+    code: str
+    message: str
+    retryable: bool = False
+
+
+ServerFrame = Union[AcceptedFrame, TokenFrame, DoneFrame, ErrorFrame]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int
+    max_messages: int
+    max_prompt_chars: int
+    max_tokens_limit: int
+    default_max_tokens: int
+
+
+class FrameError(ValueError):
+    def __init__(self, code: str, message: str, id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_frame(frame: ServerFrame) -> str:
+    return _encoder.encode(frame).decode()
+
+
+def parse_frame(raw: str | bytes, limits: Limits) -> ClientFrame:
+    """A validated client frame, or FrameError naming what is wrong."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > limits.max_frame_bytes:
+        raise FrameError("frame_too_large", f"the frame is {size} bytes; the limit is {limits.max_frame_bytes}")
+    try:
+        obj: Any = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise FrameError("invalid_json", f"the frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise FrameError("invalid_frame", 'a frame is a JSON object with a string "type" field')
+    client_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    kind = _FRAME_TYPES.get(obj["type"])
+    if kind is None:
+        raise FrameError("invalid_frame", f"unknown frame type {obj['type']!r}; expected one of "
+                         f"{', '.join(_FRAME_TYPES)}", client_id)
+    try:
+        frame = msgspec.convert(obj, type=kind)
+    except msgspec.ValidationError as exc:
+        raise FrameError("invalid_frame", str(exc), client_id) from None
+    if isinstance(frame, ChatFrame):
+        check_chat(frame, limits)
+    return frame
+
+
+def check_chat(frame: ChatFrame, limits: Limits) -> None:
+    def bad(message: str) -> FrameError:
+        return FrameError("invalid_request", message, frame.id)
+
+    if not frame.messages:
+        raise bad("messages must hold at least one message")
+    if len(frame.messages) > limits.max_messages:
+        raise bad(f"{len(frame.messages)} messages; the limit is {limits.max_messages}")
+    chars = sum(len(m.content) for m in frame.messages)
+    if chars > limits.max_prompt_chars:
+        raise bad(f"the messages hold {chars} characters; the limit is {limits.max_prompt_chars}")
+    if not any(m.content.strip() for m in frame.messages):
+        raise bad("the prompt is empty: every message's content is blank")
+    if frame.max_tokens is not None and not 1 <= frame.max_tokens <= limits.max_tokens_limit:
+        raise bad(f"max_tokens must be between 1 and {limits.max_tokens_limit}, got {frame.max_tokens}")
+    if not 0.0 <= frame.temperature <= 2.0:
+        raise bad(f"temperature must be between 0 and 2, got {frame.temperature}")
+    if not 0.0 < frame.top_p <= 1.0:
+        raise bad(f"top_p must be greater than 0 and at most 1, got {frame.top_p}")
+    stops = stop_list(frame)
+    if len(stops) > 8 or any(not 1 <= len(s) <= 64 for s in stops):
+        raise bad("stop takes at most 8 strings of 1 to 64 characters")
+    if frame.priority not in PRIORITIES:  # guarded by the type too; kept for clarity
+        raise bad(f"priority must be one of {', '.join(PRIORITIES)}")
+
+
+def stop_list(frame: ChatFrame) -> list[str]:
+    if frame.stop is None:
+        return []
+    return [frame.stop] if isinstance(frame.stop, str) else list(frame.stop)

@@ -1,0 +1,1 @@
+"""The engine interface over vLLM, and the prefill and decode pool workers built on it."""

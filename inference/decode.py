@@ -1,0 +1,84 @@
+"""The decode pool: decode job -> KV loaded from Redis (or recomputed) -> token events."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import structlog
+
+from bus.codec import decode
+from bus.messages import DecodeJob, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from inference.engine import Engine
+from inference.worker import Emitter, Job
+from kv_store.transfers import TransferRecords
+
+log = structlog.get_logger("grokstack.decode")
+
+
+class EngineAborted(RuntimeError):
+    pass
+
+
+class DecodeService:
+    kind = "decode"
+    role = "decode"
+    first_seq = 1  # event 0 is the first token, sent by prefill
+
+    def __init__(self, engine: Engine, transfers: TransferRecords | None) -> None:
+        self.engine = engine
+        self.transfers = transfers
+
+    def parse(self, data: bytes) -> DecodeJob:
+        return decode(data, DecodeJob)
+
+    def _kv_params(self, job: DecodeJob) -> dict:
+        params: dict = {"request_id": job.request_id}
+        if job.kv is not None:
+            if job.kv.model_id != self.engine.model_id:
+                log.warning("kv handle from another model, recomputing", handle_model=job.kv.model_id)
+            else:
+                params["handle"] = msgspec.structs.asdict(job.kv)
+        return params
+
+    async def serve(self, job: Job[DecodeJob], emit: Emitter) -> None:
+        j = job.body
+        t0 = time.perf_counter()
+        completion, finish, loaded, report = 1, None, 0, None
+        async for chunk in self.engine.generate(
+                j.request_id, [*j.prompt_token_ids, j.first_token_id], j.sampling,
+                max_tokens=j.sampling.max_tokens - 1, kv=self._kv_params(j)):
+            if chunk.token_ids or chunk.text:
+                completion += len(chunk.token_ids)
+                await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
+                                           text=chunk.text, token_ids=chunk.token_ids))
+            finish, report = chunk.finish_reason, chunk.kv
+            loaded = int((report or {}).get("loaded_tokens", chunk.cached_tokens))
+        if finish == "abort":
+            raise EngineAborted("the engine aborted the request")
+        await emit.emit(await self._final(job, emit.next_seq(), finish or "stop", completion,
+                                          loaded, report or {}, time.perf_counter() - t0))
+
+    async def _final(self, job: Job[DecodeJob], seq: int, finish: str, completion: int,
+                     loaded: int, report: dict, seconds: float) -> FinalEvent:
+        j = job.body
+        record = await self.transfers.read(j.request_id) if self.transfers else {}
+        if j.kv is not None:  # blocks evicted between lookup and load were recomputed by vLLM
+            loaded = max(0, loaded - int(record.get("load_failed", 0)) * j.kv.block_size)
+        wanted = j.kv.num_tokens if j.kv else 0
+        recomputed = loaded < wanted
+        log.info("decoded", completion_tokens=completion, kv_loaded_tokens=loaded,
+                 recomputed=recomputed, reason=report.get("load_reason", ""))
+        return FinalEvent(
+            request_id=j.request_id, seq=seq, finish_reason=finish,
+            usage=Usage(prompt_tokens=len(j.prompt_token_ids),
+                        cached_prompt_tokens=0 if recomputed else j.prefill.cached_tokens,
+                        completion_tokens=completion),
+            timings=Timings(queue_ms=j.prefill.queue_ms, prefill_ms=j.prefill.prefill_ms,
+                            decode_queue_ms=max(0.0, (job.received_at - j.prefill.done_at) * 1000),
+                            decode_ms=seconds * 1000),
+            kv=KvTransfer(bytes_written=j.prefill.kv_bytes_written, write_ms=j.prefill.kv_write_ms,
+                          bytes_read=int(record.get("load_bytes", 0)),
+                          read_ms=record.get("load_ms", 0.0), loaded_tokens=loaded,
+                          recomputed=recomputed,
+                          reason=report.get("load_reason", "") if recomputed else ""))

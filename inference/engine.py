@@ -1,0 +1,37 @@
+"""The one engine interface the workers use: vLLM's AsyncLLM here, a fake in unit tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Literal, Protocol, Sequence
+
+from bus.messages import ChatMessage, SamplingSpec
+
+EngineRole = Literal["prefill", "decode", "direct"]
+
+
+@dataclass(frozen=True)
+class EngineChunk:
+    """New output of one request since the previous chunk."""
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # set on the last chunk: stop | length | abort
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was loaded, not computed
+    kv: dict[str, Any] | None = None  # the KV connector's report, on the last chunk
+
+
+class Engine(Protocol):
+    model_id: str
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The model's chat template applied to `messages`, ready for the assistant's turn."""
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+                 max_tokens: int, kv: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
+        """Stream the completion. Cancelling the consuming task aborts the request."""

@@ -1,0 +1,94 @@
+"""A fast, deterministic engine behind the same interface, for unit and pipeline tests.
+
+Tokens are UTF-8 bytes. The reply to a conversation is a fixed function of the prompt
+("echo: " + the last user message, reversed), so a decode stage that continues from
+prompt + first token produces exactly what a single stage would. With a `BlockStore` it also
+keeps the KV contract: the prefill role writes one small blob per full block of the prompt and
+reports a handle; the decode role loads what the handle names and reports it as cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+from typing import Any, AsyncIterator, Sequence
+
+from bus.messages import ChatMessage, SamplingSpec
+from inference.engine import EngineChunk, EngineRole
+from kv_store.block_store import BlockStore
+from kv_store.keys import prompt_block_keys
+
+ASSISTANT = b"<|assistant|>"
+BLOCK = 16
+LAYOUT = "fake-layout"
+
+
+def reply_for(prompt: bytes) -> bytes:
+    last_user = prompt.rsplit(b"<|user|>", 1)[-1].split(b"\n", 1)[0]
+    return b"echo: " + last_user.decode("utf-8", "replace")[::-1].encode()
+
+
+class FakeEngine:
+    def __init__(self, role: EngineRole = "direct", token_delay_s: float = 0.0,
+                 store: BlockStore | None = None, key_prefix: str = "gskv",
+                 model_id: str = "fake", max_model_len: int = 4096) -> None:
+        self.role = role
+        self.token_delay_s = token_delay_s
+        self.store = store
+        self.key_prefix = key_prefix
+        self.model_id = model_id
+        self.max_model_len = max_model_len
+        self.started = self.aborted = 0
+
+    async def start(self) -> None:
+        return
+
+    async def shutdown(self) -> None:
+        return
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        text = "".join(f"<|{m.role}|>{m.content}\n" for m in messages).encode() + ASSISTANT
+        return list(text)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return bytes(token_ids).decode("utf-8", "replace")
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+                       max_tokens: int, kv: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
+        self.started += 1
+        prompt = bytes(prompt_token_ids)
+        head, _, already = prompt.rpartition(ASSISTANT)
+        reply = reply_for(head + ASSISTANT)[len(already):]
+        loaded, report = self._kv(prompt_token_ids, kv)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        emitted = 0
+        try:
+            for byte in reply[:max_tokens]:
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                emitted += 1
+                yield EngineChunk([byte], decoder.decode(bytes([byte])),
+                                  prompt_tokens=len(prompt_token_ids), cached_tokens=loaded)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted += 1
+            raise
+        finish = "length" if len(reply) > max_tokens else "stop"
+        yield EngineChunk([], decoder.decode(b"", final=True), finish, len(prompt_token_ids), loaded, report)
+
+    def _kv(self, tokens: list[int], kv: dict[str, Any] | None) -> tuple[int, dict[str, Any] | None]:
+        if self.store is None or kv is None:
+            return 0, None
+        keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK)
+        if self.role == "prefill":
+            loadable = (len(tokens) - 1) // BLOCK
+            loaded = self.store.present_prefix(keys[:loadable]) * BLOCK
+            self.store.save([(k, b"kv") for k in keys])
+            handle = {"model_id": self.model_id, "layout": LAYOUT, "block_size": BLOCK, "keys": keys,
+                      "num_tokens": len(keys) * BLOCK, "content_hash": keys[-1] if keys else ""}
+            return loaded, {"handle": handle, "loaded_tokens": loaded}
+        handle_keys = list((kv.get("handle") or {}).get("keys") or [])
+        valid = handle_keys == keys[:len(handle_keys)]
+        loaded = self.store.present_prefix(handle_keys) * BLOCK if valid else 0
+        if valid and loaded < len(handle_keys) * BLOCK:
+            loaded = 0  # the fake recomputes everything on any miss
+        return loaded, {"loaded_tokens": loaded}

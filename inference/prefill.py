@@ -1,0 +1,91 @@
+"""The prefill pool: chat request -> prompt KV in Redis + first token -> decode job."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from nats.js import JetStreamContext
+
+from bus.codec import decode, encode
+from bus.messages import (ChatRequest, DecodeJob, FinalEvent, KvHandle, KvTransfer, PrefillStats,
+                          Timings, TokenEvent, Usage)
+from bus.subjects import Subjects
+from inference.engine import Engine
+from inference.worker import Emitter, Job, JobRefused
+from kv_store.transfers import TransferRecords
+
+log = structlog.get_logger("grokstack.prefill")
+
+
+def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    if prompt_tokens + max_tokens > max_model_len:
+        raise JobRefused(
+            "prompt_too_long",
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}; together they "
+            f"must fit the model's context of {max_model_len} tokens")
+
+
+class PrefillService:
+    kind = "req"
+    role = "prefill"
+    first_seq = 0
+
+    def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
+                 transfers: TransferRecords | None, worker_id: str) -> None:
+        self.engine = engine
+        self.js = js
+        self.subjects = subjects
+        self.transfers = transfers
+        self.worker_id = worker_id
+
+    def parse(self, data: bytes) -> ChatRequest:
+        return decode(data, ChatRequest)
+
+    async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
+        req = job.body
+        prompt = self.engine.render_chat(req.messages)
+        check_fits(len(prompt), req.sampling.max_tokens, self.engine.max_model_len)
+        queue_ms = max(0.0, (job.received_at - req.created_at) * 1000) if req.created_at else 0.0
+        t0 = time.perf_counter()
+        token_ids: list[int] = []
+        text, finish, cached, report = "", None, 0, None
+        async for chunk in self.engine.generate(req.request_id, prompt, req.sampling, max_tokens=1,
+                                                kv={"request_id": req.request_id}):
+            token_ids += chunk.token_ids
+            text += chunk.text
+            finish, cached, report = chunk.finish_reason, chunk.cached_tokens, chunk.kv
+        prefill_ms = (time.perf_counter() - t0) * 1000
+        await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(), text=text,
+                                   token_ids=token_ids))
+        record = await self.transfers.read(req.request_id) if self.transfers else {}
+        stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms, prefill_ms=prefill_ms,
+                             cached_tokens=cached, done_at=time.time(),
+                             kv_bytes_written=int(record.get("save_bytes", 0)),
+                             kv_write_ms=record.get("save_ms", 0.0))
+        log.info("prefilled", prompt_tokens=len(prompt), cached_tokens=cached,
+                 prefill_ms=round(prefill_ms, 1), kv_bytes_written=stats.kv_bytes_written)
+        if finish != "length" or req.sampling.max_tokens == 1 or not token_ids:
+            await self._finish(req, emit, len(prompt), stats, finish or "stop")
+            return
+        handle = (report or {}).get("handle")
+        await self.js.publish(
+            self.subjects.decode(req.region, req.priority),
+            encode(DecodeJob(
+                request_id=req.request_id, region=req.region, priority=req.priority,
+                reply_to=req.reply_to, prompt_token_ids=prompt, first_token_id=token_ids[-1],
+                sampling=req.sampling, prefill=stats, kv=KvHandle(**handle) if handle else None,
+                conversation_id=req.conversation_id, created_at=req.created_at,
+                deadline=req.deadline)),
+            # A redelivered request (this worker died after publishing) is deduplicated here.
+            headers={"Nats-Msg-Id": f"{req.request_id}.decode"}, timeout=5)
+
+    async def _finish(self, req: ChatRequest, emit: Emitter, prompt_tokens: int,
+                      stats: PrefillStats, finish: str) -> None:
+        """The first token already ended the answer: no decode stage."""
+        await emit.emit(FinalEvent(
+            request_id=req.request_id, seq=emit.next_seq(), finish_reason=finish,
+            usage=Usage(prompt_tokens=prompt_tokens, cached_prompt_tokens=stats.cached_tokens,
+                        completion_tokens=1),
+            timings=Timings(queue_ms=stats.queue_ms, prefill_ms=stats.prefill_ms),
+            kv=KvTransfer(bytes_written=stats.kv_bytes_written, write_ms=stats.kv_write_ms)))

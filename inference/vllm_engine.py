@@ -1,0 +1,81 @@
+"""The engine interface over vLLM v1's AsyncLLM."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Sequence
+
+import structlog
+
+from bus.messages import ChatMessage, SamplingSpec
+from inference.engine import EngineChunk, EngineRole
+from inference.profiles import apply_vllm_environment, engine_args, resolve_profile
+from services.settings import Settings
+
+log = structlog.get_logger("grokstack.engine")
+
+
+class VllmEngine:
+    def __init__(self, settings: Settings, role: EngineRole) -> None:
+        self.settings = settings
+        self.role = role
+        self.profile = resolve_profile(settings)
+        self.model_id = settings.model_id
+        self.max_model_len = settings.max_model_len
+        self._llm: Any = None
+        self._tokenizer: Any = None
+
+    async def start(self) -> None:
+        if not (self.settings.model_dir / "config.json").exists():
+            raise SystemExit(f"no model at {self.settings.model_dir}: run `grokstack model` to "
+                             "prepare the bundled one, or pass --model <HF folder>")
+        apply_vllm_environment(self.settings, self.profile)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.monotonic()
+        args = engine_args(self.settings, self.profile, self.role)
+        log.info("engine starting", role=self.role, profile=self.profile.name,
+                 model=args["model"], block_size=args["block_size"],
+                 speculative=args.get("speculative_config", {}).get("method", "off"))
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._tokenizer = self._llm.tokenizer
+        log.info("engine ready", role=self.role, seconds=round(time.monotonic() - t0, 1))
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        rendered = self._tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True, tokenize=True)
+        ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+        return list(ids)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+                       max_tokens: int, kv: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            stop=list(sampling.stop) or None, seed=sampling.seed,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv} if kv is not None else None)
+        # AsyncLLM aborts the request in the engine when this generator is cancelled.
+        async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params,
+                                            request_id=request_id):
+            completion = out.outputs[0]
+            if not completion.token_ids and not completion.text and not out.finished:
+                continue
+            yield EngineChunk(
+                token_ids=list(completion.token_ids), text=completion.text,
+                finish_reason=completion.finish_reason if out.finished else None,
+                prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
+                cached_tokens=out.num_cached_tokens or 0,
+                kv=out.kv_transfer_params if out.finished else None)

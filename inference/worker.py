@@ -1,0 +1,276 @@
+"""The shell every pool worker runs in: pull by priority, serve in slots, ack by outcome.
+
+A `Service` (prefill or decode) only turns one job into events. This shell decides what the
+outcome means for the message:
+  served                       -> ack
+  malformed (BadMessage)       -> dead letter + error event (when it says where) + term
+  refused (JobRefused)         -> error event + ack (a client error; retrying cannot help)
+  cancelled by the client      -> 'cancelled' error event + ack
+  failed (any other exception) -> nak with backoff; the last allowed delivery dead-letters it
+  worker shutting down         -> nak at once, so another worker takes it
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bus.codec import BadMessage, encode, reply_route
+from bus.dead_letters import dead_letter
+from bus.messages import ErrorEvent, Heartbeat, Message
+from bus.subjects import Subjects, WorkKind
+from bus.work_queue import PriorityPuller
+from inference.cancels import CancelWatch
+from services.logs import request_context
+from services.settings import Settings
+
+log = structlog.get_logger("grokstack.worker")
+
+J = TypeVar("J", bound=Any)
+
+
+class JobRefused(Exception):
+    """A job that cannot be served as asked (e.g. prompt too long): tell the client, no retry."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Job(Generic[J]):
+    """One delivery of a job: the decoded message plus what the service needs around it."""
+    msg: Msg
+    body: J
+    received_at: float  # unix seconds when this worker took it
+    deliveries: int
+
+
+class Service(Protocol[J]):
+    kind: WorkKind
+    role: str
+    first_seq: int  # the sequence number of the first event this stage publishes
+
+    def parse(self, data: bytes) -> J: ...
+
+    async def serve(self, job: Job[J], emit: "Emitter") -> None: ...
+
+
+class Emitter:
+    """Publishes events to the subject a request named, numbering them."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, reply_to: str, request_id: str, seq: int) -> None:
+        if not subjects.is_event_subject(reply_to):
+            raise BadMessage(f"reply_to {reply_to!r} is not an event subject "
+                             f"({subjects.prefix}.evt.<edge>.<request>)")
+        self._nc = nc
+        self.reply_to = reply_to
+        self.request_id = request_id
+        self.seq = seq
+
+    def next_seq(self) -> int:
+        seq = self.seq
+        self.seq += 1
+        return seq
+
+    async def emit(self, event: Message) -> None:
+        await self._nc.publish(self.reply_to, encode(event))
+
+    async def error(self, code: str, message: str, retryable: bool = False) -> None:
+        await self.emit(ErrorEvent(request_id=self.request_id, seq=self.next_seq(), code=code,
+                                   message=message, retryable=retryable))
+
+
+@dataclass
+class WorkerCounters:
+    served: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class PoolWorker:
+    def __init__(self, settings: Settings, nc: NATS, service: Service, model_id: str,
+                 slots: int) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.subjects = Subjects(settings.subject_prefix)
+        self.service = service
+        self.model_id = model_id
+        self.slots = slots
+        self.counters = WorkerCounters()
+        self.cancels = CancelWatch(nc, self.subjects.cancel(settings.region), settings.request_ttl_s)
+        self._puller = PriorityPuller(nc, self.subjects, service.kind, settings.region)
+        self._active: dict[asyncio.Task, Msg] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        await self.cancels.start()
+        await self._puller.start()
+        heartbeats = asyncio.create_task(self._heartbeats())
+        log.info("worker serving", role=self.service.role, region=self.settings.region,
+                 slots=self.slots, worker_id=self.settings.worker_name)
+        try:
+            await self._pull_loop()
+        finally:
+            heartbeats.cancel()
+            await self._puller.stop()
+            await self.cancels.stop()
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Stop taking work, let running jobs finish for `grace_s`, then hand the rest back."""
+        self._stopping.set()
+        self._slot_freed.set()
+        if self._active:
+            log.info("draining", running=len(self._active), grace_s=grace_s)
+            await asyncio.wait(list(self._active), timeout=grace_s)
+        for task in list(self._active):
+            task.cancel()
+        if self._active:
+            await asyncio.wait(list(self._active), timeout=5)
+
+    async def _pull_loop(self) -> None:
+        while not self._stopping.is_set():
+            free = self.slots - len(self._active)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            take = asyncio.create_task(self._puller.take(free))
+            stop = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if take not in done:
+                take.cancel()
+                break
+            for msg in take.result():
+                task = asyncio.create_task(self._run(msg))
+                self._active[task] = msg
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._active.pop(task, None)
+        self._slot_freed.set()
+
+    async def _heartbeats(self) -> None:
+        subject = self.subjects.heartbeat(self.settings.region, self.service.role)
+        while True:
+            beat = Heartbeat(
+                worker_id=self.settings.worker_name, role=self.service.role,
+                region=self.settings.region, model_id=self.model_id, slots=self.slots,
+                active=len(self._active), served=self.counters.served,
+                cancelled=self.counters.cancelled, failed=self.counters.failed,
+                started_at=self.counters.started_at, sent_at=time.time())
+            try:
+                await self.nc.publish(subject, encode(beat))
+            except Exception as exc:  # disconnected: the next beat will tell
+                log.debug("heartbeat not sent", error=str(exc))
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    # ------------------------------------------------------------------ one job
+
+    async def _run(self, msg: Msg) -> None:
+        deliveries = msg.metadata.num_delivered if msg.reply else 1
+        try:
+            body = self.service.parse(msg.data)
+        except BadMessage as exc:
+            await self._poison(msg, exc.reason, deliveries)
+            return
+        job = Job(msg, body, time.time(), deliveries)
+        with request_context(body.request_id, body.region, body.priority, role=self.service.role):
+            await self._serve(job)
+
+    async def _serve(self, job: Job) -> None:
+        body = job.body
+        try:
+            emitter = Emitter(self.nc, self.subjects, body.reply_to, body.request_id,
+                              self.service.first_seq)
+        except BadMessage as exc:
+            await self._poison(job.msg, exc.reason, job.deliveries)
+            return
+        if body.deadline and time.time() > body.deadline:
+            await emitter.error("deadline_exceeded", "the request expired before a worker was free",
+                                retryable=True)
+            await job.msg.ack()
+            return
+        task = asyncio.create_task(self.service.serve(job, emitter))
+        self.cancels.watch(body.request_id, task)
+        if self.cancels.is_cancelled(body.request_id):
+            task.cancel()
+        keep_alive = asyncio.create_task(self._keep_alive(job.msg))
+        try:
+            await task
+            self.counters.served += 1
+            await job.msg.ack()
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the worker is stopping, not the client
+                await job.msg.nak()
+                raise
+            self.counters.cancelled += 1
+            log.info("request cancelled")
+            await emitter.error("cancelled", "the request was cancelled")
+            await job.msg.ack()
+        except JobRefused as exc:
+            self.counters.failed += 1
+            log.info("request refused", code=exc.code, reason=exc.message)
+            await emitter.error(exc.code, exc.message)
+            await job.msg.ack()
+        except BadMessage as exc:
+            await emitter.error("invalid_request", exc.reason)
+            await self._poison(job.msg, exc.reason, job.deliveries)
+        except Exception as exc:
+            await self._failed(job, emitter, exc)
+        finally:
+            keep_alive.cancel()
+            self.cancels.unwatch(body.request_id)
+
+    async def _failed(self, job: Job, emitter: Emitter, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if job.deliveries >= self.settings.max_deliver:
+            self.counters.failed += 1
+            log.error("request failed for the last time", error=reason, deliveries=job.deliveries)
+            await emitter.error("internal", f"the request failed {job.deliveries} times: {reason}")
+            await dead_letter(self.js, self.subjects, self.service.kind, job.msg.subject,
+                              job.msg.data, reason, self.settings.worker_name, job.deliveries)
+            await job.msg.term()
+        else:
+            log.warning("request failed, will retry", error=reason, deliveries=job.deliveries,
+                        exc_info=exc)
+            await job.msg.nak(delay=min(30.0, 0.5 * 2 ** (job.deliveries - 1)))
+
+    async def _poison(self, msg: Msg, reason: str, deliveries: int) -> None:
+        """Undecodable or invalid: record it once and never see it again."""
+        self.counters.failed += 1
+        route = reply_route(msg.data)
+        if route.reply_to and route.request_id and self.subjects.is_event_subject(route.reply_to):
+            try:
+                emitter = Emitter(self.nc, self.subjects, route.reply_to, route.request_id,
+                                  self.service.first_seq)
+                await emitter.error("invalid_request", reason)
+            except Exception:  # the record below is what matters
+                pass
+        await dead_letter(self.js, self.subjects, self.service.kind, msg.subject, msg.data,
+                          reason, self.settings.worker_name, deliveries)
+        if msg.reply:
+            await msg.term()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream the job is alive, so a long generation is not redelivered."""
+        while True:
+            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            try:
+                await msg.in_progress()
+            except Exception as exc:
+                log.debug("in-progress ack not sent", error=str(exc))

@@ -1,0 +1,2 @@
+"""KV cache blocks in Redis: content-addressed keys (`keys`), the store (`block_store`) and the
+vLLM v1 KV connector that moves blocks between an engine and Redis (`connector`)."""

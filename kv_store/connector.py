@@ -1,0 +1,275 @@
+"""A vLLM v1 KV connector that keeps KV blocks in Redis, addressed by content.
+
+Loaded by module path (`kv_connector_module_path="kv_store.connector"`). One instance runs on
+the scheduler side (decides what to load and save, in the EngineCore process) and one per
+worker (moves the bytes, in the model worker process).
+
+- Producer roles (`kv_producer`, `kv_both`: the prefill pool) save every full block of each
+  prompt under `block_key(prefix, layout, chained hash of the tokens)`, and return the handle
+  of those blocks in the finished request's `kv_transfer_params["handle"]`.
+- Consumer roles (`kv_consumer`, `kv_both`) load the longest run of a prompt's full blocks that
+  Redis holds. A request may carry a handle (`kv_transfer_params["handle"]`, the decode path):
+  then only the handle's keys are used, and only if they match the request's own tokens and
+  this engine's layout; anything else is recomputed.
+- Loads and saves are synchronous within the engine step. A block that cannot be loaded is
+  reported to vLLM, which recomputes it (`kv_load_failure_policy="recompute"`).
+
+Block bytes: for each layer (in sorted name order) the block's slice of that layer's KV tensor,
+concatenated; the layout fingerprint in every key guarantees reader and writer agree on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kv_store.block_store import BlockStore
+from kv_store.keys import layout_fingerprint, model_identity, prompt_block_keys, transfer_stats_key
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("grokstack.kv_store")
+
+
+@dataclass
+class BlockTransfer:
+    """Blocks of one request to move in one step (scheduler -> worker, pickled)."""
+    request_id: str  # the stack's request id, for the transfer record
+    keys: list[str]
+    block_ids: list[int]
+
+
+@dataclass
+class RedisConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlockTransfer] = field(default_factory=list)
+    saves: list[BlockTransfer] = field(default_factory=list)
+
+
+@dataclass
+class _LoadPlan:
+    request_id: str  # the stack's request id
+    keys: list[str]  # every full block of the prompt
+    first_block: int  # blocks below this are already computed locally
+    present: int  # blocks from 0 that are in Redis and may be loaded
+    reason: str  # why not more was loadable, for logs and usage
+
+
+@dataclass
+class _SaveState:
+    request_id: str
+    keys: list[str]
+    block_ids: list[int] = field(default_factory=list)
+
+
+class RedisKVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig") -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self._key_prefix: str = extra.get("key_prefix", "gskv")
+        self._store = BlockStore(extra["redis_url"], int(extra.get("ttl_s", 3600)))
+        self._model_id: str = extra.get("model_id") or vllm_config.model_config.model
+        self._block_size = vllm_config.cache_config.block_size
+        self._can_save = self._kv_transfer_config.is_kv_producer
+        self._can_load = self._kv_transfer_config.is_kv_consumer
+        group = kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
+        self._layout = layout_fingerprint(
+            model_identity(vllm_config.model_config.model), str(spec.dtype), spec.block_size,
+            spec.num_kv_heads, spec.head_size, group.layer_names)
+        # scheduler side
+        self._plans: dict[str, _LoadPlan] = {}
+        self._pending_loads: list[BlockTransfer] = []
+        self._saving: dict[str, _SaveState] = {}
+        # worker side
+        self._layers: list[tuple[str, torch.Tensor]] = []
+        self._block_dim = 0
+        self._load_errors: set[int] = set()
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def _params(self, request: "Request") -> dict[str, Any]:
+        return request.kv_transfer_params or {}
+
+    def _our_id(self, request: "Request") -> str:
+        return str(self._params(request).get("request_id") or request.request_id)
+
+    def _plan(self, request: "Request", num_computed_tokens: int) -> _LoadPlan:
+        plan = self._plans.get(request.request_id)
+        if plan is not None:
+            return plan
+        prompt = list(request.prompt_token_ids or [])
+        keys = prompt_block_keys(self._key_prefix, self._layout, prompt, self._block_size,
+                                 len(prompt) // self._block_size)
+        # At least one prompt token must be computed to sample from, so the last block of a
+        # prompt that ends on a block boundary is never loaded.
+        loadable = min(len(keys), max(0, len(prompt) - 1) // self._block_size)
+        candidates, reason = keys[:loadable], ""
+        handle = self._params(request).get("handle")
+        if handle is not None:
+            candidates, reason = self._check_handle(handle, keys[:loadable])
+        present = self._store.present_prefix(candidates) if self._can_load else 0
+        if present < len(candidates) and not reason:
+            reason = f"{len(candidates) - present} of {len(candidates)} blocks missing from the store"
+        plan = _LoadPlan(self._our_id(request), keys, num_computed_tokens // self._block_size,
+                         present, reason)
+        self._plans[request.request_id] = plan
+        return plan
+
+    def _check_handle(self, handle: dict[str, Any], own_keys: list[str]) -> tuple[list[str], str]:
+        if handle.get("layout") != self._layout or handle.get("block_size") != self._block_size:
+            return [], "handle was written by an engine with another KV layout"
+        keys = list(handle.get("keys") or [])[: len(own_keys)]
+        if keys != own_keys[: len(keys)]:
+            return [], "handle keys do not match the request's tokens"
+        return keys, ""
+
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        plan = self._plan(request, num_computed_tokens)
+        matched = plan.present * self._block_size
+        return max(0, matched - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        if num_external_tokens <= 0:
+            return
+        plan = self._plans[request.request_id]
+        count = num_external_tokens // self._block_size
+        block_ids = blocks.get_block_ids()[0][plan.first_block:plan.first_block + count]
+        keys = plan.keys[plan.first_block:plan.first_block + count]
+        self._pending_loads.append(BlockTransfer(plan.request_id, keys, list(block_ids)))
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = RedisConnectorMetadata(loads=self._pending_loads)
+        self._pending_loads = []
+        if self._can_save:
+            self._collect_saves(scheduler_output, meta)
+        return meta
+
+    def _collect_saves(self, out: "SchedulerOutput", meta: RedisConnectorMetadata) -> None:
+        for new in out.scheduled_new_reqs:
+            plan = self._plans.get(new.req_id)
+            if plan is None or not plan.keys:
+                continue
+            state = _SaveState(plan.request_id, plan.keys, list(new.block_ids[0]))
+            self._saving[new.req_id] = state
+            self._add_save(state, new.num_computed_tokens, out.num_scheduled_tokens[new.req_id], meta)
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._saving.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                state.block_ids.extend(new_ids[0])
+            self._add_save(state, cached.num_computed_tokens[i], out.num_scheduled_tokens[req_id], meta)
+
+    def _add_save(self, state: _SaveState, computed: int, scheduled: int,
+                  meta: RedisConnectorMetadata) -> None:
+        """Save the prompt blocks that this step completes."""
+        first = computed // self._block_size
+        end = min(len(state.keys), (computed + scheduled) // self._block_size, len(state.block_ids))
+        if end > first:
+            meta.saves.append(BlockTransfer(state.request_id, state.keys[first:end],
+                                            state.block_ids[first:end]))
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        plan = self._plans.pop(request.request_id, None)
+        self._saving.pop(request.request_id, None)
+        if plan is None:
+            return False, None
+        result: dict[str, Any] = {
+            "loaded_tokens": max(0, plan.present - plan.first_block) * self._block_size,
+            "load_reason": plan.reason,
+        }
+        if self._can_save and plan.keys:
+            result["handle"] = {
+                "model_id": self._model_id,
+                "layout": self._layout,
+                "block_size": self._block_size,
+                "keys": plan.keys,
+                "num_tokens": len(plan.keys) * self._block_size,
+                "content_hash": plan.keys[-1].rsplit(":", 1)[-1],
+            }
+        return False, result
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = set(self._kv_cache_config.kv_cache_groups[0].layer_names)
+        self._layers = sorted((n, t) for n, t in kv_caches.items() if n in names)
+        num_blocks = self._kv_cache_config.num_blocks
+        first = self._layers[0][1]
+        # CPU and most backends keep blocks on dim 0; FlashAttention's (2, blocks, ...) on dim 1.
+        self._block_dim = 0 if first.shape[0] == num_blocks else 1
+
+    def _block(self, tensor: torch.Tensor, block_id: int) -> torch.Tensor:
+        return tensor[block_id] if self._block_dim == 0 else tensor[:, block_id]
+
+    def _block_bytes(self) -> int:
+        t = self._block(self._layers[0][1], 0)
+        return t.numel() * t.element_size() * len(self._layers)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, RedisConnectorMetadata)
+        for transfer in meta.loads:
+            blobs, stats = self._store.load(transfer.keys)
+            expected = self._block_bytes()
+            for blob, block_id in zip(blobs, transfer.block_ids, strict=True):
+                if blob is None or len(blob) != expected:
+                    self._load_errors.add(block_id)
+                    continue
+                self._write_block(block_id, blob)
+            stats.failed = len(transfer.block_ids) - sum(
+                1 for b in blobs if b is not None and len(b) == expected)
+            self._store.record(transfer_stats_key(self._key_prefix, transfer.request_id), "load", stats)
+
+    def _write_block(self, block_id: int, blob: bytes) -> None:
+        first = self._block(self._layers[0][1], block_id)
+        per_layer = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(first.dtype).view(
+            len(self._layers), *first.shape)
+        for i, (_, tensor) in enumerate(self._layers):
+            self._block(tensor, block_id).copy_(per_layer[i], non_blocking=False)
+
+    def _read_block(self, block_id: int) -> bytes:
+        stacked = torch.stack([self._block(t, block_id) for _, t in self._layers])
+        return stacked.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete inside start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
+        return  # whole blocks are saved once every layer is written, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, RedisConnectorMetadata)
+        for transfer in meta.saves:
+            items = [(k, self._read_block(b)) for k, b in zip(transfer.keys, transfer.block_ids, strict=True)]
+            stats = self._store.save(items)
+            self._store.record(transfer_stats_key(self._key_prefix, transfer.request_id), "save", stats)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors

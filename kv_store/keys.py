@@ -1,0 +1,66 @@
+"""Content addresses for KV blocks: pure functions, shared by the connector and the workers.
+
+Block i of a prompt is keyed by a chained hash of (layout, tokens of blocks 0..i). Two prompts
+that share a prefix therefore share the keys of its full blocks, which is what lets the second
+turn of a conversation find the first turn's KV, on any worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from pathlib import Path
+from typing import Sequence
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def model_identity(model_path: str) -> str:
+    """A short id of the weights: KV computed by other weights must never be reused.
+
+    A local HF folder is identified by its config and the names and sizes of its weight files
+    (cheap, and changes whenever the weights do); a hub name stands for itself.
+    """
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return _digest(model_path.encode()).hex()[:16]
+    parts = [(folder / "config.json").read_bytes() if (folder / "config.json").exists() else b""]
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        parts.append(f"{f.name}:{f.stat().st_size}".encode())
+    return _digest(b"\0".join(parts)).hex()[:16]
+
+
+def layout_fingerprint(model: str, dtype: str, block_size: int, num_kv_heads: int,
+                       head_size: int, layer_names: Sequence[str]) -> str:
+    """Everything that must match for stored block bytes to mean the same thing to a reader."""
+    spec = json.dumps([model, dtype, block_size, num_kv_heads, head_size, sorted(layer_names)])
+    return _digest(spec.encode()).hex()[:16]
+
+
+def block_hashes(layout: str, token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[str]:
+    """Chained hashes of the first `num_blocks` full blocks of `token_ids`."""
+    tokens = array("i", token_ids[: num_blocks * block_size])
+    running = _digest(layout.encode())
+    out = []
+    for i in range(num_blocks):
+        running = _digest(running + tokens[i * block_size:(i + 1) * block_size].tobytes())
+        out.append(running.hex())
+    return out
+
+
+def block_key(key_prefix: str, layout: str, block_hash: str) -> str:
+    return f"{key_prefix}:blk:{layout}:{block_hash}"
+
+
+def prompt_block_keys(key_prefix: str, layout: str, token_ids: Sequence[int], block_size: int,
+                      num_blocks: int) -> list[str]:
+    return [block_key(key_prefix, layout, h)
+            for h in block_hashes(layout, token_ids, block_size, num_blocks)]
+
+
+def transfer_stats_key(key_prefix: str, request_id: str) -> str:
+    """Per-request record of KV bytes and milliseconds moved, written by the connector."""
+    return f"{key_prefix}:xfer:{request_id}"

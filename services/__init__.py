@@ -1,0 +1,1 @@
+"""Processes of the stack (edge, prefill, decode, the `up` supervisor) and the `grokstack` CLI."""

@@ -1,0 +1,111 @@
+"""`grokstack`: start the stack or any one of its processes, chat with it, measure it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from services import logs
+from services.settings import ENV, Settings, describe, from_env
+
+COMMON = ["nats_url", "redis_url", "subject_prefix", "region", "data_dir", "log_level", "log_format"]
+ENGINE = ["model", "served_model_name", "engine_profile", "max_model_len", "block_size",
+          "kv_cache_gib", "kv_ttl_s", "kv_key_prefix"]
+SPEC = ["spec_method", "spec_tokens", "spec_ngram_min", "spec_ngram_max", "spec_draft_model",
+        "spec_max_batch"]
+WORKER = ["worker_id", "ack_wait_s", "max_deliver", "heartbeat_s", "drain_timeout_s"]
+EDGE = ["edge_host", "edge_port", "max_frame_bytes", "max_messages", "max_prompt_chars",
+        "max_tokens_limit", "default_max_tokens", "max_inflight_per_connection",
+        "request_timeout_s"]
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "Path": Path, "str": str}
+
+
+def add_settings(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """One flag per setting (`--edge-port` for edge_port); unset flags keep env/defaults."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    defaults = Settings()
+    group = parser.add_argument_group("settings (flag overrides environment variable)")
+    for name in names:
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                           type=_TYPES[str(fields[name].type)],
+                           help=f"{ENV[name]}; default {getattr(defaults, name)!r}")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return from_env().replace(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grokstack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name: str, help: str, names: list[str]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        add_settings(p, names)
+        return p
+
+    command("up", "run the whole stack on this machine (embedded NATS and Redis unless "
+                  "NATS_URL/REDIS_URL are set); Ctrl-C stops it",
+            COMMON + ENGINE + SPEC + WORKER + EDGE + ["prefill_slots", "decode_slots", "redis_maxmemory"])
+    command("edge", "run an edge node (websocket chat streaming)", COMMON + WORKER + EDGE)
+    command("prefill", "run a prefill worker", COMMON + ENGINE + WORKER + ["prefill_slots"])
+    command("decode", "run a decode worker", COMMON + ENGINE + SPEC + WORKER + ["decode_slots"])
+
+    chat = sub.add_parser("chat", help="chat with the stack in the terminal",
+                          description="chat with the stack in the terminal")
+    chat.add_argument("--url", default=None, help="edge websocket URL (default ws://127.0.0.1:<edge port>)")
+    chat.add_argument("--priority", default="interactive", choices=["interactive", "standard", "batch"])
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--system", default=None, help="a system message for the conversation")
+
+    bench = command("bench", "run N concurrent websocket chats through the stack and the same "
+                             "prompts through one vLLM engine in-process; print both side by side",
+                    COMMON + ENGINE + SPEC + ["decode_slots", "prefill_slots"])
+    from services.bench import add_bench_arguments
+    add_bench_arguments(bench)
+
+    command("model", "prepare the bundled model (converted once into the data directory)",
+            ["data_dir", "log_level", "log_format"])
+    sub.add_parser("settings", help="list every setting with its environment variable and default")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "settings":
+        for var, name, default in describe():
+            print(f"{var:<40} {name:<28} {default}")
+        return 0
+    if args.command == "chat":
+        from edge.client import chat_repl
+        url = args.url or f"ws://127.0.0.1:{from_env().edge_port}"
+        asyncio.run(chat_repl(url, args.priority, args.max_tokens, args.temperature, args.system))
+        return 0
+    settings = settings_from(args)
+    logs.configure(settings.log_level, settings.log_format, process=args.command)
+    if args.command == "up":
+        from services.up import run_up
+        return run_up(settings)
+    if args.command == "model":
+        from inference.model import ensure_bundled_model
+        print(ensure_bundled_model(settings.model_dir))
+        return 0
+    if args.command == "bench":
+        from services.bench import run_bench
+        return asyncio.run(run_bench(settings, args))
+    from services.processes import run_edge, run_worker
+    if args.command == "edge":
+        asyncio.run(run_edge(settings))
+    else:
+        asyncio.run(run_worker(settings, args.command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

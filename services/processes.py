@@ -1,0 +1,141 @@
+"""The long-running processes: wiring only. Each runs until SIGTERM or SIGINT, then drains."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from bus.jetstream import BusUnavailable, connect, ensure_streams, ensure_work_consumers
+from bus.subjects import Subjects
+from edge.gateway import Gateway
+from edge.server import EdgeServer
+from inference.decode import DecodeService
+from inference.engine import Engine
+from inference.prefill import PrefillService
+from inference.worker import PoolWorker, Service
+from kv_store.transfers import TransferRecords
+from services.settings import Settings
+
+log = structlog.get_logger("grokstack")
+
+
+def _require(settings: Settings, *names: str) -> None:
+    env = {"nats_url": "NATS_URL", "redis_url": "REDIS_URL"}
+    for name in names:
+        if not getattr(settings, name):
+            raise SystemExit(f"{env[name]} is not set: point it at a server, or run `grokstack up` "
+                             "to start embedded ones")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _connect_nats(settings: Settings, name: str):
+    try:
+        return await connect(settings.nats_url, name)
+    except BusUnavailable as exc:
+        raise SystemExit(str(exc)) from None
+
+
+async def _connect_redis(settings: Settings) -> TransferRecords:
+    records = TransferRecords(settings.redis_url, settings.kv_key_prefix)
+    try:
+        await records.ping()
+    except Exception as exc:
+        raise SystemExit(f"cannot connect to Redis at {settings.redis_url}: {type(exc).__name__}: {exc}") from None
+    log.info("redis connected", url=settings.redis_url)
+    return records
+
+
+@dataclass
+class RunningEdge:
+    nc: NATS
+    gateway: Gateway
+    server: EdgeServer
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.server.settings.edge_host}:{self.port}"
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.nc.drain()
+
+
+async def start_edge(settings: Settings) -> RunningEdge:
+    _require(settings, "nats_url")
+    nc = await _connect_nats(settings, f"edge-{settings.worker_name}")
+    gateway = Gateway(settings, nc, settings.worker_name)
+    await gateway.start()
+    server = EdgeServer(settings, gateway)
+    return RunningEdge(nc, gateway, server, await server.start())
+
+
+async def run_edge(settings: Settings) -> None:
+    stop = _stop_event()
+    edge = await start_edge(settings)
+    await stop.wait()
+    log.info("edge stopping")
+    await edge.stop()
+    log.info("edge stopped")
+
+
+@dataclass
+class RunningWorker:
+    role: str
+    nc: NATS
+    records: TransferRecords
+    engine: Engine
+    worker: PoolWorker
+    task: asyncio.Task
+
+    async def stop(self, grace_s: float) -> None:
+        log.info("worker stopping", role=self.role)
+        await self.worker.stop(grace_s)
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.nc.drain()
+        await self.records.close()
+        await self.engine.shutdown()
+        log.info("worker stopped", role=self.role)
+
+
+async def start_worker(settings: Settings, role: str, engine: Engine | None = None) -> RunningWorker:
+    """A prefill or decode worker; `engine` defaults to vLLM with the role's profile."""
+    _require(settings, "nats_url", "redis_url")
+    nc = await _connect_nats(settings, f"{role}-{settings.worker_name}")
+    records = await _connect_redis(settings)
+    subjects = Subjects(settings.subject_prefix)
+    js = nc.jetstream()
+    await ensure_streams(js, settings, subjects)
+    await ensure_work_consumers(js, settings, subjects, "req" if role == "prefill" else "decode")
+    if engine is None:
+        from inference.vllm_engine import VllmEngine
+        engine = VllmEngine(settings, role)  # type: ignore[arg-type]
+    await engine.start()
+    if role == "prefill":
+        service: Service = PrefillService(engine, js, subjects, records, settings.worker_name)
+        slots = settings.prefill_slots
+    else:
+        service = DecodeService(engine, records)
+        slots = settings.decode_slots
+    worker = PoolWorker(settings, nc, service, engine.model_id, slots)
+    return RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()))
+
+
+async def run_worker(settings: Settings, role: str) -> None:
+    stop = _stop_event()
+    running = await start_worker(settings, role)
+    await asyncio.wait({running.task, asyncio.create_task(stop.wait())},
+                       return_when=asyncio.FIRST_COMPLETED)
+    await running.stop(settings.drain_timeout_s)

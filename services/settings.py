@@ -1,0 +1,127 @@
+"""Every setting of the stack, and the one module that reads the environment.
+
+Each field of `Settings` has exactly one environment variable, listed in `ENV`; the CLI can
+override any field. Components receive the whole `Settings` object and never read
+`os.environ` themselves (vLLM's own VLLM_* variables are derived in `inference/profiles.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where the shared services are ("" means: `grokstack up` starts embedded ones) ---
+    nats_url: str = ""
+    redis_url: str = ""
+    subject_prefix: str = "gs"
+    region: str = "local"
+    data_dir: Path = Path(".data")
+
+    # --- model and engine ---
+    model: str = ""  # an HF model folder; "" means the bundled model in data_dir
+    served_model_name: str = ""  # the model id clients see; "" means the folder name
+    engine_profile: str = "auto"  # cpu | gpu | auto (gpu when CUDA is available)
+    max_model_len: int = 2048
+    block_size: int = 0  # KV block size in tokens; 0 means the profile's default
+    kv_cache_gib: int = 1  # CPU profile: KV cache space per engine, whole GiB
+    gpu_memory_utilization: float = 0.85  # GPU profile
+    spec_method: str = "auto"  # ngram | draft | off | auto (profile default)
+    spec_tokens: int = 5
+    spec_ngram_min: int = 2
+    spec_ngram_max: int = 4
+    spec_draft_model: str = ""  # HF folder of the draft model for spec_method=draft
+    spec_max_batch: int = 2  # speculate only while at most this many sequences decode
+
+    # --- workers ---
+    worker_id: str = ""  # "" means host-pid
+    prefill_slots: int = 4  # prompts a prefill worker works on at once
+    decode_slots: int = 16  # sequences a decode worker batches at once
+    ack_wait_s: float = 30.0  # JetStream redelivers a job whose worker stops acking this long
+    max_deliver: int = 5  # deliveries of one job before it is dead-lettered
+    heartbeat_s: float = 2.0
+    request_ttl_s: float = 600.0  # queued requests older than this are dropped by the server
+    drain_timeout_s: float = 20.0  # on SIGTERM, running jobs get this long to finish
+    work_stream_mb: int = 1024  # bound of each work-queue stream (requests, decode jobs)
+    dead_letter_stream_mb: int = 256
+
+    # --- KV cache in Redis ---
+    kv_ttl_s: int = 3600
+    kv_key_prefix: str = "gskv"
+    redis_maxmemory: str = "2gb"  # embedded server only: bound plus allkeys-lru eviction
+
+    # --- edge node ---
+    edge_host: str = "127.0.0.1"
+    edge_port: int = 8765
+    max_frame_bytes: int = 256 * 1024
+    max_messages: int = 256
+    max_prompt_chars: int = 64 * 1024
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_inflight_per_connection: int = 8
+    request_timeout_s: float = 300.0
+    send_timeout_s: float = 10.0
+
+    # --- logs ---
+    log_level: str = "info"
+    log_format: str = "json"  # json | console
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else self.data_dir / "models" / BUNDLED_MODEL_NAME
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model_dir.name
+
+    @property
+    def worker_name(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with `changes`; values that are None are ignored (unset CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Field -> environment variable. NATS_URL and REDIS_URL keep their conventional names.
+ENV: dict[str, str] = {
+    f.name: ("NATS_URL" if f.name == "nats_url" else "REDIS_URL" if f.name == "redis_url"
+             else f"GROKSTACK_{f.name.upper()}")
+    for f in dataclasses.fields(Settings)
+}
+
+
+def _parse(kind: Any, raw: str) -> Any:
+    kind = {"int": int, "float": float, "Path": Path, "str": str}.get(kind, kind)
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"cannot read {raw!r} as {kind.__name__}") from exc
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(ENV[f.name])
+        if raw is None or raw == "":
+            continue
+        try:
+            values[f.name] = _parse(f.type, raw)
+        except ValueError as exc:
+            raise SystemExit(f"{ENV[f.name]}: {exc}") from None
+    return Settings(**values)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, field, default) rows for `grokstack settings` and the README."""
+    defaults = Settings()
+    return [(ENV[f.name], f.name, repr(getattr(defaults, f.name))) for f in dataclasses.fields(Settings)]

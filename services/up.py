@@ -1,0 +1,135 @@
+"""`grokstack up`: the whole stack on one machine, as separate processes, stopped cleanly.
+
+Starts an embedded nats-server and Redis-compatible server unless NATS_URL / REDIS_URL name
+existing ones, prepares the bundled model once, then runs one prefill worker, one decode
+worker and one edge node, each its own process (as they would be on many machines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import structlog
+
+from inference.model import ensure_bundled_model
+from services.embedded import EmbeddedNats, EmbeddedRedis
+from services.settings import ENV, Settings
+
+log = structlog.get_logger("grokstack.up")
+
+ROLES = ("prefill", "decode", "edge")
+
+
+def child_environment(settings: Settings) -> dict[str, str]:
+    """The supervisor's effective settings, handed down the one way processes read them."""
+    env = dict(os.environ)
+    for f in dataclasses.fields(Settings):
+        env[ENV[f.name]] = str(getattr(settings, f.name))
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console readable
+    return env
+
+
+def stack_memory_gib(root_pids: list[int]) -> float:
+    total = 0
+    for pid in root_pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total / 1024**3
+
+
+def wait_ready(settings: Settings, children: dict[str, subprocess.Popen], stop: threading.Event,
+               timeout: float = 900.0) -> bool:
+    url = f"http://{settings.edge_host}:{settings.edge_port}/readyz"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        for role, proc in children.items():
+            if proc.poll() is not None:
+                log.error("process exited during start", role=role, code=proc.returncode)
+                return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        stop.wait(0.5)
+    return False
+
+
+def run_up(settings: Settings) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    servers: list[EmbeddedNats | EmbeddedRedis] = []
+    children: dict[str, subprocess.Popen] = {}
+    try:
+        if not settings.nats_url:
+            nats = EmbeddedNats(settings.data_dir / "nats")
+            servers.append(nats)
+            settings = settings.replace(nats_url=nats.start())
+            log.info("embedded nats-server started", url=settings.nats_url)
+        if not settings.redis_url:
+            redis = EmbeddedRedis(settings.data_dir / "redis", maxmemory=settings.redis_maxmemory)
+            servers.append(redis)
+            settings = settings.replace(redis_url=redis.start())
+            log.info("embedded redis-compatible server started", url=settings.redis_url)
+        if not settings.model:
+            ensure_bundled_model(settings.model_dir)
+        env = child_environment(settings)
+        for role in ROLES:
+            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role], env=env,
+                                              start_new_session=True)
+        log.info("starting workers (the engines take about a minute to load)")
+        if not wait_ready(settings, children, stop):
+            return 0 if stop.is_set() else 1
+        url = f"ws://{settings.edge_host}:{settings.edge_port}"
+        gib = stack_memory_gib([c.pid for c in children.values()] + [s.proc.pid for s in servers if s.proc])
+        print(f"\ngrokstack is up: {url}\n"
+              f"  chat in a terminal:  grokstack chat --url {url}\n"
+              f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
+              f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
+              f"  resident memory of the stack: {gib:.1f} GiB\n"
+              f"  Ctrl-C stops everything.\n", flush=True)
+        while not stop.is_set():
+            for role, proc in children.items():
+                if proc.poll() is not None:
+                    log.error("process exited; stopping the stack", role=role, code=proc.returncode)
+                    return 1
+            stop.wait(1.0)
+        return 0
+    finally:
+        _stop_children(children, settings.drain_timeout_s + 15)
+        for server in reversed(servers):
+            server.stop()
+        log.info("stack stopped")
+
+
+def _stop_children(children: dict[str, subprocess.Popen], grace: float) -> None:
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for role, proc in children.items():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("process did not stop in time; killing it", role=role)
+        # Engines run in child processes of their worker: take the whole group down.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()

@@ -1,0 +1,43 @@
+"""Real servers for the whole suite: nats-server with JetStream and a Redis-compatible server,
+each started once on free ports. Tests isolate themselves with their own subject prefix."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.embedded import EmbeddedNats, EmbeddedRedis
+from services.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), maxmemory="1gb")
+    yield server.start()
+    server.stop()
+
+
+def unique_prefix() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def settings(nats_url: str, redis_url: str) -> Settings:
+    """Settings for one test: its own subjects, streams and KV keys on the shared servers."""
+    prefix = unique_prefix()
+    return Settings(
+        nats_url=nats_url, redis_url=redis_url, subject_prefix=prefix, kv_key_prefix=prefix,
+        edge_port=0, heartbeat_s=0.2, worker_id=f"w-{prefix}", data_dir=REPO / ".data",
+        ack_wait_s=10.0, max_deliver=3, drain_timeout_s=2.0, work_stream_mb=16,
+        dead_letter_stream_mb=8)

@@ -1,0 +1,119 @@
+"""The real stack for integration tests: vLLM with the bundled model, as separate processes.
+
+Order matters for memory and CPU on a 2-core machine: the reference outputs come from one
+plain vLLM engine in this process, which is shut down before the stack's two engines start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bus.messages import ChatMessage, SamplingSpec
+from bus.subjects import Subjects
+from services.embedded import free_port
+from services.settings import Settings
+from services.up import child_environment
+from tests.conftest import REPO, unique_prefix
+
+SHORT = [{"role": "user", "content": "What is the capital of France?"}]
+LONG = [{"role": "system", "content": "You are a careful assistant. " * 20},
+        {"role": "user", "content": "Write a short poem about the sea and the sky, in four lines."}]
+REFERENCE_PROMPTS = {"short": SHORT, "long": LONG}
+MAX_TOKENS = 40
+
+
+@dataclass
+class Reference:
+    prompt_token_ids: list[int]
+    text: str
+
+
+@dataclass
+class RunningStack:
+    settings: Settings
+    url: str
+    procs: dict[str, subprocess.Popen]
+    logs: Path
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.settings.subject_prefix)
+
+
+@pytest.fixture(scope="session")
+def engine_settings(nats_url: str, redis_url: str) -> Settings:
+    prefix = unique_prefix()
+    return Settings(nats_url=nats_url, redis_url=redis_url, subject_prefix=prefix,
+                    kv_key_prefix=prefix, data_dir=REPO / ".data", edge_port=free_port(),
+                    heartbeat_s=0.5, worker_id=prefix, log_format="json")
+
+
+@pytest.fixture(scope="session")
+def reference(engine_settings: Settings) -> dict[str, Reference]:
+    """Greedy answers of one plain vLLM engine (no bus, no KV connector) to the test prompts."""
+    from inference.vllm_engine import VllmEngine
+
+    async def run() -> dict[str, Reference]:
+        engine = VllmEngine(engine_settings, "direct")
+        await engine.start()
+        out = {}
+        for name, messages in REFERENCE_PROMPTS.items():
+            ids = engine.render_chat([ChatMessage(**m) for m in messages])
+            text = "".join([c.text async for c in engine.generate(
+                f"ref-{name}", ids, SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0), MAX_TOKENS)])
+            out[name] = Reference(ids, text)
+        await engine.shutdown()
+        return out
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def vllm_stack(reference, engine_settings: Settings, tmp_path_factory) -> RunningStack:
+    logs = tmp_path_factory.mktemp("stack-logs")
+    env = child_environment(engine_settings)
+    procs = {}
+    for role in ("prefill", "decode", "edge"):
+        procs[role] = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", role], env=env, cwd=REPO,
+            stdout=open(logs / f"{role}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{engine_settings.edge_port}/readyz"
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            dead = {r: p.returncode for r, p in procs.items() if p.poll() is not None}
+            if dead:
+                raise RuntimeError(f"stack process exited: {dead}; logs in {logs}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stack not ready in time; logs in {logs}")
+            time.sleep(1)
+        yield RunningStack(engine_settings, f"ws://127.0.0.1:{engine_settings.edge_port}", procs, logs)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

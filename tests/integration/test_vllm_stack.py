@@ -1,0 +1,191 @@
+"""The whole stack with real parts: nats-server (JetStream), a Redis-compatible server, vLLM
+with the bundled model in separate prefill and decode processes, and the websocket edge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import msgspec
+import nats
+import pytest
+import redis
+
+from bus.codec import decode, encode
+from bus.messages import DecodeJob, Heartbeat
+from edge.client import EdgeClient
+from tests.integration.conftest import LONG, MAX_TOKENS, SHORT, RunningStack
+
+pytestmark = pytest.mark.engine
+
+
+def unique_system(words: str) -> dict[str, str]:
+    """A system message no other test uses, so the KV cache starts cold for this test."""
+    return {"role": "system", "content": f"[{uuid.uuid4().hex}] {words} " * 12}
+
+
+async def chat(stack: RunningStack, messages, **params):
+    async with await EdgeClient.connect(stack.url) as client:
+        return await client.complete(messages, **{"temperature": 0.0, "max_tokens": MAX_TOKENS, **params})
+
+
+async def decode_job_of(stack: RunningStack, messages) -> tuple[DecodeJob, str]:
+    """Run a chat and capture the decode job prefill published for it (a core subscriber sees
+    what JetStream stores)."""
+    nc = await nats.connect(stack.settings.nats_url)
+    sub = await nc.subscribe(f"{stack.settings.subject_prefix}.decode.>")
+    result = await chat(stack, messages)
+    job = decode((await sub.next_msg(timeout=10)).data, DecodeJob)
+    await nc.close()
+    assert job.request_id == result.request_id and job.kv is not None
+    return job, result.text
+
+
+async def replay_decode(stack: RunningStack, job: DecodeJob) -> tuple[str, dict]:
+    """Publish `job` again under a new id and collect what the decode pool streams back."""
+    request_id = uuid.uuid4().hex
+    reply = stack.subjects.events("probe", request_id)
+    job = msgspec.structs.replace(job, request_id=request_id, reply_to=reply)
+    nc = await nats.connect(stack.settings.nats_url)
+    sub = await nc.subscribe(reply)
+    await nc.jetstream().publish(stack.subjects.decode(job.region, job.priority), encode(job))
+    text = ""
+    while True:
+        event = json.loads((await sub.next_msg(timeout=60)).data)
+        if event["type"] == "token":
+            text += event["text"]
+        else:
+            await nc.close()
+            return text, event
+
+
+async def test_websocket_chat_streams_the_same_text_as_one_vllm_engine(vllm_stack, reference):
+    for name, messages in (("short", SHORT), ("long", LONG)):
+        result = await chat(vllm_stack, messages)
+        ref = reference[name]
+        assert result.error is None, result.error
+        assert result.text == ref.text, name
+        assert len(result.token_times) > 1  # streamed, not delivered at once
+        usage, kv = result.done["usage"], result.done["kv"]
+        assert usage["prompt_tokens"] == len(ref.prompt_token_ids)
+        # every full 32-token block of the prompt went prefill -> Redis -> decode
+        assert kv["loaded_tokens"] == len(ref.prompt_token_ids) // 32 * 32 > 0, name
+        assert not kv["recomputed"] and kv["bytes_read"] == kv["bytes_written"] > 0
+
+
+async def test_second_turn_is_served_from_the_first_turns_kv(vllm_stack):
+    turn1 = [unique_system("Answer in one sentence."),
+             {"role": "user", "content": "Name a large ocean."}]
+    first = await chat(vllm_stack, turn1)
+    assert first.done["usage"]["cached_prompt_tokens"] == 0
+    turn2 = turn1 + [{"role": "assistant", "content": first.text},
+                     {"role": "user", "content": "And a large desert?"}]
+    second = await chat(vllm_stack, turn2)
+    assert second.error is None
+    assert second.done["usage"]["cached_prompt_tokens"] >= len(turn1[0]["content"]) // 8
+
+
+async def test_evicted_kv_is_recomputed_with_the_same_answer(vllm_stack):
+    messages = [unique_system("Be concise."), {"role": "user", "content": "What is rain?"}]
+    cold = await chat(vllm_stack, messages)
+    warm = await chat(vllm_stack, messages)
+    assert warm.text == cold.text and warm.done["usage"]["cached_prompt_tokens"] > 0
+    store = redis.Redis.from_url(vllm_stack.settings.redis_url)
+    deleted = sum(store.delete(k) for k in store.scan_iter(f"{vllm_stack.settings.kv_key_prefix}:blk:*"))
+    assert deleted > 0
+    again = await chat(vllm_stack, messages)
+    assert again.text == cold.text
+    assert again.done["usage"]["cached_prompt_tokens"] == 0
+
+
+async def test_decode_recomputes_when_the_handles_blocks_are_gone(vllm_stack):
+    job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
+                                                 {"role": "user", "content": "Describe a cat."}])
+    redis.Redis.from_url(vllm_stack.settings.redis_url).delete(*job.kv.keys)
+    replayed, final = await replay_decode(vllm_stack, job)
+    first_token_text = text[: len(text) - len(replayed)]
+    assert first_token_text and first_token_text + replayed == text  # same answer from token 1 on
+    assert final["type"] == "final" and final["kv"]["recomputed"] is True
+    assert final["kv"]["loaded_tokens"] == 0 and final["usage"]["cached_prompt_tokens"] == 0
+
+
+async def test_decode_really_uses_the_loaded_kv(vllm_stack):
+    job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
+                                                 {"role": "user", "content": "Describe a dog."}])
+    store = redis.Redis.from_url(vllm_stack.settings.redis_url)
+    for key in job.kv.keys:  # same size, wrong numbers: only a reader that uses them notices
+        store.set(key, bytes(len(store.get(key))), ex=600)
+    replayed, final = await replay_decode(vllm_stack, job)
+    assert final["kv"]["loaded_tokens"] == job.kv.num_tokens and not final["kv"]["recomputed"]
+    assert replayed != text[len(text) - len(replayed):]
+
+
+async def test_interactive_request_is_served_before_a_batch_backlog(vllm_stack):
+    batch_client = await EdgeClient.connect(vllm_stack.url)  # a back-office job runner
+    user_client = await EdgeClient.connect(vllm_stack.url)  # a person in the chat
+    order: list[str] = []
+
+    async def run(client: EdgeClient, name: str, priority: str) -> None:
+        async for frame in client.stream([{"role": "user", "content": f"Count to five. ({name})"}],
+                                         id=name, priority=priority, max_tokens=16, temperature=0.0):
+            assert frame["type"] != "error", frame
+            if frame["type"] == "token" and frame["seq"] == 0:
+                order.append(name)
+
+    backlog = [asyncio.create_task(run(batch_client, f"batch{i}", "batch")) for i in range(8)]
+    await asyncio.sleep(0.3)
+    urgent = asyncio.create_task(run(user_client, "urgent", "interactive"))
+    await asyncio.gather(*backlog, urgent)
+    await batch_client.close()
+    await user_client.close()
+    # prefill runs 4 prompts at once: at most those already taken go before the urgent one
+    assert order.index("urgent") <= vllm_stack.settings.prefill_slots, order
+
+
+async def test_client_disconnect_stops_generation_in_the_decode_worker(vllm_stack):
+    nc = await nats.connect(vllm_stack.settings.nats_url)
+    beats: list[Heartbeat] = []
+
+    async def on_beat(msg) -> None:
+        beats.append(decode(msg.data, Heartbeat))
+
+    await nc.subscribe(vllm_stack.subjects.heartbeat("local", "decode"), cb=on_beat)
+    events = await nc.subscribe(f"{vllm_stack.settings.subject_prefix}.evt.>")
+    await asyncio.sleep(1.5)
+    cancelled_before = beats[-1].cancelled
+    client = await EdgeClient.connect(vllm_stack.url)
+    request_id, tokens = "", 0
+    async for frame in client.stream([{"role": "user", "content": "Tell me a very long story about a dragon."}],
+                                     max_tokens=600, temperature=0.0):
+        request_id = frame.get("request_id", request_id)
+        tokens += frame["type"] == "token"
+        if tokens == 3:
+            break
+    await client.close()
+    for _ in range(100):
+        await asyncio.sleep(0.2)
+        if beats[-1].cancelled > cancelled_before and beats[-1].active == 0:
+            break
+    assert beats[-1].cancelled == cancelled_before + 1 and beats[-1].active == 0
+    published = 0
+    while True:
+        try:
+            msg = await events.next_msg(timeout=0.5)
+        except asyncio.TimeoutError:
+            break
+        published += msg.subject.endswith(request_id)
+    assert 3 <= published < 300  # far fewer than the 600 tokens it asked for
+    await nc.close()
+
+
+async def test_bad_frames_get_errors_and_the_connection_survives(vllm_stack):
+    async with await EdgeClient.connect(vllm_stack.url) as client:
+        for raw, code in (("{oops", "invalid_json"), ('{"type": "dance"}', "invalid_frame"),
+                          (json.dumps({"type": "chat", "messages": SHORT, "max_tokens": -1}), "invalid_request"),
+                          (json.dumps({"type": "chat", "messages": SHORT, "temperature": 99}), "invalid_request")):
+            await client.send_raw(raw)
+            frame = await asyncio.wait_for(client.unrouted.get(), 10)
+            assert (frame["type"], frame["code"]) == ("error", code)
+        result = await client.complete(SHORT, max_tokens=8, temperature=0.0)
+    assert result.error is None and result.text

@@ -1,0 +1,31 @@
+"""Processes that cannot reach NATS or Redis at start say so, with the URL, and exit non-zero."""
+
+import subprocess
+import sys
+
+from services.embedded import free_port
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_edge_without_nats_exits_naming_the_url():
+    url = f"nats://127.0.0.1:{free_port()}"
+    result = run_cli("edge", "--nats-url", url)
+    assert result.returncode != 0
+    assert f"cannot connect to NATS at {url}" in result.stderr
+
+
+def test_worker_without_redis_exits_naming_the_url(nats_url):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = run_cli("prefill", "--nats-url", nats_url, "--redis-url", url)
+    assert result.returncode != 0
+    assert f"cannot connect to Redis at {url}" in result.stderr
+
+
+def test_worker_without_any_nats_url_explains_how_to_get_one():
+    result = subprocess.run([sys.executable, "-m", "services.cli", "decode"], capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0 and "NATS_URL is not set" in result.stderr

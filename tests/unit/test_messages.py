@@ -1,0 +1,68 @@
+import msgspec
+import pytest
+
+from bus.codec import BadMessage, decode, decode_event, encode, printable_payload, reply_route
+from bus.messages import (Cancel, ChatMessage, ChatRequest, DecodeJob, ErrorEvent, FinalEvent,
+                          KvHandle, PrefillStats, SamplingSpec, TokenEvent, Usage)
+
+REQUEST = ChatRequest(request_id="r1", region="eu", priority="batch",
+                      messages=[ChatMessage("system", "be nice"), ChatMessage("user", "hi")],
+                      sampling=SamplingSpec(max_tokens=5, temperature=0.2, stop=["\n"]),
+                      reply_to="gs.evt.e1.r1", conversation_id="c1", created_at=1.5)
+
+
+@pytest.mark.parametrize("message", [
+    REQUEST,
+    DecodeJob(request_id="r1", region="eu", priority="batch", reply_to="gs.evt.e1.r1",
+              prompt_token_ids=[1, 2, 3], first_token_id=4, sampling=SamplingSpec(max_tokens=9),
+              prefill=PrefillStats("w", 1.0, 2.0, 0, 3.0),
+              kv=KvHandle("m", "lay", 32, ["k1"], 32, "h")),
+    TokenEvent(request_id="r1", seq=3, text="hé", token_ids=[7]),
+    FinalEvent(request_id="r1", seq=4, finish_reason="stop", usage=Usage(10, 0, 5)),
+    ErrorEvent(request_id="r1", seq=0, code="internal", message="boom"),
+    Cancel(request_id="r1", reason="client_gone"),
+])
+def test_every_message_round_trips(message):
+    assert decode(encode(message), type(message)) == message
+
+
+def test_events_decode_by_their_type_tag():
+    for event in (TokenEvent(request_id="r", seq=0, text="a", token_ids=[1]),
+                  ErrorEvent(request_id="r", seq=1, code="x", message="y")):
+        assert decode_event(encode(event)) == event
+
+
+def test_wire_format_is_plain_json_with_a_type_tag_and_version():
+    wire = msgspec.json.decode(encode(REQUEST))
+    assert wire["type"] == "chat_request" and wire["v"] == 1
+    assert wire["messages"][1] == {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda w: w.pop("messages"), "missing required field `messages`"),
+    (lambda w: w.update(v=2), "unsupported schema version 2"),
+    (lambda w: w.update(priority="urgent"), "$.priority"),
+    (lambda w: w["sampling"].update(max_tokens=0), "$.sampling.max_tokens"),
+    (lambda w: w["sampling"].update(temperature=9), "$.sampling.temperature"),
+    (lambda w: w.update(request_id="has.dots"), "$.request_id"),
+    (lambda w: w.update(type="decode_job"), "$.type"),
+    (lambda w: w.update(surprise=1), "surprise"),
+])
+def test_invalid_messages_name_the_problem(mutate, words):
+    wire = msgspec.json.decode(encode(REQUEST))
+    mutate(wire)
+    with pytest.raises(BadMessage) as info:
+        decode(msgspec.json.encode(wire), ChatRequest)
+    assert words in info.value.reason
+
+
+def test_reply_route_is_read_even_from_an_invalid_message():
+    route = reply_route(b'{"request_id": "r9", "reply_to": "gs.evt.e.r9", "junk": [}')
+    assert route.request_id is None  # not JSON at all: nothing to route by
+    route = reply_route(b'{"request_id": "r9", "reply_to": "gs.evt.e.r9", "messages": 5}')
+    assert (route.request_id, route.reply_to) == ("r9", "gs.evt.e.r9")
+
+
+def test_dead_letter_payload_is_text_when_it_can_be():
+    assert printable_payload(b'{"a": 1}') == ('{"a": 1}', "utf-8")
+    assert printable_payload(b"\xff\x00") == ("/wA=", "base64")

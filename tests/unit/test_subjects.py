@@ -1,0 +1,41 @@
+import pytest
+
+from bus.subjects import PRIORITIES, Subjects, check_token
+
+S = Subjects("gs")
+
+
+def test_work_subjects_are_partitioned_by_region_and_priority():
+    assert S.request("eu-west", "interactive") == "gs.req.eu-west.interactive"
+    assert S.decode("us", "batch") == "gs.decode.us.batch"
+    assert S.consumer("req", "us", "standard") == "req-us-standard"
+    assert PRIORITIES == ("interactive", "standard", "batch")
+
+
+def test_streams_capture_their_subject_families():
+    assert S.stream("req") == "GS_REQ" and S.stream_subjects("req") == "gs.req.>"
+    assert S.doorbell_template("decode") == "gs.bell.decode.>"
+    assert S.doorbell("req", "us") == "gs.bell.req.us.*"
+    assert Subjects("t-1").stream("dlq") == "T_1_DLQ"
+
+
+def test_event_and_control_subjects():
+    assert S.events("edge1", "abc") == "gs.evt.edge1.abc"
+    assert S.events_of_edge("edge1") == "gs.evt.edge1.*"
+    assert S.cancel("eu") == "gs.cancel.eu"
+    assert S.heartbeat("eu", "decode") == "gs.hb.eu.decode"
+    assert S.dead_letter("req") == "gs.dlq.req"
+
+
+def test_event_subject_check_rejects_anything_else():
+    assert S.is_event_subject("gs.evt.e1.r1")
+    for other in ("gs.req.local.batch", "gs.evt.e1", "gs.evt.e1.r1.x", "other.evt.e1.r1", "gs.evt.*.r1"):
+        assert not S.is_event_subject(other)
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "a*", ">", "has space", "x" * 65])
+def test_tokens_that_would_change_a_subjects_meaning_are_refused(bad):
+    with pytest.raises(ValueError):
+        check_token(bad, "region")
+    with pytest.raises(ValueError):
+        S.request(bad, "batch")

@@ -100,6 +100,7 @@ def kv_transfer_config(settings: Settings, role: EngineRole) -> dict[str, Any] |
             "ttl_s": settings.kv_ttl_s,
             "key_prefix": settings.kv_key_prefix,
             "model_id": settings.model_id,
+            "step_lock": str(settings.engine_step_lock),
         },
     }
 

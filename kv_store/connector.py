@@ -13,6 +13,8 @@ worker (moves the bytes, in the model worker process).
   this engine's layout; anything else is recomputed.
 - Loads and saves are synchronous within the engine step. A block that cannot be loaded is
   reported to vLLM, which recomputes it (`kv_load_failure_policy="recompute"`).
+- With `step_lock` set, engines sharing this machine's cores take turns per forward pass
+  (see `kv_store/step_lock.py`).
 
 Block bytes: for each layer (in sorted name order) the block's slice of that layer's KV tensor,
 concatenated; the layout fingerprint in every key guarantees reader and writer agree on it.
@@ -33,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kv_store.block_store import BlockStore
 from kv_store.keys import layout_fingerprint, model_identity, prompt_block_keys, transfer_stats_key
+from kv_store.step_lock import StepLock
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -76,6 +79,14 @@ class _SaveState:
     block_ids: list[int] = field(default_factory=list)
 
 
+def target_layers(layer_names: list[str]) -> list[str]:
+    """The target model's attention layers. A draft model (speculative decoding) adds its own
+    layers under `draft_model.`; they are not moved, so a decode engine with a draft model reads
+    the same blocks a prefill engine without one wrote (the draft then proposes from a colder
+    cache for that prefix; the target verifies every token, so the answer is unchanged)."""
+    return [n for n in layer_names if not n.startswith("draft_model.")]
+
+
 class RedisKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
@@ -89,9 +100,10 @@ class RedisKVConnector(KVConnectorBase_V1):
         self._can_load = self._kv_transfer_config.is_kv_consumer
         group = kv_cache_config.kv_cache_groups[0]
         spec = group.kv_cache_spec
+        self._layer_names = target_layers(group.layer_names)
         self._layout = layout_fingerprint(
             model_identity(vllm_config.model_config.model), str(spec.dtype), spec.block_size,
-            spec.num_kv_heads, spec.head_size, group.layer_names)
+            spec.num_kv_heads, spec.head_size, self._layer_names)
         # scheduler side
         self._plans: dict[str, _LoadPlan] = {}
         self._pending_loads: list[BlockTransfer] = []
@@ -100,6 +112,8 @@ class RedisKVConnector(KVConnectorBase_V1):
         self._layers: list[tuple[str, torch.Tensor]] = []
         self._block_dim = 0
         self._load_errors: set[int] = set()
+        lock_path = extra.get("step_lock", "")
+        self._step_lock = StepLock(lock_path) if lock_path and role == KVConnectorRole.WORKER else None
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -215,12 +229,22 @@ class RedisKVConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        names = set(self._kv_cache_config.kv_cache_groups[0].layer_names)
+        names = set(self._layer_names)
         self._layers = sorted((n, t) for n, t in kv_caches.items() if n in names)
         num_blocks = self._kv_cache_config.num_blocks
         first = self._layers[0][1]
         # CPU and most backends keep blocks on dim 0; FlashAttention's (2, blocks, ...) on dim 1.
         self._block_dim = 0 if first.shape[0] == num_blocks else 1
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        if self._step_lock is not None:
+            self._step_lock.acquire()  # released after the pass, in clear_connector_metadata
+        super().bind_connector_metadata(connector_metadata)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        if self._step_lock is not None:
+            self._step_lock.release()
 
     def _block(self, tensor: torch.Tensor, block_id: int) -> torch.Tensor:
         return tensor[block_id] if self._block_dim == 0 else tensor[:, block_id]

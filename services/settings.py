@@ -39,7 +39,10 @@ class Settings:
     spec_ngram_min: int = 2
     spec_ngram_max: int = 4
     spec_draft_model: str = ""  # HF folder of the draft model for spec_method=draft
-    spec_max_batch: int = 2  # speculate only while at most this many sequences decode
+    spec_max_batch: int = 1  # speculate only while at most this many sequences decode
+    # A lock file shared by the engines of one machine so they take turns per forward pass
+    # instead of fighting over the same cores; `grokstack up` sets it for the CPU profile.
+    engine_step_lock: str = ""
 
     # --- workers ---
     worker_id: str = ""  # "" means host-pid

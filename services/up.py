@@ -21,6 +21,7 @@ import psutil
 import structlog
 
 from inference.model import ensure_bundled_model
+from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis
 from services.settings import ENV, Settings
 
@@ -88,6 +89,9 @@ def run_up(settings: Settings) -> int:
             log.info("embedded redis-compatible server started", url=settings.redis_url)
         if not settings.model:
             ensure_bundled_model(settings.model_dir)
+        if not settings.engine_step_lock and resolve_profile(settings).name == "cpu":
+            # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
+            settings = settings.replace(engine_step_lock=str((settings.data_dir / "engine-step.lock").resolve()))
         env = child_environment(settings)
         for role in ROLES:
             children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role], env=env,

@@ -55,7 +55,8 @@ def engine_settings(nats_url: str, redis_url: str) -> Settings:
     prefix = unique_prefix()
     return Settings(nats_url=nats_url, redis_url=redis_url, subject_prefix=prefix,
                     kv_key_prefix=prefix, data_dir=REPO / ".data", edge_port=free_port(),
-                    heartbeat_s=0.5, worker_id=prefix, log_format="json")
+                    heartbeat_s=0.5, worker_id=prefix, log_format="json",
+                    engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock"))
 
 
 @pytest.fixture(scope="session")

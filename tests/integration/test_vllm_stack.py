@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import msgspec
@@ -15,6 +19,8 @@ import redis
 from bus.codec import decode, encode
 from bus.messages import DecodeJob, Heartbeat
 from edge.client import EdgeClient
+from services.up import child_environment
+from tests.conftest import REPO
 from tests.integration.conftest import LONG, MAX_TOKENS, SHORT, RunningStack
 
 pytestmark = pytest.mark.engine
@@ -42,14 +48,14 @@ async def decode_job_of(stack: RunningStack, messages) -> tuple[DecodeJob, str]:
     return job, result.text
 
 
-async def replay_decode(stack: RunningStack, job: DecodeJob) -> tuple[str, dict]:
-    """Publish `job` again under a new id and collect what the decode pool streams back."""
+async def replay_decode(stack: RunningStack, job: DecodeJob, region: str = "local") -> tuple[str, dict]:
+    """Publish `job` again under a new id and collect what the decode pool of `region` streams back."""
     request_id = uuid.uuid4().hex
     reply = stack.subjects.events("probe", request_id)
     job = msgspec.structs.replace(job, request_id=request_id, reply_to=reply)
     nc = await nats.connect(stack.settings.nats_url)
     sub = await nc.subscribe(reply)
-    await nc.jetstream().publish(stack.subjects.decode(job.region, job.priority), encode(job))
+    await nc.jetstream().publish(stack.subjects.decode(region, job.priority), encode(job))
     text = ""
     while True:
         event = json.loads((await sub.next_msg(timeout=60)).data)
@@ -189,3 +195,29 @@ async def test_bad_frames_get_errors_and_the_connection_survives(vllm_stack):
             assert (frame["type"], frame["code"]) == ("error", code)
         result = await client.complete(SHORT, max_tokens=8, temperature=0.0)
     assert result.error is None and result.text
+
+
+async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vllm_stack, tmp_path):
+    """A second decode worker, in its own region, speculating with a draft model (the bundled
+    model drafts for itself: no smaller one ships here) continues a captured job."""
+    settings = vllm_stack.settings.replace(region="draft", spec_method="draft",
+                                           spec_draft_model=str(vllm_stack.settings.model_dir),
+                                           worker_id="draft-decode")
+    log = tmp_path / "draft-decode.log"
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "decode"], env=child_environment(settings),
+                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
+                                                     {"role": "user", "content": "Describe a horse."}])
+        nc = await nats.connect(settings.nats_url)
+        beats = await nc.subscribe(vllm_stack.subjects.heartbeat("draft", "decode"))
+        await beats.next_msg(timeout=300)  # the draft worker is up
+        await nc.close()
+        replayed, final = await replay_decode(vllm_stack, job, region="draft")
+        assert text.endswith(replayed) and len(replayed) < len(text)
+        assert final["kv"]["loaded_tokens"] == job.kv.num_tokens and not final["kv"]["recomputed"]
+        assert '"speculative": "draft_model"' in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None

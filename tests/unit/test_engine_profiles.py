@@ -12,7 +12,7 @@ def test_cpu_profile_is_float32_eager_with_ngram_speculation_on_decode_only():
     decode = speculative_config(S, cpu, "decode")
     assert decode["method"] == "ngram" and decode["num_speculative_tokens"] == 5
     # speculation stops above spec_max_batch sequences
-    assert decode["num_speculative_tokens_per_batch_size"] == [[1, 2, 5], [3, 4096, 0]]
+    assert decode["num_speculative_tokens_per_batch_size"] == [[1, 1, 5], [2, 4096, 0]]
     assert speculative_config(S, cpu, "prefill") is None
     assert speculative_config(S.replace(spec_method="off"), cpu, "decode") is None
 

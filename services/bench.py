@@ -56,6 +56,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--probe", type=int, default=8,
                         help="single requests, one at a time, before the load: TTFT without queueing")
+    parser.add_argument("--think-s", type=float, default=2.0,
+                        help="pause between the single requests, as a person reading the answer would")
     parser.add_argument("--skip-direct", action="store_true", help="only measure the stack")
 
 
@@ -101,9 +103,10 @@ def messages_for(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-async def _probe(phase: Phase, count: int, one: Any) -> None:
+async def _probe(phase: Phase, args: argparse.Namespace, one: Any) -> None:
     """Short prompts one at a time: the latency a request sees when nothing else is queued."""
-    for i in range(count):
+    for i in range(args.probe):
+        await asyncio.sleep(args.think_s)
         await one(0, PROMPTS[i % len(PROMPTS)], into=phase.probe)
 
 
@@ -147,7 +150,7 @@ async def direct_phase(settings: Settings, args: argparse.Namespace) -> Phase:
             into.append(Sample(ttft, time.monotonic() - t0, tokens, gaps))
 
     await one(0, PROMPTS[0], into=None)  # warm-up
-    await _probe(phase, args.probe, one)
+    await _probe(phase, args, one)
     with RssSampler([os.getpid()]) as rss:
         phase.wall_s = await _drive(args.concurrency, args.requests, one)
     phase.peak_rss_gib = rss.peak_gib
@@ -173,7 +176,7 @@ async def stack_phase(url: str, args: argparse.Namespace, pids: list[int]) -> Ph
                                result.done["usage"]["completion_tokens"], gaps, result.done))
 
     await one(0, PROMPTS[0], into=None)
-    await _probe(phase, args.probe, one)
+    await _probe(phase, args, one)
     with RssSampler(pids) as rss:
         phase.wall_s = await _drive(args.concurrency, args.requests, one)
     phase.peak_rss_gib = rss.peak_gib
@@ -270,7 +273,7 @@ def report(direct: Phase | None, stack: Phase, args: argparse.Namespace) -> str:
             ("output tokens/s", lambda p: p.tokens_per_s()),
             ("requests ok", lambda p: float(len(p.samples))),
             ("peak resident memory (GiB)", lambda p: p.peak_rss_gib)]
-    out = [f"\n{args.probe} short prompts one at a time, then {args.requests} requests {args.concurrency} at once; "
+    out = [f"\n{args.probe} short prompts one at a time ({args.think_s:g} s apart), then {args.requests} requests {args.concurrency} at once; "
            f"max_tokens {args.max_tokens}, temperature 0, {os.cpu_count()} cores",
            f"{'':<34}{'direct':>12}{'stack':>12}{'stack/direct':>14}"]
     for name, f in rows:

@@ -13,7 +13,7 @@ from services import logs
 from services.settings import ENV, Settings, describe, from_env
 
 COMMON = ["nats_url", "redis_url", "subject_prefix", "region", "data_dir", "log_level", "log_format"]
-ENGINE = ["model", "served_model_name", "engine_profile", "engine_step_lock", "max_model_len", "block_size",
+ENGINE = ["model", "served_model_name", "engine_profile", "engine_step_lock", "cpu_nice", "max_model_len", "block_size",
           "kv_cache_gib", "kv_ttl_s", "kv_key_prefix"]
 SPEC = ["spec_method", "spec_tokens", "spec_ngram_min", "spec_ngram_max", "spec_draft_model",
         "spec_max_batch"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from bus.jetstream import BusUnavailable, connect, ensure_streams, ensure_work_consumers
-from bus.subjects import Subjects
+from bus.subjects import Subjects, check_token
 from edge.gateway import Gateway
 from edge.server import EdgeServer
 from inference.decode import DecodeService
@@ -29,6 +30,11 @@ def _require(settings: Settings, *names: str) -> None:
         if not getattr(settings, name):
             raise SystemExit(f"{env[name]} is not set: point it at a server, or run `grokstack up` "
                              "to start embedded ones")
+    try:  # both end up inside subject names
+        check_token(settings.region, "region")
+        check_token(settings.subject_prefix, "subject prefix")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _stop_event() -> asyncio.Event:
@@ -119,6 +125,8 @@ async def start_worker(settings: Settings, role: str, engine: Engine | None = No
     js = nc.jetstream()
     await ensure_streams(js, settings, subjects)
     await ensure_work_consumers(js, settings, subjects, "req" if role == "prefill" else "decode")
+    if settings.cpu_nice:
+        os.nice(settings.cpu_nice)  # inherited by the engine's processes
     if engine is None:
         from inference.vllm_engine import VllmEngine
         engine = VllmEngine(settings, role)  # type: ignore[arg-type]

@@ -43,6 +43,10 @@ class Settings:
     # A lock file shared by the engines of one machine so they take turns per forward pass
     # instead of fighting over the same cores; `grokstack up` sets it for the CPU profile.
     engine_step_lock: str = ""
+    # Added to this process's nice value (a lower CPU priority). On a shared CPU `grokstack up`
+    # gives the decode worker +5 so prompt processing goes first, as vLLM's own scheduler
+    # prefers prefills within one engine.
+    cpu_nice: int = 0
 
     # --- workers ---
     worker_id: str = ""  # "" means host-pid

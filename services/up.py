@@ -39,6 +39,13 @@ def child_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict[str, str]:
+    """On a shared CPU, decode yields the cores to prefill (see Settings.cpu_nice)."""
+    if role == "decode" and settings.engine_step_lock and settings.cpu_nice == 0:
+        return {**env, ENV["cpu_nice"]: "5"}
+    return env
+
+
 def stack_memory_gib(root_pids: list[int]) -> float:
     total = 0
     for pid in root_pids:
@@ -94,7 +101,8 @@ def run_up(settings: Settings) -> int:
             settings = settings.replace(engine_step_lock=str((settings.data_dir / "engine-step.lock").resolve()))
         env = child_environment(settings)
         for role in ROLES:
-            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role], env=env,
+            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role],
+                                              env=role_environment(env, settings, role),
                                               start_new_session=True)
         log.info("starting workers (the engines take about a minute to load)")
         if not wait_ready(settings, children, stop):

@@ -29,3 +29,8 @@ def test_worker_without_any_nats_url_explains_how_to_get_one():
     result = subprocess.run([sys.executable, "-m", "services.cli", "decode"], capture_output=True,
                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode != 0 and "NATS_URL is not set" in result.stderr
+
+
+def test_a_region_that_would_break_subject_names_is_refused(nats_url):
+    result = run_cli("edge", "--nats-url", nats_url, "--region", "eu.west")
+    assert result.returncode != 0 and "region 'eu.west'" in result.stderr

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import structlog
@@ -108,9 +109,10 @@ def run_up(settings: Settings) -> int:
         if not wait_ready(settings, children, stop):
             return 0 if stop.is_set() else 1
         url = f"ws://{settings.edge_host}:{settings.edge_port}"
+        cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
         gib = stack_memory_gib([c.pid for c in children.values()] + [s.proc.pid for s in servers if s.proc])
         print(f"\ngrokstack is up: {url}\n"
-              f"  chat in a terminal:  grokstack chat --url {url}\n"
+              f"  chat in a terminal:  {cli} chat --url {url}\n"
               f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
               f"  resident memory of the stack: {gib:.1f} GiB\n"

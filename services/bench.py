@@ -273,8 +273,8 @@ def report(direct: Phase | None, stack: Phase, args: argparse.Namespace) -> str:
             ("output tokens/s", lambda p: p.tokens_per_s()),
             ("requests ok", lambda p: float(len(p.samples))),
             ("peak resident memory (GiB)", lambda p: p.peak_rss_gib)]
-    out = [f"\n{args.probe} short prompts one at a time ({args.think_s:g} s apart), then {args.requests} requests {args.concurrency} at once; "
-           f"max_tokens {args.max_tokens}, temperature 0, {os.cpu_count()} cores",
+    out = [f"\n{args.probe} short prompts one at a time ({args.think_s:g} s apart), then {args.requests} requests "
+           f"{args.concurrency} at once; max_tokens {args.max_tokens}, temperature 0, {os.cpu_count()} cores",
            f"{'':<34}{'direct':>12}{'stack':>12}{'stack/direct':>14}"]
     for name, f in rows:
         d = f(direct) if direct else float("nan")

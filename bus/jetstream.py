@@ -72,20 +72,35 @@ def stream_configs(settings: Settings, subjects: Subjects) -> list[StreamConfig]
             max_age=settings.request_ttl_s,
             discard=DiscardPolicy.NEW,  # when full, refuse new work instead of dropping accepted work
             max_bytes=settings.work_stream_mb * 1024**2,
-            duplicate_window=120.0,  # Nats-Msg-Id dedupe: a retried publish is stored once
-            # A header-only copy of every message wakes idle workers without a polling loop.
+            # Nats-Msg-Id dedupe: a retried publish, or a second publish of the same
+            # idempotency key, is stored (and served) once.
+            duplicate_window=min(settings.dedupe_window_s, settings.request_ttl_s),
+            # A full copy of every message goes to the capture stream (see below).
             republish=RePublish(src=subjects.stream_subjects(kind),
-                                dest=subjects.doorbell_template(kind), headers_only=True),
+                                dest=subjects.capture_copies(kind), headers_only=False),
         )
         for kind in ("req", "decode")
     ]
+    capture = StreamConfig(
+        name=subjects.stream("capture"), subjects=subjects.captured(),
+        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+        max_age=settings.capture_max_age_s, max_bytes=settings.capture_max_mb * 1024**2,
+        discard=DiscardPolicy.OLD,  # the record makes room; the token path never waits on it
+        # Copies carry their original's Nats-Msg-Id; the work streams already deduplicated
+        # them, so the capture must not drop a legitimate later copy.
+        duplicate_window=min(1.0, settings.capture_max_age_s),
+        # A header-only copy of every new work message wakes idle workers without polling:
+        # gs.cap.req.<region>.<priority> -> gs.bell.req.<region>.<priority>.
+        republish=RePublish(src=subjects.capture_copies(), dest=subjects.doorbells(),
+                            headers_only=True),
+    )
     dead_letters = StreamConfig(
         name=subjects.stream("dlq"), subjects=[subjects.dead_letters()],
         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
         max_age=7 * 24 * 3600.0, max_bytes=settings.dead_letter_stream_mb * 1024**2,
         discard=DiscardPolicy.OLD,
     )
-    return [*work, dead_letters]
+    return [*work, capture, dead_letters]
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings, subjects: Subjects) -> None:

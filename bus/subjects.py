@@ -3,11 +3,17 @@
 Layout (prefix `gs` by default):
   gs.req.<region>.<priority>        chat requests        (stream GS_REQ, work queue)
   gs.decode.<region>.<priority>     decode jobs          (stream GS_DECODE, work queue)
-  gs.bell.<kind>.<region>.<priority> header-only copies the streams republish: wake-up calls
-  gs.evt.<edge>.<request_id>        token/final/error events back to the edge that asked
-  gs.cancel.<region>                cancellations, to every worker of a region
-  gs.hb.<region>.<role>             worker heartbeats
+  gs.cap.<kind>.<region>.<priority> full copies the work streams republish (stream GS_CAPTURE)
+  gs.bell.<kind>.<region>.<priority> header-only copies GS_CAPTURE republishes: wake-up calls
+  gs.evt.<client>.<request_id>      token/final/error events back to the edge or client that
+                                    asked (captured by GS_CAPTURE)
+  gs.cancel.<region>                cancellations, to every worker of a region (captured)
+  gs.hb.<region>.<role>             worker heartbeats (not captured)
   gs.dlq.<kind>                     dead letters          (stream GS_DLQ, kept for inspection)
+
+Work streams are work queues (a message is deleted once acked), so they cannot be the record of
+what happened; GS_CAPTURE keeps copies of everything for replay and tracing, bounded by age and
+size. A subject may belong to one stream only, hence the copies under `cap`.
 """
 
 from __future__ import annotations
@@ -51,14 +57,21 @@ class Subjects:
     def doorbell(self, kind: WorkKind, region: str) -> str:
         return f"{self.prefix}.bell.{kind}.{check_token(region, 'region')}.*"
 
-    def stream(self, kind: Literal["req", "decode", "dlq"]) -> str:
+    def stream(self, kind: Literal["req", "decode", "dlq", "capture"]) -> str:
         return f"{self.prefix.upper().replace('-', '_')}_{kind.upper()}"
 
     def stream_subjects(self, kind: WorkKind) -> str:
         return f"{self.prefix}.{kind}.>"
 
-    def doorbell_template(self, kind: WorkKind) -> str:
-        return f"{self.prefix}.bell.{kind}.>"
+    def capture_copies(self, kind: WorkKind | None = None) -> str:
+        return f"{self.prefix}.cap.{kind}.>" if kind else f"{self.prefix}.cap.>"
+
+    def doorbells(self) -> str:
+        return f"{self.prefix}.bell.>"
+
+    def captured(self) -> list[str]:
+        """Everything GS_CAPTURE stores."""
+        return [self.capture_copies(), self.all_events(), f"{self.prefix}.cancel.>"]
 
     def consumer(self, kind: WorkKind, region: str, priority: Priority) -> str:
         return f"{kind}-{check_token(region, 'region')}-{priority}"
@@ -70,10 +83,30 @@ class Subjects:
     def events_of_edge(self, edge_id: str) -> str:
         return f"{self.prefix}.evt.{check_token(edge_id, 'edge id')}.*"
 
-    def is_event_subject(self, subject: str) -> bool:
+    def events_of_request(self, request_id: str) -> str:
+        return f"{self.prefix}.evt.*.{check_token(request_id, 'request id')}"
+
+    def all_events(self) -> str:
+        return f"{self.prefix}.evt.>"
+
+    def is_event_subject(self, subject: str, request_id: str) -> bool:
+        """Events of a request go to `<prefix>.evt.<client>.<request_id>` and nowhere else, so
+        everything said about one request can be found (and captured) by its id."""
         parts = subject.split(".")
-        return len(parts) == 4 and parts[0] == self.prefix and parts[1] == "evt" and all(
-            _TOKEN.match(p) for p in parts[2:])
+        return (len(parts) == 4 and parts[0] == self.prefix and parts[1] == "evt"
+                and bool(_TOKEN.match(parts[2])) and parts[3] == request_id)
+
+    # --- captured copies and sandboxes ---
+    def original_subject(self, subject: str) -> str:
+        """`gs.cap.req.eu.batch` -> `gs.req.eu.batch`; other subjects are already original."""
+        head = f"{self.prefix}.cap."
+        return f"{self.prefix}.{subject[len(head):]}" if subject.startswith(head) else subject
+
+    def moved_to(self, subject: str, other: "Subjects") -> str:
+        """The same subject under another prefix (a sandbox), e.g. for replays."""
+        if subject != self.prefix and not subject.startswith(self.prefix + "."):
+            raise ValueError(f"{subject!r} is not under the prefix {self.prefix!r}")
+        return other.prefix + subject[len(self.prefix):]
 
     # --- control ---
     def cancel(self, region: str) -> str:

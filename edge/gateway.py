@@ -7,7 +7,6 @@ early arrivals wait for the ones before them, and a gap that does not fill in ti
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -19,7 +18,8 @@ from nats.aio.msg import Msg
 
 from bus.codec import BadMessage, decode, decode_event, encode
 from bus.jetstream import ensure_streams
-from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Event, Heartbeat, SamplingSpec
+from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Heartbeat, SamplingSpec
+from bus.ordering import RequestStream
 from bus.subjects import Priority, Subjects
 from services.settings import Settings
 
@@ -28,39 +28,6 @@ log = structlog.get_logger("grokstack.edge")
 
 class SubmitFailed(RuntimeError):
     pass
-
-
-class RequestStream:
-    """One request's events, delivered in sequence order exactly once."""
-
-    def __init__(self, request_id: str, gap_timeout_s: float) -> None:
-        self.request_id = request_id
-        self._gap_timeout_s = gap_timeout_s
-        self._next_seq = 0
-        self._early: dict[int, Event] = {}
-        self._ready: asyncio.Queue[Event] = asyncio.Queue()
-        self.duplicates = 0
-
-    def deliver(self, event: Event) -> None:
-        if event.seq < self._next_seq or event.seq in self._early:
-            self.duplicates += 1
-            return
-        self._early[event.seq] = event
-        while self._next_seq in self._early:
-            self._ready.put_nowait(self._early.pop(self._next_seq))
-            self._next_seq += 1
-
-    async def next(self, timeout: float) -> Event:
-        """The next event in order. A gap that lasts `gap_timeout_s` becomes a stream_gap error."""
-        wait = min(timeout, self._gap_timeout_s) if self._early else timeout
-        try:
-            return await asyncio.wait_for(self._ready.get(), wait)
-        except asyncio.TimeoutError:
-            if self._early and wait < timeout:
-                missing = self._next_seq
-                return ErrorEvent(request_id=self.request_id, seq=missing, code="stream_gap",
-                                  message=f"token event {missing} never arrived")
-            raise
 
 
 def edge_id_for(name: str) -> str:

@@ -68,9 +68,9 @@ class Emitter:
     """Publishes events to the subject a request named, numbering them."""
 
     def __init__(self, nc: NATS, subjects: Subjects, reply_to: str, request_id: str, seq: int) -> None:
-        if not subjects.is_event_subject(reply_to):
-            raise BadMessage(f"reply_to {reply_to!r} is not an event subject "
-                             f"({subjects.prefix}.evt.<edge>.<request>)")
+        if not subjects.is_event_subject(reply_to, request_id):
+            raise BadMessage(f"reply_to {reply_to!r} is not this request's event subject "
+                             f"({subjects.prefix}.evt.<client>.{request_id})")
         self._nc = nc
         self.reply_to = reply_to
         self.request_id = request_id
@@ -254,7 +254,8 @@ class PoolWorker:
         """Undecodable or invalid: record it once and never see it again."""
         self.counters.failed += 1
         route = reply_route(msg.data)
-        if route.reply_to and route.request_id and self.subjects.is_event_subject(route.reply_to):
+        if route.reply_to and route.request_id and self.subjects.is_event_subject(
+                route.reply_to, route.request_id):
             try:
                 emitter = Emitter(self.nc, self.subjects, route.reply_to, route.request_id,
                                   self.service.first_seq)

@@ -59,6 +59,13 @@ class Settings:
     drain_timeout_s: float = 20.0  # on SIGTERM, running jobs get this long to finish
     work_stream_mb: int = 1024  # bound of each work-queue stream (requests, decode jobs)
     dead_letter_stream_mb: int = 256
+    # Publishing a request whose id (Nats-Msg-Id) was seen within this window stores it once:
+    # the idempotency window of direct publishes. At most request_ttl_s.
+    dedupe_window_s: float = 600.0
+
+    # --- capture of bus traffic for replay and tracing (stream GS_CAPTURE) ---
+    capture_max_age_s: float = 24 * 3600.0  # the server drops captured traffic older than this
+    capture_max_mb: int = 2048  # ...and the oldest traffic beyond this size
 
     # --- KV cache in Redis ---
     kv_ttl_s: int = 3600

@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from bus.messages import ErrorEvent, TokenEvent
-from edge.gateway import RequestStream
+from bus.ordering import RequestStream
 
 
 def tok(seq):

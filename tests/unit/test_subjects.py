@@ -14,7 +14,9 @@ def test_work_subjects_are_partitioned_by_region_and_priority():
 
 def test_streams_capture_their_subject_families():
     assert S.stream("req") == "GS_REQ" and S.stream_subjects("req") == "gs.req.>"
-    assert S.doorbell_template("decode") == "gs.bell.decode.>"
+    assert S.capture_copies("decode") == "gs.cap.decode.>"
+    assert S.captured() == ["gs.cap.>", "gs.evt.>", "gs.cancel.>"]
+    assert S.stream("capture") == "GS_CAPTURE"
     assert S.doorbell("req", "us") == "gs.bell.req.us.*"
     assert Subjects("t-1").stream("dlq") == "T_1_DLQ"
 
@@ -28,9 +30,19 @@ def test_event_and_control_subjects():
 
 
 def test_event_subject_check_rejects_anything_else():
-    assert S.is_event_subject("gs.evt.e1.r1")
-    for other in ("gs.req.local.batch", "gs.evt.e1", "gs.evt.e1.r1.x", "other.evt.e1.r1", "gs.evt.*.r1"):
-        assert not S.is_event_subject(other)
+    assert S.is_event_subject("gs.evt.e1.r1", "r1")
+    for other in ("gs.req.local.batch", "gs.evt.e1", "gs.evt.e1.r1.x", "other.evt.e1.r1", "gs.evt.*.r1",
+                  "gs.evt.e1.r2"):
+        assert not S.is_event_subject(other, "r1")
+
+
+def test_captured_copies_map_back_and_move_to_a_sandbox():
+    assert S.original_subject("gs.cap.req.eu.batch") == "gs.req.eu.batch"
+    assert S.original_subject("gs.evt.e.r") == "gs.evt.e.r"
+    assert S.moved_to("gs.req.eu.batch", Subjects("sandbox")) == "sandbox.req.eu.batch"
+    assert S.events_of_request("r1") == "gs.evt.*.r1"
+    with pytest.raises(ValueError):
+        S.moved_to("gsx.req.eu.batch", Subjects("sandbox"))
 
 
 @pytest.mark.parametrize("bad", ["", "a.b", "a*", ">", "has space", "x" * 65])

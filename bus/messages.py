@@ -171,6 +171,11 @@ class DeadLetter(Message, tag="dead_letter"):
     failed_at: float = 0.0
 
 
+# Any message of the bus, dispatched on its `type` tag; an unknown tag is an error.
+AnyMessage = Union[ChatRequest, DecodeJob, TokenEvent, FinalEvent, ErrorEvent, Cancel, Heartbeat,
+                   DeadLetter]
+
+
 class ReplyRoute(Struct):
     """The few fields needed to answer a message that failed validation, read leniently."""
     request_id: str | None = None

@@ -70,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench import add_bench_arguments
     add_bench_arguments(bench)
 
+    publish = command("publish", "submit a job straight onto the bus and follow its tokens, or a "
+                                 "JSONL batch of jobs (--file)", COMMON)
+    from services.publish import add_publish_arguments
+    add_publish_arguments(publish)
+    replay = command("replay", "show captured bus traffic, republish it under a sandbox prefix, "
+                               "or re-run captured requests and diff the answers", COMMON)
+    from services.replay_command import add_replay_arguments
+    add_replay_arguments(replay)
+    trace = command("trace", "the timeline of one request across edge, prefill, KV store and "
+                             "decode, from captured traffic", COMMON)
+    trace.add_argument("request_id")
+
     command("model", "prepare the bundled model (converted once into the data directory)",
             ["data_dir", "log_level", "log_format"])
     sub.add_parser("settings", help="list every setting with its environment variable and default")
@@ -99,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from services.bench import run_bench
         return asyncio.run(run_bench(settings, args))
+    if args.command == "publish":
+        from services.publish import run_publish
+        return asyncio.run(run_publish(settings, args))
+    if args.command == "replay":
+        from services.replay_command import run_replay
+        return asyncio.run(run_replay(settings, args))
+    if args.command == "trace":
+        from services.replay_command import run_trace
+        return asyncio.run(run_trace(settings, args.request_id))
     from services.processes import run_edge, run_worker
     if args.command == "edge":
         asyncio.run(run_edge(settings))

@@ -1,0 +1,180 @@
+"""Reading captured bus traffic back: what went over the bus, in order, decoded with the schemas.
+
+Everything comes from the server's streams (GS_CAPTURE and the dead letters in GS_DLQ) through
+short-lived consumers that ack nothing and leave nothing behind. The time window and the
+sequence range are applied by the server (where the consumer starts); the other filters here.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import AsyncIterator, Literal
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from bus.codec import BadMessage, decode, reply_route
+from bus.messages import AnyMessage, DeadLetter, Message
+from bus.subjects import Subjects
+
+@dataclass(frozen=True)
+class Captured:
+    source: Literal["capture", "dlq"]
+    seq: int  # sequence in its stream
+    time: float  # unix seconds when the stream stored it
+    subject: str  # the original subject (a work copy's `gs.cap.` removed)
+    data: bytes
+    message: Message | None  # None when it does not decode
+    error: str = ""  # why it does not decode
+
+    @property
+    def request_id(self) -> str | None:
+        found = getattr(self.message, "request_id", None)
+        if found:
+            return found
+        if isinstance(self.message, DeadLetter):
+            return reply_route(self.message.payload.encode()).request_id
+        if self.message is None:
+            return reply_route(self.data).request_id
+        return None
+
+    @property
+    def conversation_id(self) -> str | None:
+        return getattr(self.message, "conversation_id", None)
+
+    @property
+    def kind(self) -> str:
+        return type(self.message).__struct_config__.tag if self.message else "undecodable"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Selection:
+    request_id: str | None = None
+    conversation_id: str | None = None
+    subject: str | None = None  # a NATS filter on original subjects, e.g. `gs.req.*.batch`
+    since: float | None = None  # unix seconds
+    until: float | None = None
+    first_seq: int | None = None  # GS_CAPTURE sequence range, inclusive
+    last_seq: int | None = None
+    dead_letters: bool = True  # merge GS_DLQ records in (they have their own sequence)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: `*` is one token, `>` the rest (one or more tokens)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def decode_any(data: bytes) -> tuple[Message | None, str]:
+    try:
+        return decode(data, AnyMessage), ""  # type: ignore[arg-type]
+    except BadMessage as exc:
+        return None, exc.reason
+
+
+async def read_stream(js: JetStreamContext, stream: str, subjects: Subjects,
+                      source: Literal["capture", "dlq"], selection: Selection,
+                      batch: int = 256) -> AsyncIterator[Captured]:
+    """One stream's messages in the selection's window, oldest first, up to what the stream
+    held when reading began (a live stream does not keep the reader going forever)."""
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        return
+    last = info.state.last_seq
+    if source == "capture" and selection.last_seq is not None:
+        last = min(last, selection.last_seq)
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
+                            **_start(selection, source))
+    sub = await js.pull_subscribe("", stream=stream, config=config)
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except Exception:  # nats' TimeoutError: nothing more to read
+                return
+            for msg in msgs:
+                meta = msg.metadata
+                if meta.sequence.stream > last:
+                    return
+                yield _captured(source, meta.sequence.stream, meta.timestamp, msg.subject,
+                                msg.data, subjects)
+                if meta.num_pending == 0:
+                    return
+    finally:
+        await sub.unsubscribe()
+
+
+def _start(selection: Selection, source: str) -> dict:
+    if source == "capture" and selection.first_seq is not None:
+        return {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": selection.first_seq}
+    if selection.since is not None:
+        start = datetime.fromtimestamp(selection.since, timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": start}
+    return {"deliver_policy": DeliverPolicy.ALL}
+
+
+def _captured(source: Literal["capture", "dlq"], seq: int, stamp: datetime, subject: str,
+              data: bytes, subjects: Subjects) -> Captured:
+    message, error = decode_any(data)
+    return Captured(source=source, seq=seq, time=stamp.timestamp(),
+                    subject=subjects.original_subject(subject), data=data, message=message,
+                    error=error)
+
+
+async def read(js: JetStreamContext, subjects: Subjects, selection: Selection) -> AsyncIterator[Captured]:
+    """Everything captured that the selection names, in the order the server stored it."""
+    sources = [read_stream(js, subjects.stream("capture"), subjects, "capture", selection)]
+    if selection.dead_letters and selection.first_seq is None and selection.last_seq is None:
+        sources.append(read_stream(js, subjects.stream("dlq"), subjects, "dlq", selection))
+    matcher = _Matcher(selection)
+    async for item in _merge_by_time(sources):
+        if matcher(item):
+            yield item
+
+
+class _Matcher:
+    """Applies the filters the server cannot; a conversation is followed through the request
+    ids its requests introduce, since events and cancels carry only the request id."""
+
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+        self.conversation_requests: set[str] = set()
+
+    def __call__(self, item: Captured) -> bool:
+        s = self.selection
+        if s.since is not None and item.time < s.since:
+            return False
+        if s.until is not None and item.time > s.until:
+            return False
+        if s.subject is not None and not subject_matches(s.subject, item.subject):
+            return False
+        if s.request_id is not None and item.request_id != s.request_id:
+            return False
+        if s.conversation_id is not None:
+            if item.conversation_id == s.conversation_id and item.request_id:
+                self.conversation_requests.add(item.request_id)
+            return item.request_id in self.conversation_requests
+        return True
+
+
+async def _merge_by_time(sources: list[AsyncIterator[Captured]]) -> AsyncIterator[Captured]:
+    heads: list[tuple[float, int, int, Captured]] = []
+    for index, source in enumerate(sources):
+        first = await anext(source, None)
+        if first is not None:
+            heapq.heappush(heads, (first.time, index, first.seq, first))
+    while heads:
+        _, index, _, item = heapq.heappop(heads)
+        yield item
+        following = await anext(sources[index], None)
+        if following is not None:
+            heapq.heappush(heads, (following.time, index, following.seq, following))

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "decode, from captured traffic", COMMON)
     trace.add_argument("request_id")
 
+    asyncapi = sub.add_parser("asyncapi", help="print the bus contract (AsyncAPI 3.0, generated "
+                                               "from the code), or --write / --check bus/asyncapi.json")
+    asyncapi.add_argument("--write", action="store_true", help="regenerate bus/asyncapi.json")
+    asyncapi.add_argument("--check", action="store_true", help="exit 1 if bus/asyncapi.json is stale")
+
     command("model", "prepare the bundled model (converted once into the data directory)",
             ["data_dir", "log_level", "log_format"])
     sub.add_parser("settings", help="list every setting with its environment variable and default")
@@ -93,6 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         for var, name, default in describe():
             print(f"{var:<40} {name:<28} {default}")
+        return 0
+    if args.command == "asyncapi":
+        from bus import contract
+        if args.check:
+            current = contract.is_current()
+            print(f"{contract.CHECKED_IN} is {'current' if current else 'STALE: run grokstack asyncapi --write'}")
+            return 0 if current else 1
+        if args.write:
+            contract.write()
+            print(f"wrote {contract.CHECKED_IN}")
+        else:
+            print(contract.render(), end="")
         return 0
     if args.command == "chat":
         from edge.client import chat_repl

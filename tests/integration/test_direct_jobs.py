@@ -1,0 +1,88 @@
+"""Direct jobs, capture, rerun and trace against the real stack: vLLM prefill and decode
+processes with the bundled model, real NATS/JetStream and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+
+from bus import capture
+from bus.capture import Selection
+from bus.client import JobClient
+from bus.messages import ChatMessage, DecodeJob, TokenEvent
+from services import replay, trace
+from tests.integration.conftest import MAX_TOKENS, SHORT
+
+
+async def captured(stack, request_id: str) -> list:
+    nc = await nats.connect(stack.settings.nats_url)
+    try:
+        return [i async for i in capture.read(nc.jetstream(), stack.subjects,
+                                              Selection(request_id=request_id))]
+    finally:
+        await nc.drain()
+
+
+async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answer(vllm_stack, reference):
+    prefix = vllm_stack.settings.subject_prefix
+    nc = await nats.connect(vllm_stack.settings.nats_url)
+    events: list[dict] = []
+    done = asyncio.Event()
+
+    async def on_event(msg):
+        events.append(json.loads(msg.data))
+        if events[-1]["type"] != "token":
+            done.set()
+
+    await nc.subscribe(f"{prefix}.evt.my-service.raw-1", cb=on_event)
+    job = {"type": "chat_request", "v": 1, "request_id": "raw-1", "region": "local",
+           "priority": "standard", "messages": SHORT,
+           "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
+           "reply_to": f"{prefix}.evt.my-service.raw-1"}
+    await nc.jetstream().publish(f"{prefix}.req.local.standard", json.dumps(job).encode(),
+                                 headers={"Nats-Msg-Id": "raw-1"})
+    await asyncio.wait_for(done.wait(), 120)
+    await nc.drain()
+    assert events[-1]["type"] == "final", events[-1]
+    assert "".join(e["text"] for e in events if e["type"] == "token") == reference["short"].text
+
+
+async def test_one_generation_for_two_submissions_of_the_same_key(vllm_stack, reference):
+    url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
+    messages = [ChatMessage(**m) for m in SHORT]
+    async with await JobClient.connect(url, prefix) as a, await JobClient.connect(url, prefix) as b:
+        jobs = [await c.submit(c.request(messages, max_tokens=MAX_TOKENS, temperature=0.0,
+                                         idempotency_key="same-key-1")) for c in (a, b)]
+        first, second = await asyncio.gather(*(job.result() for job in jobs))
+    assert first.ok and second.joined
+    assert first.text == second.text == reference["short"].text
+    items = await captured(vllm_stack, "same-key-1")
+    assert sum(isinstance(i.message, DecodeJob) for i in items) == 1
+    assert sum(isinstance(i.message, TokenEvent) and i.message.seq == 0 for i in items) == 1
+
+
+async def test_rerun_of_a_greedy_request_is_identical_and_a_changed_temperature_shows(vllm_stack):
+    url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
+    async with await JobClient.connect(url, prefix) as client:
+        original = await client.generate([ChatMessage(role="user", content="Name three colours.")],
+                                         max_tokens=MAX_TOKENS, temperature=0.0)
+        items = await captured(vllm_stack, original.request_id)
+        same = [r async for r in replay.rerun(client, items, {})]
+        changed = [r async for r in replay.rerun(client, items, {"temperature": 1.5, "seed": 7})]
+    assert same[0].identical, same[0].report()
+    assert not changed[0].identical, changed[0].report()
+    assert "DIFFERENT" in changed[0].report()
+
+
+async def test_trace_of_a_real_request_shows_the_kv_transfer(vllm_stack, reference):
+    url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
+    async with await JobClient.connect(url, prefix) as client:
+        done = await client.generate([ChatMessage(**m) for m in SHORT], max_tokens=MAX_TOKENS,
+                                     temperature=0.0)
+    text = trace.render(done.request_id, trace.timeline(await captured(vllm_stack, done.request_id),
+                                                        done.request_id))
+    for phrase in ("published to", "prefill done", "MB in", "first token", "prompt tokens loaded",
+                   "final: stop"):
+        assert phrase in text, (phrase, text)

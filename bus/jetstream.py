@@ -44,11 +44,14 @@ async def connect(url: str, name: str) -> NATS:
         log.warning("nats error", error=f"{type(exc).__name__}: {exc}")
 
     async def on_disconnect() -> None:
+        if nc is not None and (nc.is_closed or nc.is_draining):
+            return  # we are closing it ourselves
         log.warning("nats disconnected", url=url)
 
     async def on_reconnect() -> None:
         log.info("nats reconnected", url=url)
 
+    nc: NATS | None = None
     try:
         nc = await nats.connect(
             url, name=name, connect_timeout=3, max_reconnect_attempts=1, reconnect_time_wait=0.5,

@@ -93,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CLIENT_COMMANDS = ("publish", "replay", "trace")
+
+
+def run_client_command(settings: Settings, args: argparse.Namespace) -> int:
+    from services.publish import run_publish
+    from services.replay_command import run_replay, run_trace
+    runs = {"publish": lambda: run_publish(settings, args), "replay": lambda: run_replay(settings, args),
+            "trace": lambda: run_trace(settings, args.request_id)}
+    try:
+        return asyncio.run(runs[args.command]())
+    except BrokenPipeError:  # `grokstack replay | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "settings":
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(chat_repl(url, args.priority, args.max_tokens, args.temperature, args.system))
         return 0
     settings = settings_from(args)
+    if args.command in CLIENT_COMMANDS and args.log_level is None:
+        settings = settings.replace(log_level="warning")  # their stdout/stderr are for the user
     logs.configure(settings.log_level, settings.log_format, process=args.command)
     if args.command == "up":
         from services.up import run_up
@@ -128,15 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from services.bench import run_bench
         return asyncio.run(run_bench(settings, args))
-    if args.command == "publish":
-        from services.publish import run_publish
-        return asyncio.run(run_publish(settings, args))
-    if args.command == "replay":
-        from services.replay_command import run_replay
-        return asyncio.run(run_replay(settings, args))
-    if args.command == "trace":
-        from services.replay_command import run_trace
-        return asyncio.run(run_trace(settings, args.request_id))
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(settings, args)
     from services.processes import run_edge, run_worker
     if args.command == "edge":
         asyncio.run(run_edge(settings))

@@ -115,6 +115,7 @@ def run_up(settings: Settings) -> int:
               f"  chat in a terminal:  {cli} chat --url {url}\n"
               f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
+              f"  jobs straight onto the bus: NATS_URL={settings.nats_url} {cli} publish \"Hello!\"\n"
               f"  resident memory of the stack: {gib:.1f} GiB\n"
               f"  Ctrl-C stops everything.\n", flush=True)
         while not stop.is_set():

@@ -28,7 +28,10 @@ from tests.conftest import REPO, unique_prefix
 SHORT = [{"role": "user", "content": "What is the capital of France?"}]
 LONG = [{"role": "system", "content": "You are a careful assistant. " * 20},
         {"role": "user", "content": "Write a short poem about the sea and the sky, in four lines."}]
-REFERENCE_PROMPTS = {"short": SHORT, "long": LONG}
+# Direct-job tests have their own prompt: its KV in Redis must not turn the websocket tests'
+# first-time writes into cache hits.
+DIRECT = [{"role": "user", "content": "What is the capital of Italy?"}]
+REFERENCE_PROMPTS = {"short": SHORT, "long": LONG, "direct": DIRECT}
 MAX_TOKENS = 40
 
 

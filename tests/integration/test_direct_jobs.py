@@ -13,7 +13,7 @@ from bus.capture import Selection
 from bus.client import JobClient
 from bus.messages import ChatMessage, DecodeJob, TokenEvent
 from services import replay, trace
-from tests.integration.conftest import MAX_TOKENS, SHORT
+from tests.integration.conftest import DIRECT, MAX_TOKENS
 
 
 async def captured(stack, request_id: str) -> list:
@@ -38,7 +38,7 @@ async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answe
 
     await nc.subscribe(f"{prefix}.evt.my-service.raw-1", cb=on_event)
     job = {"type": "chat_request", "v": 1, "request_id": "raw-1", "region": "local",
-           "priority": "standard", "messages": SHORT,
+           "priority": "standard", "messages": DIRECT,
            "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
            "reply_to": f"{prefix}.evt.my-service.raw-1"}
     await nc.jetstream().publish(f"{prefix}.req.local.standard", json.dumps(job).encode(),
@@ -46,18 +46,18 @@ async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answe
     await asyncio.wait_for(done.wait(), 120)
     await nc.drain()
     assert events[-1]["type"] == "final", events[-1]
-    assert "".join(e["text"] for e in events if e["type"] == "token") == reference["short"].text
+    assert "".join(e["text"] for e in events if e["type"] == "token") == reference["direct"].text
 
 
 async def test_one_generation_for_two_submissions_of_the_same_key(vllm_stack, reference):
     url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
-    messages = [ChatMessage(**m) for m in SHORT]
+    messages = [ChatMessage(**m) for m in DIRECT]
     async with await JobClient.connect(url, prefix) as a, await JobClient.connect(url, prefix) as b:
         jobs = [await c.submit(c.request(messages, max_tokens=MAX_TOKENS, temperature=0.0,
                                          idempotency_key="same-key-1")) for c in (a, b)]
         first, second = await asyncio.gather(*(job.result() for job in jobs))
     assert first.ok and second.joined
-    assert first.text == second.text == reference["short"].text
+    assert first.text == second.text == reference["direct"].text
     items = await captured(vllm_stack, "same-key-1")
     assert sum(isinstance(i.message, DecodeJob) for i in items) == 1
     assert sum(isinstance(i.message, TokenEvent) and i.message.seq == 0 for i in items) == 1
@@ -79,10 +79,24 @@ async def test_rerun_of_a_greedy_request_is_identical_and_a_changed_temperature_
 async def test_trace_of_a_real_request_shows_the_kv_transfer(vllm_stack, reference):
     url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
     async with await JobClient.connect(url, prefix) as client:
-        done = await client.generate([ChatMessage(**m) for m in SHORT], max_tokens=MAX_TOKENS,
-                                     temperature=0.0)
+        done = await client.generate([ChatMessage(role="user", content="Where is Lisbon?")],
+                                     max_tokens=MAX_TOKENS, temperature=0.0)
     text = trace.render(done.request_id, trace.timeline(await captured(vllm_stack, done.request_id),
                                                         done.request_id))
     for phrase in ("published to", "prefill done", "MB in", "first token", "prompt tokens loaded",
-                   "final: stop"):
+                   "final: "):
         assert phrase in text, (phrase, text)
+
+
+async def test_publish_command_with_a_batch_file_against_the_real_stack(vllm_stack, reference, tmp_path):
+    from tests.pipeline.test_cli_publish import grokstack
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps({"messages": DIRECT, "max_tokens": MAX_TOKENS,
+                                          "temperature": 0.0, "priority": "batch"})
+                              for _ in range(2)) + "\n")
+    code, _, err = await grokstack(vllm_stack.settings, "publish", "--file", str(jobs), timeout=300)
+    results = [json.loads(line) for line in (tmp_path / "jobs.results.jsonl").read_text().splitlines()]
+    assert code == 0, err
+    assert [r["text"] for r in results] == [reference["direct"].text] * 2
+    assert "2/2" in err

@@ -8,7 +8,7 @@ LOCK := requirements/cpu.lock
 STAMP := $(VENV)/.installed
 MODEL := .data/models/SmolLM2-135M-Instruct/config.json
 
-.PHONY: install model run test test-fast bench clean
+.PHONY: install model browser run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -23,10 +23,17 @@ model: $(MODEL)
 $(MODEL): | $(STAMP)
 	$(BIN)/grokstack model --log-format console
 
+# Debian's chromium for the chat page's browser test (Playwright's own download does not work
+# here); installed once, as root, through apt.
+browser:
+	@command -v chromium >/dev/null || { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+	@command -v chromium >/dev/null || { echo "chromium is missing: apt-get install chromium"; exit 1; }
+
 run: install model
 	$(BIN)/grokstack up --log-format console
 
-test: install model
+test: install model browser
 	$(BIN)/python -m pytest
 
 test-fast: install

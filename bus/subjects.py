@@ -118,6 +118,9 @@ class Subjects:
     def heartbeats(self, region: str) -> str:
         return f"{self.prefix}.hb.{check_token(region, 'region')}.*"
 
+    def all_heartbeats(self) -> str:
+        return f"{self.prefix}.hb.*.*"
+
     def dead_letter(self, kind: str) -> str:
         return f"{self.prefix}.dlq.{check_token(kind, 'dead-letter kind')}"
 

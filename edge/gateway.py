@@ -43,21 +43,23 @@ class Gateway:
         self.edge_id = edge_id_for(edge_id)
         self._streams: dict[str, RequestStream] = {}
         self._orphans: OrderedDict[str, None] = OrderedDict()  # ids we already told to stop
-        self._last_beat: dict[str, float] = {}  # role -> monotonic time of its last heartbeat
+        # (region, role) -> monotonic time of the last heartbeat of a worker of that kind there
+        self._last_beat: dict[tuple[str, str], float] = {}
+        self._models: dict[str, float] = {}  # model id -> last heartbeat naming it
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings, self.subjects)
         await self.nc.subscribe(self.subjects.events_of_edge(self.edge_id), cb=self._on_event)
-        await self.nc.subscribe(self.subjects.heartbeats(self.settings.region), cb=self._on_beat)
+        await self.nc.subscribe(self.subjects.all_heartbeats(), cb=self._on_beat)
 
     # ------------------------------------------------------------------ requests
 
     def new_request(self, messages: list[ChatMessage], sampling: SamplingSpec, priority: Priority,
-                    conversation_id: str | None) -> ChatRequest:
+                    conversation_id: str | None, region: str | None = None) -> ChatRequest:
         request_id = uuid.uuid4().hex
         now = time.time()
         return ChatRequest(
-            request_id=request_id, region=self.settings.region, priority=priority,
+            request_id=request_id, region=region or self.settings.region, priority=priority,
             messages=messages, sampling=sampling,
             reply_to=self.subjects.events(self.edge_id, request_id),
             conversation_id=conversation_id, created_at=now,
@@ -78,11 +80,11 @@ class Gateway:
     def forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
-    async def cancel(self, request_id: str, reason: str) -> None:
+    async def cancel(self, request_id: str, reason: str, region: str | None = None) -> None:
         self._streams.pop(request_id, None)
         self._remember_orphan(request_id)
         try:
-            await self.nc.publish(self.subjects.cancel(self.settings.region),
+            await self.nc.publish(self.subjects.cancel(region or self.settings.region),
                                   encode(Cancel(request_id=request_id, reason=reason)))
         except Exception as exc:
             log.warning("cancel not published", request_id=request_id, error=str(exc))
@@ -112,8 +114,30 @@ class Gateway:
             beat = decode(msg.data, Heartbeat)
         except BadMessage:
             return
-        self._last_beat[beat.role] = time.monotonic()
+        now = time.monotonic()
+        self._last_beat[(beat.region, beat.role)] = now
+        self._models[beat.model_id] = now
 
-    def workers_alive(self) -> dict[str, bool]:
-        horizon = time.monotonic() - 3 * self.settings.heartbeat_s
-        return {role: self._last_beat.get(role, 0.0) >= horizon for role in ("prefill", "decode")}
+    def _horizon(self) -> float:
+        return time.monotonic() - 3 * self.settings.heartbeat_s
+
+    def workers_alive(self, region: str | None = None) -> dict[str, bool]:
+        """Whether a prefill and a decode worker of `region` (default: the edge's) sent a
+        heartbeat within three heartbeat periods."""
+        region = region or self.settings.region
+        return {role: self._last_beat.get((region, role), 0.0) >= self._horizon()
+                for role in ("prefill", "decode")}
+
+    def health(self) -> tuple[bool, str]:
+        ok = self.nc.is_connected
+        return ok, "ok\n" if ok else "nats disconnected\n"
+
+    def readiness(self) -> tuple[bool, str]:
+        alive = self.workers_alive()
+        ok = self.nc.is_connected and all(alive.values())
+        body = " ".join(f"{role}={'up' if up else 'down'}" for role, up in alive.items())
+        return ok, f"{body} nats={'up' if self.nc.is_connected else 'down'}\n"
+
+    def models(self) -> list[str]:
+        """Model ids that live workers serve."""
+        return sorted(m for m, at in self._models.items() if at >= self._horizon())

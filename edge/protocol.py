@@ -7,9 +7,12 @@ Client -> edge
        only "type" and "messages" are required; "id" names the request on this connection
        (the edge makes one up when it is missing) so several can be in flight at once.
   {"type": "cancel", "id": "c1"}
+  {"type": "resume", "id": "c1", "request_id": "…", "last_seq": 17}
+       after a dropped connection (on this or a new one): the edge sends the events after
+       `last_seq` (-1: from the start), then the rest, as for the original request.
 
 Edge -> client
-  {"type": "accepted", "id": "c1", "request_id": "…"}           the request is on the bus
+  {"type": "accepted", "id": "c1", "request_id": "…", "resumed": false}   the request is on the bus
   {"type": "token", "id": "c1", "seq": 0, "text": "Hel", "tokens": 1}   in order, no gaps, no repeats
   {"type": "done", "id": "c1", "finish_reason": "stop", "usage": {…}, "timings": {…}, "kv": {…}}
   {"type": "error", "id": "c1" | null, "code": "invalid_request", "message": "…", "retryable": false}
@@ -36,6 +39,9 @@ ErrorCode = Literal[
     "prompt_too_long",  # the prompt does not fit the model's context (found by prefill)
     "duplicate_id",  # a request with this id is already in flight on this connection
     "unknown_id",  # cancel of a request this connection does not have
+    "unknown_request",  # resume of a request this edge does not hold (any more)
+    "unauthorized",  # no valid API key
+    "forbidden",  # the tenant may not use this priority
     "too_many_requests",  # too many requests in flight on this connection
     "unavailable",  # the bus did not accept the request; retry
     "timeout",  # no answer in time; the request was cancelled
@@ -55,7 +61,7 @@ class ChatFrame(Struct, tag="chat", tag_field="type", forbid_unknown_fields=True
     top_p: float = 1.0
     stop: Union[str, list[str], None] = None
     seed: int | None = None
-    priority: Priority = "interactive"
+    priority: Priority | None = None  # None: the tenant's most urgent allowed priority
     conversation_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
 
 
@@ -63,8 +69,14 @@ class CancelFrame(Struct, tag="cancel", tag_field="type", forbid_unknown_fields=
     id: ClientId
 
 
-ClientFrame = Union[ChatFrame, CancelFrame]
-_FRAME_TYPES = {"chat": ChatFrame, "cancel": CancelFrame}
+class ResumeFrame(Struct, tag="resume", tag_field="type", forbid_unknown_fields=True):
+    id: ClientId
+    request_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    last_seq: Annotated[int, Meta(ge=-1)] = -1
+
+
+ClientFrame = Union[ChatFrame, CancelFrame, ResumeFrame]
+_FRAME_TYPES = {"chat": ChatFrame, "cancel": CancelFrame, "resume": ResumeFrame}
 
 
 class UsageFrame(Struct):
@@ -78,6 +90,7 @@ class UsageFrame(Struct):
 class AcceptedFrame(Struct, tag="accepted", tag_field="type"):
     id: str
     request_id: str
+    resumed: bool = False
 
 
 class TokenFrame(Struct, tag="token", tag_field="type"):
@@ -176,7 +189,7 @@ def check_chat(frame: ChatFrame, limits: Limits) -> None:
     stops = stop_list(frame)
     if len(stops) > 8 or any(not 1 <= len(s) <= 64 for s in stops):
         raise bad("stop takes at most 8 strings of 1 to 64 characters")
-    if frame.priority not in PRIORITIES:  # guarded by the type too; kept for clarity
+    if frame.priority is not None and frame.priority not in PRIORITIES:  # the type guards it too
         raise bad(f"priority must be one of {', '.join(PRIORITIES)}")
 
 

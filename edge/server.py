@@ -1,23 +1,28 @@
 """The websocket edge node: frames in, requests onto the bus, token frames out.
 
-Also answers plain HTTP `GET /healthz` (the process is up and connected to NATS) and
-`GET /readyz` (and a prefill and a decode worker of its region sent a heartbeat recently).
+Also answers plain HTTP: `GET /` is the chat page, `GET /healthz` (the process is up and
+connected to NATS) and `GET /readyz` (and a prefill and a decode worker of its region sent a
+heartbeat recently).
 """
 
 from __future__ import annotations
 
 import asyncio
-import http
 import itertools
 import time
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from bus.messages import FinalEvent, SamplingSpec, TokenEvent
-from edge.gateway import Gateway, SubmitFailed
+from bus.messages import Event, FinalEvent, SamplingSpec, TokenEvent
+from edge.gateway import SubmitFailed
+from edge.live import LiveRequest, LiveRequests, Overloaded
 from edge.protocol import (
     AcceptedFrame,
     CancelFrame,
@@ -26,6 +31,7 @@ from edge.protocol import (
     ErrorFrame,
     FrameError,
     Limits,
+    ResumeFrame,
     ServerFrame,
     TokenFrame,
     UsageFrame,
@@ -33,8 +39,11 @@ from edge.protocol import (
     parse_frame,
     stop_list,
 )
+from edge.tenants import ApiKeys, AuthError, Tenant
 from services.logs import request_context
 from services.settings import Settings
+
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
 log = structlog.get_logger("grokstack.edge")
 
@@ -49,33 +58,39 @@ class ClientTooSlow(Exception):
 
 
 class Connection:
-    """One websocket: several requests in flight, each a task, all cancelled when it closes."""
+    """One websocket: several requests followed at once, each by a task. Closing the socket
+    stops the following, not the requests: they wait `resume_grace_s` for a resume."""
 
     _numbers = itertools.count(1)
 
-    def __init__(self, ws: ServerConnection, gateway: Gateway, settings: Settings) -> None:
+    def __init__(self, ws: ServerConnection, live: LiveRequests, tenant: Tenant,
+                 settings: Settings) -> None:
         self.ws = ws
-        self.gateway = gateway
+        self.live = live
+        self.gateway = live.gateway
+        self.tenant = tenant
         self.settings = settings
         self.limits = limits_of(settings)
-        self.requests: dict[str, asyncio.Task] = {}
-        self.cancelled_by_client: set[str] = set()
+        self.follows: dict[str, asyncio.Task] = {}  # client id -> its task
+        self.following: dict[str, LiveRequest] = {}  # client id -> its request, once known
+        self.cancel_asked: set[str] = set()  # cancels that came before the request was known
         self._send_lock = asyncio.Lock()
         self._auto_ids = (f"r{n}" for n in itertools.count(1))
         self.number = next(self._numbers)
 
     async def run(self) -> None:
-        log.info("client connected", connection=self.number, peer=str(self.ws.remote_address))
+        log.info("client connected", connection=self.number, peer=str(self.ws.remote_address),
+                 tenant=self.tenant.name)
         try:
             async for raw in self.ws:
                 await self._on_frame(raw)
         except websockets.ConnectionClosed:
             pass
         finally:
-            for task in self.requests.values():
-                task.cancel()  # each cancels its request through the pipeline
-            if self.requests:
-                await asyncio.wait(list(self.requests.values()), timeout=5)
+            for task in self.follows.values():
+                task.cancel()
+            if self.follows:
+                await asyncio.wait(list(self.follows.values()), timeout=5)
             log.info("client disconnected", connection=self.number)
 
     async def send(self, frame: ServerFrame) -> None:
@@ -88,107 +103,123 @@ class Connection:
             asyncio.get_running_loop().create_task(self.ws.close(1008, "client too slow"))
             raise ClientTooSlow() from None
 
+    async def _error(self, client_id: str | None, code: str, message: str, retryable: bool = False) -> None:
+        await self.send(ErrorFrame(id=client_id, code=code, message=message, retryable=retryable))
+
     async def _on_frame(self, raw: str | bytes) -> None:
         try:
             frame = parse_frame(raw, self.limits)
         except FrameError as exc:
-            await self.send(ErrorFrame(id=exc.id, code=exc.code, message=exc.message))
+            await self._error(exc.id, exc.code, exc.message)
             return
         if isinstance(frame, CancelFrame):
-            task = self.requests.get(frame.id)
-            if task is None:
-                await self.send(ErrorFrame(id=frame.id, code="unknown_id",
-                                           message=f"no request {frame.id!r} in flight on this connection"))
-            else:
-                self.cancelled_by_client.add(frame.id)
-                task.cancel()
+            await self._cancel(frame.id)
             return
         client_id = frame.id or next(self._auto_ids)
-        if client_id in self.requests:
-            await self.send(ErrorFrame(id=client_id, code="duplicate_id",
-                                       message=f"request {client_id!r} is already in flight"))
-        elif len(self.requests) >= self.settings.max_inflight_per_connection:
-            await self.send(ErrorFrame(
-                id=client_id, code="too_many_requests", retryable=True,
-                message=f"{len(self.requests)} requests in flight; the limit per connection is "
-                        f"{self.settings.max_inflight_per_connection}"))
+        if client_id in self.follows:
+            await self._error(client_id, "duplicate_id", f"request {client_id!r} is already in flight")
+        elif len(self.follows) >= self.settings.max_inflight_per_connection:
+            await self._error(client_id, "too_many_requests", f"{len(self.follows)} requests in flight; the "
+                              f"limit per connection is {self.settings.max_inflight_per_connection}", True)
         else:
-            self.requests[client_id] = asyncio.create_task(self._chat(client_id, frame))
+            work = self._chat(client_id, frame) if isinstance(frame, ChatFrame) else self._resume(client_id, frame)
+            self.follows[client_id] = asyncio.create_task(work)
+
+    async def _cancel(self, client_id: str) -> None:
+        live = self.following.get(client_id)
+        if live is not None:  # its follower forwards the cancelled event and ends
+            await self.live.cancel(live, "client_cancelled")
+        elif client_id in self.follows:
+            self.cancel_asked.add(client_id)
+        else:
+            await self._error(client_id, "unknown_id", f"no request {client_id!r} in flight on this connection")
 
     async def _chat(self, client_id: str, frame: ChatFrame) -> None:
-        sampling = SamplingSpec(
-            max_tokens=frame.max_tokens or self.settings.default_max_tokens,
-            temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame), seed=frame.seed)
-        request = self.gateway.new_request(list(frame.messages), sampling, frame.priority,
-                                           frame.conversation_id)
-        with request_context(request.request_id, request.region, request.priority,
-                             connection=self.number):
-            try:
-                await self._stream(client_id, request)
-            except ClientTooSlow:
-                await self.gateway.cancel(request.request_id, "client_too_slow")
-            except asyncio.CancelledError:
-                reason = "client_cancelled" if client_id in self.cancelled_by_client else "client_gone"
-                log.info("request cancelled by client", reason=reason)
-                await self.gateway.cancel(request.request_id, reason)
-                if reason == "client_cancelled":
-                    await self.send(ErrorFrame(id=client_id, code="cancelled",
-                                               message="cancelled by the client"))
-            finally:
-                self.gateway.forget(request.request_id)
-                self.requests.pop(client_id, None)
-                self.cancelled_by_client.discard(client_id)
-
-    async def _stream(self, client_id: str, request) -> None:
-        started = time.monotonic()
         try:
-            stream = await self.gateway.submit(request)
-        except SubmitFailed as exc:
-            log.warning("request not accepted", error=str(exc))
-            await self.send(ErrorFrame(id=client_id, code="unavailable", message=str(exc), retryable=True))
-            return
-        log.info("request accepted", max_tokens=request.sampling.max_tokens)
-        await self.send(AcceptedFrame(id=client_id, request_id=request.request_id))
-        ttft_ms = 0.0
-        deadline = started + self.settings.request_timeout_s
-        while True:
+            priority = frame.priority or self.tenant.default_priority
+            if priority not in self.tenant.priorities:
+                await self._error(client_id, "forbidden", f"tenant {self.tenant.name!r} may not use priority "
+                                  f"{priority!r}; allowed: {', '.join(self.tenant.priorities)}")
+                return
             try:
-                event = await stream.next(timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                await self.gateway.cancel(request.request_id, "timeout")
-                await self.send(ErrorFrame(id=client_id, code="timeout", retryable=True,
-                                           message=f"no answer within {self.settings.request_timeout_s:.0f} s"))
+                self.live.check_capacity(self.tenant.name, self.tenant.max_concurrent)
+            except Overloaded as exc:
+                await self._error(client_id, "too_many_requests", str(exc), True)
                 return
-            if isinstance(event, TokenEvent):
-                if not ttft_ms:
-                    ttft_ms = (time.monotonic() - started) * 1000
-                await self.send(TokenFrame(id=client_id, seq=event.seq, text=event.text,
-                                           tokens=len(event.token_ids)))
-            elif isinstance(event, FinalEvent):
-                total_ms = (time.monotonic() - started) * 1000
-                u = event.usage
-                await self.send(DoneFrame(
-                    id=client_id, finish_reason=event.finish_reason,
-                    usage=UsageFrame(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,
-                                     round(ttft_ms, 2), round(total_ms, 2)),
-                    timings=event.timings, kv=event.kv))
-                log.info("request done", finish_reason=event.finish_reason,
-                         completion_tokens=u.completion_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
-                         ttft_ms=round(ttft_ms, 1), total_ms=round(total_ms, 1))
+            sampling = SamplingSpec(
+                max_tokens=frame.max_tokens or self.settings.default_max_tokens,
+                temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame), seed=frame.seed)
+            request = self.gateway.new_request(list(frame.messages), sampling, priority, frame.conversation_id)
+            with request_context(request.request_id, request.region, request.priority,
+                                 connection=self.number, tenant=self.tenant.name):
+                try:
+                    live = await self.live.start(request, self.tenant.name)
+                except SubmitFailed as exc:
+                    log.warning("request not accepted", error=str(exc))
+                    await self._error(client_id, "unavailable", str(exc), True)
+                    return
+                log.info("request accepted", max_tokens=request.sampling.max_tokens)
+                await self._follow(client_id, live, -1, resumed=False)
+        finally:
+            self._forget(client_id)
+
+    def _forget(self, client_id: str) -> None:
+        self.follows.pop(client_id, None)
+        self.following.pop(client_id, None)
+        self.cancel_asked.discard(client_id)
+
+    async def _resume(self, client_id: str, frame: ResumeFrame) -> None:
+        try:
+            live = self.live.get(frame.request_id)
+            if live is None or live.tenant != self.tenant.name:
+                await self._error(client_id, "unknown_request", f"this edge holds no request {frame.request_id!r} "
+                                  f"(unknown, or finished more than {self.settings.resume_retention_s:.0f} s ago)")
                 return
-            else:
-                if event.code == "stream_gap":
-                    await self.gateway.cancel(request.request_id, "stream_gap")
-                await self.send(ErrorFrame(id=client_id, code=event.code, message=event.message,
-                                           retryable=event.retryable))
-                log.info("request failed", code=event.code, reason=event.message)
-                return
+            with request_context(live.request_id, live.request.region, live.request.priority,
+                                 connection=self.number, tenant=self.tenant.name):
+                log.info("request resumed", last_seq=frame.last_seq)
+                await self._follow(client_id, live, frame.last_seq, resumed=True)
+        finally:
+            self._forget(client_id)
+
+    async def _follow(self, client_id: str, live: LiveRequest, after_seq: int, resumed: bool) -> None:
+        self.following[client_id] = live
+        if client_id in self.cancel_asked:
+            await self.live.cancel(live, "client_cancelled")
+        try:
+            await self.send(AcceptedFrame(id=client_id, request_id=live.request_id, resumed=resumed))
+            async for event in self.live.follow(live, after_seq):
+                await self.send(self._frame(client_id, live, event))
+        except ClientTooSlow:
+            await self.live.cancel(live, "client_too_slow")
+
+    def _frame(self, client_id: str, live: LiveRequest, event: Event) -> ServerFrame:
+        if isinstance(event, TokenEvent):
+            return TokenFrame(id=client_id, seq=event.seq, text=event.text, tokens=len(event.token_ids))
+        if isinstance(event, FinalEvent):
+            total_ms = (time.monotonic() - live.started) * 1000
+            u = event.usage
+            log.info("request done", finish_reason=event.finish_reason, completion_tokens=u.completion_tokens,
+                     cached_prompt_tokens=u.cached_prompt_tokens, ttft_ms=round(live.ttft_ms, 1),
+                     total_ms=round(total_ms, 1))
+            return DoneFrame(id=client_id, finish_reason=event.finish_reason,
+                             usage=usage_frame(event, live.ttft_ms, total_ms), timings=event.timings, kv=event.kv)
+        log.info("request failed", code=event.code, reason=event.message)
+        return ErrorFrame(id=client_id, code=event.code, message=event.message, retryable=event.retryable)
+
+
+def usage_frame(event: FinalEvent, ttft_ms: float, total_ms: float) -> UsageFrame:
+    u = event.usage
+    return UsageFrame(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, round(ttft_ms, 2),
+                      round(total_ms, 2))
 
 
 class EdgeServer:
-    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys) -> None:
         self.settings = settings
-        self.gateway = gateway
+        self.live = live
+        self.gateway = live.gateway
+        self.keys = keys
         self.server: Server | None = None
 
     async def start(self) -> int:
@@ -209,16 +240,39 @@ class EdgeServer:
             await self.server.wait_closed()
 
     async def _connection(self, ws: ServerConnection) -> None:
-        await Connection(ws, self.gateway, self.settings).run()
+        tenant = self._tenant(ws.request)  # checked in _http already; cannot fail here
+        await Connection(ws, self.live, tenant, self.settings).run()
+
+    def _tenant(self, request: Request | None) -> Tenant:
+        """From `Authorization: Bearer <key>`, or `?api_key=` (browsers cannot set headers on a
+        websocket)."""
+        assert request is not None
+        key = parse_qs(urlsplit(request.path).query).get("api_key", [""])[0]
+        if key and self.keys.required:
+            return self.keys.tenant_for_key(key)
+        return self.keys.tenant_for(request.headers.get("Authorization"))
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.path == "/healthz":
-            ok = self.gateway.nc.is_connected
-            return connection.respond(http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                      "ok\n" if ok else "nats disconnected\n")
-        if request.path == "/readyz":
-            alive = self.gateway.workers_alive()
-            ok = self.gateway.nc.is_connected and all(alive.values())
-            body = " ".join(f"{role}={'up' if up else 'down'}" for role, up in alive.items()) + "\n"
-            return connection.respond(http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE, body)
-        return None  # everything else is a websocket handshake
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            ok, body = self.gateway.health()
+            return connection.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
+        if path == "/readyz":
+            ok, body = self.gateway.readiness()
+            return connection.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return self._page(connection, path)
+        try:
+            self._tenant(request)
+        except AuthError as exc:
+            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        return None  # a websocket handshake
+
+    def _page(self, connection: ServerConnection, path: str) -> Response:
+        if path not in ("/", "/chat", "/index.html") or not CHAT_PAGE.exists():
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: the chat page is at /, the "
+                                      "websocket at /ws\n")
+        body = CHAT_PAGE.read_bytes()
+        headers = Headers([("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+                           ("Cache-Control", "no-cache")])
+        return Response(HTTPStatus.OK.value, "OK", headers, body)

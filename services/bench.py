@@ -6,6 +6,9 @@ websocket chats through the stack: the one at --url, or one this command starts 
 `grokstack up` and stops afterwards. The phases never overlap, so neither steals the other's
 cores. Both use temperature 0, so both generate the same tokens. Each phase first sends a few
 short prompts one at a time (TTFT with nothing queued), then the concurrent load.
+
+With --target (several times), the same load runs instead against OpenAI-compatible endpoints one
+after the other, this stack's and vLLM's own server among them: see services/openai_bench.py.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think-s", type=float, default=2.0,
                         help="pause between the single requests, as a person reading the answer would")
     parser.add_argument("--skip-direct", action="store_true", help="only measure the stack")
+    parser.add_argument("--target", action="append", default=None, metavar="URL|stack|vllm",
+                        help="measure OpenAI-compatible endpoints one after the other instead, same client and "
+                             "prompts: an API base URL (http://host:port/v1), 'stack' (started with grokstack up) "
+                             "or 'vllm' (vLLM's own OpenAI server, started with the same model and engine "
+                             "settings); give it several times to compare them side by side")
 
 
 @dataclass
@@ -219,7 +227,8 @@ class RssSampler:
 
 def start_stack(settings: Settings) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, GROKSTACK_EDGE_PORT=str(port), GROKSTACK_LOG_LEVEL="warning")
+    env = dict(os.environ, GROKSTACK_EDGE_PORT=str(port), GROKSTACK_API_PORT=str(free_port()),
+               GROKSTACK_LOG_LEVEL="warning")
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env,
                             stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 900
@@ -300,6 +309,9 @@ def report(direct: Phase | None, stack: Phase, args: argparse.Namespace) -> str:
 
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.target:
+        from services.openai_bench import run_targets
+        return await run_targets(settings, args)
     direct = None if args.skip_direct else await direct_phase(settings, args)
     proc = None
     if args.url:

@@ -18,9 +18,9 @@ ENGINE = ["model", "served_model_name", "engine_profile", "engine_step_lock", "c
 SPEC = ["spec_method", "spec_tokens", "spec_ngram_min", "spec_ngram_max", "spec_draft_model",
         "spec_max_batch"]
 WORKER = ["worker_id", "ack_wait_s", "max_deliver", "heartbeat_s", "drain_timeout_s"]
-EDGE = ["edge_host", "edge_port", "max_frame_bytes", "max_messages", "max_prompt_chars",
-        "max_tokens_limit", "default_max_tokens", "max_inflight_per_connection",
-        "request_timeout_s"]
+EDGE = ["edge_host", "edge_port", "api_port", "api_keys_file", "max_frame_bytes", "max_messages",
+        "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "max_inflight_per_connection",
+        "max_inflight_per_edge", "resume_grace_s", "resume_retention_s", "request_timeout_s"]
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "Path": Path, "str": str}
 
 
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     asyncapi.add_argument("--write", action="store_true", help="regenerate bus/asyncapi.json")
     asyncapi.add_argument("--check", action="store_true", help="exit 1 if bus/asyncapi.json is stale")
 
+    apikey = command("apikey", "make an API key for a tenant: prints the key once and stores only its "
+                               "hash in the keys file (GROKSTACK_API_KEYS_FILE)", ["api_keys_file"])
+    apikey.add_argument("--tenant", required=True)
+    apikey.add_argument("--priority", action="append", default=[], choices=["interactive", "standard", "batch"],
+                        help="a priority the tenant may use (repeat; default: all, or the tenant's current)")
+    apikey.add_argument("--max-concurrent", type=int, default=0,
+                        help="requests in flight at once per edge (default 64, or the tenant's current)")
     command("model", "prepare the bundled model (converted once into the data directory)",
             ["data_dir", "log_level", "log_format"])
     sub.add_parser("settings", help="list every setting with its environment variable and default")
@@ -108,6 +115,18 @@ def run_client_command(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+
+
+def make_api_key(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.tenants import add_key
+    if not settings.api_keys_file:
+        print("set GROKSTACK_API_KEYS_FILE or --api-keys-file: the file the edge reads keys from", file=sys.stderr)
+        return 2
+    key = add_key(Path(settings.api_keys_file), args.tenant, args.priority, args.max_concurrent)
+    print(key)
+    print(f"(tenant {args.tenant!r}; only its hash is stored in {settings.api_keys_file}; "
+          "this is the only time the key is shown)", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(chat_repl(url, args.priority, args.max_tokens, args.temperature, args.system))
         return 0
     settings = settings_from(args)
+    if args.command == "apikey":
+        return make_api_key(settings, args)
     if args.command in CLIENT_COMMANDS and args.log_level is None:
         settings = settings.replace(log_level="warning")  # their stdout/stderr are for the user
     logs.configure(settings.log_level, settings.log_format, process=args.command)

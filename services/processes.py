@@ -13,7 +13,10 @@ from nats.aio.client import Client as NATS
 from bus.jetstream import BusUnavailable, connect, ensure_streams, ensure_work_consumers
 from bus.subjects import Subjects, check_token
 from edge.gateway import Gateway
+from edge.http_api import OpenAIApi
+from edge.live import LiveRequests
 from edge.server import EdgeServer
+from edge.tenants import ApiKeys
 from inference.decode import DecodeService
 from inference.engine import Engine
 from inference.prefill import PrefillService
@@ -66,25 +69,37 @@ async def _connect_redis(settings: Settings) -> TransferRecords:
 class RunningEdge:
     nc: NATS
     gateway: Gateway
+    live: LiveRequests
     server: EdgeServer
+    api: OpenAIApi
     port: int
+    api_port: int
 
     @property
     def url(self) -> str:
         return f"ws://{self.server.settings.edge_host}:{self.port}"
 
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.server.settings.edge_host}:{self.api_port}/v1"
+
     async def stop(self) -> None:
         await self.server.stop()
+        await self.api.stop()
+        await self.live.stop()
         await self.nc.drain()
 
 
 async def start_edge(settings: Settings) -> RunningEdge:
     _require(settings, "nats_url")
+    keys = ApiKeys.load(settings.api_keys_file)
     nc = await _connect_nats(settings, f"edge-{settings.worker_name}")
     gateway = Gateway(settings, nc, settings.worker_name)
     await gateway.start()
-    server = EdgeServer(settings, gateway)
-    return RunningEdge(nc, gateway, server, await server.start())
+    live = LiveRequests(settings, gateway)
+    server = EdgeServer(settings, live, keys)
+    api = OpenAIApi(settings, live, keys)
+    return RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())
 
 
 async def run_edge(settings: Settings) -> None:

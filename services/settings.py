@@ -74,13 +74,22 @@ class Settings:
 
     # --- edge node ---
     edge_host: str = "127.0.0.1"
-    edge_port: int = 8765
-    max_frame_bytes: int = 256 * 1024
+    edge_port: int = 8765  # websocket chat and the chat page
+    api_port: int = 8000  # OpenAI-compatible HTTP API (same host)
+    # JSON file of tenants and their API keys' SHA-256 hashes (`grokstack apikey`); "" means no
+    # authentication: every caller is tenant "public" with every priority.
+    api_keys_file: str = ""
+    max_frame_bytes: int = 256 * 1024  # a websocket frame or an HTTP request body
     max_messages: int = 256
     max_prompt_chars: int = 64 * 1024
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
     max_inflight_per_connection: int = 8
+    max_inflight_per_edge: int = 256  # beyond it new requests get 429 / too_many_requests
+    # A request whose client disconnected is kept running this long for it to come back and
+    # resume; then it is cancelled through the pipeline.
+    resume_grace_s: float = 10.0
+    resume_retention_s: float = 120.0  # a finished request's events stay resumable this long
     request_timeout_s: float = 300.0
     send_timeout_s: float = 10.0
 

@@ -111,8 +111,12 @@ def run_up(settings: Settings) -> int:
         url = f"ws://{settings.edge_host}:{settings.edge_port}"
         cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
         gib = stack_memory_gib([c.pid for c in children.values()] + [s.proc.pid for s in servers if s.proc])
+        api = f"http://{settings.edge_host}:{settings.api_port}/v1"
         print(f"\ngrokstack is up: {url}\n"
+              f"  chat in a browser:   http://{settings.edge_host}:{settings.edge_port}/\n"
               f"  chat in a terminal:  {cli} chat --url {url}\n"
+              f"  OpenAI-compatible:   {api}  (e.g. OPENAI_BASE_URL={api} with any OpenAI SDK; "
+              f"model {settings.model_id})\n"
               f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
               f"  jobs straight onto the bus: NATS_URL={settings.nats_url} {cli} publish \"Hello!\"\n"

@@ -38,6 +38,6 @@ def settings(nats_url: str, redis_url: str) -> Settings:
     prefix = unique_prefix()
     return Settings(
         nats_url=nats_url, redis_url=redis_url, subject_prefix=prefix, kv_key_prefix=prefix,
-        edge_port=0, heartbeat_s=0.2, worker_id=f"w-{prefix}", data_dir=REPO / ".data",
+        edge_port=0, api_port=0, heartbeat_s=0.2, worker_id=f"w-{prefix}", data_dir=REPO / ".data",
         ack_wait_s=10.0, max_deliver=3, drain_timeout_s=2.0, work_stream_mb=16,
-        dead_letter_stream_mb=8)
+        dead_letter_stream_mb=8, capture_max_mb=16)

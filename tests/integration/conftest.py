@@ -31,7 +31,9 @@ LONG = [{"role": "system", "content": "You are a careful assistant. " * 20},
 # Direct-job tests have their own prompt: its KV in Redis must not turn the websocket tests'
 # first-time writes into cache hits.
 DIRECT = [{"role": "user", "content": "What is the capital of Italy?"}]
-REFERENCE_PROMPTS = {"short": SHORT, "long": LONG, "direct": DIRECT}
+# The OpenAI API and resume tests likewise (several runs of it: later ones hit the KV cache).
+API = [{"role": "user", "content": "Name three rivers in Europe and the countries they cross."}]
+REFERENCE_PROMPTS = {"short": SHORT, "long": LONG, "direct": DIRECT, "api": API}
 MAX_TOKENS = 40
 
 
@@ -52,12 +54,20 @@ class RunningStack:
     def subjects(self) -> Subjects:
         return Subjects(self.settings.subject_prefix)
 
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.api_port}/v1"
+
+    @property
+    def page_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.edge_port}/"
+
 
 @pytest.fixture(scope="session")
 def engine_settings(nats_url: str, redis_url: str) -> Settings:
     prefix = unique_prefix()
     return Settings(nats_url=nats_url, redis_url=redis_url, subject_prefix=prefix,
-                    kv_key_prefix=prefix, data_dir=REPO / ".data", edge_port=free_port(),
+                    kv_key_prefix=prefix, data_dir=REPO / ".data", edge_port=free_port(), api_port=free_port(),
                     heartbeat_s=0.5, worker_id=prefix, log_format="json",
                     engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock"))
 

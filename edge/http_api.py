@@ -1,0 +1,248 @@
+"""The OpenAI-compatible HTTP API of the edge node (aiohttp).
+
+    POST /v1/chat/completions                   streaming (SSE) or one JSON response
+    GET  /v1/chat/completions/{id}/stream       resume a stream: `Last-Event-ID: <seq>`
+    GET  /v1/models, /healthz, /readyz
+
+Every SSE event carries `id: <seq>`, the request's event sequence number, so a client that lost
+the connection asks for the rest with the last id it saw and gets exactly the missed tokens. A
+client that disconnects detaches from its request; the request is cancelled through the pipeline
+when nobody resumes it within `resume_grace_s`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from bus.messages import FinalEvent, SamplingSpec, TokenEvent
+from bus.subjects import PRIORITIES, check_token
+from edge.gateway import SubmitFailed
+from edge.live import LiveRequest, LiveRequests, Overloaded
+from edge.openai_wire import (
+    Model,
+    ModelList,
+    completion,
+    completion_id,
+    error_body,
+    final_chunks,
+    info_of,
+    param_of,
+    parse_request,
+    token_chunk,
+)
+from edge.protocol import FrameError, stop_list
+from edge.server import limits_of, usage_frame
+from edge.tenants import ApiKeys, AuthError, Tenant
+from services.logs import request_context
+from services.settings import Settings
+
+log = structlog.get_logger("grokstack.api")
+
+PRIORITY_HEADER = "X-Grokstack-Priority"
+REGION_HEADER = "X-Grokstack-Region"
+_json = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None, retry_after_s: int = 0) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param, self.retry_after_s = code, message, param, retry_after_s
+
+
+def error_response(exc: ApiError) -> web.Response:
+    status, body = error_body(exc.code, exc.message, exc.param)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else {}
+    return web.Response(status=status, body=_json.encode(body), content_type="application/json",
+                        headers=headers)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error, ours or aiohttp's (404, 405, 413), as OpenAI's error JSON."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(ApiError("frame_too_large", f"the body is too large: {exc.text}"))
+    except web.HTTPMethodNotAllowed:
+        return error_response(ApiError("method_not_allowed", f"{request.method} is not allowed on {request.path}"))
+    except web.HTTPNotFound:
+        return error_response(ApiError("not_found", f"no route {request.method} {request.path}"))
+
+
+class OpenAIApi:
+    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys) -> None:
+        self.settings = settings
+        self.live = live
+        self.gateway = live.gateway
+        self.keys = keys
+        self.limits = limits_of(settings)
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[openai_errors], client_max_size=self.settings.max_frame_bytes)
+        app.add_routes([
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/chat/completions/{request_id}/stream", self.resume),
+            web.get("/v1/models", self.models),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+        ])
+        return app
+
+    async def start(self) -> int:
+        # handler_cancellation: a client that goes away cancels its handler, which detaches it
+        # from the request (and starts the grace period) at once.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.edge_host, self.settings.api_port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        log.info("openai api listening", url=f"http://{self.settings.edge_host}:{port}/v1")
+        return int(port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ------------------------------------------------------------------ plain endpoints
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        ok, body = self.gateway.health()
+        return web.Response(status=200 if ok else 503, text=body)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ok, body = self.gateway.readiness()
+        return web.Response(status=200 if ok else 503, text=body)
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._tenant(request)
+        ids = sorted(set(self.gateway.models()) | {self.settings.model_id})
+        body = ModelList("list", [Model(m, "model", 0, "grokstack") for m in ids])
+        return web.Response(body=_json.encode(body), content_type="application/json")
+
+    # ------------------------------------------------------------------ chat
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        tenant = self._tenant(request)
+        if (request.content_length or 0) > self.settings.max_frame_bytes:  # before reading it
+            raise ApiError("frame_too_large", f"the body is {request.content_length} bytes; the limit is "
+                           f"{self.settings.max_frame_bytes}")
+        try:
+            body, frame = parse_request(await request.read(), self.limits)
+        except FrameError as exc:
+            raise ApiError(exc.code, exc.message, param_of(exc.message)) from None
+        if body.model not in set(self.gateway.models()) | {self.settings.model_id}:
+            raise ApiError("model_not_found", f"the model {body.model!r} does not exist; GET /v1/models lists "
+                           "the models served", "model")
+        priority = frame.priority or request.headers.get(PRIORITY_HEADER) or tenant.default_priority
+        region = body.region or request.headers.get(REGION_HEADER) or self.settings.region
+        self._check_route(tenant, priority, region)
+        sampling = SamplingSpec(max_tokens=frame.max_tokens or self.settings.default_max_tokens,
+                                temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame),
+                                seed=frame.seed)
+        bus_request = self.gateway.new_request(list(frame.messages), sampling, priority,  # type: ignore[arg-type]
+                                               frame.conversation_id, region)
+        with request_context(bus_request.request_id, region, priority, tenant=tenant.name, api="openai"):
+            try:
+                live = await self.live.start(bus_request, tenant.name)
+            except SubmitFailed as exc:
+                raise ApiError("unavailable", str(exc), retry_after_s=1) from None
+            live.api_model = body.model
+            live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            log.info("request accepted", stream=body.stream, max_tokens=sampling.max_tokens)
+            if body.stream:
+                return await self._stream(request, live, -1)
+            return await self._complete(live)
+
+    async def resume(self, request: web.Request) -> web.StreamResponse:
+        tenant = self._tenant(request)
+        request_id = request.match_info["request_id"].removeprefix("chatcmpl-")
+        live = self.live.get(request_id)
+        if live is None or live.tenant != tenant.name:
+            raise ApiError("unknown_request", f"this edge holds no request {request_id!r} (unknown, or finished "
+                           f"more than {self.settings.resume_retention_s:.0f} s ago)")
+        raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
+        try:
+            last_seq = int(raw)
+        except ValueError:
+            raise ApiError("invalid_request", f"Last-Event-ID must be an event sequence number, got {raw!r}",
+                           "Last-Event-ID") from None
+        with request_context(live.request_id, live.request.region, live.request.priority, tenant=tenant.name,
+                             api="openai"):
+            log.info("request resumed", last_seq=last_seq)
+            return await self._stream(request, live, last_seq)
+
+    def _tenant(self, request: web.Request) -> Tenant:
+        try:
+            return self.keys.tenant_for(request.headers.get("Authorization"))
+        except AuthError as exc:
+            raise ApiError("unauthorized", str(exc)) from None
+
+    def _check_route(self, tenant: Tenant, priority: str, region: str) -> None:
+        if priority not in PRIORITIES:
+            raise ApiError("invalid_request", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}",
+                           "priority")
+        if priority not in tenant.priorities:
+            raise ApiError("forbidden", f"tenant {tenant.name!r} may not use priority {priority!r}; allowed: "
+                           f"{', '.join(tenant.priorities)}", "priority")
+        try:
+            check_token(region, "region")
+        except ValueError as exc:
+            raise ApiError("invalid_request", str(exc), "region") from None
+        try:
+            self.live.check_capacity(tenant.name, tenant.max_concurrent)
+        except Overloaded as exc:
+            raise ApiError("too_many_requests", f"{exc}; retry shortly", retry_after_s=1) from None
+        down = [role for role, up in self.gateway.workers_alive(region).items() if not up]
+        if down:
+            raise ApiError("unavailable", f"no {' or '.join(down)} worker of region {region!r} is alive",
+                           retry_after_s=2)
+
+    async def _complete(self, live: LiveRequest) -> web.Response:
+        parts: list[str] = []
+        async for event in self.live.follow(live):
+            if isinstance(event, TokenEvent):
+                parts.append(event.text)
+            elif isinstance(event, FinalEvent):
+                info = info_of(live.request_id, event, usage_frame(event, live.ttft_ms, self._elapsed_ms(live)))
+                body = completion(completion_id(live.request_id), int(live.request.created_at), live.api_model,
+                                  "".join(parts), event, info)
+                return web.Response(body=_json.encode(body), content_type="application/json",
+                                    headers={"X-Request-Id": live.request_id})
+            else:
+                raise ApiError(event.code, event.message, retry_after_s=1 if event.retryable else 0)
+        raise ApiError("internal", "the request ended without a final event")
+
+    async def _stream(self, request: web.Request, live: LiveRequest, after_seq: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+            "X-Request-Id": live.request_id})
+        await response.prepare(request)
+        cid, created = completion_id(live.request_id), int(live.request.created_at)
+        async for event in self.live.follow(live, after_seq):
+            if isinstance(event, TokenEvent):
+                await self._send(response, event.seq, token_chunk(cid, created, live.api_model, event))
+            elif isinstance(event, FinalEvent):
+                info = info_of(live.request_id, event, usage_frame(event, live.ttft_ms, self._elapsed_ms(live)))
+                for chunk in final_chunks(cid, created, live.api_model, event, info, live.include_usage):
+                    await self._send(response, event.seq, chunk)
+            else:
+                await self._send(response, event.seq, error_body(event.code, event.message)[1])
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, seq: int, payload: object) -> None:
+        await response.write(b"id: %d\ndata: %s\n\n" % (seq, _json.encode(payload)))
+
+    @staticmethod
+    def _elapsed_ms(live: LiveRequest) -> float:
+        return (time.monotonic() - live.started) * 1000
+

@@ -1,0 +1,184 @@
+"""Requests the edge holds, apart from the connections that asked for them.
+
+A client's connection can drop mid-answer; the request goes on. Each request's events are kept
+here in order (event `seq` n at index n) until it ends and for `resume_retention_s` after, so a
+client that comes back with the request id and the last sequence number it saw gets exactly the
+events it missed, then the rest: no repeat, no gap. A request that nobody follows for
+`resume_grace_s` is cancelled through the pipeline, as is one its client cancels.
+
+Websocket connections and HTTP/SSE responses are both just followers of a `LiveRequest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import structlog
+
+from bus.messages import ChatRequest, ErrorEvent, Event, FinalEvent, TokenEvent
+from bus.ordering import RequestStream
+from edge.gateway import Gateway
+from services.settings import Settings
+
+log = structlog.get_logger("grokstack.edge")
+
+
+CANCEL_MESSAGES = {"client_cancelled": "cancelled by the client",
+                   "client_gone": "the client did not come back within the grace period"}
+
+
+class Overloaded(RuntimeError):
+    """The edge (or the tenant) has as many requests in flight as it may; retry shortly."""
+
+
+@dataclass
+class LiveRequest:
+    request: ChatRequest
+    tenant: str
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float = 0.0
+    events: list[Event] = field(default_factory=list)
+    followers: int = 0
+    finished: bool = False
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    api_model: str = ""  # what an OpenAI client asked for, to name it in resumed chunks
+    include_usage: bool = False
+    _grace: asyncio.TimerHandle | None = None
+    _pump: asyncio.Task | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first_token_at - self.started) * 1000 if self.first_token_at else 0.0
+
+    def append(self, event: Event) -> None:
+        if self.finished:
+            return
+        if isinstance(event, TokenEvent) and not self.first_token_at:
+            self.first_token_at = time.monotonic()
+        self.events.append(event)
+        self.finished = isinstance(event, (FinalEvent, ErrorEvent))
+        self._changed.set()
+
+    def end(self, code: str, message: str, retryable: bool = False) -> None:
+        """Finish with an error event of our own (timeout, cancel), numbered in sequence."""
+        self.append(ErrorEvent(request_id=self.request_id, seq=len(self.events), code=code,
+                               message=message, retryable=retryable))
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+
+class LiveRequests:
+    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self._live: dict[str, LiveRequest] = {}
+        self._pumps: set[asyncio.Task] = set()
+        self.per_tenant: Counter[str] = Counter()  # requests in flight (not finished)
+
+    def get(self, request_id: str) -> LiveRequest | None:
+        return self._live.get(request_id)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.per_tenant.values())
+
+    def check_capacity(self, tenant: str, tenant_limit: int) -> None:
+        if self.in_flight >= self.settings.max_inflight_per_edge:
+            raise Overloaded(f"this edge has {self.in_flight} requests in flight, its limit")
+        if self.per_tenant[tenant] >= tenant_limit:
+            raise Overloaded(f"tenant {tenant!r} has {self.per_tenant[tenant]} requests in flight, "
+                             "its limit")
+
+    async def start(self, request: ChatRequest, tenant: str) -> LiveRequest:
+        """Publish the request and start collecting its events. Raises SubmitFailed."""
+        stream = await self.gateway.submit(request)
+        live = LiveRequest(request, tenant)
+        self._live[request.request_id] = live
+        self.per_tenant[tenant] += 1
+        task = live._pump = asyncio.create_task(self._pump(live, stream))
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+        return live
+
+    async def follow(self, live: LiveRequest, after_seq: int = -1) -> AsyncIterator[Event]:
+        """The request's events after `after_seq`, as they come, until its last one. While no
+        one follows an unfinished request, its grace period runs."""
+        self._attach(live)
+        try:
+            next_seq = after_seq + 1
+            while True:
+                while next_seq < len(live.events):
+                    event = live.events[next_seq]
+                    next_seq += 1
+                    yield event
+                if live.finished:
+                    return
+                await live.changed()
+        finally:
+            self._detach(live)
+
+    async def cancel(self, live: LiveRequest, reason: str) -> None:
+        if live.finished:
+            return
+        live.end("cancelled", CANCEL_MESSAGES.get(reason, f"cancelled: {reason}"))
+        if live._pump is not None:
+            live._pump.cancel()
+        await self.gateway.cancel(live.request_id, reason, live.request.region)
+
+    async def stop(self) -> None:
+        for task in list(self._pumps):
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _attach(self, live: LiveRequest) -> None:
+        live.followers += 1
+        if live._grace is not None:
+            live._grace.cancel()
+            live._grace = None
+
+    def _detach(self, live: LiveRequest) -> None:
+        live.followers -= 1
+        if live.followers == 0 and not live.finished:
+            live._grace = asyncio.get_running_loop().call_later(
+                self.settings.resume_grace_s, lambda: asyncio.create_task(self._abandoned(live)))
+
+    async def _abandoned(self, live: LiveRequest) -> None:
+        if live.followers == 0 and not live.finished:
+            log.info("client gone past the grace period, cancelling", request_id=live.request_id,
+                     grace_s=self.settings.resume_grace_s)
+            await self.cancel(live, "client_gone")
+
+    async def _pump(self, live: LiveRequest, stream: RequestStream) -> None:
+        deadline = live.started + self.settings.request_timeout_s
+        try:
+            while not live.finished:
+                try:
+                    event = await stream.next(timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    live.end("timeout", f"no answer within {self.settings.request_timeout_s:.0f} s",
+                             retryable=True)
+                    await self.gateway.cancel(live.request_id, "timeout", live.request.region)
+                    break
+                if isinstance(event, ErrorEvent) and event.code == "stream_gap":
+                    await self.gateway.cancel(live.request_id, "stream_gap", live.request.region)
+                live.append(event)
+        finally:
+            self.gateway.forget(live.request_id)
+            self.per_tenant[live.tenant] -= 1
+            if self.per_tenant[live.tenant] <= 0:
+                del self.per_tenant[live.tenant]
+            # Kept a while for clients that come back after the end (the answer is still theirs).
+            asyncio.get_running_loop().call_later(self.settings.resume_retention_s,
+                                                  self._live.pop, live.request_id, None)

@@ -1,0 +1,333 @@
+"""`grokstack bench --target ...`: the same load against OpenAI-compatible endpoints, side by side.
+
+Each target is an API base URL, `stack` (this stack, started with `grokstack up`, through its OpenAI
+API) or `vllm` (vLLM's own OpenAI server on the same model folder and CPU engine settings). Targets
+run strictly one after the other: one this command starts is stopped before the next starts, so two
+engines never share the cores. All are measured with one client, the official `openai` SDK,
+streaming, temperature 0: a few single requests one at a time (--think-s apart), then the load.
+
+The OpenAI stream does not say how many tokens a chunk carries; the usage in the last chunk gives
+the total. When there are fewer content chunks than tokens (speculative decoding sends several per
+chunk), the tokens are taken as spread evenly over the gaps between content chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import psutil
+
+from services.bench import PROMPTS, Phase, RssSampler, Sample, _drive, _probe, breakdown, messages_for
+from services.embedded import free_port
+from services.settings import Settings
+
+KEYWORDS = ("stack", "vllm")
+NAN = float("nan")
+
+
+@dataclass
+class TargetPhase(Phase):
+    url: str = ""
+    started: bool = False  # this command started (and stopped) the target's processes
+    missing_usage: int = 0  # responses without usage: their tokens are unknown
+
+    def tokens_per_s(self) -> float:
+        return NAN if self.missing_usage or not self.samples else super().tokens_per_s()
+
+    def peak_rss(self) -> float:
+        return self.peak_rss_gib if self.started else NAN
+
+
+def parse_targets(values: list[str]) -> list[str]:
+    for value in values:
+        if value not in KEYWORDS and urlparse(value).scheme not in ("http", "https"):
+            raise SystemExit(f"--target {value!r}: give 'stack', 'vllm' or an http(s) API base URL")
+    return values
+
+
+def label_for(target: str) -> str:
+    return target if target in KEYWORDS else urlparse(target).netloc or target
+
+
+# --- processes this command starts and stops ---
+
+def _log_file(settings: Settings, name: str) -> Path:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings.data_dir / f"bench-{name}.log"
+
+
+def _wait_http(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 900.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited during start with code {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{what} was not ready at {url} after {timeout:.0f} s; see {log}")
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
+    """`sig` to the process group, then SIGKILL for whatever is still alive after `grace_s`."""
+    try:
+        others = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        others = []
+    deadline = time.monotonic() + grace_s
+    _killpg(proc.pid, sig)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _, alive = psutil.wait_procs(others, timeout=max(0.1, deadline - time.monotonic()))
+    if proc.poll() is None or alive:
+        _killpg(proc.pid, signal.SIGKILL)
+        for p in alive:  # also those that left the group
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(10)
+        psutil.wait_procs(alive, timeout=10)
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_vllm(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
+    """vLLM's own OpenAI server, same model folder and engine profile (dtype, eager, VLLM_* env)."""
+    from inference.profiles import resolve_profile, vllm_environment
+    if not settings.model:
+        from inference.model import ensure_bundled_model
+        ensure_bundled_model(settings.model_dir)
+    profile = resolve_profile(settings)
+    env = dict(os.environ)
+    for key, value in vllm_environment(settings, profile).items():
+        env.setdefault(key, value)  # as the workers do: values the operator set are kept
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(settings.model_dir), "--served-model-name", settings.model_id,
+            "--dtype", profile.dtype, "--max-model-len", str(settings.max_model_len),
+            "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--enforce-eager"] if profile.enforce_eager else []
+    if profile.name == "gpu":
+        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    log = _log_file(settings, "vllm")
+    proc = _spawn(argv, env, log)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, "vLLM's OpenAI server", log)
+    except BaseException:
+        stop_group(proc, signal.SIGTERM, 30)
+        raise
+    return proc, f"http://127.0.0.1:{port}/v1", log
+
+
+def start_stack_api(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
+    """`grokstack up` with this command's settings; its OpenAI API at http://<edge_host>:<api_port>/v1."""
+    from services.up import child_environment
+    api_port = int(getattr(settings, "api_port", 8000))
+    host = "127.0.0.1" if settings.edge_host in ("", "0.0.0.0", "::") else settings.edge_host
+    with socket.socket() as s:
+        if s.connect_ex((host, api_port)) == 0:
+            raise SystemExit(f"something already listens on {host}:{api_port}: stop it or set GROKSTACK_API_PORT")
+    env = child_environment(settings) | {"GROKSTACK_EDGE_PORT": str(free_port()),
+                                         "GROKSTACK_API_PORT": str(api_port), "GROKSTACK_LOG_LEVEL": "warning"}
+    log = _log_file(settings, "stack")
+    proc = _spawn([sys.executable, "-m", "services.cli", "up"], env, log)
+    try:
+        _wait_http(f"http://{host}:{api_port}/readyz", proc, "the stack (grokstack up)", log)
+    except BaseException:
+        stop_group(proc, signal.SIGINT, 120)
+        raise
+    return proc, f"http://{host}:{api_port}/v1", log
+
+
+# --- measuring one target ---
+
+def itl_gaps(times: list[float], tokens: int, finish_reason: str | None) -> list[float]:
+    """Seconds per token between content chunks, one value per token (see the module doc)."""
+    gaps = [b - a for a, b in pairwise(times)]
+    if not gaps:
+        return []
+    # after the first content chunk; a stop token (EOS) is counted in usage but shows no text
+    later = tokens - 1 - (1 if finish_reason == "stop" else 0)
+    per_chunk = max(1.0, later / len(gaps))
+    return [g / per_chunk for g in gaps for _ in range(max(1, round(per_chunk)))]
+
+
+async def _model_id(client: Any, fallback: str) -> str:
+    try:
+        ids = [m.id for m in (await client.models.list()).data]
+    except Exception:  # noqa: BLE001 - an endpoint without /models still serves chats
+        return fallback
+    return fallback if fallback in ids or not ids else ids[0]
+
+
+async def openai_phase(label: str, url: str, settings: Settings, args: argparse.Namespace,
+                       pids: list[int]) -> TargetPhase:
+    import openai
+    phase = TargetPhase(label, url=url, started=bool(pids))
+    client = openai.AsyncOpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
+                                max_retries=0, timeout=600.0)
+    model = await _model_id(client, settings.model_id)
+
+    async def one(_lane: int, prompt: str, into: list[Sample] | None = phase.samples) -> None:
+        t0 = time.monotonic()
+        times: list[float] = []
+        usage = extension = finish = None
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=messages_for(prompt), stream=True, temperature=0.0,
+                max_tokens=args.max_tokens, stream_options={"include_usage": True})
+            async for chunk in stream:
+                now = time.monotonic()
+                if chunk.choices:
+                    if chunk.choices[0].delta and chunk.choices[0].delta.content:
+                        times.append(now)
+                    finish = chunk.choices[0].finish_reason or finish
+                usage = chunk.usage or usage
+                extension = (chunk.model_extra or {}).get("grokstack") or extension
+        except Exception as exc:  # noqa: BLE001 - a failed request is reported, the run goes on
+            phase.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        if not times:
+            phase.errors.append(f"no content (finish_reason {finish})")
+            return
+        if into is None:
+            return
+        if usage is None:
+            phase.missing_usage += 1
+        tokens = usage.completion_tokens if usage else 0
+        into.append(Sample(times[0] - t0, time.monotonic() - t0, tokens, itl_gaps(times, tokens, finish),
+                           extension))
+
+    try:
+        await one(0, PROMPTS[0], into=None)  # warm-up
+        if phase.errors:
+            raise SystemExit(f"the warm-up request to {url} failed: {phase.errors[0]}")
+        with RssSampler(pids) as rss:
+            await _probe(phase, args, one)
+            phase.wall_s = await _drive(args.concurrency, args.requests, one)
+        phase.peak_rss_gib = rss.peak_gib
+    finally:
+        await client.close()
+    return phase
+
+
+async def run_target(target: str, settings: Settings, args: argparse.Namespace) -> TargetPhase:
+    proc = None
+    if target == "vllm":
+        proc, url, log = start_vllm(settings)
+    elif target == "stack":
+        proc, url, log = start_stack_api(settings)
+    else:
+        url = target
+    if proc is not None:
+        print(f"{target}: up at {url} (log {log}); measuring", file=sys.stderr, flush=True)
+    try:
+        return await openai_phase(label_for(target), url, settings, args, [proc.pid] if proc else [])
+    finally:
+        if proc is not None:
+            stop_group(proc, signal.SIGTERM if target == "vllm" else signal.SIGINT, 30 if target == "vllm" else 120)
+
+
+# --- the report ---
+
+def _num(value: float, digits: int = 1) -> str:
+    return "n/a" if value != value else f"{value:.{digits}f}"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and a == a and b == b else NAN
+
+
+def targets_report(phases: list[TargetPhase], failed: list[str], args: argparse.Namespace) -> str:
+    ms, n = 1000.0, args.concurrency
+    rows = [("TTFT p50, one at a time (ms)", lambda p: p.probe_ttft(0.5) * ms, True),
+            (f"TTFT p50, {n} at once (ms)", lambda p: p.ttft(0.5) * ms, True),
+            (f"TTFT p95, {n} at once (ms)", lambda p: p.ttft(0.95) * ms, True),
+            ("ITL p50 (ms/token)", lambda p: p.itl_p50() * ms, True),
+            (f"output tokens/s, {n} at once", lambda p: p.tokens_per_s(), True),
+            ("requests ok", lambda p: float(len(p.samples)), False),
+            ("peak resident memory (GiB)", lambda p: p.peak_rss(), True)]
+    out = [f"\n{args.probe} short prompts one at a time ({args.think_s:g} s apart), then {args.requests} requests "
+           f"{n} at once; max_tokens {args.max_tokens}, temperature 0, openai SDK streaming, {os.cpu_count()} cores"]
+    out += [f"  {p.name}: {p.url}{' (started and stopped by this command)' if p.started else ''}" for p in phases]
+    out += [f"  {f}" for f in failed]
+    if not phases:
+        return "\n".join(out)
+    first, others = phases[0], phases[1:]
+    cols = [p.name for p in phases] + [f"{first.name}/{o.name}" for o in others]
+    widths = [max(12, len(c) + 2) for c in cols]
+    out.append(f"{'':<34}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
+    for name, f, ratio in rows:
+        cells = [_num(f(p)) for p in phases]
+        cells += [_num(_ratio(f(first), f(o)), 2) if ratio else "" for o in others]
+        out.append(f"{name:<34}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
+    for p in phases:
+        if p.errors:
+            out.append(f"{p.name} errors: {len(p.errors)}: {p.errors[:3]}")
+        if p.missing_usage:
+            out.append(f"{p.name}: {p.missing_usage} responses carried no usage, so its tokens/s is not known")
+    out += goal_lines(phases, args)
+    for p in phases:
+        for label, samples in (("one at a time", p.probe), (f"{n} at once", p.samples)):
+            out += breakdown(f"{p.name}, {label}", [s.done for s in samples if s.done])
+    return "\n".join(out)
+
+
+def goal_lines(phases: list[TargetPhase], args: argparse.Namespace) -> list[str]:
+    """Issue 4: the stack (or the first target) against vLLM's own server, under the same load."""
+    by_name = {p.name: p for p in phases}
+    subject, vllm = by_name.get("stack", phases[0]), by_name.get("vllm")
+    if vllm is None or subject is vllm:
+        return []
+
+    def verdict(ratio: float, ok: bool) -> str:
+        return f"{_num(ratio, 2)}x {'MET' if ok else 'MISSED'}" if ratio == ratio else "n/a (not measured)"
+
+    tps = _ratio(subject.tokens_per_s(), vllm.tokens_per_s())
+    ttft = _ratio(subject.ttft(0.5), vllm.ttft(0.5))
+    return [f"\ngoal vs vllm ({subject.name}, {args.concurrency} at once): tokens/s >= 1.0x: "
+            f"{verdict(tps, tps >= 1.0)}; TTFT p50 <= 1.2x: {verdict(ttft, ttft <= 1.2)}"]
+
+
+async def run_targets(settings: Settings, args: argparse.Namespace) -> int:
+    if args.url or args.skip_direct:
+        raise SystemExit("--url and --skip-direct apply only without --target (give the URL as a --target)")
+    phases: list[TargetPhase] = []
+    failed: list[str] = []
+    for target in parse_targets(args.target):
+        try:
+            phases.append(await run_target(target, settings, args))
+        except (SystemExit, Exception) as exc:  # noqa: BLE001 - report it and go on with the next target
+            failed.append(f"{label_for(target)}: FAILED, not measured: {exc}")
+            print(failed[-1], file=sys.stderr, flush=True)
+    print(targets_report(phases, failed, args))
+    return 1 if failed or any(p.errors for p in phases) else 0

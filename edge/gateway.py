@@ -125,7 +125,9 @@ class Gateway:
         """Whether a prefill and a decode worker of `region` (default: the edge's) sent a
         heartbeat within three heartbeat periods."""
         region = region or self.settings.region
-        return {role: self._last_beat.get((region, role), 0.0) >= self._horizon()
+        horizon = self._horizon()
+        both = self._last_beat.get((region, "aggregated"), 0.0) >= horizon  # does both stages
+        return {role: both or self._last_beat.get((region, role), 0.0) >= horizon
                 for role in ("prefill", "decode")}
 
     def health(self) -> tuple[bool, str]:

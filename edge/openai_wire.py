@@ -83,7 +83,7 @@ def parse_request(body: bytes, limits: Limits) -> tuple[ChatCompletionRequest, C
             messages=messages, max_tokens=request.max_completion_tokens or request.max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, stop=request.stop, seed=request.seed,
-            priority=request.priority, conversation_id=request.conversation_id)
+            priority=request.priority, conversation_id=request.conversation_id, region=request.region)
         frame = msgspec.convert(msgspec.to_builtins(frame), ChatFrame)  # runs the field constraints
     except msgspec.ValidationError as exc:
         raise FrameError("invalid_request", str(exc)) from None

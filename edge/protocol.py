@@ -3,7 +3,7 @@
 Client -> edge
   {"type": "chat", "id": "c1", "messages": [{"role": "user", "content": "Hi"}],
    "max_tokens": 128, "temperature": 0.7, "top_p": 0.95, "stop": ["\\n\\n"], "seed": 7,
-   "priority": "interactive", "conversation_id": "conv-42"}
+   "priority": "interactive", "region": "eu", "conversation_id": "conv-42"}
        only "type" and "messages" are required; "id" names the request on this connection
        (the edge makes one up when it is missing) so several can be in flight at once.
   {"type": "cancel", "id": "c1"}
@@ -63,6 +63,7 @@ class ChatFrame(Struct, tag="chat", tag_field="type", forbid_unknown_fields=True
     seed: int | None = None
     priority: Priority | None = None  # None: the tenant's most urgent allowed priority
     conversation_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    region: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None  # None: the edge's own
 
 
 class CancelFrame(Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):

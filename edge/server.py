@@ -149,7 +149,8 @@ class Connection:
             sampling = SamplingSpec(
                 max_tokens=frame.max_tokens or self.settings.default_max_tokens,
                 temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame), seed=frame.seed)
-            request = self.gateway.new_request(list(frame.messages), sampling, priority, frame.conversation_id)
+            request = self.gateway.new_request(list(frame.messages), sampling, priority, frame.conversation_id,
+                                               frame.region)
             with request_context(request.request_id, request.region, request.priority,
                                  connection=self.number, tenant=self.tenant.name):
                 try:

@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator, Literal, Protocol, Sequence
 
 from bus.messages import ChatMessage, SamplingSpec
 
-EngineRole = Literal["prefill", "decode", "direct"]
+EngineRole = Literal["prefill", "decode", "aggregated", "direct"]
 
 
 @dataclass(frozen=True)

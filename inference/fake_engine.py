@@ -79,7 +79,7 @@ class FakeEngine:
         if self.store is None or kv is None:
             return 0, None
         keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK)
-        if self.role == "prefill":
+        if self.role in ("prefill", "aggregated"):  # kv_both: load earlier turns, save this one
             loadable = (len(tokens) - 1) // BLOCK
             loaded = self.store.present_prefix(keys[:loadable]) * BLOCK
             self.store.save([(k, b"kv") for k in keys])

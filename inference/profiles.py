@@ -66,7 +66,7 @@ def apply_vllm_environment(settings: Settings, profile: Profile) -> None:
 
 def speculative_config(settings: Settings, profile: Profile, role: EngineRole) -> dict[str, Any] | None:
     method = profile.spec_method if settings.spec_method == "auto" else settings.spec_method
-    if role != "decode" or method == "off":
+    if role not in ("decode", "aggregated") or method == "off":
         return None  # prefill samples one token: speculation has nothing to do there
     # Speculate only while few sequences decode: at high load the CPU/GPU is compute-bound
     # and verifying drafts would cost throughput.
@@ -93,7 +93,8 @@ def kv_transfer_config(settings: Settings, role: EngineRole) -> dict[str, Any] |
         "kv_connector": "RedisKVConnector",
         "kv_connector_module_path": "kv_store.connector",
         # prefill loads a conversation's earlier blocks and saves the new ones; decode loads
-        "kv_role": "kv_both" if role == "prefill" else "kv_consumer",
+        # (an aggregated worker does both, for the same conversation's next turn)
+        "kv_role": "kv_both" if role in ("prefill", "aggregated") else "kv_consumer",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "redis_url": settings.redis_url,

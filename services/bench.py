@@ -64,9 +64,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-direct", action="store_true", help="only measure the stack")
     parser.add_argument("--target", action="append", default=None, metavar="URL|stack|vllm",
                         help="measure OpenAI-compatible endpoints one after the other instead, same client and "
-                             "prompts: an API base URL (http://host:port/v1), 'stack' (started with grokstack up) "
-                             "or 'vllm' (vLLM's own OpenAI server, started with the same model and engine "
-                             "settings); give it several times to compare them side by side")
+                             "prompts: an API base URL (http://host:port/v1), 'stack' (started with grokstack up; "
+                             "'stack:aggregated' / 'stack:disaggregated' pick its serving mode) or 'vllm' "
+                             "(vLLM's own OpenAI server, started with the same model and engine settings); give it "
+                             "several times to compare them side by side")
 
 
 @dataclass

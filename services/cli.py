@@ -51,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("up", "run the whole stack on this machine (embedded NATS and Redis unless "
                   "NATS_URL/REDIS_URL are set); Ctrl-C stops it",
-            COMMON + ENGINE + SPEC + WORKER + EDGE + ["prefill_slots", "decode_slots", "redis_maxmemory"])
+            COMMON + ENGINE + SPEC + WORKER + EDGE + ["serving_mode", "prefill_slots", "decode_slots",
+                                                      "redis_maxmemory"])
     command("edge", "run an edge node (websocket chat streaming)", COMMON + WORKER + EDGE)
     command("prefill", "run a prefill worker", COMMON + ENGINE + WORKER + ["prefill_slots"])
     command("decode", "run a decode worker", COMMON + ENGINE + SPEC + WORKER + ["decode_slots"])
+    command("aggregated", "run an aggregated worker: one engine prefills and decodes (no KV hand-off)",
+            COMMON + ENGINE + SPEC + WORKER + ["decode_slots"])
 
     chat = sub.add_parser("chat", help="chat with the stack in the terminal",
                           description="chat with the stack in the terminal")

@@ -34,7 +34,8 @@ from services.bench import PROMPTS, Phase, RssSampler, Sample, _drive, _probe, b
 from services.embedded import free_port
 from services.settings import Settings
 
-KEYWORDS = ("stack", "vllm")
+# stack: as GROKSTACK_SERVING_MODE says; stack:<mode> picks the serving mode (see Settings)
+KEYWORDS = ("stack", "stack:aggregated", "stack:disaggregated", "vllm")
 NAN = float("nan")
 
 
@@ -158,7 +159,7 @@ def start_stack_api(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
             raise SystemExit(f"something already listens on {host}:{api_port}: stop it or set GROKSTACK_API_PORT")
     env = child_environment(settings) | {"GROKSTACK_EDGE_PORT": str(free_port()),
                                          "GROKSTACK_API_PORT": str(api_port), "GROKSTACK_LOG_LEVEL": "warning"}
-    log = _log_file(settings, "stack")
+    log = _log_file(settings, f"stack-{settings.serving_mode}")
     proc = _spawn([sys.executable, "-m", "services.cli", "up"], env, log)
     try:
         _wait_http(f"http://{host}:{api_port}/readyz", proc, "the stack (grokstack up)", log)
@@ -244,8 +245,9 @@ async def run_target(target: str, settings: Settings, args: argparse.Namespace) 
     proc = None
     if target == "vllm":
         proc, url, log = start_vllm(settings)
-    elif target == "stack":
-        proc, url, log = start_stack_api(settings)
+    elif target.startswith("stack"):
+        mode = target.partition(":")[2] or settings.serving_mode
+        proc, url, log = start_stack_api(settings.replace(serving_mode=mode))
     else:
         url = target
     if proc is not None:
@@ -304,18 +306,21 @@ def targets_report(phases: list[TargetPhase], failed: list[str], args: argparse.
 
 def goal_lines(phases: list[TargetPhase], args: argparse.Namespace) -> list[str]:
     """Issue 4: the stack (or the first target) against vLLM's own server, under the same load."""
-    by_name = {p.name: p for p in phases}
-    subject, vllm = by_name.get("stack", phases[0]), by_name.get("vllm")
-    if vllm is None or subject is vllm:
+    vllm = next((p for p in phases if p.name == "vllm"), None)
+    subjects = [p for p in phases if p.name.startswith("stack")] or phases[:1]
+    if vllm is None:
         return []
 
     def verdict(ratio: float, ok: bool) -> str:
         return f"{_num(ratio, 2)}x {'MET' if ok else 'MISSED'}" if ratio == ratio else "n/a (not measured)"
 
-    tps = _ratio(subject.tokens_per_s(), vllm.tokens_per_s())
-    ttft = _ratio(subject.ttft(0.5), vllm.ttft(0.5))
-    return [f"\ngoal vs vllm ({subject.name}, {args.concurrency} at once): tokens/s >= 1.0x: "
-            f"{verdict(tps, tps >= 1.0)}; TTFT p50 <= 1.2x: {verdict(ttft, ttft <= 1.2)}"]
+    out = [""]
+    for subject in [s for s in subjects if s is not vllm]:
+        tps = _ratio(subject.tokens_per_s(), vllm.tokens_per_s())
+        ttft = _ratio(subject.ttft(0.5), vllm.ttft(0.5))
+        out.append(f"goal vs vllm ({subject.name}, {args.concurrency} at once): tokens/s >= 1.0x: "
+                   f"{verdict(tps, tps >= 1.0)}; TTFT p50 <= 1.2x: {verdict(ttft, ttft <= 1.2)}")
+    return out
 
 
 async def run_targets(settings: Settings, args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from edge.http_api import OpenAIApi
 from edge.live import LiveRequests
 from edge.server import EdgeServer
 from edge.tenants import ApiKeys
+from inference.aggregated import AggregatedService
 from inference.decode import DecodeService
 from inference.engine import Engine
 from inference.prefill import PrefillService
@@ -132,14 +133,14 @@ class RunningWorker:
 
 
 async def start_worker(settings: Settings, role: str, engine: Engine | None = None) -> RunningWorker:
-    """A prefill or decode worker; `engine` defaults to vLLM with the role's profile."""
+    """A prefill, decode or aggregated worker; `engine` defaults to vLLM with the role's profile."""
     _require(settings, "nats_url", "redis_url")
     nc = await _connect_nats(settings, f"{role}-{settings.worker_name}")
     records = await _connect_redis(settings)
     subjects = Subjects(settings.subject_prefix)
     js = nc.jetstream()
     await ensure_streams(js, settings, subjects)
-    await ensure_work_consumers(js, settings, subjects, "req" if role == "prefill" else "decode")
+    await ensure_work_consumers(js, settings, subjects, "decode" if role == "decode" else "req")
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)  # inherited by the engine's processes
     if engine is None:
@@ -149,6 +150,9 @@ async def start_worker(settings: Settings, role: str, engine: Engine | None = No
     if role == "prefill":
         service: Service = PrefillService(engine, js, subjects, records, settings.worker_name)
         slots = settings.prefill_slots
+    elif role == "aggregated":
+        service = AggregatedService(engine, records)
+        slots = settings.decode_slots
     else:
         service = DecodeService(engine, records)
         slots = settings.decode_slots

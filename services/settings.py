@@ -49,6 +49,10 @@ class Settings:
     cpu_nice: int = 0
 
     # --- workers ---
+    # How `grokstack up` serves: "disaggregated" runs a prefill and a decode worker, the KV
+    # handed over through Redis (the design for separate GPU pools); "aggregated" runs one
+    # worker whose engine does both (better when they would share the same cores).
+    serving_mode: str = "disaggregated"
     worker_id: str = ""  # "" means host-pid
     prefill_slots: int = 4  # prompts a prefill worker works on at once
     decode_slots: int = 16  # sequences a decode worker batches at once

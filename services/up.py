@@ -28,7 +28,7 @@ from services.settings import ENV, Settings
 
 log = structlog.get_logger("grokstack.up")
 
-ROLES = ("prefill", "decode", "edge")
+SERVING_ROLES = {"disaggregated": ("prefill", "decode", "edge"), "aggregated": ("aggregated", "edge")}
 
 
 def child_environment(settings: Settings) -> dict[str, str]:
@@ -97,11 +97,15 @@ def run_up(settings: Settings) -> int:
             log.info("embedded redis-compatible server started", url=settings.redis_url)
         if not settings.model:
             ensure_bundled_model(settings.model_dir)
-        if not settings.engine_step_lock and resolve_profile(settings).name == "cpu":
+        if settings.serving_mode not in SERVING_ROLES:
+            raise SystemExit(f"serving_mode must be one of {', '.join(SERVING_ROLES)}, got {settings.serving_mode!r}")
+        roles = SERVING_ROLES[settings.serving_mode]
+        if (not settings.engine_step_lock and settings.serving_mode == "disaggregated"
+                and resolve_profile(settings).name == "cpu"):
             # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
             settings = settings.replace(engine_step_lock=str((settings.data_dir / "engine-step.lock").resolve()))
         env = child_environment(settings)
-        for role in ROLES:
+        for role in roles:
             children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role],
                                               env=role_environment(env, settings, role),
                                               start_new_session=True)

@@ -1,0 +1,71 @@
+"""The aggregated pool: one engine prefills and decodes a chat request, streaming every token.
+
+Disaggregation (prefill pool -> Redis -> decode pool) pays when prefill and decode run on
+separate accelerators, so a long prompt never stalls other users' decoding. When both would
+share the same cores (one small machine, one GPU), two engines only take turns on it and the
+hand-off is pure overhead; one engine that batches prompts into its decode steps does better.
+That is this worker. It keeps the rest of the design: it pulls the same request subjects by
+priority, saves and loads the conversation's KV blocks in Redis (kv_both), and streams the
+same events, so the edge and clients cannot tell the difference.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from bus.codec import decode
+from bus.messages import ChatRequest, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from inference.decode import EngineAborted
+from inference.engine import Engine
+from inference.prefill import check_fits
+from inference.worker import Emitter, Job
+from kv_store.transfers import TransferRecords
+
+log = structlog.get_logger("grokstack.aggregated")
+
+
+class AggregatedService:
+    kind = "req"
+    role = "aggregated"
+    first_seq = 0
+
+    def __init__(self, engine: Engine, transfers: TransferRecords | None) -> None:
+        self.engine = engine
+        self.transfers = transfers
+
+    def parse(self, data: bytes) -> ChatRequest:
+        return decode(data, ChatRequest)
+
+    async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
+        req = job.body
+        prompt = self.engine.render_chat(req.messages)
+        check_fits(len(prompt), req.sampling.max_tokens, self.engine.max_model_len)
+        t0 = time.perf_counter()
+        first_at = 0.0
+        completion, finish, cached = 0, None, 0
+        async for chunk in self.engine.generate(req.request_id, prompt, req.sampling,
+                                                max_tokens=req.sampling.max_tokens,
+                                                kv={"request_id": req.request_id}):
+            if chunk.token_ids or chunk.text:
+                first_at = first_at or time.perf_counter()
+                completion += len(chunk.token_ids)
+                await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(),
+                                           text=chunk.text, token_ids=chunk.token_ids))
+            finish, cached = chunk.finish_reason, chunk.cached_tokens
+        if finish == "abort":
+            raise EngineAborted("the engine aborted the request")
+        done = time.perf_counter()
+        record = await self.transfers.read(req.request_id) if self.transfers else {}
+        prefill_ms = ((first_at or done) - t0) * 1000
+        log.info("served", prompt_tokens=len(prompt), cached_tokens=cached, completion_tokens=completion,
+                 prefill_ms=round(prefill_ms, 1))
+        await emit.emit(FinalEvent(
+            request_id=req.request_id, seq=emit.next_seq(), finish_reason=finish or "stop",
+            usage=Usage(prompt_tokens=len(prompt), cached_prompt_tokens=cached, completion_tokens=completion),
+            timings=Timings(queue_ms=max(0.0, (job.received_at - req.created_at) * 1000) if req.created_at else 0.0,
+                            prefill_ms=prefill_ms, decode_ms=(done - (first_at or done)) * 1000),
+            kv=KvTransfer(bytes_written=int(record.get("save_bytes", 0)), write_ms=record.get("save_ms", 0.0),
+                          bytes_read=int(record.get("load_bytes", 0)), read_ms=record.get("load_ms", 0.0),
+                          loaded_tokens=cached)))

@@ -1,0 +1,71 @@
+"""A real aggregated worker (one vLLM engine prefills and decodes) in its own region, reached
+through the running stack's edge: the same greedy answer, the KV of earlier turns from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import nats
+import openai
+import pytest
+
+from edge.client import EdgeClient
+from services.up import child_environment
+from tests.conftest import REPO
+from tests.integration.conftest import API, MAX_TOKENS
+
+pytestmark = pytest.mark.engine
+REGION = "agg"  # its own region, so the disaggregated workers never take these requests
+
+
+@pytest.fixture(scope="module")
+def aggregated_worker(vllm_stack):
+    settings = vllm_stack.settings.replace(region=REGION, worker_id=f"{vllm_stack.settings.worker_id}-agg",
+                                           engine_step_lock="")
+    log = vllm_stack.logs / "aggregated.log"
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "aggregated"], env=child_environment(settings),
+                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    async def first_heartbeat() -> None:
+        nc = await nats.connect(settings.nats_url)
+        try:
+            sub = await nc.subscribe(vllm_stack.subjects.heartbeat(REGION, "aggregated"))
+            await sub.next_msg(timeout=600)
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(first_heartbeat())
+        assert proc.poll() is None, f"the aggregated worker exited; see {log}"
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def test_an_aggregated_worker_gives_the_engines_answer_over_both_doors(vllm_stack, aggregated_worker,
+                                                                            reference):
+    client = openai.AsyncOpenAI(base_url=vllm_stack.api_url, api_key="x", max_retries=0, timeout=120)
+    reply = await client.chat.completions.create(
+        model=vllm_stack.settings.model_id, messages=API, max_tokens=MAX_TOKENS, temperature=0,
+        extra_headers={"X-Grokstack-Region": REGION})
+    assert reply.choices[0].message.content == reference["api"].text
+    async with await EdgeClient.connect(vllm_stack.url) as ws:
+        turn2 = [*API, {"role": "assistant", "content": reply.choices[0].message.content},
+                 {"role": "user", "content": "Which of them is the longest?"}]
+        result = await ws.complete(turn2, max_tokens=16, temperature=0, region=REGION)
+    assert result.error is None and result.text
+    # the first turn's prompt blocks were saved by this worker and loaded for the second turn
+    assert result.done["usage"]["cached_prompt_tokens"] > 0
+    assert result.done["timings"]["decode_queue_ms"] == 0  # no decode stage: one engine did both

@@ -24,8 +24,10 @@ REGION = "agg"  # its own region, so the disaggregated workers never take these 
 
 @pytest.fixture(scope="module")
 def aggregated_worker(vllm_stack):
+    # n-gram speculation on (off by default on CPU), so the real engine's speculative path is
+    # held to the same greedy answer
     settings = vllm_stack.settings.replace(region=REGION, worker_id=f"{vllm_stack.settings.worker_id}-agg",
-                                           engine_step_lock="")
+                                           engine_step_lock="", spec_method="ngram")
     log = vllm_stack.logs / "aggregated.log"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "aggregated"], env=child_environment(settings),
                             cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -69,3 +71,4 @@ async def test_an_aggregated_worker_gives_the_engines_answer_over_both_doors(vll
     # the first turn's prompt blocks were saved by this worker and loaded for the second turn
     assert result.done["usage"]["cached_prompt_tokens"] > 0
     assert result.done["timings"]["decode_queue_ms"] == 0  # no decode stage: one engine did both
+    assert '"speculative": "ngram"' in (vllm_stack.logs / "aggregated.log").read_text()

@@ -6,10 +6,11 @@ from services.settings import Settings
 S = Settings(redis_url="redis://r:1/0")
 
 
-def test_cpu_profile_is_float32_eager_with_ngram_speculation_on_decode_only():
+def test_cpu_profile_is_float32_eager_and_speculates_on_decode_only_when_asked():
     cpu = PROFILES["cpu"]
     assert (cpu.dtype, cpu.enforce_eager) == ("float32", True)
-    decode = speculative_config(S, cpu, "decode")
+    assert speculative_config(S, cpu, "decode") is None  # auto: off on CPU (see profiles.py)
+    decode = speculative_config(S.replace(spec_method="ngram"), cpu, "decode")
     assert decode["method"] == "ngram" and decode["num_speculative_tokens"] == 5
     # speculation stops above spec_max_batch sequences
     assert decode["num_speculative_tokens_per_batch_size"] == [[1, 1, 5], [2, 4096, 0]]
@@ -44,3 +45,10 @@ async def test_fake_engine_continues_from_prompt_plus_first_token():
     rest = [c async for c in engine.generate("b", prompt + [first], SamplingSpec(max_tokens=50), 49)]
     join = lambda chunks: "".join(c.text for c in chunks)  # noqa: E731
     assert join(whole) == whole[0].text + join(rest)
+
+
+def test_aggregated_engines_save_and_load_kv_and_speculate_only_when_asked():
+    cpu = PROFILES["cpu"]
+    assert speculative_config(S.replace(spec_method="ngram"), cpu, "aggregated")["method"] == "ngram"
+    assert speculative_config(S, PROFILES["gpu"], "aggregated")["method"] == "ngram"
+    assert kv_transfer_config(S, "aggregated")["kv_role"] == "kv_both"

@@ -34,8 +34,7 @@ from edge.openai_wire import (
     parse_request,
     token_chunk,
 )
-from edge.protocol import FrameError, stop_list
-from edge.server import limits_of, usage_frame
+from edge.protocol import FrameError, limits_of, stop_list, usage_frame
 from edge.tenants import ApiKeys, AuthError, Tenant
 from services.logs import request_context
 from services.settings import Settings

@@ -28,8 +28,9 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.messages import ChatMessage, KvTransfer, Timings
+from bus.messages import ChatMessage, FinalEvent, KvTransfer, Timings
 from bus.subjects import PRIORITIES, Priority
+from services.settings import Settings
 
 ErrorCode = Literal[
     "invalid_json",  # the frame is not JSON
@@ -198,3 +199,14 @@ def stop_list(frame: ChatFrame) -> list[str]:
     if frame.stop is None:
         return []
     return [frame.stop] if isinstance(frame.stop, str) else list(frame.stop)
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(settings.max_frame_bytes, settings.max_messages, settings.max_prompt_chars,
+                  settings.max_tokens_limit, settings.default_max_tokens)
+
+
+def usage_frame(event: FinalEvent, ttft_ms: float, total_ms: float) -> UsageFrame:
+    u = event.usage
+    return UsageFrame(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, round(ttft_ms, 2),
+                      round(total_ms, 2))

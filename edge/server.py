@@ -30,14 +30,14 @@ from edge.protocol import (
     DoneFrame,
     ErrorFrame,
     FrameError,
-    Limits,
     ResumeFrame,
     ServerFrame,
     TokenFrame,
-    UsageFrame,
     encode_frame,
+    limits_of,
     parse_frame,
     stop_list,
+    usage_frame,
 )
 from edge.tenants import ApiKeys, AuthError, Tenant
 from services.logs import request_context
@@ -46,11 +46,6 @@ from services.settings import Settings
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
 log = structlog.get_logger("grokstack.edge")
-
-
-def limits_of(settings: Settings) -> Limits:
-    return Limits(settings.max_frame_bytes, settings.max_messages, settings.max_prompt_chars,
-                  settings.max_tokens_limit, settings.default_max_tokens)
 
 
 class ClientTooSlow(Exception):
@@ -207,12 +202,6 @@ class Connection:
                              usage=usage_frame(event, live.ttft_ms, total_ms), timings=event.timings, kv=event.kv)
         log.info("request failed", code=event.code, reason=event.message)
         return ErrorFrame(id=client_id, code=event.code, message=event.message, retryable=event.retryable)
-
-
-def usage_frame(event: FinalEvent, ttft_ms: float, total_ms: float) -> UsageFrame:
-    u = event.usage
-    return UsageFrame(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, round(ttft_ms, 2),
-                      round(total_ms, 2))
 
 
 class EdgeServer:

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "NATS_URL/REDIS_URL are set); Ctrl-C stops it",
             COMMON + ENGINE + SPEC + WORKER + EDGE + ["serving_mode", "prefill_slots", "decode_slots",
                                                       "redis_maxmemory"])
-    command("edge", "run an edge node (websocket chat streaming)", COMMON + WORKER + EDGE)
+    command("edge", "run an edge node (websocket chat, the chat page, the OpenAI-compatible API)",
+            COMMON + WORKER + EDGE)
     command("prefill", "run a prefill worker", COMMON + ENGINE + WORKER + ["prefill_slots"])
     command("decode", "run a decode worker", COMMON + ENGINE + SPEC + WORKER + ["decode_slots"])
     command("aggregated", "run an aggregated worker: one engine prefills and decodes (no KV hand-off)",

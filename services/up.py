@@ -2,7 +2,8 @@
 
 Starts an embedded nats-server and Redis-compatible server unless NATS_URL / REDIS_URL name
 existing ones, prepares the bundled model once, then runs one prefill worker, one decode
-worker and one edge node, each its own process (as they would be on many machines).
+worker and one edge node, each its own process (as they would be on many machines); with
+serving_mode=aggregated, one aggregated worker (prefill and decode in one engine) and the edge.
 """
 
 from __future__ import annotations

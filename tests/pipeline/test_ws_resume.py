@@ -76,3 +76,25 @@ async def test_websocket_api_keys_header_or_query_and_tenants_cannot_resume_each
             await ws.send(json.dumps({"type": "resume", "id": "x", "request_id": result.request_id}))
             replay = await frames_until_end(ws, "x")
         assert "".join(f["text"] for f in replay if f["type"] == "token") == expected("mine")
+
+
+async def test_the_terminal_chat_resumes_an_answer_on_a_new_connection(settings, capsys):
+    from edge.client import _answer
+    question = "keep going after a drop " * 2
+    async with running_stack(settings, FakeEngine("prefill"), FakeEngine("decode", token_delay_s=0.02)) as stack:
+        client = await EdgeClient.connect(stack.url)
+
+        async def dropping(frames):
+            tokens = 0
+            async for frame in frames:
+                yield frame
+                tokens += frame["type"] == "token"
+                if tokens == 3:
+                    await client.ws.close()  # the network drops mid-answer
+
+        new_client, answer = await _answer(stack.url, client, dropping(client.stream(
+            [{"role": "user", "content": question}])))
+        await new_client.close()
+    assert new_client is not client
+    assert answer == expected(question)
+    assert "[reconnected, resuming]" in capsys.readouterr().out

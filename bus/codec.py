@@ -39,6 +39,8 @@ def decode(data: bytes, kind: type[T]) -> T:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass: both name the problem
         raise BadMessage(str(exc)) from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bad bytes inside a JSON string
+        raise BadMessage(f"the message is not valid UTF-8: {exc}") from None
 
 
 def decode_event(data: bytes) -> Event:
@@ -49,7 +51,7 @@ def reply_route(data: bytes) -> ReplyRoute:
     """Best effort: where to send the error for a message that failed full validation."""
     try:
         return msgspec.json.decode(data, type=ReplyRoute)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return ReplyRoute()
 
 

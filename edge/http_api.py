@@ -12,6 +12,7 @@ when nobody resumes it within `resume_grace_s`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -224,22 +225,31 @@ class OpenAIApi:
             "X-Request-Id": live.request_id})
         await response.prepare(request)
         cid, created = completion_id(live.request_id), int(live.request.created_at)
-        async for event in self.live.follow(live, after_seq):
-            if isinstance(event, TokenEvent):
-                await self._send(response, event.seq, token_chunk(cid, created, live.api_model, event))
-            elif isinstance(event, FinalEvent):
-                info = info_of(live.request_id, event, usage_frame(event, live.ttft_ms, self._elapsed_ms(live)))
-                for chunk in final_chunks(cid, created, live.api_model, event, info, live.include_usage):
-                    await self._send(response, event.seq, chunk)
-            else:
-                await self._send(response, event.seq, error_body(event.code, event.message)[1])
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            async for event in self.live.follow(live, after_seq):
+                if isinstance(event, TokenEvent):
+                    await self._send(response, event.seq, token_chunk(cid, created, live.api_model, event))
+                elif isinstance(event, FinalEvent):
+                    info = info_of(live.request_id, event, usage_frame(event, live.ttft_ms, self._elapsed_ms(live)))
+                    for chunk in final_chunks(cid, created, live.api_model, event, info, live.include_usage):
+                        await self._send(response, event.seq, chunk)
+                else:
+                    await self._send(response, event.seq, error_body(event.code, event.message)[1])
+            await self._write(response, b"data: [DONE]\n\n")
+            await response.write_eof()
+        except asyncio.TimeoutError:
+            # The client stopped reading: drop it rather than let it hold memory and workers.
+            log.warning("client too slow, dropping", request_id=live.request_id)
+            await self.live.cancel(live, "client_too_slow")
+            if request.transport is not None:
+                request.transport.close()
         return response
 
-    @staticmethod
-    async def _send(response: web.StreamResponse, seq: int, payload: object) -> None:
-        await response.write(b"id: %d\ndata: %s\n\n" % (seq, _json.encode(payload)))
+    async def _send(self, response: web.StreamResponse, seq: int, payload: object) -> None:
+        await self._write(response, b"id: %d\ndata: %s\n\n" % (seq, _json.encode(payload)))
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        await asyncio.wait_for(response.write(data), self.settings.send_timeout_s)
 
     @staticmethod
     def _elapsed_ms(live: LiveRequest) -> float:

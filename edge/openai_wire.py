@@ -76,6 +76,8 @@ def parse_request(body: bytes, limits: Limits) -> tuple[ChatCompletionRequest, C
         raise FrameError("invalid_request", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise FrameError("invalid_json", f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bad bytes inside a JSON string
+        raise FrameError("invalid_json", f"the body is not valid UTF-8: {exc}") from None
     messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=_text(m.content))
                 for m in request.messages]
     try:

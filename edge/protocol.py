@@ -153,6 +153,8 @@ def parse_frame(raw: str | bytes, limits: Limits) -> ClientFrame:
         obj: Any = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise FrameError("invalid_json", f"the frame is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bad bytes inside a JSON string
+        raise FrameError("invalid_json", f"the frame is not valid UTF-8: {exc}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise FrameError("invalid_frame", 'a frame is a JSON object with a string "type" field')
     client_id = obj.get("id") if isinstance(obj.get("id"), str) else None

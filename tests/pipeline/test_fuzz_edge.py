@@ -1,0 +1,92 @@
+"""Mutated frames and bodies against a running edge (real NATS and Redis, fake engines): every
+one gets a well-formed answer (an error naming the problem, or a normal response), never a 500
+or a dropped connection, and a normal request still gets its answer afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import aiohttp
+import websockets
+
+from tests.pipeline.harness import running_stack
+from tests.pipeline.test_chat_flow import engines, expected
+from tests.pipeline.test_openai_api import ready
+
+VALID_FRAME = {"type": "chat", "id": "x", "messages": [{"role": "user", "content": "fuzz me"}], "max_tokens": 8,
+               "temperature": 0.5, "stop": ["\n"], "priority": "batch"}
+VALID_BODY = {"model": "fake", "messages": [{"role": "user", "content": "fuzz me"}], "max_tokens": 8,
+              "stream": False, "temperature": 0.5}
+ODD = [None, True, -1, 0, 2**64, -1e308, 1e999, "", "\u0000", "x" * 300, [], {}, [None], {"a": 1}, "interactive"]
+TOKENS = [b"null", b"{", b"}", b"[", b"]", b'"', b",", b":", b"\\", b"\xff", b"-1e999", b"\x00", b"1" * 40]
+
+
+def mutate(valid: dict, rng: random.Random) -> bytes:
+    if rng.random() < 0.5:  # structural: odd values in, fields out
+        obj = json.loads(json.dumps(valid))
+        for _ in range(rng.randint(1, 3)):
+            key = rng.choice([*obj, "extra", "messages"])
+            if rng.random() < 0.2:
+                obj.pop(key, None)
+            elif key == "messages" and rng.random() < 0.5:
+                obj["messages"] = [{"role": rng.choice(["user", "bot", ""]), "content": rng.choice(ODD)}]
+            else:
+                obj[key] = rng.choice(ODD)
+        return json.dumps(obj).encode()
+    raw = bytearray(json.dumps(valid).encode())  # bytes: flips, cuts, junk
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randrange(len(raw))
+        op = rng.random()
+        if op < 0.3:
+            raw[at] = rng.randrange(256)
+        elif op < 0.6:
+            del raw[at:at + rng.randint(1, 8)]
+        else:
+            raw[at:at] = rng.choice(TOKENS)
+    return bytes(raw)
+
+
+async def test_mutated_frames_and_bodies_get_clear_errors_and_the_edge_keeps_serving(settings):
+    rng = random.Random(20261124)
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        async with websockets.connect(stack.url) as ws:
+            received: list[dict] = []
+
+            async def reader() -> None:
+                async for raw in ws:
+                    received.append(json.loads(raw))
+
+            reading = asyncio.create_task(reader())
+            for n in range(300):
+                frame = mutate({**VALID_FRAME, "id": f"f{n}"}, rng)
+                await ws.send(frame.decode("utf-8", "replace") if rng.random() < 0.5 else frame)
+            await ws.send(json.dumps({**VALID_FRAME, "id": "last", "max_tokens": 100, "temperature": 0}))
+            for _ in range(200):
+                if any(f.get("id") == "last" and f["type"] in ("done", "error") for f in received):
+                    break
+                await asyncio.sleep(0.05)
+            reading.cancel()
+        assert {f["type"] for f in received} <= {"accepted", "token", "done", "error"}
+        errors = [f for f in received if f["type"] == "error"]
+        assert errors and all(f["code"] and f["message"] for f in errors)
+        assert "internal" not in {f["code"] for f in errors}
+        last = "".join(f["text"] for f in received if f.get("id") == "last" and f["type"] == "token")
+        assert last == expected("fuzz me")
+
+        statuses: dict[int, int] = {}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                async with http.post(f"{stack.edge.api_url}/chat/completions", data=mutate(VALID_BODY, rng),
+                                     headers={"Content-Type": "application/json"}) as r:
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+                    body = await r.json()
+                    assert ("error" in body) == (r.status != 200), body
+                    if r.status != 200:
+                        assert body["error"]["message"] and body["error"]["code"]
+            async with http.post(f"{stack.edge.api_url}/chat/completions", json=VALID_BODY) as r:
+                assert r.status == 200
+        assert set(statuses) <= {200, 400, 404, 413}, statuses
+        assert statuses.get(400, 0) > 100

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,20 +47,12 @@ spliced = st.builds(_splice, as_json, st.binary(min_size=1, max_size=3), st.inte
 payloads = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode), as_json, spliced)
 
 
+@pytest.mark.parametrize("parse", [parse_frame, parse_request], ids=["websocket frame", "openai body"])
 @FAST
-@given(payloads)
-def test_websocket_frames_parse_or_fail_with_a_frame_error(raw):
+@given(raw=payloads)
+def test_client_input_parses_or_fails_with_a_frame_error(parse, raw):
     try:
-        parse_frame(raw, LIMITS)
-    except FrameError as exc:
-        assert exc.code and exc.message
-
-
-@FAST
-@given(payloads)
-def test_openai_bodies_parse_or_fail_with_a_frame_error(raw):
-    try:
-        parse_request(raw, LIMITS)
+        parse(raw, LIMITS)
     except FrameError as exc:
         assert exc.code and exc.message
 

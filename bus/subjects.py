@@ -121,6 +121,10 @@ class Subjects:
     def all_heartbeats(self) -> str:
         return f"{self.prefix}.hb.*.*"
 
+    def max_deliveries_advisories(self, kind: WorkKind) -> str:
+        """NATS's own advisory when a work message was delivered max_deliver times, unacked."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream(kind)}.*"
+
     def dead_letter(self, kind: str) -> str:
         return f"{self.prefix}.dlq.{check_token(kind, 'dead-letter kind')}"
 

@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 
 from bus.codec import BadMessage, encode, reply_route
 from bus.dead_letters import dead_letter
+from bus.exhausted import ExhaustedJobs
 from bus.messages import ErrorEvent, Heartbeat, Message
 from bus.subjects import Subjects, WorkKind
 from bus.work_queue import PriorityPuller
@@ -110,6 +111,7 @@ class PoolWorker:
         self.counters = WorkerCounters()
         self.cancels = CancelWatch(nc, self.subjects.cancel(settings.region), settings.request_ttl_s)
         self._puller = PriorityPuller(nc, self.subjects, service.kind, settings.region)
+        self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, settings.worker_name)
         self._active: dict[asyncio.Task, Msg] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -118,6 +120,7 @@ class PoolWorker:
 
     async def run(self) -> None:
         await self.cancels.start()
+        await self._exhausted.start()
         await self._puller.start()
         heartbeats = asyncio.create_task(self._heartbeats())
         log.info("worker serving", role=self.service.role, region=self.settings.region,
@@ -127,6 +130,7 @@ class PoolWorker:
         finally:
             heartbeats.cancel()
             await self._puller.stop()
+            await self._exhausted.stop()
             await self.cancels.stop()
 
     async def stop(self, grace_s: float = 30.0) -> None:

@@ -17,7 +17,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from bus.codec import BadMessage, decode, reply_route
-from bus.messages import AnyMessage, DeadLetter, Message
+from bus.messages import AnyMessage, DeadLetter, Event, Message, TokenEvent
 from bus.subjects import Subjects
 
 @dataclass(frozen=True)
@@ -178,3 +178,49 @@ async def _merge_by_time(sources: list[AsyncIterator[Captured]]) -> AsyncIterato
         following = await anext(sources[index], None)
         if following is not None:
             heapq.heappush(heads, (following.time, index, following.seq, following))
+
+
+@dataclass
+class SentSoFar:
+    """What a request's client has been sent, as the capture stream recorded it."""
+    token_ids: dict[int, list[int]]  # event seq -> the token ids it carried
+    finished: bool  # a final or error event went out
+    next_seq: int  # the sequence number of the next event
+
+    def tokens_from(self, first_seq: int) -> tuple[list[int], int]:
+        """The tokens of events first_seq, first_seq+1, ... up to the first gap, and the
+        sequence number after them."""
+        out: list[int] = []
+        seq = first_seq
+        while seq in self.token_ids:
+            out += self.token_ids[seq]
+            seq += 1
+        return out, seq
+
+
+async def sent_so_far(js: JetStreamContext, subjects: Subjects, reply_to: str) -> SentSoFar:
+    """Every event captured on one request's event subject, read to the last one stored."""
+    sent = SentSoFar({}, False, 0)
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
+                            deliver_policy=DeliverPolicy.ALL, filter_subject=reply_to)
+    sub = await js.pull_subscribe(reply_to, stream=subjects.stream("capture"), config=config)
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(256, timeout=1.0)
+            except Exception:  # nats' TimeoutError: nothing (more) captured
+                return sent
+            for msg in msgs:
+                try:
+                    event = decode(msg.data, Event)  # type: ignore[arg-type]
+                except BadMessage:
+                    continue
+                if isinstance(event, TokenEvent):
+                    sent.token_ids[event.seq] = list(event.token_ids)
+                else:
+                    sent.finished = True
+                sent.next_seq = max(sent.next_seq, event.seq + 1)
+                if msg.metadata.num_pending == 0:
+                    return sent
+    finally:
+        await sub.unsubscribe()

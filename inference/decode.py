@@ -1,4 +1,11 @@
-"""The decode pool: decode job -> KV loaded from Redis (or recomputed) -> token events."""
+"""The decode pool: decode job -> KV loaded from Redis (or recomputed) -> token events.
+
+Migration: a decode job stays unacknowledged in its work stream while a worker generates, so
+when that worker dies JetStream hands the job to another one. Everything needed to go on is
+outside the dead process: the job (prompt, first token, KV handle) in the stream, and the tokens
+the client was already sent in the capture stream. The new worker continues from the last of
+them with the same sequence numbers, so the client sees every token once, in order.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,12 @@ import time
 import msgspec
 import structlog
 
+from nats.js import JetStreamContext
+
+from bus.capture import sent_so_far
 from bus.codec import decode
 from bus.messages import DecodeJob, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from bus.subjects import Subjects
 from inference.engine import Engine
 from inference.worker import Emitter, Job
 from kv_store.transfers import TransferRecords
@@ -25,9 +36,12 @@ class DecodeService:
     role = "decode"
     first_seq = 1  # event 0 is the first token, sent by prefill
 
-    def __init__(self, engine: Engine, transfers: TransferRecords | None) -> None:
+    def __init__(self, engine: Engine, transfers: TransferRecords | None,
+                 js: JetStreamContext | None = None, subjects: Subjects | None = None) -> None:
         self.engine = engine
         self.transfers = transfers
+        self.js = js  # with subjects: read what was sent, to continue a migrated job
+        self.subjects = subjects
 
     def parse(self, data: bytes) -> DecodeJob:
         return decode(data, DecodeJob)
@@ -41,19 +55,39 @@ class DecodeService:
                 params["handle"] = msgspec.structs.asdict(job.kv)
         return params
 
+    async def _already_sent(self, job: Job[DecodeJob], emit: Emitter) -> list[int] | None:
+        """On a redelivery: the tokens this stage already sent (emit then continues after them),
+        or None when the job was in fact finished."""
+        if job.deliveries <= 1 or self.js is None or self.subjects is None:
+            return []
+        sent = await sent_so_far(self.js, self.subjects, job.body.reply_to)
+        if sent.finished:
+            log.info("redelivered job was already finished", deliveries=job.deliveries)
+            return None
+        tokens, emit.seq = sent.tokens_from(self.first_seq)
+        log.info("continuing a migrated job", deliveries=job.deliveries, tokens_already_sent=len(tokens),
+                 next_seq=emit.seq)
+        return tokens
+
     async def serve(self, job: Job[DecodeJob], emit: Emitter) -> None:
         j = job.body
         t0 = time.perf_counter()
-        completion, finish, loaded, report = 1, None, 0, None
-        async for chunk in self.engine.generate(
-                j.request_id, [*j.prompt_token_ids, j.first_token_id], j.sampling,
-                max_tokens=j.sampling.max_tokens - 1, kv=self._kv_params(j)):
-            if chunk.token_ids or chunk.text:
-                completion += len(chunk.token_ids)
-                await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
-                                           text=chunk.text, token_ids=chunk.token_ids))
-            finish, report = chunk.finish_reason, chunk.kv
-            loaded = int((report or {}).get("loaded_tokens", chunk.cached_tokens))
+        sent = await self._already_sent(job, emit)
+        if sent is None:
+            return
+        completion, finish, loaded, report = 1 + len(sent), None, 0, None
+        if completion >= j.sampling.max_tokens:
+            finish = "length"
+        else:
+            async for chunk in self.engine.generate(
+                    j.request_id, [*j.prompt_token_ids, j.first_token_id, *sent], j.sampling,
+                    max_tokens=j.sampling.max_tokens - completion, kv=self._kv_params(j)):
+                if chunk.token_ids or chunk.text:
+                    completion += len(chunk.token_ids)
+                    await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
+                                               text=chunk.text, token_ids=chunk.token_ids))
+                finish, report = chunk.finish_reason, chunk.kv
+                loaded = int((report or {}).get("loaded_tokens", chunk.cached_tokens))
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")
         await emit.emit(await self._final(job, emit.next_seq(), finish or "stop", completion,

@@ -154,7 +154,7 @@ async def start_worker(settings: Settings, role: str, engine: Engine | None = No
         service = AggregatedService(engine, records)
         slots = settings.decode_slots
     else:
-        service = DecodeService(engine, records)
+        service = DecodeService(engine, records, js, subjects)
         slots = settings.decode_slots
     worker = PoolWorker(settings, nc, service, engine.model_id, slots)
     return RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()))

@@ -131,3 +131,37 @@ def vllm_stack(reference, engine_settings: Settings, tmp_path_factory) -> Runnin
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def spawn_worker(stack: RunningStack, settings: Settings, role: str) -> subprocess.Popen:
+    """One more worker process beside the stack's, logging to `<logs>/<worker id>.log`."""
+    log = stack.logs / f"{settings.worker_id}.log"
+    return subprocess.Popen([sys.executable, "-m", "services.cli", role], env=child_environment(settings),
+                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> None:
+    """Until the worker `settings.worker_id` says it serves (its engine has started)."""
+    import nats
+
+    from bus.codec import decode
+    from bus.messages import Heartbeat
+
+    async def wait() -> None:
+        nc = await nats.connect(settings.nats_url)
+        try:
+            sub = await nc.subscribe(Subjects(settings.subject_prefix).heartbeat(settings.region, role))
+            while decode((await sub.next_msg(timeout=timeout)).data, Heartbeat).worker_id != settings.worker_id:
+                pass
+        finally:
+            await nc.close()
+    asyncio.run(wait())
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker and its engine process."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)

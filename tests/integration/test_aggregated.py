@@ -3,20 +3,11 @@ through the running stack's edge: the same greedy answer, the KV of earlier turn
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
-
-import nats
 import openai
 import pytest
 
 from edge.client import EdgeClient
-from services.up import child_environment
-from tests.conftest import REPO
-from tests.integration.conftest import API, MAX_TOKENS
+from tests.integration.conftest import API, MAX_TOKENS, kill_group, spawn_worker, wait_for_heartbeat
 
 pytestmark = pytest.mark.engine
 REGION = "agg"  # its own region, so the disaggregated workers never take these requests
@@ -28,32 +19,13 @@ def aggregated_worker(vllm_stack):
     # held to the same greedy answer
     settings = vllm_stack.settings.replace(region=REGION, worker_id=f"{vllm_stack.settings.worker_id}-agg",
                                            engine_step_lock="", spec_method="ngram")
-    log = vllm_stack.logs / "aggregated.log"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "aggregated"], env=child_environment(settings),
-                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    async def first_heartbeat() -> None:
-        nc = await nats.connect(settings.nats_url)
-        try:
-            sub = await nc.subscribe(vllm_stack.subjects.heartbeat(REGION, "aggregated"))
-            await sub.next_msg(timeout=600)
-        finally:
-            await nc.close()
-
+    proc = spawn_worker(vllm_stack, settings, "aggregated")
     try:
-        asyncio.run(first_heartbeat())
-        assert proc.poll() is None, f"the aggregated worker exited; see {log}"
+        wait_for_heartbeat(settings, "aggregated")
+        assert proc.poll() is None, f"the aggregated worker exited; see {vllm_stack.logs}"
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(proc)
 
 
 async def test_an_aggregated_worker_gives_the_engines_answer_over_both_doors(vllm_stack, aggregated_worker,
@@ -71,4 +43,4 @@ async def test_an_aggregated_worker_gives_the_engines_answer_over_both_doors(vll
     # the first turn's prompt blocks were saved by this worker and loaded for the second turn
     assert result.done["usage"]["cached_prompt_tokens"] > 0
     assert result.done["timings"]["decode_queue_ms"] == 0  # no decode stage: one engine did both
-    assert '"speculative": "ngram"' in (vllm_stack.logs / "aggregated.log").read_text()
+    assert '"speculative": "ngram"' in (vllm_stack.logs / f"{vllm_stack.settings.worker_id}-agg.log").read_text()

@@ -1,0 +1,63 @@
+"""A decode worker that dies mid-answer: the job goes to another decode worker, which continues
+from the tokens the client already has (read from the capture stream), so the client sees every
+token once, in order, and the whole answer (real NATS and Redis, fake engines)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from collections import Counter
+
+from bus.codec import decode_event
+from edge.client import EdgeClient
+from inference.fake_engine import FakeEngine
+from kv_store.block_store import BlockStore
+from services.processes import start_worker
+from tests.pipeline.harness import bus_client, eventually, running_stack
+from tests.pipeline.test_chat_flow import expected
+
+
+async def die(running) -> None:
+    """As a SIGKILL looks from outside: the connection drops, nothing is acked or nak'ed."""
+    await running.nc.close()
+    running.task.cancel()
+    await asyncio.gather(running.task, return_exceptions=True)
+
+
+async def test_a_dead_decode_workers_request_continues_on_another_with_no_token_lost_or_repeated(settings):
+    settings = settings.replace(ack_wait_s=1.0)
+    store = BlockStore(settings.redis_url, 60)
+
+    def decode_engine() -> FakeEngine:
+        return FakeEngine("decode", token_delay_s=0.05, store=store, key_prefix=settings.kv_key_prefix)
+    question = "a long answer that will outlive its first decode worker"
+    prefill = FakeEngine("prefill", store=store, key_prefix=settings.kv_key_prefix)
+    async with running_stack(settings, prefill, decode_engine()) as stack, bus_client(settings) as nc:
+        published: Counter[int] = Counter()  # event seq -> times it went over the bus
+
+        async def count(msg) -> None:
+            published[decode_event(msg.data).seq] += 1
+        await nc.subscribe(f"{settings.subject_prefix}.evt.>", cb=count)
+        spare = await start_worker(settings.replace(worker_id=f"{settings.worker_id}-spare"), "decode",
+                                   decode_engine())
+        try:
+            async with await EdgeClient.connect(stack.url) as client:
+                frames, victim = [], None
+                async for frame in client.stream([{"role": "user", "content": question}], max_tokens=300):
+                    frames.append(frame)
+                    tokens = sum(f["type"] == "token" for f in frames)
+                    if tokens == 8 and victim is None:
+                        victim = next(w for w in (stack.decode, spare) if w.worker._active)
+                        await die(victim)
+            survivor = spare if victim is stack.decode else stack.decode
+            assert frames[-1]["type"] == "done", frames[-1]
+            tokens = [f for f in frames if f["type"] == "token"]
+            assert [t["seq"] for t in tokens] == list(range(len(tokens)))
+            assert "".join(t["text"] for t in tokens) == expected(question)
+            assert frames[-1]["usage"]["completion_tokens"] == len(expected(question))
+            await eventually(lambda: survivor.worker.counters.served == 1)
+            # the survivor went on from the last token sent instead of generating them again
+            assert [seq for seq, n in published.items() if n > 1] == []
+        finally:
+            if spare is not victim:
+                await spare.stop(1.0)

@@ -141,5 +141,6 @@ class Gateway:
         return ok, f"{body} nats={'up' if self.nc.is_connected else 'down'}\n"
 
     def models(self) -> list[str]:
-        """Model ids that live workers serve."""
-        return sorted(m for m, at in self._models.items() if at >= self._horizon())
+        """Model ids that live workers serve, and the one this edge is configured with."""
+        live = {m for m, at in self._models.items() if at >= self._horizon()}
+        return sorted(live | {self.settings.model_id})

@@ -122,8 +122,7 @@ class OpenAIApi:
 
     async def models(self, request: web.Request) -> web.Response:
         self._tenant(request)
-        ids = sorted(set(self.gateway.models()) | {self.settings.model_id})
-        body = ModelList("list", [Model(m, "model", 0, "grokstack") for m in ids])
+        body = ModelList("list", [Model(m, "model", 0, "grokstack") for m in self.gateway.models()])
         return web.Response(body=_json.encode(body), content_type="application/json")
 
     # ------------------------------------------------------------------ chat
@@ -137,7 +136,7 @@ class OpenAIApi:
             body, frame = parse_request(await request.read(), self.limits)
         except FrameError as exc:
             raise ApiError(exc.code, exc.message, param_of(exc.message)) from None
-        if body.model not in set(self.gateway.models()) | {self.settings.model_id}:
+        if body.model not in self.gateway.models():
             raise ApiError("model_not_found", f"the model {body.model!r} does not exist; GET /v1/models lists "
                            "the models served", "model")
         priority = frame.priority or request.headers.get(PRIORITY_HEADER) or tenant.default_priority

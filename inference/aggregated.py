@@ -19,7 +19,7 @@ from bus.codec import decode
 from bus.messages import ChatRequest, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
 from inference.decode import EngineAborted
 from inference.engine import Engine
-from inference.prefill import check_fits
+from inference.prefill import prompt_of, queue_ms
 from inference.worker import Emitter, Job
 from kv_store.transfers import TransferRecords
 
@@ -40,8 +40,7 @@ class AggregatedService:
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
-        prompt = self.engine.render_chat(req.messages)
-        check_fits(len(prompt), req.sampling.max_tokens, self.engine.max_model_len)
+        prompt = prompt_of(self.engine, req)
         t0 = time.perf_counter()
         first_at = 0.0
         completion, finish, cached = 0, None, 0
@@ -64,8 +63,8 @@ class AggregatedService:
         await emit.emit(FinalEvent(
             request_id=req.request_id, seq=emit.next_seq(), finish_reason=finish or "stop",
             usage=Usage(prompt_tokens=len(prompt), cached_prompt_tokens=cached, completion_tokens=completion),
-            timings=Timings(queue_ms=max(0.0, (job.received_at - req.created_at) * 1000) if req.created_at else 0.0,
-                            prefill_ms=prefill_ms, decode_ms=(done - (first_at or done)) * 1000),
+            timings=Timings(queue_ms=queue_ms(job), prefill_ms=prefill_ms,
+                            decode_ms=(done - (first_at or done)) * 1000),
             kv=KvTransfer(bytes_written=int(record.get("save_bytes", 0)), write_ms=record.get("save_ms", 0.0),
                           bytes_read=int(record.get("load_bytes", 0)), read_ms=record.get("load_ms", 0.0),
                           loaded_tokens=cached)))

@@ -26,6 +26,19 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
             f"must fit the model's context of {max_model_len} tokens")
 
 
+def prompt_of(engine: Engine, req: ChatRequest) -> list[int]:
+    """The request's prompt tokens, refused when prompt plus max_tokens exceed the context."""
+    prompt = engine.render_chat(req.messages)
+    check_fits(len(prompt), req.sampling.max_tokens, engine.max_model_len)
+    return prompt
+
+
+def queue_ms(job: Job[ChatRequest]) -> float:
+    """From publish to this worker taking the request."""
+    req = job.body
+    return max(0.0, (job.received_at - req.created_at) * 1000) if req.created_at else 0.0
+
+
 class PrefillService:
     kind = "req"
     role = "prefill"
@@ -44,9 +57,7 @@ class PrefillService:
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
-        prompt = self.engine.render_chat(req.messages)
-        check_fits(len(prompt), req.sampling.max_tokens, self.engine.max_model_len)
-        queue_ms = max(0.0, (job.received_at - req.created_at) * 1000) if req.created_at else 0.0
+        prompt = prompt_of(self.engine, req)
         t0 = time.perf_counter()
         token_ids: list[int] = []
         text, finish, cached, report = "", None, 0, None
@@ -59,7 +70,7 @@ class PrefillService:
         await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(), text=text,
                                    token_ids=token_ids))
         record = await self.transfers.read(req.request_id) if self.transfers else {}
-        stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms, prefill_ms=prefill_ms,
+        stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms(job), prefill_ms=prefill_ms,
                              cached_tokens=cached, done_at=time.time(),
                              kv_bytes_written=int(record.get("save_bytes", 0)),
                              kv_write_ms=record.get("save_ms", 0.0))

@@ -116,9 +116,18 @@ def stop_group(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
         psutil.wait_procs(alive, timeout=10)
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _start_and_wait(argv: list[str], env: dict[str, str], log: Path, ready_url: str, what: str,
+                    stop_signal: int, stop_grace_s: float) -> subprocess.Popen:
+    """Start a process group logging to `log`; wait until `ready_url` answers 200 (stopped again
+    if it never does)."""
     with open(log, "wb") as out:
-        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(ready_url, proc, what, log)
+    except BaseException:
+        stop_group(proc, stop_signal, stop_grace_s)
+        raise
+    return proc
 
 
 def start_vllm(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
@@ -140,19 +149,15 @@ def start_vllm(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
     if profile.name == "gpu":
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     log = _log_file(settings, "vllm")
-    proc = _spawn(argv, env, log)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc, "vLLM's OpenAI server", log)
-    except BaseException:
-        stop_group(proc, signal.SIGTERM, 30)
-        raise
+    proc = _start_and_wait(argv, env, log, f"http://127.0.0.1:{port}/health", "vLLM's OpenAI server",
+                           signal.SIGTERM, 30)
     return proc, f"http://127.0.0.1:{port}/v1", log
 
 
 def start_stack_api(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
     """`grokstack up` with this command's settings; its OpenAI API at http://<edge_host>:<api_port>/v1."""
     from services.up import child_environment
-    api_port = int(getattr(settings, "api_port", 8000))
+    api_port = settings.api_port
     host = "127.0.0.1" if settings.edge_host in ("", "0.0.0.0", "::") else settings.edge_host
     with socket.socket() as s:
         if s.connect_ex((host, api_port)) == 0:
@@ -160,12 +165,8 @@ def start_stack_api(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
     env = child_environment(settings) | {"GROKSTACK_EDGE_PORT": str(free_port()),
                                          "GROKSTACK_API_PORT": str(api_port), "GROKSTACK_LOG_LEVEL": "warning"}
     log = _log_file(settings, f"stack-{settings.serving_mode}")
-    proc = _spawn([sys.executable, "-m", "services.cli", "up"], env, log)
-    try:
-        _wait_http(f"http://{host}:{api_port}/readyz", proc, "the stack (grokstack up)", log)
-    except BaseException:
-        stop_group(proc, signal.SIGINT, 120)
-        raise
+    proc = _start_and_wait([sys.executable, "-m", "services.cli", "up"], env, log,
+                           f"http://{host}:{api_port}/readyz", "the stack (grokstack up)", signal.SIGINT, 120)
     return proc, f"http://{host}:{api_port}/v1", log
 
 

@@ -126,7 +126,8 @@ class RunningWorker:
         await self.worker.stop(grace_s)
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-        await self.nc.drain()
+        if not self.nc.is_closed:  # a worker that lost its connection still stops cleanly
+            await self.nc.drain()
         await self.records.close()
         await self.engine.shutdown()
         log.info("worker stopped", role=self.role)

@@ -61,3 +61,9 @@ async def test_a_dead_decode_workers_request_continues_on_another_with_no_token_
         finally:
             if spare is not victim:
                 await spare.stop(1.0)
+
+
+async def test_a_worker_that_lost_its_connection_still_stops_cleanly(settings):
+    from tests.pipeline.test_chat_flow import engines
+    async with running_stack(settings, *engines(settings)) as stack:
+        await die(stack.decode)  # the harness then stops it as any worker is stopped

@@ -8,16 +8,18 @@ sequence range are applied by the server (where the consumer starts); the other 
 from __future__ import annotations
 
 import heapq
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import AsyncIterator, Literal
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from bus.codec import BadMessage, decode, reply_route
-from bus.messages import AnyMessage, DeadLetter, Event, Message, TokenEvent
+from bus.messages import AnyMessage, ChatRequest, DeadLetter, Event, Message, TokenEvent
 from bus.subjects import Subjects
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ class SentSoFar:
     token_ids: dict[int, list[int]]  # event seq -> the token ids it carried
     finished: bool  # a final or error event went out
     next_seq: int  # the sequence number of the next event
+    last_stored_at: float = 0.0  # unix seconds the last of them was stored
 
     def tokens_from(self, first_seq: int) -> tuple[list[int], int]:
         """The tokens of events first_seq, first_seq+1, ... up to the first gap, and the
@@ -198,29 +201,90 @@ class SentSoFar:
         return out, seq
 
 
-async def sent_so_far(js: JetStreamContext, subjects: Subjects, reply_to: str) -> SentSoFar:
-    """Every event captured on one request's event subject, read to the last one stored."""
-    sent = SentSoFar({}, False, 0)
+async def captured_on(js: JetStreamContext, subjects: Subjects, filter_subject: str,
+                      since: float | None = None) -> AsyncIterator[Msg]:
+    """The capture's messages on `filter_subject` (stored since `since`, or all), oldest first,
+    up to the last one stored when reading began. Close it (`aclosing`) when leaving early."""
+    start = _start(Selection(since=since), "capture")
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
-                            deliver_policy=DeliverPolicy.ALL, filter_subject=reply_to)
-    sub = await js.pull_subscribe(reply_to, stream=subjects.stream("capture"), config=config)
+                            filter_subject=filter_subject, **start)
+    sub = await js.pull_subscribe(filter_subject, stream=subjects.stream("capture"), config=config)
     try:
+        if (await sub.consumer_info()).num_pending == 0:
+            return  # nothing captured: no need to wait for a fetch to time out
         while True:
             try:
                 msgs = await sub.fetch(256, timeout=1.0)
-            except Exception:  # nats' TimeoutError: nothing (more) captured
-                return sent
+            except Exception:  # nats' TimeoutError: nothing more captured
+                return
             for msg in msgs:
-                try:
-                    event = decode(msg.data, Event)  # type: ignore[arg-type]
-                except BadMessage:
-                    continue
-                if isinstance(event, TokenEvent):
-                    sent.token_ids[event.seq] = list(event.token_ids)
-                else:
-                    sent.finished = True
-                sent.next_seq = max(sent.next_seq, event.seq + 1)
+                yield msg
                 if msg.metadata.num_pending == 0:
-                    return sent
+                    return
     finally:
         await sub.unsubscribe()
+
+
+async def sent_so_far(js: JetStreamContext, subjects: Subjects, reply_to: str) -> SentSoFar:
+    """Every event captured on one request's event subject, read to the last one stored."""
+    sent = SentSoFar({}, False, 0)
+    async for msg in captured_on(js, subjects, reply_to):
+        try:
+            event = decode(msg.data, Event)  # type: ignore[arg-type]
+        except BadMessage:
+            continue
+        if isinstance(event, TokenEvent):
+            sent.token_ids[event.seq] = list(event.token_ids)
+        else:
+            sent.finished = True
+        sent.next_seq = max(sent.next_seq, event.seq + 1)
+        sent.last_stored_at = msg.metadata.timestamp.timestamp()
+    return sent
+
+
+@dataclass
+class EventHistory:
+    """A request's events as the capture stream holds them, by whichever edge or client they
+    went to."""
+    events: dict[int, Event]  # event seq -> the event (a repeat keeps the first)
+    first_stored_at: float | None  # unix seconds the first one was stored; None when none was
+    first_stream_seq: int | None  # its sequence in the capture stream
+
+    def from_seq(self, seq: int) -> list[Event]:
+        return [self.events[s] for s in sorted(self.events) if s >= seq]
+
+
+async def event_history(js: JetStreamContext, subjects: Subjects, request_id: str) -> EventHistory:
+    history = EventHistory({}, None, None)
+    async for msg in captured_on(js, subjects, subjects.events_of_request(request_id)):
+        if history.first_stored_at is None:
+            history.first_stored_at = msg.metadata.timestamp.timestamp()
+            history.first_stream_seq = msg.metadata.sequence.stream
+        try:
+            event = decode(msg.data, Event)  # type: ignore[arg-type]
+        except BadMessage:
+            continue
+        history.events.setdefault(event.seq, event)
+    return history
+
+
+async def find_request(js: JetStreamContext, subjects: Subjects, request_id: str, since: float,
+                       before_stream_seq: int | None = None) -> ChatRequest | None:
+    """The captured copy of a chat request, looked for among the requests stored since `since`
+    (and before `before_stream_seq`, when its first event is known). Request subjects do not
+    name the request, so this reads every request copy of the window: the server filters by
+    subject, and a byte search skips decoding the others."""
+    needle = request_id.encode()
+    async with aclosing(captured_on(js, subjects, subjects.capture_copies("req"), since)) as copies:
+        async for msg in copies:
+            if before_stream_seq is not None and msg.metadata.sequence.stream > before_stream_seq:
+                return None
+            if needle not in msg.data:
+                continue
+            try:
+                request = decode(msg.data, ChatRequest)
+            except BadMessage:
+                continue
+            if request.request_id == request_id:
+                return request
+    return None

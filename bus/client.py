@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
 from bus.codec import BadMessage, decode, decode_event, encode
+from bus.credentials import BusAuth
 from bus.jetstream import connect
 from bus.messages import (
     Cancel,
@@ -124,9 +125,10 @@ class JobClient:
 
     @classmethod
     async def connect(cls, url: str, prefix: str = "gs", region: str = "local",
-                      client_id: str | None = None) -> "JobClient":
+                      client_id: str | None = None, auth: BusAuth | None = None) -> "JobClient":
+        """`auth`: the login to use, e.g. `BusAuth.of(settings, "ops")` (bus/credentials.py)."""
         client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
-        nc = await connect(url, name=f"grokstack-{client_id}")
+        nc = await connect(url, name=f"grokstack-{client_id}", auth=auth)
         return await cls.over(nc, prefix, region, client_id, own_connection=True)
 
     @classmethod

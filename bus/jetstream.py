@@ -8,6 +8,7 @@ one process never share declaration state.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 import nats
@@ -26,6 +27,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from bus.credentials import BusAuth, CredentialsError, redact_url
 from bus.subjects import PRIORITIES, Subjects, WorkKind
 from services.settings import Settings
 
@@ -36,33 +38,60 @@ class BusUnavailable(RuntimeError):
     pass
 
 
-async def connect(url: str, name: str) -> NATS:
+CONNECT_TIMEOUT_S = 10.0  # the first connection, all attempts included
+
+
+async def connect(url: str, name: str, auth: BusAuth | None = None) -> NATS:
     """Connect, failing fast with the URL in the message when nothing answers at start; once
-    connected, reconnect forever (a broker restart must not kill the workers)."""
+    connected, reconnect forever (a broker restart must not kill the workers). `auth` logs in as
+    a role (bus/permissions.py says what each may do); a refused publish or subscription is
+    reported to the error callback, so it shows in the log as a permissions violation."""
+
+    said: list[str] = []  # what the server answered, e.g. 'Authorization Violation'
 
     async def on_error(exc: Exception) -> None:
+        said.append(str(exc))
         log.warning("nats error", error=f"{type(exc).__name__}: {exc}")
 
     async def on_disconnect() -> None:
         if nc is not None and (nc.is_closed or nc.is_draining):
             return  # we are closing it ourselves
-        log.warning("nats disconnected", url=url)
+        log.warning("nats disconnected", url=shown)
 
     async def on_reconnect() -> None:
-        log.info("nats reconnected", url=url)
+        log.info("nats reconnected", url=shown)
 
+    shown = redact_url(url)  # a password in the URL stays out of logs and messages
     nc: NATS | None = None
     try:
-        nc = await nats.connect(
+        # The overall bound matters for TLS: nats-py retries a failed handshake (an unknown CA)
+        # without end, and a process must exit with the reason instead.
+        nc = await asyncio.wait_for(nats.connect(
             url, name=name, connect_timeout=3, max_reconnect_attempts=1, reconnect_time_wait=0.5,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-            max_outstanding_pings=3, ping_interval=10,
-        )
-    except Exception as exc:  # NoServersError, auth errors, bad URLs
-        raise BusUnavailable(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from None
+            max_outstanding_pings=3, ping_interval=10, **(auth.connect_options() if auth else {}),
+        ), CONNECT_TIMEOUT_S)
+    except Exception as exc:  # NoServersError, auth errors, TLS errors, bad URLs
+        login = f" as {auth.role!r}" if auth and auth.login else ""
+        # The server's own refusal says more than the connection reset that may follow it.
+        told = [m for m in said if "violation" in m.lower()] or said
+        answer = f" (the server said: {told[0]})" if told else ""
+        raise BusUnavailable(f"cannot connect to NATS at {shown}{login}: {type(exc).__name__}: {exc}"
+                             f"{answer}") from None
     nc.options["max_reconnect_attempts"] = -1
-    log.info("nats connected", url=url, server=nc.connected_url.netloc if nc.connected_url else url)
+    server = nc.connected_url
+    log.info("nats connected", url=shown, role=auth.role if auth else None,
+             server=f"{server.hostname}:{server.port}" if server else shown)
     return nc
+
+
+async def connect_as(settings: Settings, role: str, name: str) -> NATS:
+    """`connect` to `settings.nats_url` with the role's login from `settings.nats_credentials`."""
+    try:
+        auth = BusAuth.of(settings, role)
+    except (CredentialsError, ValueError, OSError, ssl.SSLError) as exc:
+        raise BusUnavailable(f"cannot connect to NATS at {redact_url(settings.nats_url)}: {exc}") from None
+    return await connect(settings.nats_url, name, auth)
 
 
 def stream_configs(settings: Settings, subjects: Subjects) -> list[StreamConfig]:

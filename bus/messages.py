@@ -52,6 +52,9 @@ class ChatRequest(Message, tag="chat_request"):
     conversation_id: Id | None = None
     created_at: float = 0.0  # unix seconds, set by the publisher
     deadline: float = 0.0  # unix seconds; 0 means none
+    # The edge's tenant of the client that asked: another edge checks it before letting a
+    # client resume the request (edge failover). None when published straight to the bus.
+    tenant: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
 
 
 class KvHandle(Struct, frozen=True, forbid_unknown_fields=True):
@@ -88,6 +91,9 @@ class DecodeJob(Message, tag="decode_job"):
     conversation_id: Id | None = None
     created_at: float = 0.0
     deadline: float = 0.0
+    # The request's tenant: decode validates the KV handle against this tenant's KV namespace,
+    # so a handle naming another tenant's blocks is never loaded (it recomputes instead).
+    tenant: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
 
 
 class Usage(Struct, frozen=True, forbid_unknown_fields=True):

@@ -27,6 +27,9 @@ PRIORITIES: tuple[Priority, ...] = ("interactive", "standard", "batch")  # highe
 WorkKind = Literal["req", "decode"]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A whole-token wildcard. Only `Subjects.any_prefix()` uses it, to build permission patterns
+# (bus/permissions.py) that match the subjects of every prefix; never a subject to publish to.
+ANY = "*"
 
 
 def check_token(value: str, what: str) -> str:
@@ -44,6 +47,18 @@ class Subjects:
     def __post_init__(self) -> None:
         check_token(self.prefix, "subject prefix")
 
+    @classmethod
+    def any_prefix(cls) -> "Subjects":
+        """Patterns for every prefix at once (`*.req.>` ...): for a server that serves many
+        prefixes (tests, sandbox replays). Skips the check a real prefix gets."""
+        patterns = object.__new__(cls)
+        object.__setattr__(patterns, "prefix", ANY)
+        return patterns
+
+    @property
+    def is_any_prefix(self) -> bool:
+        return self.prefix == ANY
+
     # --- work queues ---
     def work(self, kind: WorkKind, region: str, priority: Priority) -> str:
         return f"{self.prefix}.{kind}.{check_token(region, 'region')}.{priority}"
@@ -58,6 +73,8 @@ class Subjects:
         return f"{self.prefix}.bell.{kind}.{check_token(region, 'region')}.*"
 
     def stream(self, kind: Literal["req", "decode", "dlq", "capture"]) -> str:
+        if self.is_any_prefix:
+            return ANY  # a stream name is one token: no pattern matches only `*_REQ`
         return f"{self.prefix.upper().replace('-', '_')}_{kind.upper()}"
 
     def stream_subjects(self, kind: WorkKind) -> str:
@@ -69,9 +86,12 @@ class Subjects:
     def doorbells(self) -> str:
         return f"{self.prefix}.bell.>"
 
+    def doorbells_of(self, kind: WorkKind) -> str:
+        return f"{self.prefix}.bell.{kind}.>"
+
     def captured(self) -> list[str]:
         """Everything GS_CAPTURE stores."""
-        return [self.capture_copies(), self.all_events(), f"{self.prefix}.cancel.>"]
+        return [self.capture_copies(), self.all_events(), self.all_cancels()]
 
     def consumer(self, kind: WorkKind, region: str, priority: Priority) -> str:
         return f"{kind}-{check_token(region, 'region')}-{priority}"
@@ -112,6 +132,9 @@ class Subjects:
     def cancel(self, region: str) -> str:
         return f"{self.prefix}.cancel.{check_token(region, 'region')}"
 
+    def all_cancels(self) -> str:
+        return f"{self.prefix}.cancel.>"
+
     def heartbeat(self, region: str, role: str) -> str:
         return f"{self.prefix}.hb.{check_token(region, 'region')}.{check_token(role, 'role')}"
 
@@ -120,6 +143,9 @@ class Subjects:
 
     def all_heartbeats(self) -> str:
         return f"{self.prefix}.hb.*.*"
+
+    def heartbeats_of_role(self, role: str) -> str:
+        return f"{self.prefix}.hb.*.{check_token(role, 'role')}"
 
     def max_deliveries_advisories(self, kind: WorkKind) -> str:
         """NATS's own advisory when a work message was delivered max_deliver times, unacked."""

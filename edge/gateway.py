@@ -2,11 +2,18 @@
 
 Events of all requests of this edge arrive on one subscription (`gs.evt.<edge>.*`) and are
 sorted into per-request streams that deliver them by sequence number: duplicates are dropped,
-early arrivals wait for the ones before them, and a gap that does not fill in time is an error.
+early arrivals wait for the ones before them, a gap is filled from the capture stream, and one
+the capture cannot fill either is an error. After a reconnect to NATS every open stream looks in
+the capture too: events published while the subscription was down are lost to it, not to the
+capture.
+
+A request another edge accepted (that edge died, or the client reconnected elsewhere) can be
+adopted: its events come from the capture, then from a subscription to `gs.evt.*.<request>`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -15,15 +22,22 @@ from collections import OrderedDict
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
+from bus.capture import event_history, find_request
 from bus.codec import BadMessage, decode, decode_event, encode
 from bus.jetstream import ensure_streams
-from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Heartbeat, SamplingSpec
+from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Event, Heartbeat, SamplingSpec
 from bus.ordering import RequestStream
 from bus.subjects import Priority, Subjects
 from services.settings import Settings
 
 log = structlog.get_logger("grokstack.edge")
+
+GAP_TIMEOUT_S = 5.0
+# Publishers flush what they buffered when they reconnect too, maybe after this edge: look twice.
+REFILL_AFTER_RECONNECT_S = (1.0, 3.0)
+CAPTURE_READERS = 8  # capture look-ups at once after a reconnect
 
 
 class SubmitFailed(RuntimeError):
@@ -46,16 +60,26 @@ class Gateway:
         # (region, role) -> monotonic time of the last heartbeat of a worker of that kind there
         self._last_beat: dict[tuple[str, str], float] = {}
         self._models: dict[str, float] = {}  # model id -> last heartbeat naming it
+        self._adopted: dict[str, Subscription] = {}  # request id -> its events, to any edge
+        self._background: set[asyncio.Task] = set()
+        self._capture_readers = asyncio.Semaphore(CAPTURE_READERS)
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings, self.subjects)
         await self.nc.subscribe(self.subjects.events_of_edge(self.edge_id), cb=self._on_event)
         await self.nc.subscribe(self.subjects.all_heartbeats(), cb=self._on_beat)
+        self._spawn(self._watch_reconnects())
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     # ------------------------------------------------------------------ requests
 
     def new_request(self, messages: list[ChatMessage], sampling: SamplingSpec, priority: Priority,
-                    conversation_id: str | None, region: str | None = None) -> ChatRequest:
+                    conversation_id: str | None, region: str | None = None,
+                    tenant: str | None = None) -> ChatRequest:
         request_id = uuid.uuid4().hex
         now = time.time()
         return ChatRequest(
@@ -63,10 +87,10 @@ class Gateway:
             messages=messages, sampling=sampling,
             reply_to=self.subjects.events(self.edge_id, request_id),
             conversation_id=conversation_id, created_at=now,
-            deadline=now + self.settings.request_timeout_s)
+            deadline=now + self.settings.request_timeout_s, tenant=tenant)
 
     async def submit(self, request: ChatRequest) -> RequestStream:
-        stream = RequestStream(request.request_id, gap_timeout_s=5.0)
+        stream = self._new_stream(request.request_id)
         self._streams[request.request_id] = stream  # before publishing: events may come fast
         try:
             await self.js.publish(self.subjects.request(request.region, request.priority),
@@ -77,11 +101,38 @@ class Gateway:
             raise SubmitFailed(f"the bus did not accept the request: {type(exc).__name__}: {exc}") from None
         return stream
 
+    async def adopt(self, request_id: str) -> tuple[ChatRequest, RequestStream] | None:
+        """Follow a request another edge accepted: the request and its events as the capture
+        holds them, then its events as they come. None when the capture has no such request."""
+        stream = self._new_stream(request_id)
+        self._streams[request_id] = stream
+        self._adopted[request_id] = await self.nc.subscribe(
+            self.subjects.events_of_request(request_id), cb=self._on_adopted_event)
+        try:
+            await self.nc.flush()  # subscribed before the capture is read: no gap between the two
+            history = await event_history(self.js, self.subjects, request_id)
+            # A request is first stored before its first event, and lives until its deadline.
+            since = (history.first_stored_at or time.time()) - self.settings.request_timeout_s
+            request = await find_request(self.js, self.subjects, request_id, since,
+                                         history.first_stream_seq)
+        except Exception as exc:
+            log.warning("capture not readable", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
+            request = None
+        if request is None:
+            self.forget(request_id)
+            return None
+        for event in history.from_seq(0):
+            stream.deliver(event)
+        return request, stream
+
     def forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        sub = self._adopted.pop(request_id, None)
+        if sub is not None:
+            self._spawn(sub.unsubscribe())
 
     async def cancel(self, request_id: str, reason: str, region: str | None = None) -> None:
-        self._streams.pop(request_id, None)
+        self.forget(request_id)
         self._remember_orphan(request_id)
         try:
             await self.nc.publish(self.subjects.cancel(region or self.settings.region),
@@ -94,7 +145,59 @@ class Gateway:
         while len(self._orphans) > 10_000:
             self._orphans.popitem(last=False)
 
+    def _new_stream(self, request_id: str) -> RequestStream:
+        return RequestStream(request_id, gap_timeout_s=GAP_TIMEOUT_S, refill=self._captured_from)
+
+    async def _captured_from(self, request_id: str, first_seq: int) -> list[Event]:
+        async with self._capture_readers:
+            try:
+                history = await event_history(self.js, self.subjects, request_id)
+            except Exception as exc:  # the capture is down too: the gap stays a gap
+                log.warning("capture not readable", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
+                return []
+        found = history.from_seq(first_seq)
+        if found:
+            log.info("missed events read from the capture", request_id=request_id, first_seq=first_seq,
+                     found=len(found))
+        return found
+
+    async def _watch_reconnects(self) -> None:
+        """nats-py resubscribes after a reconnect, but what was published meanwhile is gone."""
+        seen = self.nc.stats["reconnects"]
+        while True:
+            await asyncio.sleep(0.25)
+            if self.nc.stats["reconnects"] != seen:
+                seen = self.nc.stats["reconnects"]
+                self._spawn(self._refill_after_reconnect())
+
+    async def _refill_after_reconnect(self) -> None:
+        for delay in REFILL_AFTER_RECONNECT_S:
+            await asyncio.sleep(delay)
+            streams = list(self._streams.values())
+            log.info("reading events missed during the reconnect from the capture", requests=len(streams))
+            await asyncio.gather(*(s.fill_from_capture() for s in streams), return_exceptions=True)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # e.g. unsubscribing when closed
+            log.debug("background bus task failed", error=repr(task.exception()))
+
     # ------------------------------------------------------------------ inbound
+
+    async def _on_adopted_event(self, msg: Msg) -> None:
+        """Events of adopted requests; unlike our own, one nobody waits for is not ours to stop."""
+        try:
+            event = decode_event(msg.data)
+        except BadMessage:
+            return
+        stream = self._streams.get(event.request_id)
+        if stream is not None:
+            stream.deliver(event)
 
     async def _on_event(self, msg: Msg) -> None:
         try:

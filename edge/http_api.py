@@ -146,7 +146,7 @@ class OpenAIApi:
                                 temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame),
                                 seed=frame.seed)
         bus_request = self.gateway.new_request(list(frame.messages), sampling, priority,  # type: ignore[arg-type]
-                                               frame.conversation_id, region)
+                                               frame.conversation_id, region, tenant=tenant.name)
         with request_context(bus_request.request_id, region, priority, tenant=tenant.name, api="openai"):
             try:
                 live = await self.live.start(bus_request, tenant.name)
@@ -162,16 +162,20 @@ class OpenAIApi:
     async def resume(self, request: web.Request) -> web.StreamResponse:
         tenant = self._tenant(request)
         request_id = request.match_info["request_id"].removeprefix("chatcmpl-")
-        live = self.live.get(request_id)
-        if live is None or live.tenant != tenant.name:
-            raise ApiError("unknown_request", f"this edge holds no request {request_id!r} (unknown, or finished "
-                           f"more than {self.settings.resume_retention_s:.0f} s ago)")
         raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
         try:
             last_seq = int(raw)
         except ValueError:
             raise ApiError("invalid_request", f"Last-Event-ID must be an event sequence number, got {raw!r}",
                            "Last-Event-ID") from None
+        try:
+            check_token(request_id, "request id")
+        except ValueError as exc:
+            raise ApiError("invalid_request", str(exc)) from None
+        live = await self.live.resumable(request_id, tenant.name)
+        if live is None:
+            raise ApiError("unknown_request", f"no request {request_id!r} to resume (unknown, another tenant's, "
+                           "or older than the capture stream keeps)")
         with request_context(live.request_id, live.request.region, live.request.priority, tenant=tenant.name,
                              api="openai"):
             log.info("request resumed", last_seq=last_seq)
@@ -241,7 +245,7 @@ class OpenAIApi:
             log.warning("client too slow, dropping", request_id=live.request_id)
             await self.live.cancel(live, "client_too_slow")
             if request.transport is not None:
-                request.transport.close()
+                request.transport.abort()  # close() would wait to send what it buffered: forever
         return response
 
     async def _send(self, response: web.StreamResponse, seq: int, payload: object) -> None:

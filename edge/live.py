@@ -6,6 +6,11 @@ client that comes back with the request id and the last sequence number it saw g
 events it missed, then the rest: no repeat, no gap. A request that nobody follows for
 `resume_grace_s` is cancelled through the pipeline, as is one its client cancels.
 
+A request this edge does not hold may have been accepted by another edge that died (or the
+client reconnected elsewhere): it is adopted from the capture stream, where the request and all
+its events are stored, then followed live like one of ours. The request names its tenant; only
+a client of the same tenant may resume it.
+
 Websocket connections and HTTP/SSE responses are both just followers of a `LiveRequest`.
 """
 
@@ -84,6 +89,7 @@ class LiveRequests:
         self._live: dict[str, LiveRequest] = {}
         self._pumps: set[asyncio.Task] = set()
         self.per_tenant: Counter[str] = Counter()  # requests in flight (not finished)
+        self._adopting: dict[str, asyncio.Task] = {}  # request id -> its adoption under way
 
     def get(self, request_id: str) -> LiveRequest | None:
         return self._live.get(request_id)
@@ -103,12 +109,21 @@ class LiveRequests:
         """Publish the request and start collecting its events. Raises SubmitFailed."""
         stream = await self.gateway.submit(request)
         live = LiveRequest(request, tenant)
-        self._live[request.request_id] = live
-        self.per_tenant[tenant] += 1
-        task = live._pump = asyncio.create_task(self._pump(live, stream))
-        self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
+        self._track(live, stream)
         return live
+
+    async def resumable(self, request_id: str, tenant: str) -> LiveRequest | None:
+        """The tenant's request `request_id`, held here or adopted from the capture; None when
+        there is none (or it is another tenant's)."""
+        live = self._live.get(request_id)
+        if live is None:
+            adoption = self._adopting.get(request_id)
+            if adoption is None:  # two resumes at once adopt it once
+                adoption = self._adopting[request_id] = asyncio.create_task(self._adopt(request_id, tenant))
+                adoption.add_done_callback(lambda _: self._adopting.pop(request_id, None))
+            await asyncio.shield(adoption)
+            live = self._live.get(request_id)
+        return live if live is not None and live.tenant == tenant else None
 
     async def follow(self, live: LiveRequest, after_seq: int = -1) -> AsyncIterator[Event]:
         """The request's events after `after_seq`, as they come, until its last one. While no
@@ -142,6 +157,29 @@ class LiveRequests:
 
     # ------------------------------------------------------------------ internals
 
+    def _track(self, live: LiveRequest, stream: RequestStream) -> None:
+        self._live[live.request_id] = live
+        self.per_tenant[live.tenant] += 1
+        task = live._pump = asyncio.create_task(self._pump(live, stream))
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+        self._start_grace(live)  # until its first follower comes
+
+    async def _adopt(self, request_id: str, tenant: str) -> None:
+        found = await self.gateway.adopt(request_id)
+        if found is None:
+            return
+        request, stream = found
+        if request.tenant != tenant:
+            self.gateway.forget(request_id)
+            return
+        # Its clocks run from when it was created, as they did on the edge that accepted it.
+        age_s = max(0.0, time.time() - request.created_at) if request.created_at else 0.0
+        live = LiveRequest(request, tenant, started=time.monotonic() - age_s, api_model=self.settings.model_id)
+        self._track(live, stream)
+        log.info("request adopted from the capture", request_id=request_id, reply_to=request.reply_to,
+                 age_s=round(age_s, 3))
+
     def _attach(self, live: LiveRequest) -> None:
         live.followers += 1
         if live._grace is not None:
@@ -150,11 +188,15 @@ class LiveRequests:
 
     def _detach(self, live: LiveRequest) -> None:
         live.followers -= 1
-        if live.followers == 0 and not live.finished:
+        self._start_grace(live)
+
+    def _start_grace(self, live: LiveRequest) -> None:
+        if live.followers == 0 and not live.finished and live._grace is None:
             live._grace = asyncio.get_running_loop().call_later(
                 self.settings.resume_grace_s, lambda: asyncio.create_task(self._abandoned(live)))
 
     async def _abandoned(self, live: LiveRequest) -> None:
+        live._grace = None
         if live.followers == 0 and not live.finished:
             log.info("client gone past the grace period, cancelling", request_id=live.request_id,
                      grace_s=self.settings.resume_grace_s)

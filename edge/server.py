@@ -145,7 +145,7 @@ class Connection:
                 max_tokens=frame.max_tokens or self.settings.default_max_tokens,
                 temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame), seed=frame.seed)
             request = self.gateway.new_request(list(frame.messages), sampling, priority, frame.conversation_id,
-                                               frame.region)
+                                               frame.region, tenant=self.tenant.name)
             with request_context(request.request_id, request.region, request.priority,
                                  connection=self.number, tenant=self.tenant.name):
                 try:
@@ -166,10 +166,10 @@ class Connection:
 
     async def _resume(self, client_id: str, frame: ResumeFrame) -> None:
         try:
-            live = self.live.get(frame.request_id)
-            if live is None or live.tenant != self.tenant.name:
-                await self._error(client_id, "unknown_request", f"this edge holds no request {frame.request_id!r} "
-                                  f"(unknown, or finished more than {self.settings.resume_retention_s:.0f} s ago)")
+            live = await self.live.resumable(frame.request_id, self.tenant.name)
+            if live is None:
+                await self._error(client_id, "unknown_request", f"no request {frame.request_id!r} to resume "
+                                  "(unknown, another tenant's, or older than the capture stream keeps)")
                 return
             with request_context(live.request_id, live.request.region, live.request.priority,
                                  connection=self.number, tenant=self.tenant.name):

@@ -21,6 +21,7 @@ from inference.decode import EngineAborted
 from inference.engine import Engine
 from inference.prefill import prompt_of, queue_ms
 from inference.worker import Emitter, Job
+from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.aggregated")
@@ -46,7 +47,7 @@ class AggregatedService:
         completion, finish, cached = 0, None, 0
         async for chunk in self.engine.generate(req.request_id, prompt, req.sampling,
                                                 max_tokens=req.sampling.max_tokens,
-                                                kv={"request_id": req.request_id}):
+                                                kv=kv_params(req.request_id, req.tenant)):
             if chunk.token_ids or chunk.text:
                 first_at = first_at or time.perf_counter()
                 completion += len(chunk.token_ids)

@@ -22,6 +22,7 @@ from bus.messages import DecodeJob, FinalEvent, KvTransfer, Timings, TokenEvent,
 from bus.subjects import Subjects
 from inference.engine import Engine
 from inference.worker import Emitter, Job
+from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.decode")
@@ -47,7 +48,7 @@ class DecodeService:
         return decode(data, DecodeJob)
 
     def _kv_params(self, job: DecodeJob) -> dict:
-        params: dict = {"request_id": job.request_id}
+        params = kv_params(job.request_id, job.tenant)
         if job.kv is not None:
             if job.kv.model_id != self.engine.model_id:
                 log.warning("kv handle from another model, recomputing", handle_model=job.kv.model_id)
@@ -60,13 +61,16 @@ class DecodeService:
         or None when the job was in fact finished."""
         if job.deliveries <= 1 or self.js is None or self.subjects is None:
             return []
+        t0 = time.perf_counter()
         sent = await sent_so_far(self.js, self.subjects, job.body.reply_to)
         if sent.finished:
             log.info("redelivered job was already finished", deliveries=job.deliveries)
             return None
         tokens, emit.seq = sent.tokens_from(self.first_seq)
         log.info("continuing a migrated job", deliveries=job.deliveries, tokens_already_sent=len(tokens),
-                 next_seq=emit.seq)
+                 next_seq=emit.seq, capture_read_ms=round((time.perf_counter() - t0) * 1000, 1),
+                 # about how long ago the dead worker stopped: what the lease cost this answer
+                 since_last_event_ms=round((time.time() - sent.last_stored_at) * 1000))
         return tokens
 
     async def serve(self, job: Job[DecodeJob], emit: Emitter) -> None:
@@ -83,6 +87,9 @@ class DecodeService:
                     j.request_id, [*j.prompt_token_ids, j.first_token_id, *sent], j.sampling,
                     max_tokens=j.sampling.max_tokens - completion, kv=self._kv_params(j)):
                 if chunk.token_ids or chunk.text:
+                    if job.deliveries > 1 and completion == 1 + len(sent):
+                        log.info("migrated job's first new token",
+                                 after_ms=round((time.perf_counter() - t0) * 1000, 1))
                     completion += len(chunk.token_ids)
                     await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
                                                text=chunk.text, token_ids=chunk.token_ids))

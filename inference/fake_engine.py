@@ -78,7 +78,8 @@ class FakeEngine:
     def _kv(self, tokens: list[int], kv: dict[str, Any] | None) -> tuple[int, dict[str, Any] | None]:
         if self.store is None or kv is None:
             return 0, None
-        keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK)
+        keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK,
+                                 str(kv.get("namespace") or ""))
         if self.role in ("prefill", "aggregated"):  # kv_both: load earlier turns, save this one
             loadable = (len(tokens) - 1) // BLOCK
             loaded = self.store.present_prefix(keys[:loadable]) * BLOCK

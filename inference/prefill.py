@@ -13,6 +13,7 @@ from bus.messages import (ChatRequest, DecodeJob, FinalEvent, KvHandle, KvTransf
 from bus.subjects import Subjects
 from inference.engine import Engine
 from inference.worker import Emitter, Job, JobRefused
+from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.prefill")
@@ -62,7 +63,7 @@ class PrefillService:
         token_ids: list[int] = []
         text, finish, cached, report = "", None, 0, None
         async for chunk in self.engine.generate(req.request_id, prompt, req.sampling, max_tokens=1,
-                                                kv={"request_id": req.request_id}):
+                                                kv=kv_params(req.request_id, req.tenant)):
             token_ids += chunk.token_ids
             text += chunk.text
             finish, cached, report = chunk.finish_reason, chunk.cached_tokens, chunk.kv
@@ -87,7 +88,7 @@ class PrefillService:
                 reply_to=req.reply_to, prompt_token_ids=prompt, first_token_id=token_ids[-1],
                 sampling=req.sampling, prefill=stats, kv=KvHandle(**handle) if handle else None,
                 conversation_id=req.conversation_id, created_at=req.created_at,
-                deadline=req.deadline)),
+                deadline=req.deadline, tenant=req.tenant)),
             # A redelivered request (this worker died after publishing) is deduplicated here.
             headers={"Nats-Msg-Id": f"{req.request_id}.decode"}, timeout=5)
 

@@ -110,11 +110,21 @@ class PoolWorker:
         self.slots = slots
         self.counters = WorkerCounters()
         self.cancels = CancelWatch(nc, self.subjects.cancel(settings.region), settings.request_ttl_s)
-        self._puller = PriorityPuller(nc, self.subjects, service.kind, settings.region)
+        # An idle worker looks for redelivered jobs (which ring no doorbell) once per renewal
+        # period, so a dead worker's job is picked up soon after its lease lapses.
+        self._puller = PriorityPuller(nc, self.subjects, service.kind, settings.region,
+                                      idle_poll_s=min(2.0, self.renewal_s))
         self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, settings.worker_name)
         self._active: dict[asyncio.Task, Msg] = {}
+        self._serving: set[str] = set()  # request ids of the jobs running here
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
+
+    @property
+    def renewal_s(self) -> float:
+        """How often a running job's lease (ack_wait) is renewed: 6 times per lease, so only a
+        loop stalled for most of a lease lets its job go."""
+        return self.settings.ack_wait_s / 6
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -192,9 +202,21 @@ class PoolWorker:
         except BadMessage as exc:
             await self._poison(msg, exc.reason, deliveries)
             return
+        if body.request_id in self._serving:
+            # Our own job came back: its lease lapsed while renewals could not get through
+            # (a broker restart, a stalled loop). The running task goes on and its renewals and
+            # ack count for this delivery too (JetStream tracks the stream sequence), so
+            # serving it twice here would only duplicate the work.
+            log.info("redelivered job is still running here", request_id=body.request_id,
+                     deliveries=deliveries)
+            return
         job = Job(msg, body, time.time(), deliveries)
-        with request_context(body.request_id, body.region, body.priority, role=self.service.role):
-            await self._serve(job)
+        self._serving.add(body.request_id)
+        try:
+            with request_context(body.request_id, body.region, body.priority, role=self.service.role):
+                await self._serve(job)
+        finally:
+            self._serving.discard(body.request_id)
 
     async def _serve(self, job: Job) -> None:
         body = job.body
@@ -272,9 +294,9 @@ class PoolWorker:
             await msg.term()
 
     async def _keep_alive(self, msg: Msg) -> None:
-        """Tell JetStream the job is alive, so a long generation is not redelivered."""
+        """Renew the job's lease, so a long generation is not redelivered while we live."""
         while True:
-            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            await asyncio.sleep(self.renewal_s)
             try:
                 await msg.in_progress()
             except Exception as exc:

@@ -129,7 +129,8 @@ class RedisKVConnector(KVConnectorBase_V1):
             return plan
         prompt = list(request.prompt_token_ids or [])
         keys = prompt_block_keys(self._key_prefix, self._layout, prompt, self._block_size,
-                                 len(prompt) // self._block_size)
+                                 len(prompt) // self._block_size,
+                                 str(self._params(request).get("namespace") or ""))
         # At least one prompt token must be computed to sample from, so the last block of a
         # prompt that ends on a block boundary is never loaded.
         loadable = min(len(keys), max(0, len(prompt) - 1) // self._block_size)

@@ -1,8 +1,10 @@
 """Content addresses for KV blocks: pure functions, shared by the connector and the workers.
 
-Block i of a prompt is keyed by a chained hash of (layout, tokens of blocks 0..i). Two prompts
-that share a prefix therefore share the keys of its full blocks, which is what lets the second
-turn of a conversation find the first turn's KV, on any worker.
+Block i of a prompt is keyed by a chained hash of (layout, namespace, tokens of blocks 0..i).
+Two prompts that share a prefix therefore share the keys of its full blocks, which is what lets
+the second turn of a conversation find the first turn's KV, on any worker. The namespace is the
+tenant: two tenants never share a key, so one tenant's request can never be served (or time)
+another's KV, even for the same tokens.
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ def layout_fingerprint(model: str, dtype: str, block_size: int, num_kv_heads: in
     return _digest(spec.encode()).hex()[:16]
 
 
-def block_hashes(layout: str, token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[str]:
+def kv_namespace(tenant: str | None) -> str:
+    """The KV namespace of a request's tenant ("" for jobs published straight to the bus)."""
+    return tenant or ""
+
+
+def kv_params(request_id: str, tenant: str | None) -> dict:
+    """What a request tells the KV connector: its id (for transfer records) and namespace."""
+    return {"request_id": request_id, "namespace": kv_namespace(tenant)}
+
+
+def block_hashes(layout: str, token_ids: Sequence[int], block_size: int, num_blocks: int,
+                 namespace: str = "") -> list[str]:
     """Chained hashes of the first `num_blocks` full blocks of `token_ids`."""
     tokens = array("i", token_ids[: num_blocks * block_size])
-    running = _digest(layout.encode())
+    running = _digest(layout.encode() + (b"\0" + namespace.encode() if namespace else b""))
     out = []
     for i in range(num_blocks):
         running = _digest(running + tokens[i * block_size:(i + 1) * block_size].tobytes())
@@ -56,9 +69,9 @@ def block_key(key_prefix: str, layout: str, block_hash: str) -> str:
 
 
 def prompt_block_keys(key_prefix: str, layout: str, token_ids: Sequence[int], block_size: int,
-                      num_blocks: int) -> list[str]:
+                      num_blocks: int, namespace: str = "") -> list[str]:
     return [block_key(key_prefix, layout, h)
-            for h in block_hashes(layout, token_ids, block_size, num_blocks)]
+            for h in block_hashes(layout, token_ids, block_size, num_blocks, namespace)]
 
 
 def transfer_stats_key(key_prefix: str, request_id: str) -> str:

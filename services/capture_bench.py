@@ -18,14 +18,16 @@ import nats
 from bus.jetstream import ensure_streams
 from bus.messages import TokenEvent
 from bus.codec import encode
+from bus.credentials import load_logins
 from bus.subjects import Subjects
 from services.embedded import EmbeddedNats
 from services.settings import Settings
 
 
-async def measure(url: str, prefix: str, events: int, capture: bool, rate: float) -> dict[str, float]:
+async def measure(url: str, prefix: str, events: int, capture: bool, rate: float,
+                  login: dict | None = None) -> dict[str, float]:
     subjects = Subjects(prefix)
-    pub, sub = await nats.connect(url), await nats.connect(url)
+    pub, sub = await nats.connect(url, **(login or {})), await nats.connect(url, **(login or {}))
     if capture:
         await ensure_streams(pub.jetstream(), Settings(subject_prefix=prefix), subjects)
     latencies: list[float] = []
@@ -63,10 +65,12 @@ async def main(events: int, rate: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedNats(Path(tmp))
         url = server.start()
+        # as an operator: it publishes events and reads them back, which no service role does both of
+        login = load_logins(server.credentials_file)["ops"].connect_options()
         try:
             for label, pace in (("flat out", 0.0), (f"paced at {rate:.0f}/s", rate)):
-                plain = await measure(url, f"plain{int(pace)}", events, False, pace)
-                captured = await measure(url, f"captured{int(pace)}", events, True, pace)
+                plain = await measure(url, f"plain{int(pace)}", events, False, pace, login)
+                captured = await measure(url, f"captured{int(pace)}", events, True, pace, login)
                 report(f"{events} token events, {label}", plain, captured, events)
         finally:
             server.stop()

@@ -12,7 +12,8 @@ from typing import Any, Callable
 from services import logs
 from services.settings import ENV, Settings, describe, from_env
 
-COMMON = ["nats_url", "redis_url", "subject_prefix", "region", "data_dir", "log_level", "log_format"]
+COMMON = ["nats_url", "nats_credentials", "redis_url", "subject_prefix", "region", "data_dir",
+          "log_level", "log_format"]
 ENGINE = ["model", "served_model_name", "engine_profile", "engine_step_lock", "cpu_nice", "max_model_len", "block_size",
           "kv_cache_gib", "kv_ttl_s", "kv_key_prefix"]
 SPEC = ["spec_method", "spec_tokens", "spec_ngram_min", "spec_ngram_max", "spec_draft_model",
@@ -98,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a priority the tenant may use (repeat; default: all, or the tenant's current)")
     apikey.add_argument("--max-concurrent", type=int, default=0,
                         help="requests in flight at once per edge (default 64, or the tenant's current)")
+    chaos = command("chaos", "a reliability drill: run chats while killing and restarting workers, "
+                             "the nats-server and Redis at random; print what the clients saw",
+                    ENGINE + SPEC + ["data_dir", "log_level", "decode_slots", "prefill_slots",
+                                     "request_timeout_s"])
+    from services.chaos import add_chaos_arguments
+    add_chaos_arguments(chaos)
+    nats_auth = sub.add_parser("nats-auth", help="print the nats-server authorization block of the "
+                                                 "stack's roles and write their logins (production)")
+    from services.nats_auth import add_nats_auth_arguments
+    add_nats_auth_arguments(nats_auth)
     command("model", "prepare the bundled model (converted once into the data directory)",
             ["data_dir", "log_level", "log_format"])
     sub.add_parser("settings", help="list every setting with its environment variable and default")
@@ -112,8 +123,13 @@ def run_client_command(settings: Settings, args: argparse.Namespace) -> int:
     from services.replay_command import run_replay, run_trace
     runs = {"publish": lambda: run_publish(settings, args), "replay": lambda: run_replay(settings, args),
             "trace": lambda: run_trace(settings, args.request_id)}
+    from bus.credentials import CredentialsError
+    from bus.jetstream import BusUnavailable
     try:
         return asyncio.run(runs[args.command]())
+    except (BusUnavailable, CredentialsError) as exc:
+        print(f"grokstack {args.command}: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `grokstack replay | head`: the reader has what it wanted
         sys.stderr.close()
         return 0
@@ -151,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(contract.render(), end="")
         return 0
+    if args.command == "nats-auth":
+        from services.nats_auth import run_nats_auth
+        return run_nats_auth(args)
     if args.command == "chat":
         from edge.client import chat_repl
         url = args.url or f"ws://127.0.0.1:{from_env().edge_port}"
@@ -169,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         from inference.model import ensure_bundled_model
         print(ensure_bundled_model(settings.model_dir))
         return 0
+    if args.command == "chaos":
+        from services.chaos import run_chaos
+        return run_chaos(settings, args)
     if args.command == "bench":
         from services.bench import run_bench
         return asyncio.run(run_bench(settings, args))

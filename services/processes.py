@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.client import Client as NATS
 
-from bus.jetstream import BusUnavailable, connect, ensure_streams, ensure_work_consumers
+from bus.credentials import redact_url
+from bus.jetstream import BusUnavailable, connect_as, ensure_streams, ensure_work_consumers
 from bus.subjects import Subjects, check_token
 from edge.gateway import Gateway
 from edge.http_api import OpenAIApi
@@ -49,9 +50,10 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _connect_nats(settings: Settings, name: str):
+async def _connect_nats(settings: Settings, role: str, name: str):
+    """Each process logs in as its role, and may then do only what the role may (bus/permissions.py)."""
     try:
-        return await connect(settings.nats_url, name)
+        return await connect_as(settings, role, name)
     except BusUnavailable as exc:
         raise SystemExit(str(exc)) from None
 
@@ -61,8 +63,9 @@ async def _connect_redis(settings: Settings) -> TransferRecords:
     try:
         await records.ping()
     except Exception as exc:
-        raise SystemExit(f"cannot connect to Redis at {settings.redis_url}: {type(exc).__name__}: {exc}") from None
-    log.info("redis connected", url=settings.redis_url)
+        raise SystemExit(f"cannot connect to Redis at {redact_url(settings.redis_url)}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    log.info("redis connected", url=redact_url(settings.redis_url))
     return records
 
 
@@ -88,13 +91,14 @@ class RunningEdge:
         await self.server.stop()
         await self.api.stop()
         await self.live.stop()
+        await self.gateway.stop()
         await self.nc.drain()
 
 
 async def start_edge(settings: Settings) -> RunningEdge:
     _require(settings, "nats_url")
     keys = ApiKeys.load(settings.api_keys_file)
-    nc = await _connect_nats(settings, f"edge-{settings.worker_name}")
+    nc = await _connect_nats(settings, "edge", f"edge-{settings.worker_name}")
     gateway = Gateway(settings, nc, settings.worker_name)
     await gateway.start()
     live = LiveRequests(settings, gateway)
@@ -136,7 +140,7 @@ class RunningWorker:
 async def start_worker(settings: Settings, role: str, engine: Engine | None = None) -> RunningWorker:
     """A prefill, decode or aggregated worker; `engine` defaults to vLLM with the role's profile."""
     _require(settings, "nats_url", "redis_url")
-    nc = await _connect_nats(settings, f"{role}-{settings.worker_name}")
+    nc = await _connect_nats(settings, role, f"{role}-{settings.worker_name}")
     records = await _connect_redis(settings)
     subjects = Subjects(settings.subject_prefix)
     js = nc.jetstream()

@@ -14,6 +14,7 @@ import msgspec
 from msgspec import Meta
 
 from bus.client import JobClient, JobRejected, JobResult
+from bus.credentials import BusAuth
 from bus.messages import ChatMessage, ErrorEvent, FinalEvent, TokenEvent
 from bus.subjects import PRIORITIES, Priority
 from services.settings import Settings
@@ -87,7 +88,7 @@ def request_for(client: JobClient, spec: JobSpec, timeout_s: float):
 async def run_publish(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with await JobClient.connect(settings.nats_url, settings.subject_prefix,
-                                           settings.region) as client:
+                                           settings.region, auth=BusAuth.of(settings, "ops")) as client:
             if args.file:
                 return await publish_batch(client, args.file, args.out, args.concurrency, args.timeout)
             if args.attach:

@@ -12,7 +12,7 @@ from pathlib import Path
 from bus import capture
 from bus.capture import Captured, Selection
 from bus.client import JobClient
-from bus.jetstream import connect
+from bus.jetstream import connect_as
 from bus.subjects import Subjects
 from services import replay, trace
 from services.settings import Settings
@@ -86,7 +86,7 @@ def selection_from(args: argparse.Namespace) -> Selection:
 
 
 async def load(settings: Settings, selection: Selection) -> tuple[object, list[Captured]]:
-    nc = await connect(settings.nats_url, "grokstack-replay")
+    nc = await connect_as(settings, "ops", "grokstack-replay")
     items = [item async for item in capture.read(nc.jetstream(), Subjects(settings.subject_prefix),
                                                  selection)]
     return nc, items

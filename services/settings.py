@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -25,6 +26,15 @@ class Settings:
     subject_prefix: str = "gs"
     region: str = "local"
     data_dir: Path = Path(".data")
+    # JSON file of NATS logins per role (bus/credentials.py, bus/permissions.py); "" means the
+    # one the embedded server writes, <data_dir>/nats/credentials.json, when it exists, else none.
+    nats_credentials: str = ""
+    # TLS to NATS: a CA to trust (else the system's, for tls:// URLs), and a client certificate
+    # and key when the server asks for one (mutual TLS). Redis takes its TLS and its user and
+    # password in the URL (rediss://user:password@host:6380/0?ssl_ca_certs=ca.pem).
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
 
     # --- model and engine ---
     model: str = ""  # an HF model folder; "" means the bundled model in data_dir
@@ -56,7 +66,11 @@ class Settings:
     worker_id: str = ""  # "" means host-pid
     prefill_slots: int = 4  # prompts a prefill worker works on at once
     decode_slots: int = 16  # sequences a decode worker batches at once
-    ack_wait_s: float = 30.0  # JetStream redelivers a job whose worker stops acking this long
+    # The lease on a job: a worker renews it 6 times per period while it works on the job, and
+    # JetStream hands the job to another worker once it lapses. It is how fast a dead worker's
+    # requests move on (a SIGKILLed decode worker's answer continues on a spare within about
+    # this long), so keep it short; renewals are tiny messages (10 per second per job).
+    ack_wait_s: float = 0.6
     max_deliver: int = 5  # deliveries of one job before it is dead-lettered
     heartbeat_s: float = 2.0
     request_ttl_s: float = 600.0  # queued requests older than this are dropped by the server
@@ -106,6 +120,13 @@ class Settings:
         return Path(self.model) if self.model else self.data_dir / "models" / BUNDLED_MODEL_NAME
 
     @property
+    def nats_credentials_file(self) -> Path | None:
+        if self.nats_credentials:
+            return Path(self.nats_credentials)
+        embedded = self.data_dir / "nats" / "credentials.json"
+        return embedded if embedded.exists() else None
+
+    @property
     def model_id(self) -> str:
         return self.served_model_name or self.model_dir.name
 
@@ -113,9 +134,24 @@ class Settings:
     def worker_name(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
+    def __repr__(self) -> str:
+        """Without the passwords the URLs may carry: tracebacks and test reports show settings."""
+        fields = ", ".join(f"{f.name}={redact_url(v) if f.name.endswith('_url') else v!r}"
+                           for f in dataclasses.fields(self) for v in [getattr(self, f.name)])
+        return f"Settings({fields})"
+
     def replace(self, **changes: Any) -> "Settings":
         """A copy with `changes`; values that are None are ignored (unset CLI flags)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def redact_url(url: str) -> str:
+    """`redis://grokstack:secret@host:6379/0` -> `redis://grokstack:***@host:6379/0`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 # Field -> environment variable. NATS_URL and REDIS_URL keep their conventional names.

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import structlog
 
+from bus.credentials import redact_url
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis
@@ -89,13 +90,16 @@ def run_up(settings: Settings) -> int:
         if not settings.nats_url:
             nats = EmbeddedNats(settings.data_dir / "nats")
             servers.append(nats)
-            settings = settings.replace(nats_url=nats.start())
-            log.info("embedded nats-server started", url=settings.nats_url)
+            # Every process logs in with its role's login from the file the server wrote.
+            settings = settings.replace(nats_url=nats.start(),
+                                        nats_credentials=str(nats.credentials_file.resolve()))
+            log.info("embedded nats-server started", url=settings.nats_url,
+                     credentials=settings.nats_credentials)
         if not settings.redis_url:
             redis = EmbeddedRedis(settings.data_dir / "redis", maxmemory=settings.redis_maxmemory)
             servers.append(redis)
             settings = settings.replace(redis_url=redis.start())
-            log.info("embedded redis-compatible server started", url=settings.redis_url)
+            log.info("embedded redis-compatible server started", url=redact_url(settings.redis_url))
         if not settings.model:
             ensure_bundled_model(settings.model_dir)
         if settings.serving_mode not in SERVING_ROLES:
@@ -124,7 +128,8 @@ def run_up(settings: Settings) -> int:
               f"model {settings.model_id})\n"
               f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
-              f"  jobs straight onto the bus: NATS_URL={settings.nats_url} {cli} publish \"Hello!\"\n"
+              f"  jobs straight onto the bus: NATS_URL={settings.nats_url} "
+              f"{_credentials_hint(settings)}{cli} publish \"Hello!\"\n"
               f"  resident memory of the stack: {gib:.1f} GiB\n"
               f"  Ctrl-C stops everything.\n", flush=True)
         while not stop.is_set():
@@ -139,6 +144,11 @@ def run_up(settings: Settings) -> int:
         for server in reversed(servers):
             server.stop()
         log.info("stack stopped")
+
+
+def _credentials_hint(settings: Settings) -> str:
+    path = settings.nats_credentials_file
+    return f"{ENV['nats_credentials']}={os.path.relpath(path)} " if path else ""
 
 
 def _stop_children(children: dict[str, subprocess.Popen], grace: float) -> None:

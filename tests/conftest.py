@@ -1,5 +1,9 @@
 """Real servers for the whole suite: nats-server with JetStream and a Redis-compatible server,
-each started once on free ports. Tests isolate themselves with their own subject prefix."""
+each started once on free ports. Tests isolate themselves with their own subject prefix.
+
+Both enforce the stack's access model (services/embedded.py): every NATS connection logs in as
+a role (`settings.nats_credentials`; test helpers that act as operators use "ops"), and the
+Redis URL carries the stack's user and password."""
 
 from __future__ import annotations
 
@@ -15,17 +19,35 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedNats:
     server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
-    yield server.start()
+    server.start()
+    yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def nats_url(nats_server: EmbeddedNats) -> str:
+    return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def nats_credentials(nats_server: EmbeddedNats) -> str:
+    """The role logins of the session's server (Settings.nats_credentials)."""
+    return str(nats_server.credentials_file)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedRedis:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), maxmemory="1gb")
-    yield server.start()
+    server.start()
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
 
 
 def unique_prefix() -> str:
@@ -33,11 +55,12 @@ def unique_prefix() -> str:
 
 
 @pytest.fixture
-def settings(nats_url: str, redis_url: str) -> Settings:
+def settings(nats_url: str, nats_credentials: str, redis_url: str) -> Settings:
     """Settings for one test: its own subjects, streams and KV keys on the shared servers."""
     prefix = unique_prefix()
     return Settings(
-        nats_url=nats_url, redis_url=redis_url, subject_prefix=prefix, kv_key_prefix=prefix,
+        nats_url=nats_url, nats_credentials=nats_credentials, redis_url=redis_url,
+        subject_prefix=prefix, kv_key_prefix=prefix,
         edge_port=0, api_port=0, heartbeat_s=0.2, worker_id=f"w-{prefix}", data_dir=REPO / ".data",
         ack_wait_s=10.0, max_deliver=3, drain_timeout_s=2.0, work_stream_mb=16,
         dead_letter_stream_mb=8, capture_max_mb=16)

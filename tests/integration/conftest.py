@@ -64,9 +64,10 @@ class RunningStack:
 
 
 @pytest.fixture(scope="session")
-def engine_settings(nats_url: str, redis_url: str) -> Settings:
+def engine_settings(nats_url: str, nats_credentials: str, redis_url: str) -> Settings:
     prefix = unique_prefix()
-    return Settings(nats_url=nats_url, redis_url=redis_url, subject_prefix=prefix,
+    return Settings(nats_url=nats_url, nats_credentials=nats_credentials, redis_url=redis_url,
+                    subject_prefix=prefix,
                     kv_key_prefix=prefix, data_dir=REPO / ".data", edge_port=free_port(), api_port=free_port(),
                     heartbeat_s=0.5, worker_id=prefix, log_format="json",
                     engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock"))
@@ -145,10 +146,11 @@ def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> N
     import nats
 
     from bus.codec import decode
+    from bus.credentials import BusAuth
     from bus.messages import Heartbeat
 
     async def wait() -> None:
-        nc = await nats.connect(settings.nats_url)
+        nc = await nats.connect(settings.nats_url, **BusAuth.of(settings, "ops").connect_options())
         try:
             sub = await nc.subscribe(Subjects(settings.subject_prefix).heartbeat(settings.region, role))
             while decode((await sub.next_msg(timeout=timeout)).data, Heartbeat).worker_id != settings.worker_id:

@@ -11,13 +11,14 @@ import nats
 from bus import capture
 from bus.capture import Selection
 from bus.client import JobClient
+from bus.credentials import BusAuth
 from bus.messages import ChatMessage, DecodeJob, TokenEvent
 from services import replay, trace
 from tests.integration.conftest import DIRECT, MAX_TOKENS
 
 
 async def captured(stack, request_id: str) -> list:
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await nats.connect(stack.settings.nats_url, **BusAuth.of(stack.settings, "ops").connect_options())
     try:
         return [i async for i in capture.read(nc.jetstream(), stack.subjects,
                                               Selection(request_id=request_id))]
@@ -27,7 +28,8 @@ async def captured(stack, request_id: str) -> list:
 
 async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answer(vllm_stack, reference):
     prefix = vllm_stack.settings.subject_prefix
-    nc = await nats.connect(vllm_stack.settings.nats_url)
+    nc = await nats.connect(vllm_stack.settings.nats_url,
+                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
     events: list[dict] = []
     done = asyncio.Event()
 
@@ -52,7 +54,9 @@ async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answe
 async def test_one_generation_for_two_submissions_of_the_same_key(vllm_stack, reference):
     url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
     messages = [ChatMessage(**m) for m in DIRECT]
-    async with await JobClient.connect(url, prefix) as a, await JobClient.connect(url, prefix) as b:
+    auth = BusAuth.of(vllm_stack.settings, "ops")
+    async with await JobClient.connect(url, prefix, auth=auth) as a, \
+            await JobClient.connect(url, prefix, auth=auth) as b:
         jobs = [await c.submit(c.request(messages, max_tokens=MAX_TOKENS, temperature=0.0,
                                          idempotency_key="same-key-1")) for c in (a, b)]
         first, second = await asyncio.gather(*(job.result() for job in jobs))
@@ -65,7 +69,7 @@ async def test_one_generation_for_two_submissions_of_the_same_key(vllm_stack, re
 
 async def test_rerun_of_a_greedy_request_is_identical_and_a_changed_temperature_shows(vllm_stack):
     url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
-    async with await JobClient.connect(url, prefix) as client:
+    async with await JobClient.connect(url, prefix, auth=BusAuth.of(vllm_stack.settings, "ops")) as client:
         original = await client.generate([ChatMessage(role="user", content="Name three colours.")],
                                          max_tokens=MAX_TOKENS, temperature=0.0)
         items = await captured(vllm_stack, original.request_id)
@@ -78,7 +82,7 @@ async def test_rerun_of_a_greedy_request_is_identical_and_a_changed_temperature_
 
 async def test_trace_of_a_real_request_shows_the_kv_transfer(vllm_stack, reference):
     url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
-    async with await JobClient.connect(url, prefix) as client:
+    async with await JobClient.connect(url, prefix, auth=BusAuth.of(vllm_stack.settings, "ops")) as client:
         done = await client.generate([ChatMessage(role="user", content="Where is Lisbon?")],
                                      max_tokens=MAX_TOKENS, temperature=0.0)
     text = trace.render(done.request_id, trace.timeline(await captured(vllm_stack, done.request_id),

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from bus.codec import decode, encode
+from bus.credentials import BusAuth
 from bus.messages import DecodeJob, Heartbeat
 from edge.client import EdgeClient
 from services.up import child_environment
@@ -39,7 +40,7 @@ async def chat(stack: RunningStack, messages, **params):
 async def decode_job_of(stack: RunningStack, messages) -> tuple[DecodeJob, str]:
     """Run a chat and capture the decode job prefill published for it (a core subscriber sees
     what JetStream stores)."""
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await nats.connect(stack.settings.nats_url, **BusAuth.of(stack.settings, "ops").connect_options())
     sub = await nc.subscribe(f"{stack.settings.subject_prefix}.decode.>")
     result = await chat(stack, messages)
     job = decode((await sub.next_msg(timeout=10)).data, DecodeJob)
@@ -53,7 +54,7 @@ async def replay_decode(stack: RunningStack, job: DecodeJob, region: str = "loca
     request_id = uuid.uuid4().hex
     reply = stack.subjects.events("probe", request_id)
     job = msgspec.structs.replace(job, request_id=request_id, reply_to=reply)
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await nats.connect(stack.settings.nats_url, **BusAuth.of(stack.settings, "ops").connect_options())
     sub = await nc.subscribe(reply)
     await nc.jetstream().publish(stack.subjects.decode(region, job.priority), encode(job))
     text = ""
@@ -152,7 +153,8 @@ async def test_interactive_request_is_served_before_a_batch_backlog(vllm_stack):
 
 
 async def test_client_disconnect_stops_generation_in_the_decode_worker(vllm_stack):
-    nc = await nats.connect(vllm_stack.settings.nats_url)
+    nc = await nats.connect(vllm_stack.settings.nats_url,
+                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
     beats: list[Heartbeat] = []
 
     async def on_beat(msg) -> None:
@@ -211,7 +213,7 @@ async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vl
     try:
         job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                      {"role": "user", "content": "Describe a horse."}])
-        nc = await nats.connect(settings.nats_url)
+        nc = await nats.connect(settings.nats_url, **BusAuth.of(settings, "ops").connect_options())
         beats = await nc.subscribe(vllm_stack.subjects.heartbeat("draft", "decode"))
         await beats.next_msg(timeout=300)  # the draft worker is up
         await nc.close()

@@ -3,17 +3,27 @@ it kills the stack's own decode worker.
 
 A decode worker SIGKILLed mid-answer: JetStream hands its unacknowledged job to a spare decode
 worker, which continues from the tokens the client already had (from the capture stream), so
-the client gets every token once, in order, and the same greedy text as an uninterrupted run."""
+the client gets every token once, in order, and the same greedy text as an uninterrupted run.
+A decode worker SIGTERMed mid-answer (a deploy) finishes the answer, then exits. Redis crashing
+and coming back empty, or staying down, changes no answer: the KV is recomputed."""
 
 from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
 
 import nats
 import pytest
 
 from bus.codec import decode
+from bus.credentials import BusAuth
 from bus.messages import Heartbeat
 from edge.client import EdgeClient
+from services.embedded import EmbeddedRedis
 from tests.integration.conftest import kill_group, spawn_worker, wait_for_heartbeat
+from tests.integration.test_vllm_stack import chat, unique_system
 
 pytestmark = pytest.mark.engine
 STORY = [{"role": "user", "content": "Tell me a long story about a clockmaker who builds a mechanical bird."}]
@@ -33,7 +43,8 @@ def spare_decode(vllm_stack):
 
 async def busy_decode_worker(vllm_stack) -> str:
     """The worker id of the decode worker generating right now (from its heartbeat)."""
-    nc = await nats.connect(vllm_stack.settings.nats_url)
+    nc = await nats.connect(vllm_stack.settings.nats_url,
+                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
     try:
         sub = await nc.subscribe(vllm_stack.subjects.heartbeat(vllm_stack.settings.region, "decode"))
         while True:
@@ -50,9 +61,10 @@ async def test_a_sigkilled_decode_worker_hands_its_answer_to_a_spare_with_no_tok
     async with await EdgeClient.connect(vllm_stack.url) as client:
         uninterrupted = await client.complete(STORY, max_tokens=TOKENS, temperature=0)
         assert uninterrupted.done, uninterrupted.error
-        frames, killed = [], None
+        frames, killed, times = [], None, []
         async for frame in client.stream(STORY, max_tokens=TOKENS, temperature=0):
             frames.append(frame)
+            times.append(time.monotonic())
             if killed is None and sum(f["type"] == "token" for f in frames) == 10:
                 busy = await busy_decode_worker(vllm_stack)
                 killed = spare_proc if busy == spare_id else vllm_stack.procs["decode"]
@@ -64,3 +76,63 @@ async def test_a_sigkilled_decode_worker_hands_its_answer_to_a_spare_with_no_tok
     assert frames[-1]["usage"]["completion_tokens"] == uninterrupted.done["usage"]["completion_tokens"]
     survivor_log = vllm_stack.logs / ("decode.log" if killed is spare_proc else f"{spare_id}.log")
     assert "continuing a migrated job" in survivor_log.read_text()
+    gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
+    print(f"migration: longest pause between tokens {gaps[-1] * 1000:.0f} ms, "
+          f"median {gaps[len(gaps) // 2] * 1000:.0f} ms")
+
+
+async def test_a_sigtermed_decode_worker_finishes_its_answer_then_exits(vllm_stack, spare_decode):
+    """What a deploy does: the worker stops taking work, finishes what it holds within
+    GROKSTACK_DRAIN_TIMEOUT_S, and exits 0; meanwhile a running spare takes the new work."""
+    procs = {vllm_stack.settings.worker_id: vllm_stack.procs["decode"], spare_decode[0]: spare_decode[1]}
+    settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.worker_id}-spare2")
+    procs[settings.worker_id] = spare2 = spawn_worker(vllm_stack, settings, "decode")
+    try:
+        await asyncio.to_thread(wait_for_heartbeat, settings, "decode")
+        async with await EdgeClient.connect(vllm_stack.url) as client:
+            uninterrupted = await client.complete(STORY, max_tokens=TOKENS, temperature=0)
+            frames, stopped = [], None
+            async for frame in client.stream(STORY, max_tokens=TOKENS, temperature=0):
+                frames.append(frame)
+                if stopped is None and sum(f["type"] == "token" for f in frames) == 10:
+                    stopped = procs[await busy_decode_worker(vllm_stack)]
+                    stopped.send_signal(signal.SIGTERM)
+                    later = await client.complete([{"role": "user", "content": "Say hi."}], max_tokens=8)
+                    assert later.done, later.error  # served by a worker still taking work
+        assert frames[-1]["type"] == "done", frames[-1]
+        tokens = [f for f in frames if f["type"] == "token"]
+        assert [t["seq"] for t in tokens] == list(range(len(tokens)))
+        assert "".join(t["text"] for t in tokens) == uninterrupted.text
+        try:
+            assert stopped.wait(vllm_stack.settings.drain_timeout_s + 60) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the worker did not exit after its drain") from None
+    finally:
+        kill_group(spare2)
+
+
+def crash_and_restart(server: EmbeddedRedis, down_s: float = 1.0) -> None:
+    """SIGKILL (no final save) and the same server again on the same port, empty."""
+    url = server.url
+    server.proc.kill()
+    server.proc.wait()
+    time.sleep(down_s)
+    server.port = int(url.rsplit(":", 1)[1].split("/")[0])
+    assert server.start() == url
+
+
+async def test_redis_crashing_or_staying_down_changes_no_answer(vllm_stack, redis_server):
+    messages = [unique_system("Be concise."), {"role": "user", "content": "What is snow?"}]
+    before = await chat(vllm_stack, messages)
+    warm = await chat(vllm_stack, messages)
+    assert warm.text == before.text and warm.done["usage"]["cached_prompt_tokens"] > 0
+    crash_and_restart(redis_server)
+    after = await chat(vllm_stack, messages)  # the KV went with the server: recomputed
+    assert after.text == before.text and after.done["usage"]["cached_prompt_tokens"] == 0
+    redis_server.proc.kill()
+    redis_server.proc.wait()
+    try:
+        down = await chat(vllm_stack, messages)  # no KV store at all for this one
+    finally:
+        crash_and_restart(redis_server, 0.0)
+    assert down.text == before.text, down.error

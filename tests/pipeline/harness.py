@@ -9,6 +9,8 @@ from typing import AsyncIterator
 
 import nats
 
+from bus.credentials import BusAuth
+from bus.jetstream import connect_as
 from bus.subjects import Subjects
 from inference.engine import Engine
 from services.processes import RunningEdge, RunningWorker, start_edge, start_worker
@@ -46,8 +48,40 @@ async def running_stack(settings: Settings, prefill: Engine, decode: Engine) -> 
 
 
 @asynccontextmanager
-async def bus_client(settings: Settings) -> AsyncIterator[nats.NATS]:
-    nc = await nats.connect(settings.nats_url)
+async def another_edge(settings: Settings, name: str = "b") -> AsyncIterator[RunningEdge]:
+    """One more edge node on the same bus, with its own edge id and ports."""
+    edge = await start_edge(settings.replace(worker_id=f"{settings.worker_id}-{name}"))
+    try:
+        yield edge
+    finally:
+        if not edge.nc.is_closed:  # a crashed one has nothing left to stop
+            await edge.stop()
+
+
+async def crash(edge: RunningEdge) -> None:
+    """Stop an edge the way a crash looks from outside: its NATS connection and its clients'
+    sockets drop without a goodbye, and it cancels nothing (its cancels have no bus left)."""
+    await edge.nc.close()
+    for ws in list(edge.server.server.connections if edge.server.server else []):
+        ws.transport.abort()
+    runner = edge.api._runner
+    for handler in list(runner.server.connections if runner and runner.server else []):
+        if handler.transport is not None:
+            handler.transport.abort()
+    await edge.server.stop()
+    await edge.api.stop()
+    await edge.live.stop()
+    await edge.gateway.stop()
+
+
+def ops(settings: Settings) -> BusAuth:
+    """The login of the operator role, which tests use to watch and poke the bus."""
+    return BusAuth.of(settings, "ops")
+
+
+@asynccontextmanager
+async def bus_client(settings: Settings, role: str = "ops") -> AsyncIterator[nats.NATS]:
+    nc = await connect_as(settings, role, f"test-{role}")
     try:
         yield nc
     finally:

@@ -9,7 +9,7 @@ import pytest
 
 from bus.subjects import Subjects
 from edge.client import EdgeClient
-from tests.pipeline.harness import running_stack
+from tests.pipeline.harness import ops, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 
 GOOD = {"type": "chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -44,7 +44,7 @@ async def last_seq(nc, settings) -> int:
 
 async def test_each_bad_frame_gets_a_named_error_and_nothing_is_published(settings):
     async with running_stack(settings, *engines(settings)) as stack:
-        nc = await nats.connect(settings.nats_url)
+        nc = await nats.connect(settings.nats_url, **ops(settings).connect_options())
         before = await last_seq(nc, settings)
         async with await EdgeClient.connect(stack.url) as client:
             for raw, code, words in BAD_FRAMES:

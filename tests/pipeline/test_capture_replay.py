@@ -16,12 +16,12 @@ from bus.codec import encode
 from bus.messages import Cancel, ChatMessage, ChatRequest, DecodeJob, SamplingSpec
 from bus.subjects import Subjects
 from services import replay, trace
-from tests.pipeline.harness import bus_client, eventually, running_stack
+from tests.pipeline.harness import bus_client, eventually, ops, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 
 
 async def run_jobs(settings, jobs: list[dict]) -> list:
-    async with await JobClient.connect(settings.nats_url, settings.subject_prefix) as client:
+    async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
         results = []
         for job in jobs:
             content = job.pop("content")
@@ -180,7 +180,7 @@ async def test_rerun_diff_is_identical_for_the_same_request_and_shows_a_changed_
     async with running_stack(settings, *engines(settings)):
         [done] = await run_jobs(settings, [{"content": "tell me about the bus"}])
         items = await read(settings, request_id=done.request_id)
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix) as client:
+        async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
             same = [r async for r in replay.rerun(client, items, {})]
             changed = [r async for r in replay.rerun(client, items, {"max_tokens": 5})]
     assert len(same) == 1 and same[0].identical, same[0].report()

@@ -16,7 +16,7 @@ GROKSTACK = str(Path(sys.executable).parent / "grokstack")
 
 
 async def grokstack(settings, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    env = {**os.environ, "NATS_URL": settings.nats_url,
+    env = {**os.environ, "NATS_URL": settings.nats_url, "GROKSTACK_NATS_CREDENTIALS": settings.nats_credentials,
            "GROKSTACK_SUBJECT_PREFIX": settings.subject_prefix, "GROKSTACK_LOG_LEVEL": "warning"}
     proc = await asyncio.create_subprocess_exec(GROKSTACK, *args, env=env,
                                                 stdout=asyncio.subprocess.PIPE,

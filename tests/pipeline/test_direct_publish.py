@@ -12,7 +12,7 @@ import pytest
 from bus.client import JobClient
 from bus.codec import decode
 from bus.messages import ChatMessage, DeadLetter
-from tests.pipeline.harness import bus_client, eventually, running_stack
+from tests.pipeline.harness import bus_client, eventually, ops, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 
 
@@ -68,7 +68,7 @@ async def test_a_malformed_direct_publish_gets_an_error_event_and_a_dead_letter(
             await asyncio.wait_for(done.wait(), 10)
             dead = await js.get_last_msg(f"{prefix.upper()}_DLQ", f"{prefix}.dlq.req")
             # ...and a good job right after it is served as usual
-            async with await JobClient.connect(settings.nats_url, prefix) as client:
+            async with await JobClient.connect(settings.nats_url, prefix, auth=ops(settings)) as client:
                 ok = await client.generate([ChatMessage(role="user", content="still fine")],
                                            max_tokens=50, temperature=0.0)
     assert events == [{"type": "error", "v": 1, "request_id": "bad1", "seq": 0,
@@ -102,7 +102,7 @@ async def _last_dead_letter(js, prefix: str) -> DeadLetter | None:
 
 async def test_job_client_streams_events_and_waits_for_the_whole_text(settings):
     async with running_stack(settings, *engines(settings, delay=0.002)):
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix) as client:
+        async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
             job = await client.submit(client.request([ChatMessage(role="user", content="one")],
                                                      max_tokens=80, temperature=0.0))
             seqs = [event.seq async for event in job]
@@ -117,8 +117,8 @@ async def test_job_client_streams_events_and_waits_for_the_whole_text(settings):
 async def test_the_same_idempotency_key_runs_once_and_both_callers_get_the_result(settings):
     prefill, decode_engine = engines(settings, delay=0.01)
     async with running_stack(settings, prefill, decode_engine) as stack:
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix) as a, \
-                await JobClient.connect(settings.nats_url, settings.subject_prefix) as b:
+        async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as a, \
+                await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as b:
             messages = [ChatMessage(role="user", content="only once please")]
             first = await a.submit(a.request(messages, max_tokens=60, idempotency_key="order-42"))
             second = await b.submit(b.request(messages, max_tokens=60, idempotency_key="order-42"))
@@ -134,6 +134,6 @@ async def test_the_same_idempotency_key_runs_once_and_both_callers_get_the_resul
 
 
 async def test_an_idempotency_key_that_is_not_a_valid_id_is_refused_before_publishing(settings):
-    async with await JobClient.connect(settings.nats_url, settings.subject_prefix) as client:
+    async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
         with pytest.raises(ValueError, match="request id .has space. must be"):
             client.request([ChatMessage(role="user", content="x")], idempotency_key="has space")

@@ -15,13 +15,13 @@ from bus.exhausted import ExhaustedJobs
 from bus.jetstream import ensure_streams, ensure_work_consumers
 from bus.messages import ChatMessage, ChatRequest, DeadLetter, ErrorEvent, SamplingSpec, TokenEvent
 from bus.subjects import Subjects
-from tests.pipeline.harness import eventually
+from tests.pipeline.harness import eventually, ops
 
 
 async def test_a_job_no_worker_survives_is_dead_lettered_and_its_client_told(settings):
     settings = settings.replace(ack_wait_s=1.0, max_deliver=2)
     subjects = Subjects(settings.subject_prefix)
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url, **ops(settings).connect_options())
     js = nc.jetstream()
     await ensure_streams(js, settings, subjects)
     await ensure_work_consumers(js, settings, subjects, "req")

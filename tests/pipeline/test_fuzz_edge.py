@@ -11,7 +11,7 @@ import random
 import aiohttp
 import websockets
 
-from tests.pipeline.harness import running_stack
+from tests.pipeline.harness import eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 from tests.pipeline.test_openai_api import ready
 
@@ -90,3 +90,10 @@ async def test_mutated_frames_and_bodies_get_clear_errors_and_the_edge_keeps_ser
                 assert r.status == 200
         assert set(statuses) <= {200, 400, 404, 413}, statuses
         assert statuses.get(400, 0) > 100
+        # Nothing of the bad input stays behind (no leak): no request still in flight, no event
+        # stream or subscription held for one, no job left in a worker.
+        live = stack.edge.live
+        await eventually(lambda: not stack.edge.gateway._streams and not stack.decode.worker._active)
+        assert not stack.edge.gateway._streams and not stack.edge.gateway._adopted
+        assert [r for r in live._live.values() if not r.finished] == []
+        assert not stack.prefill.worker._active and not stack.decode.worker._active

@@ -18,9 +18,10 @@ def test_edge_without_nats_exits_naming_the_url():
     assert f"cannot connect to NATS at {url}" in result.stderr
 
 
-def test_worker_without_redis_exits_naming_the_url(nats_url):
+def test_worker_without_redis_exits_naming_the_url(nats_url, nats_credentials):
     url = f"redis://127.0.0.1:{free_port()}/0"
-    result = run_cli("prefill", "--nats-url", nats_url, "--redis-url", url)
+    result = run_cli("prefill", "--nats-url", nats_url, "--nats-credentials", nats_credentials,
+                     "--redis-url", url)
     assert result.returncode != 0
     assert f"cannot connect to Redis at {url}" in result.stderr
 

@@ -66,3 +66,13 @@ def test_reply_route_is_read_even_from_an_invalid_message():
 def test_dead_letter_payload_is_text_when_it_can_be():
     assert printable_payload(b'{"a": 1}') == ('{"a": 1}', "utf-8")
     assert printable_payload(b"\xff\x00") == ("/wA=", "base64")
+
+
+def test_a_request_names_its_tenant_and_one_without_a_tenant_still_decodes():
+    tagged = msgspec.structs.replace(REQUEST, tenant="acme.eu")
+    assert decode(encode(tagged), ChatRequest).tenant == "acme.eu"
+    older = msgspec.json.decode(encode(REQUEST))
+    del older["tenant"]  # published before requests carried one, or straight to the bus
+    assert decode(msgspec.json.encode(older), ChatRequest).tenant is None
+    with pytest.raises(BadMessage):
+        decode(encode(msgspec.structs.replace(REQUEST, tenant="no spaces")), ChatRequest)

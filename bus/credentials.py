@@ -1,0 +1,120 @@
+"""How a process proves its role to NATS, and keeping secrets out of logs.
+
+The credentials file is JSON, one entry per role (see bus/permissions.py):
+
+    {"edge":    {"user": "edge", "password": "..."},
+     "prefill": {"creds": "/etc/grokstack/prefill.creds"},    # NATS JWT + nkey (decentralized auth)
+     "decode":  {"nkey": "/etc/grokstack/decode.nk"}}          # an nkey seed file
+
+The embedded server writes one with every role and random passwords (mode 0600, in its data
+directory); in production each machine gets a file with only the roles it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bus.permissions import ROLES, check_role
+from services.settings import Settings, redact_url
+
+__all__ = ["BusAuth", "CredentialsError", "NatsLogin", "generate_logins", "load_logins", "redact_url",
+           "save_logins", "tls_context", "write_private"]
+
+
+class CredentialsError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class NatsLogin:
+    user: str = ""
+    password: str = field(default="", repr=False)
+    creds: str = ""  # a .creds file: a user JWT and its nkey seed
+    nkey: str = ""  # an nkey seed file
+
+    def connect_options(self) -> dict[str, Any]:
+        if self.creds:
+            return {"user_credentials": self.creds}
+        if self.nkey:
+            return {"nkeys_seed": self.nkey}
+        return {"user": self.user, "password": self.password}
+
+    def as_json(self) -> dict[str, str]:
+        return {k: v for k, v in (("user", self.user), ("password", self.password),
+                                  ("creds", self.creds), ("nkey", self.nkey)) if v}
+
+
+def generate_logins(roles: tuple[str, ...] = ROLES) -> dict[str, NatsLogin]:
+    """A user per role named after it, with a random password."""
+    return {role: NatsLogin(user=role, password=secrets.token_urlsafe(24)) for role in roles}
+
+
+def save_logins(path: Path, logins: dict[str, NatsLogin]) -> None:
+    write_private(path, json.dumps({role: login.as_json() for role, login in logins.items()},
+                                   indent=2) + "\n")
+
+
+def load_logins(path: Path) -> dict[str, NatsLogin]:
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {role: NatsLogin(**{k: str(v) for k, v in entry.items()}) for role, entry in raw.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CredentialsError(f"cannot read NATS credentials from {path}: {type(exc).__name__}: {exc}") from None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, replacing any earlier one in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class BusAuth:
+    """What `bus.jetstream.connect` needs to log in as one role: the role's login (None: connect
+    without one, e.g. to a dev server without authorization) and a TLS context (None: plain TCP,
+    or nats-py's default context for a `tls://` URL)."""
+    role: str
+    login: NatsLogin | None = None
+    tls: ssl.SSLContext | None = None
+
+    @classmethod
+    def of(cls, settings: Settings, role: str) -> "BusAuth":
+        check_role(role)
+        path = settings.nats_credentials_file
+        login = None
+        if path is not None:
+            logins = load_logins(path)
+            # a login of this very process (`edge:<worker id>`, see permissions.edge_user_key)
+            # comes before its role's shared one
+            login = logins.get(f"{role}:{settings.worker_id}") or logins.get(role)
+            if login is None:
+                raise CredentialsError(f"{path} has no NATS login for the role {role!r} "
+                                       f"(it has: {', '.join(logins) or 'none'})")
+        return cls(role, login, tls_context(settings))
+
+    def connect_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = self.login.connect_options() if self.login else {}
+        if self.tls is not None:
+            options["tls"] = self.tls
+        return options
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """A client context that trusts `nats_tls_ca` and shows `nats_tls_cert` (mutual TLS), when
+    either is set."""
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    context = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+    if settings.nats_tls_cert:
+        context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+    return context

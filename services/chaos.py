@@ -1,0 +1,244 @@
+"""`grokstack chaos`: a reliability drill (a script that prints a report, not a test).
+
+It runs its own stack (embedded nats-server and Redis, one edge, prefill and decode workers with
+the real vLLM engine, each a separate process), keeps a number of greedy chats going for a fixed
+time, and meanwhile kills things at random: a decode worker (SIGKILL, while a spare is running),
+a prefill worker (SIGKILL), the nats-server (SIGKILL, back a moment later on the same port and
+store) and Redis (SIGKILL, back empty). Killed workers are replaced at once, as Kubernetes would.
+
+Then it reports what the clients saw: requests sent, completed, failed with a clear error, lost
+(no answer at all: must be 0), duplicated or missing tokens (must be 0), answers that differ from
+an undisturbed run of the same prompt, and the latency a decode-worker migration added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.client import EdgeClient
+from services.chaos_cluster import Cluster
+from services.settings import Settings
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in three sentences.",
+    "List five fruits and their colours.",
+    "Tell me a story about a clockmaker who builds a mechanical bird.",
+    "What is the capital of France, and why is it famous?",
+    "Give me three tips for writing clear emails.",
+    "Describe how a bicycle works to a child.",
+    "Why is the sky blue? Answer briefly.",
+]
+
+
+def add_chaos_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of load and faults")
+    parser.add_argument("--concurrency", type=int, default=6, help="chats in flight at once")
+    parser.add_argument("--every", type=float, default=25.0, help="mean seconds between faults")
+    parser.add_argument("--faults", default="decode,prefill,nats,redis",
+                        help="comma-separated kinds of fault to inject")
+    parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--prefill-workers", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="", help="keep servers' data and logs here (default: a temp dir)")
+
+
+@dataclass
+class Outcome:
+    prompt: int
+    started: float
+    request_id: str = ""
+    token_seqs: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""
+    status: str = "lost"  # completed | error | lost
+    code: str = ""
+    completion_tokens: int = -1
+
+
+@dataclass
+class Fault:
+    kind: str
+    at: float
+    target: str
+
+
+async def one_request(client: EdgeClient, prompt: int, max_tokens: int, deadline_s: float) -> Outcome:
+    outcome = Outcome(prompt, time.monotonic())
+
+    async def follow() -> None:
+        async for frame in client.stream([{"role": "user", "content": PROMPTS[prompt]}],
+                                         max_tokens=max_tokens, temperature=0):
+            if frame["type"] == "accepted":
+                outcome.request_id = frame["request_id"]
+            elif frame["type"] == "token":
+                outcome.token_seqs.append(frame["seq"])
+                outcome.token_times.append(time.monotonic())
+                outcome.text += frame["text"]
+            elif frame["type"] == "done":
+                outcome.status, outcome.completion_tokens = "completed", frame["usage"]["completion_tokens"]
+            elif frame["type"] == "error":
+                outcome.status, outcome.code = ("lost" if frame["code"] == "connection_closed" else "error",
+                                                frame["code"])
+    try:
+        await asyncio.wait_for(follow(), deadline_s)
+    except asyncio.TimeoutError:
+        outcome.status, outcome.code = "lost", "no answer before the client's deadline"
+    return outcome
+
+
+async def chat_loop(url: str, args: argparse.Namespace, stop_at: float, deadline_s: float,
+                    rng: random.Random, outcomes: list[Outcome]) -> None:
+    client = await EdgeClient.connect(url)
+    try:
+        while time.monotonic() < stop_at:
+            outcomes.append(await one_request(client, rng.randrange(len(PROMPTS)), args.max_tokens, deadline_s))
+            if outcomes[-1].code == "connection_closed":
+                await client.close()
+                client = await EdgeClient.connect(url)
+    finally:
+        await client.close()
+
+
+async def fault_loop(cluster: Cluster, args: argparse.Namespace, stop_at: float, rng: random.Random,
+                     faults: list[Fault]) -> None:
+    """Faults at random times, of kinds in shuffled rounds so that each kind comes up as often;
+    a kind that may not happen now (no spare decode worker yet) waits for the next turn."""
+    kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
+    due: list[str] = []
+    while True:
+        await asyncio.sleep(rng.expovariate(1.0 / args.every))
+        if time.monotonic() >= stop_at:
+            return
+        if not due:
+            due = rng.sample(kinds, len(kinds))
+        for kind in list(due):
+            target = await asyncio.to_thread(cluster.inject, kind)
+            if target:
+                due.remove(kind)
+                faults.append(Fault(kind, time.monotonic(), target))
+                print(f"  {time.strftime('%H:%M:%S')} fault: {kind} ({target})", flush=True)
+                break
+
+
+async def references(url: str, max_tokens: int) -> dict[int, str]:
+    """Each prompt answered once before any fault: what an undisturbed run says."""
+    async with await EdgeClient.connect(url) as client:
+        out = {}
+        for i in range(len(PROMPTS)):
+            result = await one_request(client, i, max_tokens, 300)
+            if result.status != "completed":
+                raise SystemExit(f"the stack did not answer before the drill: {result.code}")
+            out[i] = result.text
+        return out
+
+
+def migration_delays(outcomes: list[Outcome], migrated: set[str], faults: list[Fault]) -> list[float]:
+    """For each answer that moved to another decode worker after a decode kill: the longest
+    pause between its tokens minus its usual pause (ms)."""
+    kills = [f.at for f in faults if f.kind == "decode"]
+    delays = []
+    for o in outcomes:
+        if o.request_id not in migrated or len(o.token_times) < 3:
+            continue
+        gaps = [b - a for a, b in zip(o.token_times, o.token_times[1:], strict=False)]
+        i = max(range(len(gaps)), key=gaps.__getitem__)
+        if any(o.token_times[i] <= at <= o.token_times[i + 1] for at in kills):
+            delays.append((gaps[i] - statistics.median(gaps)) * 1000)
+    return delays
+
+
+def token_faults(o: Outcome) -> tuple[int, int]:
+    """(duplicated, missing) tokens as the client saw them."""
+    duplicated = len(o.token_seqs) - len(set(o.token_seqs))
+    expected = o.completion_tokens if o.status == "completed" else (max(o.token_seqs) + 1 if o.token_seqs else 0)
+    missing = len(set(range(expected)) - set(o.token_seqs))
+    return duplicated, missing
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def report(args: argparse.Namespace, outcomes: list[Outcome], refs: dict[int, str], faults: list[Fault],
+           migrated: set[str], seconds: float) -> bool:
+    completed = [o for o in outcomes if o.status == "completed"]
+    errors = [o for o in outcomes if o.status == "error"]
+    lost = [o for o in outcomes if o.status == "lost"]
+    duplicated = sum(token_faults(o)[0] for o in outcomes)
+    missing = sum(token_faults(o)[1] for o in outcomes)
+    differ = [o for o in completed if o.text != refs[o.prompt]]
+    delays = migration_delays(outcomes, migrated, faults)
+    by_kind = {k: sum(f.kind == k for f in faults) for k in sorted({f.kind for f in faults})}
+    codes: dict[str, int] = {}
+    for o in errors:
+        codes[o.code] = codes.get(o.code, 0) + 1
+    lines = [
+        f"chaos drill: {seconds:.0f} s, {args.concurrency} concurrent greedy chats of {args.max_tokens} tokens, "
+        f"{args.prefill_workers} prefill + {args.decode_workers} decode workers (vLLM)",
+        f"faults injected          {len(faults)}  ({', '.join(f'{k} x{n}' for k, n in by_kind.items()) or 'none'})",
+        f"requests sent            {len(outcomes)}",
+        f"completed                {len(completed)}",
+        f"failed, clear error      {len(errors)}  {codes if codes else ''}".rstrip(),
+        f"lost                     {len(lost)}  (must be 0)",
+        f"duplicated tokens        {duplicated}  (must be 0)",
+        f"missing tokens           {missing}  (must be 0)",
+        f"differ from undisturbed  {len(differ)} of {len(completed)} completed",
+        f"migrated answers         {len(migrated)}",
+        f"migration added latency  n={len(delays)} p50 {percentile(delays, 0.5):.0f} ms, "
+        f"p95 {percentile(delays, 0.95):.0f} ms, max {max(delays, default=float('nan')):.0f} ms "
+        f"(goal: p95 under 1000 ms with a spare running)",
+    ]
+    for o in lost[:5]:
+        lines.append(f"  lost: request {o.request_id or '(not accepted)'}: {o.code}")
+    print("\n".join(lines), flush=True)
+    return not lost and duplicated == 0 and missing == 0
+
+
+async def drill(args: argparse.Namespace, cluster: Cluster) -> bool:
+    rng = random.Random(args.seed)
+    url = cluster.edge_url
+    print("reference answers (no faults yet) ...", flush=True)
+    refs = await references(url, args.max_tokens)
+    print(f"drill: {args.duration:.0f} s", flush=True)
+    t0 = time.monotonic()
+    stop_at = t0 + args.duration
+    outcomes: list[Outcome] = []
+    faults: list[Fault] = []
+    deadline_s = cluster.settings.request_timeout_s + 30
+    chats = [asyncio.create_task(chat_loop(url, args, stop_at, deadline_s, random.Random(args.seed + i), outcomes))
+             for i in range(args.concurrency)]
+    injector = asyncio.create_task(fault_loop(cluster, args, stop_at, rng, faults))
+    await asyncio.gather(*chats)
+    injector.cancel()
+    await asyncio.gather(injector, return_exceptions=True)
+    return report(args, outcomes, refs, faults, cluster.migrated_requests(), time.monotonic() - t0)
+
+
+def run_chaos(settings: Settings, args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="grokstack-chaos-"))
+    cluster = Cluster(settings, workdir, args.prefill_workers, args.decode_workers, random.Random(args.seed))
+    try:
+        print(f"starting the stack (logs in {workdir}) ...", flush=True)
+        cluster.start()
+        ok = asyncio.run(drill(args, cluster))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        cluster.stop()
+    print(f"logs: {workdir}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run it as `grokstack chaos`")

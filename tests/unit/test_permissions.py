@@ -1,0 +1,192 @@
+"""The role table (bus/permissions.py) and the logins (bus/credentials.py), as pure functions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bus.capture import subject_matches
+from bus.credentials import (
+    BusAuth,
+    CredentialsError,
+    NatsLogin,
+    generate_logins,
+    load_logins,
+    redact_url,
+    save_logins,
+)
+from bus.permissions import (
+    ROLES,
+    Permissions,
+    User,
+    authorization_block,
+    edge_user_key,
+    permissions,
+    role_users,
+)
+from bus.subjects import Subjects
+from services.nats_auth import nats_auth
+from services.settings import Settings
+
+S = Subjects("gs")
+REQUEST, DECODE_JOB, EVENT = S.request("eu", "batch"), S.decode("eu", "batch"), S.events("e1", "r1")
+OTHER_EVENT = S.events("e2", "r2")
+
+
+def may(patterns: tuple[str, ...], subject: str) -> bool:
+    return any(subject_matches(p, subject) for p in patterns)
+
+
+def may_publish(role: str, subject: str, subjects: Subjects = S, edge_id: str | None = None) -> bool:
+    return may(permissions(role, subjects, edge_id).publish, subject)
+
+
+def may_subscribe(role: str, subject: str, subjects: Subjects = S, edge_id: str | None = None) -> bool:
+    return may(permissions(role, subjects, edge_id).subscribe, subject)
+
+
+def test_an_edge_publishes_requests_and_cancels_and_reads_events_and_heartbeats_only():
+    assert may_publish("edge", REQUEST) and may_publish("edge", S.cancel("eu"))
+    for subject in (DECODE_JOB, EVENT, S.heartbeat("eu", "prefill"), S.dead_letter("req"),
+                    "gs.cap.req.eu.batch", "gs.bell.req.eu.batch"):
+        assert not may_publish("edge", subject), subject
+    assert may_subscribe("edge", EVENT) and may_subscribe("edge", S.heartbeat("eu", "decode"))
+    for subject in (REQUEST, DECODE_JOB, S.cancel("eu"), "gs.bell.req.eu.batch"):
+        assert not may_subscribe("edge", subject), subject
+
+
+def test_an_edge_with_an_id_reads_only_its_own_events():
+    assert may_subscribe("edge", EVENT, edge_id="e1")
+    assert not may_subscribe("edge", OTHER_EVENT, edge_id="e1")
+    assert may_subscribe("edge", OTHER_EVENT)  # the shared edge login: any edge's, to adopt requests
+
+
+def test_prefill_takes_requests_and_hands_on_decode_jobs():
+    assert may_publish("prefill", DECODE_JOB) and may_publish("prefill", EVENT)
+    assert may_publish("prefill", S.heartbeat("eu", "prefill")) and may_publish("prefill", S.dead_letter("req"))
+    assert not may_publish("prefill", REQUEST)
+    assert not may_publish("prefill", S.heartbeat("eu", "decode"))  # nobody speaks for another pool
+    assert may_publish("prefill", "$JS.API.CONSUMER.MSG.NEXT.GS_REQ.req-eu-batch")
+    assert may_publish("prefill", "$JS.ACK.GS_REQ.req-eu-batch.1.2.3.4.5")
+    assert not may_publish("prefill", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE.decode-eu-batch")
+    assert may_subscribe("prefill", "gs.bell.req.eu.batch") and may_subscribe("prefill", S.cancel("eu"))
+    assert may_subscribe("prefill", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.GS_REQ.req-eu-batch")
+    assert not may_subscribe("prefill", REQUEST) and not may_subscribe("prefill", EVENT)
+
+
+def test_decode_takes_decode_jobs_and_publishes_events_only():
+    assert may_publish("decode", EVENT) and may_publish("decode", S.heartbeat("eu", "decode"))
+    assert not may_publish("decode", DECODE_JOB) and not may_publish("decode", REQUEST)
+    assert may_publish("decode", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE.decode-eu-batch")
+    assert may_publish("decode", "$JS.ACK.GS_DECODE.decode-eu-batch.1.2.3.4.5")
+    assert not may_publish("decode", "$JS.ACK.GS_REQ.req-eu-batch.1.2.3.4.5")
+    assert not may_publish("decode", "$JS.API.STREAM.MSG.DELETE.GS_REQ")
+    assert may_subscribe("decode", "gs.bell.decode.eu.batch") and not may_subscribe("decode", "gs.bell.req.eu.batch")
+
+
+def test_aggregated_takes_requests_and_never_publishes_work():
+    assert may_publish("aggregated", EVENT) and may_publish("aggregated", S.heartbeat("eu", "aggregated"))
+    assert not may_publish("aggregated", REQUEST) and not may_publish("aggregated", DECODE_JOB)
+    assert may_publish("aggregated", "$JS.ACK.GS_REQ.req-eu-batch.1.2.3.4.5")
+
+
+def test_every_role_declares_streams_reads_the_capture_and_gets_replies():
+    for role in ROLES:
+        p = permissions(role, S)
+        assert may(p.publish, "$JS.API.STREAM.CREATE.GS_CAPTURE") and may(p.publish, "$JS.API.STREAM.UPDATE.GS_REQ")
+        assert may(p.publish, "$JS.API.CONSUMER.CREATE.GS_CAPTURE.abc.gs.evt.*.r1")
+        assert may(p.publish, "$JS.API.STREAM.MSG.GET.GS_CAPTURE") and may(p.publish, "$JS.FC.GS_CAPTURE.x.y")
+        assert may(p.subscribe, "_INBOX.abc.def")
+        assert not may(p.publish, "$JS.API.STREAM.DELETE.GS_REQ") or role == "ops"
+
+
+def test_ops_may_do_everything():
+    assert permissions("ops", S) == Permissions(publish=(">",), subscribe=(">",))
+
+
+def test_unknown_roles_are_refused():
+    with pytest.raises(ValueError, match="unknown bus role"):
+        permissions("admin", S)
+
+
+def test_the_any_prefix_table_is_the_same_rules_for_every_prefix():
+    anyp = Subjects.any_prefix()
+    other = Subjects("t0123")
+    assert may_publish("edge", other.request("local", "batch"), anyp)
+    assert not may_publish("edge", other.decode("local", "batch"), anyp)
+    assert not may_publish("edge", other.events("e", "r"), anyp)
+    assert may_publish("prefill", other.decode("local", "batch"), anyp)
+    assert not may_publish("decode", other.request("local", "batch"), anyp)
+    assert may_subscribe("decode", other.doorbell("decode", "local").replace("*", "batch"), anyp)
+    # stream names are one token, so the JetStream API rights cover every stream
+    assert anyp.stream("req") == "*" and may_publish("edge", "$JS.API.CONSUMER.MSG.NEXT.T0123_DECODE.x", anyp)
+    assert not may_publish("edge", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE.x", S)
+
+
+def test_the_authorization_block_lists_users_with_quoted_subjects_and_never_prints_passwords():
+    users = role_users({"edge": ("edge", "pw1"), edge_user_key("e1"): ("edge-e1", "pw2")}, [S])
+    block = authorization_block(users)
+    assert block.startswith("authorization {") and '"$JS.API.STREAM.NAMES"' in block
+    entries = [json.loads(line.strip().rstrip(",")) for line in block.splitlines() if line.strip().startswith("{")]
+    assert [e["user"] for e in entries] == ["edge", "edge-e1"]
+    assert "gs.evt.e1.*" in entries[1]["permissions"]["subscribe"]["allow"]
+    assert "pw1" not in repr(users) and "pw1" not in repr(User("u", "pw1", users[0].permissions))
+    assert "secret" not in repr(NatsLogin("u", "secret"))
+
+
+def test_several_prefixes_merge_into_one_user():
+    user, = role_users({"edge": ("edge", "pw")}, [S, Subjects("sandbox")])
+    assert may(user.permissions.publish, "gs.req.eu.batch") and may(user.permissions.publish, "sandbox.req.eu.batch")
+
+
+def test_logins_are_saved_private_and_read_back(tmp_path: Path):
+    logins = generate_logins()
+    assert set(logins) == set(ROLES) and len({login.password for login in logins.values()}) == len(ROLES)
+    path = tmp_path / "d" / "credentials.json"
+    save_logins(path, logins)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_logins(path) == logins
+    path.write_text("{not json")
+    with pytest.raises(CredentialsError, match="cannot read NATS credentials"):
+        load_logins(path)
+
+
+def test_a_process_takes_its_own_login_before_its_roles(tmp_path: Path):
+    path = tmp_path / "logins.json"
+    save_logins(path, {"edge": NatsLogin("edge", "a"), "edge:e1": NatsLogin("edge-e1", "b"),
+                       "ops": NatsLogin(creds="/etc/ops.creds")})
+    settings = Settings(nats_credentials=str(path))
+    assert BusAuth.of(settings, "edge").login.user == "edge"
+    assert BusAuth.of(settings.replace(worker_id="e1"), "edge").login.user == "edge-e1"
+    assert BusAuth.of(settings, "ops").connect_options() == {"user_credentials": "/etc/ops.creds"}
+    assert BusAuth.of(settings, "edge").connect_options() == {"user": "edge", "password": "a"}
+    with pytest.raises(CredentialsError, match="no NATS login for the role 'decode'"):
+        BusAuth.of(settings, "decode")
+
+
+def test_without_a_credentials_file_a_process_connects_without_a_login(tmp_path: Path):
+    settings = Settings(data_dir=tmp_path)
+    assert settings.nats_credentials_file is None and BusAuth.of(settings, "edge").login is None
+    save_logins(tmp_path / "nats" / "credentials.json", generate_logins())  # what `grokstack up` writes
+    assert settings.nats_credentials_file == tmp_path / "nats" / "credentials.json"
+    assert BusAuth.of(settings, "edge").login.user == "edge"
+
+
+def test_passwords_in_urls_are_redacted():
+    assert redact_url("redis://grokstack:s3cret@127.0.0.1:6379/0") == "redis://grokstack:***@127.0.0.1:6379/0"
+    assert redact_url("rediss://:s3cret@h:6380/0?ssl_ca_certs=ca.pem") == "rediss://:***@h:6380/0?ssl_ca_certs=ca.pem"
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    shown = repr(Settings(redis_url="redis://grokstack:s3cret@h:1/0", nats_url="nats://u:pw@h:4222"))
+    assert "s3cret" not in shown and "pw@" not in shown and "redis://grokstack:***@h:1/0" in shown
+
+
+def test_nats_auth_renders_a_block_and_writes_the_logins(tmp_path: Path):
+    block = nats_auth(["gs"], ["eu-1"], tmp_path / "logins.json")
+    logins = load_logins(tmp_path / "logins.json")
+    assert set(logins) == {*ROLES, "edge:eu-1"} and logins["edge:eu-1"].user == "edge-eu-1"
+    assert all(login.password in block for login in logins.values())
+    with pytest.raises(ValueError):
+        nats_auth(["gs"], ["eu.1"], tmp_path / "bad.json")

@@ -29,6 +29,7 @@ from bus.messages import ErrorEvent, Heartbeat, Message
 from bus.subjects import Subjects, WorkKind
 from bus.work_queue import PriorityPuller
 from inference.cancels import CancelWatch
+from inference.resend import RecentEvents, resend_after_reconnects
 from services.logs import request_context
 from services.settings import Settings
 
@@ -68,7 +69,8 @@ class Service(Protocol[J]):
 class Emitter:
     """Publishes events to the subject a request named, numbering them."""
 
-    def __init__(self, nc: NATS, subjects: Subjects, reply_to: str, request_id: str, seq: int) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, reply_to: str, request_id: str, seq: int,
+                 recent: RecentEvents | None = None) -> None:
         if not subjects.is_event_subject(reply_to, request_id):
             raise BadMessage(f"reply_to {reply_to!r} is not this request's event subject "
                              f"({subjects.prefix}.evt.<client>.{request_id})")
@@ -76,6 +78,7 @@ class Emitter:
         self.reply_to = reply_to
         self.request_id = request_id
         self.seq = seq
+        self._recent = recent  # kept to send again after a reconnect (inference/resend.py)
 
     def next_seq(self) -> int:
         seq = self.seq
@@ -83,7 +86,10 @@ class Emitter:
         return seq
 
     async def emit(self, event: Message) -> None:
-        await self._nc.publish(self.reply_to, encode(event))
+        data = encode(event)
+        if self._recent is not None:
+            self._recent.record(self.request_id, self.reply_to, data)
+        await self._nc.publish(self.reply_to, data)
 
     async def error(self, code: str, message: str, retryable: bool = False) -> None:
         await self.emit(ErrorEvent(request_id=self.request_id, seq=self.next_seq(), code=code,
@@ -117,6 +123,7 @@ class PoolWorker:
         self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, settings.worker_name)
         self._active: dict[asyncio.Task, Msg] = {}
         self._serving: set[str] = set()  # request ids of the jobs running here
+        self._recent = RecentEvents()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -133,12 +140,14 @@ class PoolWorker:
         await self._exhausted.start()
         await self._puller.start()
         heartbeats = asyncio.create_task(self._heartbeats())
+        resends = asyncio.create_task(resend_after_reconnects(self.nc, self._recent, self.renewal_s))
         log.info("worker serving", role=self.service.role, region=self.settings.region,
                  slots=self.slots, worker_id=self.settings.worker_name)
         try:
             await self._pull_loop()
         finally:
             heartbeats.cancel()
+            resends.cancel()
             await self._puller.stop()
             await self._exhausted.stop()
             await self.cancels.stop()
@@ -217,12 +226,13 @@ class PoolWorker:
                 await self._serve(job)
         finally:
             self._serving.discard(body.request_id)
+            self._recent.end(body.request_id)
 
     async def _serve(self, job: Job) -> None:
         body = job.body
         try:
             emitter = Emitter(self.nc, self.subjects, body.reply_to, body.request_id,
-                              self.service.first_seq)
+                              self.service.first_seq, self._recent)
         except BadMessage as exc:
             await self._poison(job.msg, exc.reason, job.deliveries)
             return

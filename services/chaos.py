@@ -122,10 +122,11 @@ async def fault_loop(cluster: Cluster, args: argparse.Namespace, stop_at: float,
         if not due:
             due = rng.sample(kinds, len(kinds))
         for kind in list(due):
+            at = time.monotonic()  # the kill comes right after: a pause across it includes it
             target = await asyncio.to_thread(cluster.inject, kind)
             if target:
                 due.remove(kind)
-                faults.append(Fault(kind, time.monotonic(), target))
+                faults.append(Fault(kind, at, target))
                 print(f"  {time.strftime('%H:%M:%S')} fault: {kind} ({target})", flush=True)
                 break
 
@@ -143,17 +144,17 @@ async def references(url: str, max_tokens: int) -> dict[int, str]:
 
 
 def migration_delays(outcomes: list[Outcome], migrated: set[str], faults: list[Fault]) -> list[float]:
-    """For each answer that moved to another decode worker after a decode kill: the longest
-    pause between its tokens minus its usual pause (ms)."""
+    """For each answer that moved to another decode worker after a decode kill: the pause
+    between its tokens across the kill minus its usual pause (ms)."""
     kills = [f.at for f in faults if f.kind == "decode"]
     delays = []
     for o in outcomes:
         if o.request_id not in migrated or len(o.token_times) < 3:
             continue
         gaps = [b - a for a, b in zip(o.token_times, o.token_times[1:], strict=False)]
-        i = max(range(len(gaps)), key=gaps.__getitem__)
-        if any(o.token_times[i] <= at <= o.token_times[i + 1] for at in kills):
-            delays.append((gaps[i] - statistics.median(gaps)) * 1000)
+        across = [i for i in range(len(gaps)) for at in kills if o.token_times[i] <= at <= o.token_times[i + 1]]
+        if across:
+            delays.append((gaps[across[0]] - statistics.median(gaps)) * 1000)
     return delays
 
 

@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 
 from bus.codec import decode_event
+from bus.capture import sent_so_far
+from bus.codec import encode
+from bus.jetstream import ensure_streams
 from bus.messages import TokenEvent
+from bus.subjects import Subjects
 from edge.client import EdgeClient
 from inference.fake_engine import FakeEngine
+from inference.resend import RecentEvents, resend_after_reconnects
 from kv_store.block_store import BlockStore
 from services.embedded import EmbeddedNats
 from services.processes import RunningWorker, start_worker
@@ -166,5 +171,37 @@ async def test_a_nats_server_restart_mid_answer_ends_every_request_cleanly(setti
                 after = await asyncio.wait_for(
                     client.complete([{"role": "user", "content": "after the restart"}], max_tokens=50), 30)
                 assert after.text == expected("after the restart"), after.error
+    finally:
+        server.stop()
+
+
+async def test_events_lost_with_a_dying_broker_are_sent_again_after_the_reconnect(settings, tmp_path: Path):
+    """What was in the worker's socket when the server died never reached the capture either; the
+    worker still has it and sends it again once reconnected (here: recorded, never published)."""
+    server = EmbeddedNats(tmp_path / "nats")
+    url = server.start()
+    settings = settings.replace(nats_url=url, nats_credentials=str(server.credentials_file))
+    subjects = Subjects(settings.subject_prefix)
+    recent = RecentEvents()
+    for rid in ("r1", "r2"):
+        recent.record(rid, subjects.events("edge1", rid), encode(TokenEvent(request_id=rid, seq=0, text="x", token_ids=[120])))
+    recent.end("r2")  # an answer that just ended: its last events matter most
+    try:
+        async with bus_client(settings, "ops") as ops, bus_client(settings, "decode") as worker:
+            await ensure_streams(ops.jetstream(), settings, subjects)
+            resending = asyncio.create_task(resend_after_reconnects(worker, recent, 0.05))
+            server.proc.kill()
+            server.proc.wait()
+            server.port = int(url.rsplit(":", 1)[1])
+            server.start()
+
+            async def captured() -> bool:  # the capture stream has both, whoever listened
+                try:
+                    return all([(await sent_so_far(ops.jetstream(), subjects, subjects.events("edge1", rid))).token_ids
+                                for rid in ("r1", "r2")])
+                except Exception:  # JetStream still starting
+                    return False
+            assert await eventually(captured, timeout=15)
+            resending.cancel()
     finally:
         server.stop()

@@ -4,7 +4,8 @@ It runs its own stack (embedded nats-server and Redis, one edge, prefill and dec
 the real vLLM engine, each a separate process), keeps a number of greedy chats going for a fixed
 time, and meanwhile kills things at random: a decode worker (SIGKILL, while a spare is running),
 a prefill worker (SIGKILL), the nats-server (SIGKILL, back a moment later on the same port and
-store) and Redis (SIGKILL, back empty). Killed workers are replaced at once, as Kubernetes would.
+store) and Redis (SIGKILL, back empty). Killed workers are replaced a little later, as a new pod
+would be.
 
 Then it reports what the clients saw: requests sent, completed, failed with a clear error, lost
 (no answer at all: must be 0), duplicated or missing tokens (must be 0), answers that differ from
@@ -48,6 +49,8 @@ def add_chaos_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-workers", type=int, default=2)
     parser.add_argument("--prefill-workers", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--replace-after", type=float, default=10.0,
+                        help="seconds from killing a worker to starting its replacement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="", help="keep servers' data and logs here (default: a temp dir)")
 
@@ -228,7 +231,8 @@ async def drill(args: argparse.Namespace, cluster: Cluster) -> bool:
 
 def run_chaos(settings: Settings, args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="grokstack-chaos-"))
-    cluster = Cluster(settings, workdir, args.prefill_workers, args.decode_workers, random.Random(args.seed))
+    cluster = Cluster(settings, workdir, args.prefill_workers, args.decode_workers, random.Random(args.seed),
+                      args.replace_after)
     try:
         print(f"starting the stack (logs in {workdir}) ...", flush=True)
         cluster.start()

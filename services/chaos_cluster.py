@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +26,7 @@ DOWN_S = 1.0  # how long a killed server stays down before it is started again
 
 class Cluster:
     def __init__(self, settings: Settings, workdir: Path, prefill_workers: int, decode_workers: int,
-                 rng: random.Random) -> None:
+                 rng: random.Random, replace_after_s: float = 10.0) -> None:
         self.settings = settings
         self.workdir = workdir
         self.sizes = {"prefill": prefill_workers, "decode": decode_workers}
@@ -34,6 +35,10 @@ class Cluster:
         self.redis = EmbeddedRedis(workdir / "redis", maxmemory=settings.redis_maxmemory)
         self.procs: dict[str, subprocess.Popen] = {}
         self._numbers = itertools.count(1)
+        # A replacement comes this long after a kill, as a new pod is scheduled and started;
+        # started at once here, its engine start would take the cores the survivors need.
+        self.replace_after_s = replace_after_s
+        self._replacements: list[threading.Timer] = []
 
     @property
     def edge_url(self) -> str:
@@ -59,15 +64,17 @@ class Cluster:
         for role, n in self.sizes.items():
             for _ in range(n):
                 self.spawn(role)
-        self._wait(lambda: all(self.ready(name) for name in self.procs), 900, "the workers to start")
+        self._wait(lambda: all(self.ready(name) for name in list(self.procs)), 900, "the workers to start")
         self._wait(self._edge_ready, 60, "the edge to be ready")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
+        for timer in self._replacements:
+            timer.cancel()
+        for proc in list(self.procs.values()):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.drain_timeout_s + 15
-        for proc in self.procs.values():
+        for proc in list(self.procs.values()):
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -103,7 +110,7 @@ class Cluster:
     def _wait(self, check, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not check():
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            dead = [n for n, p in list(self.procs.items()) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise SystemExit(f"chaos: gave up waiting for {what} (exited: {dead}); logs in {self.workdir}")
             time.sleep(0.5)
@@ -122,14 +129,17 @@ class Cluster:
         return f"{kind}-server, down {DOWN_S:.0f} s"
 
     def _kill_worker(self, role: str) -> str:
-        alive = [n for n in self.procs if n.startswith(role + "-") and self.ready(n)]
+        alive = [n for n in list(self.procs) if n.startswith(role + "-") and self.ready(n)]
         # A decode worker dies only while a spare runs: the drill measures migration, not cold starts.
         if len(alive) < (2 if role == "decode" else 1):
             return ""
         victim = self.rng.choice(alive)
         _kill_group(self.procs.pop(victim))
-        replacement = self.spawn(role)
-        return f"{victim} SIGKILLed, {replacement} starting"
+        timer = threading.Timer(self.replace_after_s, self.spawn, [role])
+        timer.daemon = True
+        timer.start()
+        self._replacements.append(timer)
+        return f"{victim} SIGKILLed, a replacement starts in {self.replace_after_s:.0f} s"
 
     def migrated_requests(self) -> set[str]:
         """Request ids a decode worker continued after another one died (from their logs)."""

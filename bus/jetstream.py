@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
+from typing import Any, AsyncIterator
 
 import nats
 import structlog
@@ -83,6 +83,17 @@ async def connect(url: str, name: str, auth: BusAuth | None = None) -> NATS:
     log.info("nats connected", url=shown, role=auth.role if auth else None,
              server=f"{server.hostname}:{server.port}" if server else shown)
     return nc
+
+
+async def reconnects(nc: NATS, every_s: float) -> AsyncIterator[None]:
+    """Yields once after each reconnect. nats-py resubscribes by itself but cannot bring back
+    what was published meanwhile; its reconnect callback is fixed at connect, so count instead."""
+    seen = nc.stats["reconnects"]
+    while True:
+        await asyncio.sleep(every_s)
+        if nc.stats["reconnects"] != seen and nc.is_connected:
+            seen = nc.stats["reconnects"]
+            yield
 
 
 async def connect_as(settings: Settings, role: str, name: str) -> NATS:

@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 
 from bus.capture import event_history, find_request
 from bus.codec import BadMessage, decode, decode_event, encode
-from bus.jetstream import ensure_streams
+from bus.jetstream import ensure_streams, reconnects
 from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Event, Heartbeat, SamplingSpec
 from bus.ordering import RequestStream
 from bus.subjects import Priority, Subjects
@@ -162,13 +162,9 @@ class Gateway:
         return found
 
     async def _watch_reconnects(self) -> None:
-        """nats-py resubscribes after a reconnect, but what was published meanwhile is gone."""
-        seen = self.nc.stats["reconnects"]
-        while True:
-            await asyncio.sleep(0.25)
-            if self.nc.stats["reconnects"] != seen:
-                seen = self.nc.stats["reconnects"]
-                self._spawn(self._refill_after_reconnect())
+        """What was published while we were away is gone from the subscription, not the capture."""
+        async for _ in reconnects(self.nc, 0.25):
+            self._spawn(self._refill_after_reconnect())
 
     async def _refill_after_reconnect(self) -> None:
         for delay in REFILL_AFTER_RECONNECT_S:

@@ -9,12 +9,13 @@ otherwise leave the client waiting until its timeout). Receivers drop repeats by
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 
 import structlog
 from nats.aio.client import Client as NATS
+
+from bus.jetstream import reconnects
 
 log = structlog.get_logger("grokstack.worker")
 
@@ -50,13 +51,8 @@ class RecentEvents:
 
 
 async def resend_after_reconnects(nc: NATS, recent: RecentEvents, every_s: float) -> None:
-    """Watch for reconnects (nats-py counts them) and send the recent events again."""
-    seen = nc.stats["reconnects"]
-    while True:
-        await asyncio.sleep(every_s)
-        if nc.stats["reconnects"] == seen or not nc.is_connected:
-            continue
-        seen = nc.stats["reconnects"]
+    """After each reconnect, send the recent events again."""
+    async for _ in reconnects(nc, every_s):
         events = recent.all()
         log.info("sending recent events again after a reconnect", events=len(events))
         try:

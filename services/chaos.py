@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.client import EdgeClient
+from services.bench import quantile
 from services.chaos_cluster import Cluster
 from services.settings import Settings
 
@@ -169,11 +170,6 @@ def token_faults(o: Outcome) -> tuple[int, int]:
     return duplicated, missing
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
-
-
 def report(args: argparse.Namespace, outcomes: list[Outcome], refs: dict[int, str], faults: list[Fault],
            migrated: set[str], seconds: float) -> bool:
     completed = [o for o in outcomes if o.status == "completed"]
@@ -199,8 +195,8 @@ def report(args: argparse.Namespace, outcomes: list[Outcome], refs: dict[int, st
         f"missing tokens           {missing}  (must be 0)",
         f"differ from undisturbed  {len(differ)} of {len(completed)} completed",
         f"migrated answers         {len(migrated)}",
-        f"migration added latency  n={len(delays)} p50 {percentile(delays, 0.5):.0f} ms, "
-        f"p95 {percentile(delays, 0.95):.0f} ms, max {max(delays, default=float('nan')):.0f} ms "
+        f"migration added latency  n={len(delays)} p50 {quantile(delays, 0.5):.0f} ms, "
+        f"p95 {quantile(delays, 0.95):.0f} ms, max {max(delays, default=float('nan')):.0f} ms "
         f"(goal: p95 under 1000 ms with a spare running)",
     ]
     for o in lost[:5]:

@@ -184,7 +184,8 @@ async def test_events_lost_with_a_dying_broker_are_sent_again_after_the_reconnec
     subjects = Subjects(settings.subject_prefix)
     recent = RecentEvents()
     for rid in ("r1", "r2"):
-        recent.record(rid, subjects.events("edge1", rid), encode(TokenEvent(request_id=rid, seq=0, text="x", token_ids=[120])))
+        event = TokenEvent(request_id=rid, seq=0, text="x", token_ids=[120])
+        recent.record(rid, subjects.events("edge1", rid), encode(event))
     recent.end("r2")  # an answer that just ended: its last events matter most
     try:
         async with bus_client(settings, "ops") as ops, bus_client(settings, "decode") as worker:

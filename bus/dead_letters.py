@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 from bus.codec import encode, printable_payload
 from bus.messages import DeadLetter
 from bus.subjects import Subjects
+from services import metrics
 
 log = structlog.get_logger("grokstack.bus")
 
@@ -18,6 +19,7 @@ MAX_RECORDED_PAYLOAD = 256 * 1024
 
 async def dead_letter(js: JetStreamContext, subjects: Subjects, kind: str, subject: str,
                       data: bytes, reason: str, worker_id: str, deliveries: int = 1) -> None:
+    metrics.count_dead_letter(kind)
     payload, encoding = printable_payload(data[:MAX_RECORDED_PAYLOAD])
     if len(data) > MAX_RECORDED_PAYLOAD:
         reason = f"{reason} (payload truncated from {len(data)} bytes)"

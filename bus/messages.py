@@ -75,6 +75,8 @@ class PrefillStats(Struct, frozen=True, forbid_unknown_fields=True):
     done_at: float  # unix seconds when the decode job was published
     kv_bytes_written: int = 0
     kv_write_ms: float = 0.0
+    gpu_s: float = 0.0  # accelerator-seconds attributed to this prompt (inference/cost_meter.py)
+    usd: float = 0.0  # ...priced at the prefill pool's rate
 
 
 class DecodeJob(Message, tag="decode_job"):
@@ -121,6 +123,14 @@ class KvTransfer(Struct, frozen=True, forbid_unknown_fields=True):
     reason: str = ""  # why, when recomputed
 
 
+class Cost(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a request cost: its share of the accelerators' time, priced (inference/cost_meter.py).
+    A step of a batch is shared by the sequences in it, so a request pays for its part only."""
+    prefill_gpu_s: float = 0.0
+    decode_gpu_s: float = 0.0
+    usd: float = 0.0  # (prefill_gpu_s + decode_gpu_s) x gpus per worker x price per GPU-hour / 3600
+
+
 class TokenEvent(Message, tag="token"):
     request_id: Id
     seq: int
@@ -135,6 +145,7 @@ class FinalEvent(Message, tag="final"):
     usage: Usage
     timings: Timings = Timings()
     kv: KvTransfer = KvTransfer()
+    cost: Cost = Cost()
 
 
 class ErrorEvent(Message, tag="error"):
@@ -165,6 +176,12 @@ class Heartbeat(Message, tag="heartbeat"):
     failed: int = 0
     started_at: float = 0.0
     sent_at: float = 0.0
+    # The worker's token budget (inference/budget.py): what it may hold at once, what its
+    # running jobs hold now, and the tokens per second it gets through while busy (measured).
+    # Edges turn these and the queues' depth into an estimated wait (edge/admission.py).
+    budget_tokens: int = 0
+    reserved_tokens: int = 0
+    rate_tokens_s: float = 0.0
 
 
 class DeadLetter(Message, tag="dead_letter"):

@@ -5,7 +5,7 @@ Pure functions of a `Subjects` (so of the prefix): nothing here talks to a serve
 server (services/embedded.py), which `grokstack up` and the tests run, and a production server
 (rendered by `grokstack nats-auth`, see infra/README.md) enforce the same table:
 
-  edge        publishes requests and cancels; reads its own token events and heartbeats
+  edge        publishes requests and cancels; reads its own token events, heartbeats and queue depths
   prefill     pulls and acks requests; publishes decode jobs, events, heartbeats, dead letters
   decode      pulls and acks decode jobs; publishes events, heartbeats, dead letters
   aggregated  pulls and acks requests; publishes events, heartbeats, dead letters
@@ -90,7 +90,9 @@ def permissions(role: str, subjects: Subjects, edge_id: str | None = None) -> Pe
     publish = [*declare_streams(subjects), *read_stream(capture)]
     subscribe = [INBOXES]
     if role == "edge":
-        publish += [subjects.stream_subjects("req"), subjects.all_cancels()]
+        publish += [subjects.stream_subjects("req"), subjects.all_cancels(),
+                    # the work queues' depth, for admission control (edge/queues.py)
+                    *(f"{_API}.CONSUMER.INFO.{subjects.stream(kind)}.*" for kind in ("req", "decode"))]
         events = subjects.all_events() if edge_id is None or edge_id == ANY else subjects.events_of_edge(edge_id)
         subscribe += [events, subjects.all_heartbeats()]
     else:

@@ -1,9 +1,10 @@
 """Taking work from JetStream by priority.
 
 Each (region, priority) has its own durable pull consumer shared by all workers of a pool.
-A worker with free slots asks the consumers in priority order, without waiting, so a backlog of
-batch work never sits in front of an interactive request. When every queue is empty it sleeps
-until a doorbell rings (the stream republishes a header-only copy of each new message), so an
+A worker with room in its token budget (inference/budget.py) asks the consumers in priority order,
+without waiting, so a backlog of batch work never sits in front of an interactive request; a
+lower priority that got less than its minimum share of the work lately is asked first. When every
+queue is empty it sleeps until a doorbell rings (the stream republishes a header-only copy of each new message), so an
 idle worker costs nothing and wakes within a millisecond.
 
 Pull requests are made here rather than with nats-py's `fetch`, whose lingering requests can
@@ -15,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
+from typing import Callable
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -99,16 +102,49 @@ class PullConsumer:
             return msgs
 
 
+class ServedShares:
+    """What each priority got of the work served lately (token costs, decayed with a half-life),
+    so a lower priority below its minimum share is asked first: outside a spike it is not
+    starved by a steady stream of more urgent work."""
+
+    def __init__(self, min_shares: dict[Priority, float], half_life_s: float = 10.0) -> None:
+        self.min_shares = min_shares
+        self.half_life_s = half_life_s
+        self._served: dict[Priority, float] = {p: 0.0 for p in PRIORITIES}
+        self._at: float | None = None
+
+    def _decay(self, now: float) -> None:
+        factor = 0.5 ** (max(0.0, now - (self._at if self._at is not None else now)) / self.half_life_s)
+        self._at = now
+        for p in PRIORITIES:
+            self._served[p] *= factor
+
+    def served(self, priority: Priority, tokens: float, now: float | None = None) -> None:
+        self._decay(time.monotonic() if now is None else now)
+        self._served[priority] += tokens
+
+    def share(self, priority: Priority) -> float:
+        total = sum(self._served.values())
+        return self._served[priority] / total if total else 0.0
+
+    def order(self) -> list[Priority]:
+        """Priorities below their minimum share first (most behind first), then by urgency."""
+        behind = sorted((p for p in PRIORITIES if self.share(p) < self.min_shares.get(p, 0.0)),
+                        key=lambda p: self.share(p) - self.min_shares[p])
+        return behind + [p for p in PRIORITIES if p not in behind]
+
+
 class PriorityPuller:
-    """Pulls work of one kind for one region, highest priority first."""
+    """Pulls work of one kind for one region, most urgent first, within the worker's room."""
 
     def __init__(self, nc: NATS, subjects: Subjects, kind: WorkKind, region: str,
-                 idle_poll_s: float = 2.0) -> None:
+                 idle_poll_s: float = 2.0, shares: ServedShares | None = None) -> None:
         self._nc = nc
         self._subjects = subjects
         self._kind = kind
         self._region = region
         self._idle_poll_s = idle_poll_s
+        self.shares = shares or ServedShares({})
         stream = subjects.stream(kind)
         self._consumers: dict[Priority, PullConsumer] = {
             p: PullConsumer(nc, stream, subjects.consumer(kind, region, p)) for p in PRIORITIES}
@@ -130,20 +166,26 @@ class PriorityPuller:
     async def _ring(self, _msg: Msg) -> None:
         self._bell.set()
 
-    async def take(self, free_slots: int) -> list[Msg]:
-        """Up to `free_slots` messages, filling from the highest priority down; waits for work."""
+    async def take(self, room: Callable[[Priority], int],
+                   hold: Callable[[Priority, Msg], None]) -> list[Msg]:
+        """Messages for as much as `room(priority)` allows, asked in `shares.order()`; each is
+        passed to `hold` before the next is asked for, so the room shrinks as work is taken.
+        Waits for work when every queue with room is empty."""
         while True:
             self._bell.clear()
             taken: list[Msg] = []
-            for priority in PRIORITIES:
-                want = free_slots - len(taken)
+            for priority in self.shares.order():
+                want = room(priority)
                 if want <= 0:
-                    break
-                taken += await self._consumers[priority].fetch_now(want)
+                    continue
+                for msg in await self._consumers[priority].fetch_now(want):
+                    hold(priority, msg)
+                    taken.append(msg)
             if taken:
                 return taken
             try:
-                # The poll is a safety net for a doorbell lost across a reconnect.
+                # The poll is a safety net for a doorbell lost across a reconnect, and how
+                # room freed by another priority's job is noticed while idle.
                 await asyncio.wait_for(self._bell.wait(), self._idle_poll_s)
             except asyncio.TimeoutError:
                 pass

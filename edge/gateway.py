@@ -30,6 +30,7 @@ from bus.jetstream import ensure_streams, reconnects
 from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Event, Heartbeat, SamplingSpec
 from bus.ordering import RequestStream
 from bus.subjects import Priority, Subjects
+from edge.queues import QueueWatch
 from services.settings import Settings
 
 log = structlog.get_logger("grokstack.edge")
@@ -63,14 +64,17 @@ class Gateway:
         self._adopted: dict[str, Subscription] = {}  # request id -> its events, to any edge
         self._background: set[asyncio.Task] = set()
         self._capture_readers = asyncio.Semaphore(CAPTURE_READERS)
+        self.queues = QueueWatch(settings, self.js, self.subjects)
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings, self.subjects)
         await self.nc.subscribe(self.subjects.events_of_edge(self.edge_id), cb=self._on_event)
         await self.nc.subscribe(self.subjects.all_heartbeats(), cb=self._on_beat)
         self._spawn(self._watch_reconnects())
+        self._spawn(self.queues.run())
 
     async def stop(self) -> None:
+        self.queues.stop()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -214,6 +218,7 @@ class Gateway:
         except BadMessage:
             return
         now = time.monotonic()
+        self.queues.on_beat(beat)
         self._last_beat[(beat.region, beat.role)] = now
         self._models[beat.model_id] = now
 

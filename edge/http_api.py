@@ -3,6 +3,7 @@
     POST /v1/chat/completions                   streaming (SSE) or one JSON response
     GET  /v1/chat/completions/{id}/stream       resume a stream: `Last-Event-ID: <seq>`
     GET  /v1/models, /healthz, /readyz
+    GET  /metrics                               Prometheus (OpenMetrics when asked for)
 
 Every SSE event carries `id: <seq>`, the request's event sequence number, so a client that lost
 the connection asks for the rest with the last id it saw and gets exactly the missed tokens. A
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from bus.messages import FinalEvent, SamplingSpec, TokenEvent
 from bus.subjects import PRIORITIES, check_token
+from edge.admission import Admission, Refused, retry_after_header
 from edge.gateway import SubmitFailed
 from edge.live import LiveRequest, LiveRequests, Overloaded
 from edge.openai_wire import (
@@ -37,6 +39,7 @@ from edge.openai_wire import (
 )
 from edge.protocol import FrameError, limits_of, stop_list, usage_frame
 from edge.tenants import ApiKeys, AuthError, Tenant
+from services import metrics
 from services.logs import request_context
 from services.settings import Settings
 
@@ -44,6 +47,7 @@ log = structlog.get_logger("grokstack.api")
 
 PRIORITY_HEADER = "X-Grokstack-Priority"
 REGION_HEADER = "X-Grokstack-Region"
+DEGRADED_HEADER = "X-Grokstack-Degraded-Max-Tokens"
 _json = msgspec.json.Encoder()
 
 
@@ -76,9 +80,10 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 class OpenAIApi:
-    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys) -> None:
+    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys, admission: Admission) -> None:
         self.settings = settings
         self.live = live
+        self.admission = admission
         self.gateway = live.gateway
         self.keys = keys
         self.limits = limits_of(settings)
@@ -92,6 +97,7 @@ class OpenAIApi:
             web.get("/v1/models", self.models),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
+            web.get("/metrics", self.scrape),
         ])
         return app
 
@@ -119,6 +125,12 @@ class OpenAIApi:
     async def readyz(self, request: web.Request) -> web.Response:
         ok, body = self.gateway.readiness()
         return web.Response(status=200 if ok else 503, text=body)
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        """Prometheus scrapes, unauthenticated like /healthz (keep the port off the internet).
+        Rendered in a thread: a big registry must not stall the token streams."""
+        body, content_type = await asyncio.to_thread(metrics.exposition, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def models(self, request: web.Request) -> web.Response:
         self._tenant(request)
@@ -149,15 +161,26 @@ class OpenAIApi:
                                                frame.conversation_id, region, tenant=tenant.name)
         with request_context(bus_request.request_id, region, priority, tenant=tenant.name, api="openai"):
             try:
-                live = await self.live.start(bus_request, tenant.name)
+                admitted = self.admission.admit(bus_request, tenant)
+            except Refused as exc:
+                log.info("request refused", code=exc.code, retry_after_s=exc.retry_after_s)
+                raise ApiError(exc.code, exc.message, retry_after_s=retry_after_header(exc.retry_after_s)) from None
+            try:
+                live = await self.live.start(admitted.request, tenant.name)
             except SubmitFailed as exc:
+                metrics.observe_refused("unavailable", priority)
                 raise ApiError("unavailable", str(exc), retry_after_s=1) from None
+            self.admission.track(live, admitted)
             live.api_model = body.model
             live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            log.info("request accepted", stream=body.stream, max_tokens=sampling.max_tokens)
+            log.info("request accepted", stream=body.stream, max_tokens=admitted.request.sampling.max_tokens,
+                     degraded=admitted.degraded_max_tokens is not None)
+            # A batch request's max_tokens capped under load says so (edge/admission.py).
+            headers = ({DEGRADED_HEADER: str(admitted.degraded_max_tokens)}
+                       if admitted.degraded_max_tokens is not None else {})
             if body.stream:
-                return await self._stream(request, live, -1)
-            return await self._complete(live)
+                return await self._stream(request, live, -1, headers)
+            return await self._complete(live, headers)
 
     async def resume(self, request: web.Request) -> web.StreamResponse:
         tenant = self._tenant(request)
@@ -201,13 +224,15 @@ class OpenAIApi:
         try:
             self.live.check_capacity(tenant.name, tenant.max_concurrent)
         except Overloaded as exc:
+            metrics.observe_refused("too_many_requests", priority)
             raise ApiError("too_many_requests", f"{exc}; retry shortly", retry_after_s=1) from None
         down = [role for role, up in self.gateway.workers_alive(region).items() if not up]
         if down:
+            metrics.observe_refused("unavailable", priority)
             raise ApiError("unavailable", f"no {' or '.join(down)} worker of region {region!r} is alive",
                            retry_after_s=2)
 
-    async def _complete(self, live: LiveRequest) -> web.Response:
+    async def _complete(self, live: LiveRequest, headers: dict[str, str] | None = None) -> web.Response:
         parts: list[str] = []
         async for event in self.live.follow(live):
             if isinstance(event, TokenEvent):
@@ -217,15 +242,16 @@ class OpenAIApi:
                 body = completion(completion_id(live.request_id), int(live.request.created_at), live.api_model,
                                   "".join(parts), event, info)
                 return web.Response(body=_json.encode(body), content_type="application/json",
-                                    headers={"X-Request-Id": live.request_id})
+                                    headers={"X-Request-Id": live.request_id, **(headers or {})})
             else:
                 raise ApiError(event.code, event.message, retry_after_s=1 if event.retryable else 0)
         raise ApiError("internal", "the request ended without a final event")
 
-    async def _stream(self, request: web.Request, live: LiveRequest, after_seq: int) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, live: LiveRequest, after_seq: int,
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-            "X-Request-Id": live.request_id})
+            "X-Request-Id": live.request_id, **(headers or {})})
         await response.prepare(request)
         cid, created = completion_id(live.request_id), int(live.request.created_at)
         try:

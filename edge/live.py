@@ -27,6 +27,7 @@ import structlog
 from bus.messages import ChatRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from bus.ordering import RequestStream
 from edge.gateway import Gateway
+from services import metrics
 from services.settings import Settings
 
 log = structlog.get_logger("grokstack.edge")
@@ -46,6 +47,10 @@ class LiveRequest:
     tenant: str
     started: float = field(default_factory=time.monotonic)
     first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    # False for a request adopted from the capture: its earlier events arrive here in one burst,
+    # so their timing says nothing about time to first token or between tokens.
+    timed: bool = True
     events: list[Event] = field(default_factory=list)
     followers: int = 0
     finished: bool = False
@@ -66,11 +71,27 @@ class LiveRequest:
     def append(self, event: Event) -> None:
         if self.finished:
             return
-        if isinstance(event, TokenEvent) and not self.first_token_at:
-            self.first_token_at = time.monotonic()
+        self._observe(event, time.monotonic())
         self.events.append(event)
         self.finished = isinstance(event, (FinalEvent, ErrorEvent))
         self._changed.set()
+
+    def _observe(self, event: Event, now: float) -> None:
+        """The client-side latencies and token counts of this request, into the metrics."""
+        region, priority, rid = self.request.region, self.request.priority, self.request_id
+        if isinstance(event, TokenEvent):
+            if not self.first_token_at:
+                self.first_token_at = now
+                if self.timed:
+                    metrics.observe_first_token(region, priority, now - self.started, rid)
+            elif self.timed:
+                metrics.observe_token_gap(region, priority, now - self.last_token_at, len(event.token_ids), rid)
+            self.last_token_at = now
+        elif isinstance(event, FinalEvent):
+            metrics.observe_request_end(region, priority, now - self.started, event.finish_reason, rid,
+                                        event.usage.prompt_tokens, event.usage.completion_tokens)
+        else:
+            metrics.observe_request_end(region, priority, now - self.started, event.code, rid)
 
     def end(self, code: str, message: str, retryable: bool = False) -> None:
         """Finish with an error event of our own (timeout, cancel), numbered in sequence."""
@@ -163,6 +184,8 @@ class LiveRequests:
         task = live._pump = asyncio.create_task(self._pump(live, stream))
         self._pumps.add(task)
         task.add_done_callback(self._pumps.discard)
+        metrics.stream_started()  # in flight until its pump ends (finished, timed out or stopped)
+        task.add_done_callback(lambda _: metrics.stream_ended())
         self._start_grace(live)  # until its first follower comes
 
     async def _adopt(self, request_id: str, tenant: str) -> None:
@@ -175,7 +198,8 @@ class LiveRequests:
             return
         # Its clocks run from when it was created, as they did on the edge that accepted it.
         age_s = max(0.0, time.time() - request.created_at) if request.created_at else 0.0
-        live = LiveRequest(request, tenant, started=time.monotonic() - age_s, api_model=self.settings.model_id)
+        live = LiveRequest(request, tenant, started=time.monotonic() - age_s, api_model=self.settings.model_id,
+                           timed=False)
         self._track(live, stream)
         log.info("request adopted from the capture", request_id=request_id, reply_to=request.reply_to,
                  age_s=round(age_s, 3))

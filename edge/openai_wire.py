@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.messages import ChatMessage, FinalEvent, KvTransfer, Timings, TokenEvent
+from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Timings, TokenEvent
 from bus.subjects import Priority
 from edge.protocol import ChatFrame, FrameError, Limits, UsageFrame, check_chat
 
@@ -132,6 +132,7 @@ class GrokstackInfo(Struct):
     usage: UsageFrame
     timings: Timings
     kv: KvTransfer
+    cost: Cost  # its share of the accelerators' time, priced (inference/cost_meter.py)
 
 
 class ChatCompletionChunk(Struct, omit_defaults=True):
@@ -204,7 +205,7 @@ def usage_of(event: FinalEvent) -> CompletionUsage:
 
 
 def info_of(request_id: str, event: FinalEvent, usage: UsageFrame) -> GrokstackInfo:
-    return GrokstackInfo(request_id, event.finish_reason, usage, event.timings, event.kv)
+    return GrokstackInfo(request_id, event.finish_reason, usage, event.timings, event.kv, event.cost)
 
 
 def token_chunk(cid: str, created: int, model: str, event: TokenEvent) -> ChatCompletionChunk:
@@ -245,6 +246,8 @@ STATUS: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "invalid_request_error"),
     "frame_too_large": (413, "invalid_request_error"),
     "too_many_requests": (429, "rate_limit_error"),
+    "overloaded": (429, "rate_limit_error"),
+    "rate_limited": (429, "rate_limit_error"),
     "cancelled": (499, "cancelled"),
     "unavailable": (503, "service_unavailable"),
     "timeout": (504, "timeout"),

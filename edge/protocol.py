@@ -12,10 +12,14 @@ Client -> edge
        `last_seq` (-1: from the start), then the rest, as for the original request.
 
 Edge -> client
-  {"type": "accepted", "id": "c1", "request_id": "…", "resumed": false}   the request is on the bus
+  {"type": "accepted", "id": "c1", "request_id": "…", "resumed": false}   the request is on the bus;
+       with "max_tokens": 64 when the edge capped the request's max_tokens (batch under load)
   {"type": "token", "id": "c1", "seq": 0, "text": "Hel", "tokens": 1}   in order, no gaps, no repeats
-  {"type": "done", "id": "c1", "finish_reason": "stop", "usage": {…}, "timings": {…}, "kv": {…}}
+  {"type": "done", "id": "c1", "finish_reason": "stop", "usage": {…}, "timings": {…}, "kv": {…},
+   "cost": {"prefill_gpu_s": …, "decode_gpu_s": …, "usd": …}}
   {"type": "error", "id": "c1" | null, "code": "invalid_request", "message": "…", "retryable": false}
+       refusals at admission ("overloaded", "rate_limited", "too_many_requests") also carry
+       "retry_after_s": seconds after which a retry is likely to be accepted.
 
 Error codes are stable (see `ErrorCode`); messages are for humans and may change.
 """
@@ -28,7 +32,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.messages import ChatMessage, FinalEvent, KvTransfer, Timings
+from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Timings
 from bus.subjects import PRIORITIES, Priority
 from services.settings import Settings
 
@@ -43,7 +47,9 @@ ErrorCode = Literal[
     "unknown_request",  # resume of a request this edge does not hold (any more)
     "unauthorized",  # no valid API key
     "forbidden",  # the tenant may not use this priority
-    "too_many_requests",  # too many requests in flight on this connection
+    "too_many_requests",  # too many requests in flight on this connection, edge or tenant
+    "overloaded",  # the priority's estimated queue wait is over its budget: retry after retry_after_s
+    "rate_limited",  # the tenant used its tokens per minute: retry after retry_after_s
     "unavailable",  # the bus did not accept the request; retry
     "timeout",  # no answer in time; the request was cancelled
     "cancelled",
@@ -89,10 +95,12 @@ class UsageFrame(Struct):
     total_ms: float
 
 
-class AcceptedFrame(Struct, tag="accepted", tag_field="type"):
+class AcceptedFrame(Struct, tag="accepted", tag_field="type", omit_defaults=True):
     id: str
     request_id: str
-    resumed: bool = False
+    resumed: bool
+    # Under load a batch request's max_tokens is capped (edge/admission.py): to this.
+    max_tokens: int | None = None
 
 
 class TokenFrame(Struct, tag="token", tag_field="type"):
@@ -108,13 +116,15 @@ class DoneFrame(Struct, tag="done", tag_field="type"):
     usage: UsageFrame
     timings: Timings
     kv: KvTransfer
+    cost: Cost
 
 
-class ErrorFrame(Struct, tag="error", tag_field="type"):
+class ErrorFrame(Struct, tag="error", tag_field="type", omit_defaults=True):
     id: str | None
     code: str
     message: str
-    retryable: bool = False
+    retryable: bool
+    retry_after_s: float | None = None  # sent only with refusals at admission
 
 
 ServerFrame = Union[AcceptedFrame, TokenFrame, DoneFrame, ErrorFrame]

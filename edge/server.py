@@ -21,6 +21,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from bus.messages import Event, FinalEvent, SamplingSpec, TokenEvent
+from edge.admission import Admission, Admitted, Refused
 from edge.gateway import SubmitFailed
 from edge.live import LiveRequest, LiveRequests, Overloaded
 from edge.protocol import (
@@ -40,6 +41,7 @@ from edge.protocol import (
     usage_frame,
 )
 from edge.tenants import ApiKeys, AuthError, Tenant
+from services import metrics
 from services.logs import request_context
 from services.settings import Settings
 
@@ -59,9 +61,10 @@ class Connection:
     _numbers = itertools.count(1)
 
     def __init__(self, ws: ServerConnection, live: LiveRequests, tenant: Tenant,
-                 settings: Settings) -> None:
+                 settings: Settings, admission: Admission) -> None:
         self.ws = ws
         self.live = live
+        self.admission = admission
         self.gateway = live.gateway
         self.tenant = tenant
         self.settings = settings
@@ -98,8 +101,10 @@ class Connection:
             asyncio.get_running_loop().create_task(self.ws.close(1008, "client too slow"))
             raise ClientTooSlow() from None
 
-    async def _error(self, client_id: str | None, code: str, message: str, retryable: bool = False) -> None:
-        await self.send(ErrorFrame(id=client_id, code=code, message=message, retryable=retryable))
+    async def _error(self, client_id: str | None, code: str, message: str, retryable: bool = False,
+                     retry_after_s: float | None = None) -> None:
+        await self.send(ErrorFrame(id=client_id, code=code, message=message, retryable=retryable,
+                                   retry_after_s=retry_after_s))
 
     async def _on_frame(self, raw: str | bytes) -> None:
         try:
@@ -139,7 +144,8 @@ class Connection:
             try:
                 self.live.check_capacity(self.tenant.name, self.tenant.max_concurrent)
             except Overloaded as exc:
-                await self._error(client_id, "too_many_requests", str(exc), True)
+                metrics.observe_refused("too_many_requests", priority)
+                await self._error(client_id, "too_many_requests", str(exc), True, 1.0)
                 return
             sampling = SamplingSpec(
                 max_tokens=frame.max_tokens or self.settings.default_max_tokens,
@@ -149,13 +155,21 @@ class Connection:
             with request_context(request.request_id, request.region, request.priority,
                                  connection=self.number, tenant=self.tenant.name):
                 try:
-                    live = await self.live.start(request, self.tenant.name)
-                except SubmitFailed as exc:
-                    log.warning("request not accepted", error=str(exc))
-                    await self._error(client_id, "unavailable", str(exc), True)
+                    admitted = self.admission.admit(request, self.tenant)
+                    live = await self.live.start(admitted.request, self.tenant.name)
+                except Refused as exc:
+                    log.info("request refused", code=exc.code, retry_after_s=exc.retry_after_s)
+                    await self._error(client_id, exc.code, exc.message, True, exc.retry_after_s)
                     return
-                log.info("request accepted", max_tokens=request.sampling.max_tokens)
-                await self._follow(client_id, live, -1, resumed=False)
+                except SubmitFailed as exc:
+                    metrics.observe_refused("unavailable", priority)
+                    log.warning("request not accepted", error=str(exc))
+                    await self._error(client_id, "unavailable", str(exc), True, 1.0)
+                    return
+                self.admission.track(live, admitted)
+                log.info("request accepted", max_tokens=admitted.request.sampling.max_tokens,
+                         degraded=admitted.degraded_max_tokens is not None)
+                await self._follow(client_id, live, -1, resumed=False, admitted=admitted)
         finally:
             self._forget(client_id)
 
@@ -178,12 +192,14 @@ class Connection:
         finally:
             self._forget(client_id)
 
-    async def _follow(self, client_id: str, live: LiveRequest, after_seq: int, resumed: bool) -> None:
+    async def _follow(self, client_id: str, live: LiveRequest, after_seq: int, resumed: bool,
+                      admitted: Admitted | None = None) -> None:
         self.following[client_id] = live
         if client_id in self.cancel_asked:
             await self.live.cancel(live, "client_cancelled")
         try:
-            await self.send(AcceptedFrame(id=client_id, request_id=live.request_id, resumed=resumed))
+            await self.send(AcceptedFrame(id=client_id, request_id=live.request_id, resumed=resumed,
+                                          max_tokens=admitted.degraded_max_tokens if admitted else None))
             async for event in self.live.follow(live, after_seq):
                 await self.send(self._frame(client_id, live, event))
         except ClientTooSlow:
@@ -199,15 +215,17 @@ class Connection:
                      cached_prompt_tokens=u.cached_prompt_tokens, ttft_ms=round(live.ttft_ms, 1),
                      total_ms=round(total_ms, 1))
             return DoneFrame(id=client_id, finish_reason=event.finish_reason,
-                             usage=usage_frame(event, live.ttft_ms, total_ms), timings=event.timings, kv=event.kv)
+                             usage=usage_frame(event, live.ttft_ms, total_ms), timings=event.timings, kv=event.kv,
+                             cost=event.cost)
         log.info("request failed", code=event.code, reason=event.message)
         return ErrorFrame(id=client_id, code=event.code, message=event.message, retryable=event.retryable)
 
 
 class EdgeServer:
-    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys) -> None:
+    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys, admission: Admission) -> None:
         self.settings = settings
         self.live = live
+        self.admission = admission
         self.gateway = live.gateway
         self.keys = keys
         self.server: Server | None = None
@@ -231,7 +249,7 @@ class EdgeServer:
 
     async def _connection(self, ws: ServerConnection) -> None:
         tenant = self._tenant(ws.request)  # checked in _http already; cannot fail here
-        await Connection(ws, self.live, tenant, self.settings).run()
+        await Connection(ws, self.live, tenant, self.settings, self.admission).run()
 
     def _tenant(self, request: Request | None) -> Tenant:
         """From `Authorization: Bearer <key>`, or `?api_key=` (browsers cannot set headers on a

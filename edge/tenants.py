@@ -3,7 +3,7 @@
 The keys file holds only SHA-256 hashes of the keys (a leaked file gives no usable key):
 
     {"tenants": [{"name": "acme", "priorities": ["interactive", "standard"],
-                  "max_concurrent": 32, "keys": ["sha256:9f86d0…"]}]}
+                  "max_concurrent": 32, "tokens_per_minute": 200000, "keys": ["sha256:9f86d0…"]}]}
 
 `grokstack apikey --tenant acme` makes a key, prints it once and adds its hash. With no keys
 file the edge is open: every caller is tenant "public" with every priority.
@@ -29,6 +29,9 @@ class Tenant(Struct, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     priorities: Annotated[list[Priority], Meta(min_length=1)] = msgspec.field(default_factory=lambda: list(PRIORITIES))
     max_concurrent: Annotated[int, Meta(ge=1)] = 64
+    # Prompt plus answer tokens a minute, per edge (0: no limit); over it requests are refused
+    # with `rate_limited` and a retry-after (edge/admission.py).
+    tokens_per_minute: Annotated[int, Meta(ge=0)] = 0
     keys: list[Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$")]] = []
 
     @property
@@ -85,7 +88,8 @@ class ApiKeys:
         return tenant
 
 
-def add_key(path: Path, tenant: str, priorities: list[str], max_concurrent: int) -> str:
+def add_key(path: Path, tenant: str, priorities: list[str], max_concurrent: int,
+            tokens_per_minute: int | None = None) -> str:
     """Make a new key for `tenant` (created if new), store its hash, return the key."""
     data = msgspec.json.decode(path.read_bytes(), type=KeysFile) if path.exists() else KeysFile()
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -94,6 +98,8 @@ def add_key(path: Path, tenant: str, priorities: list[str], max_concurrent: int)
     updated = msgspec.convert({"name": tenant, "priorities": priorities or (old.priorities if old else
                                                                          list(PRIORITIES)),
                                "max_concurrent": max_concurrent or (old.max_concurrent if old else 64),
+                               "tokens_per_minute": (tokens_per_minute if tokens_per_minute is not None
+                                                     else old.tokens_per_minute if old else 0),
                                "keys": [*(old.keys if old else []), key_hash(key)]}, Tenant)
     data.tenants = [*others, updated]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,13 +16,15 @@ import time
 import structlog
 
 from bus.codec import decode
-from bus.messages import ChatRequest, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from bus.messages import ChatRequest, Cost, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from inference.budget import job_cost
 from inference.decode import EngineAborted
 from inference.engine import Engine
 from inference.prefill import prompt_of, queue_ms
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
+from services import metrics
 
 log = structlog.get_logger("grokstack.aggregated")
 
@@ -39,16 +41,26 @@ class AggregatedService:
     def parse(self, data: bytes) -> ChatRequest:
         return decode(data, ChatRequest)
 
+    def cost(self, req: ChatRequest) -> int:
+        return job_cost(self.role, len(self.engine.render_chat(req.messages)), req.sampling.max_tokens)
+
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
         prompt = prompt_of(self.engine, req)
         t0 = time.perf_counter()
         first_at = 0.0
         completion, finish, cached = 0, None, 0
+        clock = job.clock
+        if clock:  # while its prompt is computed, it weighs its tokens in the engine's time
+            clock.reweigh(req.request_id, len(prompt))
+        prefill_gpu_s = 0.0
         async for chunk in self.engine.generate(req.request_id, prompt, req.sampling,
                                                 max_tokens=req.sampling.max_tokens,
                                                 kv=kv_params(req.request_id, req.tenant)):
             if chunk.token_ids or chunk.text:
+                if not first_at and clock:
+                    prefill_gpu_s = clock.seconds(req.request_id)
+                    clock.reweigh(req.request_id, 1.0)
                 first_at = first_at or time.perf_counter()
                 completion += len(chunk.token_ids)
                 await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(),
@@ -59,13 +71,17 @@ class AggregatedService:
         done = time.perf_counter()
         record = await self.transfers.read(req.request_id) if self.transfers else {}
         prefill_ms = ((first_at or done) - t0) * 1000
+        cost = clock.price(prefill_gpu_s, job.gpu_seconds() - prefill_gpu_s) if clock else Cost()
         log.info("served", prompt_tokens=len(prompt), cached_tokens=cached, completion_tokens=completion,
-                 prefill_ms=round(prefill_ms, 1))
-        await emit.emit(FinalEvent(
+                 prefill_ms=round(prefill_ms, 1), gpu_s=round(cost.prefill_gpu_s + cost.decode_gpu_s, 6))
+        final = FinalEvent(
             request_id=req.request_id, seq=emit.next_seq(), finish_reason=finish or "stop",
             usage=Usage(prompt_tokens=len(prompt), cached_prompt_tokens=cached, completion_tokens=completion),
             timings=Timings(queue_ms=queue_ms(job), prefill_ms=prefill_ms,
                             decode_ms=(done - (first_at or done)) * 1000),
             kv=KvTransfer(bytes_written=int(record.get("save_bytes", 0)), write_ms=record.get("save_ms", 0.0),
                           bytes_read=int(record.get("load_bytes", 0)), read_ms=record.get("load_ms", 0.0),
-                          loaded_tokens=cached)))
+                          loaded_tokens=cached),
+            cost=cost)
+        await emit.emit(final)
+        metrics.observe_final(self.role, req.priority, final)

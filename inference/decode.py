@@ -18,12 +18,14 @@ from nats.js import JetStreamContext
 
 from bus.capture import sent_so_far
 from bus.codec import decode
-from bus.messages import DecodeJob, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from bus.messages import Cost, DecodeJob, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
 from bus.subjects import Subjects
+from inference.budget import job_cost
 from inference.engine import Engine
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
+from services import metrics
 
 log = structlog.get_logger("grokstack.decode")
 
@@ -46,6 +48,9 @@ class DecodeService:
 
     def parse(self, data: bytes) -> DecodeJob:
         return decode(data, DecodeJob)
+
+    def cost(self, job: DecodeJob) -> int:
+        return job_cost(self.role, len(job.prompt_token_ids), job.sampling.max_tokens)
 
     def _kv_params(self, job: DecodeJob) -> dict:
         params = kv_params(job.request_id, job.tenant)
@@ -97,8 +102,10 @@ class DecodeService:
                 loaded = int((report or {}).get("loaded_tokens", chunk.cached_tokens))
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")
-        await emit.emit(await self._final(job, emit.next_seq(), finish or "stop", completion,
-                                          loaded, report or {}, time.perf_counter() - t0))
+        final = await self._final(job, emit.next_seq(), finish or "stop", completion, loaded,
+                                  report or {}, time.perf_counter() - t0)
+        await emit.emit(final)
+        metrics.observe_final(self.role, j.priority, final, handle_tokens=j.kv.num_tokens if j.kv else 0)
 
     async def _final(self, job: Job[DecodeJob], seq: int, finish: str, completion: int,
                      loaded: int, report: dict, seconds: float) -> FinalEvent:
@@ -108,8 +115,11 @@ class DecodeService:
             loaded = max(0, loaded - int(record.get("load_failed", 0)) * j.kv.block_size)
         wanted = j.kv.num_tokens if j.kv else 0
         recomputed = loaded < wanted
+        # A migrated job pays for this worker's part; the dead worker's time was not recorded.
+        cost = job.clock.price(j.prefill.gpu_s, job.gpu_seconds(), j.prefill.usd) if job.clock else Cost()
         log.info("decoded", completion_tokens=completion, kv_loaded_tokens=loaded,
-                 recomputed=recomputed, reason=report.get("load_reason", ""))
+                 recomputed=recomputed, reason=report.get("load_reason", ""), decode_gpu_s=cost.decode_gpu_s,
+                 usd=cost.usd)
         return FinalEvent(
             request_id=j.request_id, seq=seq, finish_reason=finish,
             usage=Usage(prompt_tokens=len(j.prompt_token_ids),
@@ -122,4 +132,5 @@ class DecodeService:
                           bytes_read=int(record.get("load_bytes", 0)),
                           read_ms=record.get("load_ms", 0.0), loaded_tokens=loaded,
                           recomputed=recomputed,
-                          reason=report.get("load_reason", "") if recomputed else ""))
+                          reason=report.get("load_reason", "") if recomputed else ""),
+            cost=cost)

@@ -24,6 +24,7 @@ class EngineChunk:
 class Engine(Protocol):
     model_id: str
     max_model_len: int
+    kv_capacity_tokens: int  # tokens of KV the engine's cache holds (known after start)
 
     async def start(self) -> None: ...
 

@@ -31,13 +31,15 @@ def reply_for(prompt: bytes) -> bytes:
 class FakeEngine:
     def __init__(self, role: EngineRole = "direct", token_delay_s: float = 0.0,
                  store: BlockStore | None = None, key_prefix: str = "gskv",
-                 model_id: str = "fake", max_model_len: int = 4096) -> None:
+                 model_id: str = "fake", max_model_len: int = 4096,
+                 kv_capacity_tokens: int = 65536) -> None:
         self.role = role
         self.token_delay_s = token_delay_s
         self.store = store
         self.key_prefix = key_prefix
         self.model_id = model_id
         self.max_model_len = max_model_len
+        self.kv_capacity_tokens = kv_capacity_tokens
         self.started = self.aborted = 0
 
     async def start(self) -> None:

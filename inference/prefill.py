@@ -8,13 +8,15 @@ import structlog
 from nats.js import JetStreamContext
 
 from bus.codec import decode, encode
-from bus.messages import (ChatRequest, DecodeJob, FinalEvent, KvHandle, KvTransfer, PrefillStats,
+from bus.messages import (ChatRequest, Cost, DecodeJob, FinalEvent, KvHandle, KvTransfer, PrefillStats,
                           Timings, TokenEvent, Usage)
 from bus.subjects import Subjects
+from inference.budget import job_cost
 from inference.engine import Engine
 from inference.worker import Emitter, Job, JobRefused
 from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
+from services import metrics
 
 log = structlog.get_logger("grokstack.prefill")
 
@@ -56,6 +58,10 @@ class PrefillService:
     def parse(self, data: bytes) -> ChatRequest:
         return decode(data, ChatRequest)
 
+    def cost(self, req: ChatRequest) -> int:
+        # The whole prompt: which of its blocks are cached is known only once vLLM looked.
+        return job_cost(self.role, len(self.engine.render_chat(req.messages)), req.sampling.max_tokens)
+
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
         prompt = prompt_of(self.engine, req)
@@ -71,12 +77,16 @@ class PrefillService:
         await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(), text=text,
                                    token_ids=token_ids))
         record = await self.transfers.read(req.request_id) if self.transfers else {}
+        gpu_s = job.gpu_seconds()
         stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms(job), prefill_ms=prefill_ms,
                              cached_tokens=cached, done_at=time.time(),
                              kv_bytes_written=int(record.get("save_bytes", 0)),
-                             kv_write_ms=record.get("save_ms", 0.0))
+                             kv_write_ms=record.get("save_ms", 0.0), gpu_s=round(gpu_s, 6),
+                             usd=job.clock.usd(gpu_s) if job.clock else 0.0)
         log.info("prefilled", prompt_tokens=len(prompt), cached_tokens=cached,
-                 prefill_ms=round(prefill_ms, 1), kv_bytes_written=stats.kv_bytes_written)
+                 prefill_ms=round(prefill_ms, 1), kv_bytes_written=stats.kv_bytes_written,
+                 gpu_s=stats.gpu_s)
+        metrics.observe_prefill(req.priority, req.request_id, stats, len(prompt), usd=stats.usd)
         if finish != "length" or req.sampling.max_tokens == 1 or not token_ids:
             await self._finish(req, emit, len(prompt), stats, finish or "stop")
             return
@@ -100,4 +110,5 @@ class PrefillService:
             usage=Usage(prompt_tokens=prompt_tokens, cached_prompt_tokens=stats.cached_tokens,
                         completion_tokens=1),
             timings=Timings(queue_ms=stats.queue_ms, prefill_ms=stats.prefill_ms),
-            kv=KvTransfer(bytes_written=stats.kv_bytes_written, write_ms=stats.kv_write_ms)))
+            kv=KvTransfer(bytes_written=stats.kv_bytes_written, write_ms=stats.kv_write_ms),
+            cost=Cost(prefill_gpu_s=stats.gpu_s, usd=stats.usd)))

@@ -24,6 +24,7 @@ class VllmEngine:
         self.max_model_len = settings.max_model_len
         self._llm: Any = None
         self._tokenizer: Any = None
+        self.kv_capacity_tokens = 0  # known after start: the engine's KV cache, in tokens
 
     async def start(self) -> None:
         if not (self.settings.model_dir / "config.json").exists():
@@ -33,14 +34,21 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from inference.vllm_stats import stat_loggers
+
         t0 = time.monotonic()
         args = engine_args(self.settings, self.profile, self.role)
         log.info("engine starting", role=self.role, profile=self.profile.name,
                  model=args["model"], block_size=args["block_size"],
                  speculative=args.get("speculative_config", {}).get("method", "off"))
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        # our stat logger feeds the metrics from each scheduler step (inference/vllm_stats.py)
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=stat_loggers(self.role))
         self._tokenizer = self._llm.tokenizer
-        log.info("engine ready", role=self.role, seconds=round(time.monotonic() - t0, 1))
+        # The engine core measured its cache at start and told the front end how many blocks.
+        cache = self._llm.vllm_config.cache_config
+        self.kv_capacity_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
+        log.info("engine ready", role=self.role, seconds=round(time.monotonic() - t0, 1),
+                 kv_capacity_tokens=self.kv_capacity_tokens)
 
     async def shutdown(self) -> None:
         if self._llm is not None:

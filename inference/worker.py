@@ -26,10 +26,13 @@ from bus.codec import BadMessage, encode, reply_route
 from bus.dead_letters import dead_letter
 from bus.exhausted import ExhaustedJobs
 from bus.messages import ErrorEvent, Heartbeat, Message
-from bus.subjects import Subjects, WorkKind
-from bus.work_queue import PriorityPuller
+from bus.subjects import PRIORITIES, Priority, Subjects, WorkKind
+from bus.work_queue import PriorityPuller, ServedShares
+from inference.budget import Ticket, TokenBudget
 from inference.cancels import CancelWatch
+from inference.cost_meter import GpuClock
 from inference.resend import RecentEvents, resend_after_reconnects
+from services import metrics
 from services.logs import request_context
 from services.settings import Settings
 
@@ -54,6 +57,11 @@ class Job(Generic[J]):
     body: J
     received_at: float  # unix seconds when this worker took it
     deliveries: int
+    cost_tokens: int = 0  # what it holds of the worker's token budget
+    clock: GpuClock | None = None  # its share of the engine's time (inference/cost_meter.py)
+
+    def gpu_seconds(self) -> float:
+        return self.clock.seconds(self.body.request_id) if self.clock else 0.0
 
 
 class Service(Protocol[J]):
@@ -62,6 +70,9 @@ class Service(Protocol[J]):
     first_seq: int  # the sequence number of the first event this stage publishes
 
     def parse(self, data: bytes) -> J: ...
+
+    def cost(self, body: J) -> int:
+        """Tokens of the worker's budget the job holds (inference/budget.py)."""
 
     async def serve(self, job: Job[J], emit: "Emitter") -> None: ...
 
@@ -104,9 +115,30 @@ class WorkerCounters:
     started_at: float = field(default_factory=time.time)
 
 
+class FullRate:
+    """Tokens per second the worker gets through when its slots are full, from its served jobs:
+    slots x (a job's cost / its duration), smoothed. Edges divide queued tokens by the pool's sum
+    of these to estimate the wait (edge/admission.py)."""
+
+    def __init__(self, slots: int, alpha: float = 0.2) -> None:
+        self.slots = slots
+        self.alpha = alpha
+        self.per_job = 0.0
+
+    def served(self, cost_tokens: int, seconds: float) -> None:
+        if seconds <= 0 or cost_tokens <= 0:
+            return
+        rate = cost_tokens / seconds
+        self.per_job = rate if not self.per_job else self.per_job + self.alpha * (rate - self.per_job)
+
+    @property
+    def tokens_s(self) -> float:
+        return self.per_job * self.slots
+
+
 class PoolWorker:
     def __init__(self, settings: Settings, nc: NATS, service: Service, model_id: str,
-                 slots: int) -> None:
+                 slots: int, budget: TokenBudget | None = None) -> None:
         self.settings = settings
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -114,12 +146,18 @@ class PoolWorker:
         self.service = service
         self.model_id = model_id
         self.slots = slots
+        # Without a budget only the slots count (each job costs 1 of `slots` tokens).
+        self.budget = budget or TokenBudget(capacity=slots, slots=slots, max_job=1)
+        self.clock = GpuClock.of(settings)
+        self.rate = FullRate(slots)
         self.counters = WorkerCounters()
         self.cancels = CancelWatch(nc, self.subjects.cancel(settings.region), settings.request_ttl_s)
         # An idle worker looks for redelivered jobs (which ring no doorbell) once per renewal
         # period, so a dead worker's job is picked up soon after its lease lapses.
+        shares = ServedShares({"standard": settings.min_share_standard, "batch": settings.min_share_batch})
         self._puller = PriorityPuller(nc, self.subjects, service.kind, settings.region,
-                                      idle_poll_s=min(2.0, self.renewal_s))
+                                      idle_poll_s=min(2.0, self.renewal_s), shares=shares)
+        self._pulled: list[tuple[Msg, Ticket]] = []
         self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, settings.worker_name)
         self._active: dict[asyncio.Task, Msg] = {}
         self._serving: set[str] = set()  # request ids of the jobs running here
@@ -164,22 +202,34 @@ class PoolWorker:
         if self._active:
             await asyncio.wait(list(self._active), timeout=5)
 
+    def _has_room(self) -> bool:
+        return any(self.budget.room(p) > 0 for p in PRIORITIES)
+
+    def _hold(self, priority: Priority, msg: Msg) -> None:
+        self._pulled.append((msg, self.budget.hold(priority)))
+
     async def _pull_loop(self) -> None:
         while not self._stopping.is_set():
-            free = self.slots - len(self._active)
-            if free <= 0:
+            if not self._has_room():
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            take = asyncio.create_task(self._puller.take(free))
+            take = asyncio.create_task(self._puller.take(self.budget.room, self._hold))
             stop = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+            try:
+                done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the worker's task is cancelled: no pull left running unread
+                stop.cancel()
+                if not take.done():
+                    take.cancel()
             if take not in done:
-                take.cancel()
                 break
-            for msg in take.result():
-                task = asyncio.create_task(self._run(msg))
+            if take.exception() is not None:  # e.g. disconnected mid-pull: run what came, ask again
+                log.warning("pull failed", error=f"{type(take.exception()).__name__}: {take.exception()}")
+                await asyncio.sleep(0.1)
+            pulled, self._pulled = self._pulled, []
+            for msg, ticket in pulled:
+                task = asyncio.create_task(self._run(msg, ticket))
                 self._active[task] = msg
                 task.add_done_callback(self._done)
 
@@ -189,13 +239,20 @@ class PoolWorker:
 
     async def _heartbeats(self) -> None:
         subject = self.subjects.heartbeat(self.settings.region, self.service.role)
+        busy_s = 0.0
         while True:
+            self.clock.seconds("")  # brings busy_s up to now
+            metrics.add_busy_seconds(self.service.role, self.clock.busy_s - busy_s)
+            busy_s = self.clock.busy_s
+            metrics.set_worker_budget(self.service.role, self.budget.capacity, self.budget.reserved)
             beat = Heartbeat(
                 worker_id=self.settings.worker_name, role=self.service.role,
                 region=self.settings.region, model_id=self.model_id, slots=self.slots,
                 active=len(self._active), served=self.counters.served,
                 cancelled=self.counters.cancelled, failed=self.counters.failed,
-                started_at=self.counters.started_at, sent_at=time.time())
+                started_at=self.counters.started_at, sent_at=time.time(),
+                budget_tokens=self.budget.capacity, reserved_tokens=self.budget.reserved,
+                rate_tokens_s=round(self.rate.tokens_s, 1))
             try:
                 await self.nc.publish(subject, encode(beat))
             except Exception as exc:  # disconnected: the next beat will tell
@@ -204,13 +261,29 @@ class PoolWorker:
 
     # ------------------------------------------------------------------ one job
 
-    async def _run(self, msg: Msg) -> None:
+    async def _run(self, msg: Msg, ticket: Ticket) -> None:
+        try:
+            await self._run_held(msg, ticket)
+        finally:
+            self.budget.release(ticket)
+
+    def _cost(self, body: Any) -> int:
+        try:
+            return self.service.cost(body)
+        except Exception:  # e.g. a prompt the tokenizer rejects: serve() will say what is wrong
+            return self.budget.max_job
+
+    async def _run_held(self, msg: Msg, ticket: Ticket) -> None:
         deliveries = msg.metadata.num_delivered if msg.reply else 1
         try:
             body = self.service.parse(msg.data)
         except BadMessage as exc:
             await self._poison(msg, exc.reason, deliveries)
             return
+        cost = self._cost(body)
+        self.budget.settle(ticket, cost)
+        self._slot_freed.set()  # it held the largest job's cost until now: there may be room
+        self._puller.shares.served(ticket.priority, cost)
         if body.request_id in self._serving:
             # Our own job came back: its lease lapsed while renewals could not get through
             # (a broker restart, a stalled loop). The running task goes on and its renewals and
@@ -219,7 +292,7 @@ class PoolWorker:
             log.info("redelivered job is still running here", request_id=body.request_id,
                      deliveries=deliveries)
             return
-        job = Job(msg, body, time.time(), deliveries)
+        job = Job(msg, body, time.time(), deliveries, cost, self.clock)
         self._serving.add(body.request_id)
         try:
             with request_context(body.request_id, body.region, body.priority, role=self.service.role):
@@ -241,36 +314,47 @@ class PoolWorker:
                                 retryable=True)
             await job.msg.ack()
             return
+        # A prompt being prefilled weighs its tokens in the engine's time; a decoding sequence 1.
+        self.clock.start(body.request_id, job.cost_tokens if self.service.role == "prefill" else 1.0)
         task = asyncio.create_task(self.service.serve(job, emitter))
         self.cancels.watch(body.request_id, task)
         if self.cancels.is_cancelled(body.request_id):
             task.cancel()
         keep_alive = asyncio.create_task(self._keep_alive(job.msg))
+        outcome = "failed"
         try:
             await task
             self.counters.served += 1
+            outcome = "served"
+            self.rate.served(job.cost_tokens, time.time() - job.received_at)
             await job.msg.ack()
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # the worker is stopping, not the client
+                outcome = "handed_over"
                 await job.msg.nak()
                 raise
             self.counters.cancelled += 1
+            outcome = "cancelled"
             log.info("request cancelled")
             await emitter.error("cancelled", "the request was cancelled")
             await job.msg.ack()
         except JobRefused as exc:
             self.counters.failed += 1
+            outcome = "refused"
             log.info("request refused", code=exc.code, reason=exc.message)
             await emitter.error(exc.code, exc.message)
             await job.msg.ack()
         except BadMessage as exc:
+            outcome = "dead_lettered"
             await emitter.error("invalid_request", exc.reason)
             await self._poison(job.msg, exc.reason, job.deliveries)
         except Exception as exc:
             await self._failed(job, emitter, exc)
         finally:
             keep_alive.cancel()
+            self.clock.stop(body.request_id)
             self.cancels.unwatch(body.request_id)
+            metrics.observe_job(self.service.role, outcome)
 
     async def _failed(self, job: Job, emitter: Emitter, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"

@@ -68,6 +68,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "'stack:aggregated' / 'stack:disaggregated' pick its serving mode) or 'vllm' "
                              "(vLLM's own OpenAI server, started with the same model and engine settings); give it "
                              "several times to compare them side by side")
+    from services.spike_bench import add_spike_arguments
+    add_spike_arguments(parser)
 
 
 @dataclass
@@ -310,6 +312,12 @@ def report(direct: Phase | None, stack: Phase, args: argparse.Namespace) -> str:
 
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.calibrate:
+        from services.calibrate import run_calibrate
+        return await run_calibrate(settings, args)
+    if args.spike:
+        from services.spike_bench import run_spike
+        return await run_spike(settings, args)
     if args.target:
         from services.openai_bench import run_targets
         return await run_targets(settings, args)

@@ -18,10 +18,14 @@ ENGINE = ["model", "served_model_name", "engine_profile", "engine_step_lock", "c
           "kv_cache_gib", "kv_ttl_s", "kv_key_prefix"]
 SPEC = ["spec_method", "spec_tokens", "spec_ngram_min", "spec_ngram_max", "spec_draft_model",
         "spec_max_batch"]
-WORKER = ["worker_id", "ack_wait_s", "max_deliver", "heartbeat_s", "drain_timeout_s"]
+WORKER = ["worker_id", "ack_wait_s", "max_deliver", "heartbeat_s", "drain_timeout_s", "prefill_token_budget",
+          "decode_token_budget", "max_share_standard", "max_share_batch", "min_share_standard", "min_share_batch",
+          "gpu_price_per_hour", "gpus_per_worker", "metrics_port"]
 EDGE = ["edge_host", "edge_port", "api_port", "api_keys_file", "max_frame_bytes", "max_messages",
         "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "max_inflight_per_connection",
-        "max_inflight_per_edge", "resume_grace_s", "resume_retention_s", "request_timeout_s"]
+        "max_inflight_per_edge", "resume_grace_s", "resume_retention_s", "request_timeout_s",
+        "queue_budget_interactive_s", "queue_budget_standard_s", "queue_budget_batch_s", "degraded_batch_max_tokens",
+        "queue_poll_s"]
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "Path": Path, "str": str}
 
 
@@ -99,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a priority the tenant may use (repeat; default: all, or the tenant's current)")
     apikey.add_argument("--max-concurrent", type=int, default=0,
                         help="requests in flight at once per edge (default 64, or the tenant's current)")
+    apikey.add_argument("--tokens-per-minute", type=int, default=None,
+                        help="prompt plus answer tokens a minute per edge, 0 for no limit (default: the "
+                             "tenant's current, or no limit)")
     chaos = command("chaos", "a reliability drill: run chats while killing and restarting workers, "
                              "the nats-server and Redis at random; print what the clients saw",
                     ENGINE + SPEC + ["data_dir", "log_level", "decode_slots", "prefill_slots",
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "stack's roles and write their logins (production)")
     from services.nats_auth import add_nats_auth_arguments
     add_nats_auth_arguments(nats_auth)
+    cost = command("cost", "the $/1M tokens model with the math shown, from given throughput or "
+                           "from a running stack's metrics (--metrics URL)",
+                   ["gpu_price_per_hour", "gpus_per_worker"])
+    from services.cost import add_cost_arguments
+    add_cost_arguments(cost)
     command("model", "prepare the bundled model (converted once into the data directory)",
             ["data_dir", "log_level", "log_format"])
     sub.add_parser("settings", help="list every setting with its environment variable and default")
@@ -142,7 +154,8 @@ def make_api_key(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.api_keys_file:
         print("set GROKSTACK_API_KEYS_FILE or --api-keys-file: the file the edge reads keys from", file=sys.stderr)
         return 2
-    key = add_key(Path(settings.api_keys_file), args.tenant, args.priority, args.max_concurrent)
+    key = add_key(Path(settings.api_keys_file), args.tenant, args.priority, args.max_concurrent,
+                  args.tokens_per_minute)
     print(key)
     print(f"(tenant {args.tenant!r}; only its hash is stored in {settings.api_keys_file}; "
           "this is the only time the key is shown)", file=sys.stderr)
@@ -176,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(chat_repl(url, args.priority, args.max_tokens, args.temperature, args.system))
         return 0
     settings = settings_from(args)
+    if args.command == "cost":
+        from services.cost import run_cost
+        return run_cost(settings, args)
     if args.command == "apikey":
         return make_api_key(settings, args)
     if args.command in CLIENT_COMMANDS and args.log_level is None:

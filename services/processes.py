@@ -13,17 +13,20 @@ from nats.aio.client import Client as NATS
 from bus.credentials import redact_url
 from bus.jetstream import BusUnavailable, connect_as, ensure_streams, ensure_work_consumers
 from bus.subjects import Subjects, check_token
+from edge.admission import Admission
 from edge.gateway import Gateway
 from edge.http_api import OpenAIApi
 from edge.live import LiveRequests
 from edge.server import EdgeServer
 from edge.tenants import ApiKeys
 from inference.aggregated import AggregatedService
+from inference.budget import budget_for
 from inference.decode import DecodeService
 from inference.engine import Engine
 from inference.prefill import PrefillService
 from inference.worker import PoolWorker, Service
 from kv_store.transfers import TransferRecords
+from services import metrics
 from services.settings import Settings
 
 log = structlog.get_logger("grokstack")
@@ -102,8 +105,9 @@ async def start_edge(settings: Settings) -> RunningEdge:
     gateway = Gateway(settings, nc, settings.worker_name)
     await gateway.start()
     live = LiveRequests(settings, gateway)
-    server = EdgeServer(settings, live, keys)
-    api = OpenAIApi(settings, live, keys)
+    admission = Admission(settings, gateway.queues)
+    server = EdgeServer(settings, live, keys, admission)
+    api = OpenAIApi(settings, live, keys, admission)
     return RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())
 
 
@@ -124,6 +128,7 @@ class RunningWorker:
     engine: Engine
     worker: PoolWorker
     task: asyncio.Task
+    metrics_port: int = 0  # where this worker's /metrics is served
 
     async def stop(self, grace_s: float) -> None:
         log.info("worker stopping", role=self.role)
@@ -134,6 +139,7 @@ class RunningWorker:
             await self.nc.drain()
         await self.records.close()
         await self.engine.shutdown()
+        metrics.stop_serving(self.metrics_port)
         log.info("worker stopped", role=self.role)
 
 
@@ -161,8 +167,21 @@ async def start_worker(settings: Settings, role: str, engine: Engine | None = No
     else:
         service = DecodeService(engine, records, js, subjects)
         slots = settings.decode_slots
-    worker = PoolWorker(settings, nc, service, engine.model_id, slots)
-    return RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()))
+    budget = budget_for(settings, role, slots, engine.max_model_len, engine.kv_capacity_tokens)
+    log.info("token budget", role=role, capacity_tokens=budget.capacity, slots=slots, max_job_tokens=budget.max_job)
+    worker = PoolWorker(settings, nc, service, engine.model_id, slots, budget)
+    port = _serve_metrics(settings, role)
+    return RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()), port)
+
+
+def _serve_metrics(settings: Settings, role: str) -> int:
+    """Each worker process serves Prometheus metrics on a port of its own (edges use their API port)."""
+    try:
+        port = metrics.serve_metrics(settings.edge_host, settings.metrics_port)
+    except OSError as exc:
+        raise SystemExit(f"cannot serve metrics on {settings.edge_host}:{settings.metrics_port}: {exc}") from None
+    log.info(f"metrics at http://{settings.edge_host}:{port}/metrics", role=role)
+    return port
 
 
 async def run_worker(settings: Settings, role: str) -> None:

@@ -81,6 +81,40 @@ class Settings:
     # the idempotency window of direct publishes. At most request_ttl_s.
     dedupe_window_s: float = 600.0
 
+    # Token budgets (inference/budget.py): a worker pulls a job only while it has room for the
+    # largest job there can be, so vLLM's continuous batch stays full but never over-full.
+    # Prefill counts prompt tokens to compute (cached ones excluded); decode counts KV tokens
+    # (prompt + max_tokens) and 0 means the engine's whole KV cache.
+    prefill_token_budget: int = 8192
+    decode_token_budget: int = 0
+    # Lower priorities may hold at most this share of a worker's budget, so interactive work
+    # that arrives finds room at once; and they get at least this share of what is served while
+    # they have work queued, so they are not starved when there is no spike.
+    max_share_standard: float = 0.8
+    max_share_batch: float = 0.5
+    min_share_standard: float = 0.1
+    min_share_batch: float = 0.05
+
+    # --- admission at the edge (edge/admission.py) ---
+    # A new request is refused (429 / retryable error with retry-after) when its priority's
+    # estimated queue wait exceeds this budget; 0 turns admission control off for it.
+    queue_budget_interactive_s: float = 2.0
+    queue_budget_standard_s: float = 8.0
+    queue_budget_batch_s: float = 20.0
+    # Before refusing batch requests, their max_tokens is capped to this once the batch wait
+    # passes half its budget (0: no degradation).
+    degraded_batch_max_tokens: int = 64
+    queue_poll_s: float = 0.5  # how often an edge reads the work queues' depth
+
+    # --- cost ---
+    gpu_price_per_hour: float = 3.0  # dollars per accelerator-hour
+    gpus_per_worker: float = 1.0  # accelerators each worker's engine occupies
+
+    # --- telemetry ---
+    # Workers serve Prometheus metrics on http://<edge_host>:<metrics_port>/metrics (0: a free
+    # port, logged); the edge serves them on its API port. `grokstack up` gives each worker one.
+    metrics_port: int = 0
+
     # --- capture of bus traffic for replay and tracing (stream GS_CAPTURE) ---
     capture_max_age_s: float = 24 * 3600.0  # the server drops captured traffic older than this
     capture_max_mb: int = 2048  # ...and the oldest traffic beyond this size

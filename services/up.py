@@ -25,7 +25,7 @@ import structlog
 from bus.credentials import redact_url
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
-from services.embedded import EmbeddedNats, EmbeddedRedis
+from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
 from services.settings import ENV, Settings
 
 log = structlog.get_logger("grokstack.up")
@@ -47,6 +47,20 @@ def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict
     if role == "decode" and settings.engine_step_lock and settings.cpu_nice == 0:
         return {**env, ENV["cpu_nice"]: "5"}
     return env
+
+
+def metrics_ports(settings: Settings, roles: tuple[str, ...]) -> dict[str, int]:
+    """A /metrics port for each worker process: free ones, or metrics_port, metrics_port+1, ...
+    when it is set. The edge serves its metrics on its API port."""
+    workers = [role for role in roles if role != "edge"]
+    return {role: settings.metrics_port + i if settings.metrics_port else free_port()
+            for i, role in enumerate(workers)}
+
+
+def metrics_urls(settings: Settings, ports: dict[str, int]) -> str:
+    urls = {"edge": settings.api_port, **ports}
+    return "\n                       ".join(f"http://{settings.edge_host}:{port}/metrics ({role})"
+                                         for role, port in urls.items())
 
 
 def stack_memory_gib(root_pids: list[int]) -> float:
@@ -110,9 +124,12 @@ def run_up(settings: Settings) -> int:
             # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
             settings = settings.replace(engine_step_lock=str((settings.data_dir / "engine-step.lock").resolve()))
         env = child_environment(settings)
+        ports = metrics_ports(settings, roles)
         for role in roles:
-            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role],
-                                              env=role_environment(env, settings, role),
+            role_env = role_environment(env, settings, role)
+            if role in ports:
+                role_env = {**role_env, ENV["metrics_port"]: str(ports[role])}
+            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role], env=role_env,
                                               start_new_session=True)
         log.info("starting workers (the engines take about a minute to load)")
         if not wait_ready(settings, children, stop):
@@ -130,6 +147,7 @@ def run_up(settings: Settings) -> int:
               f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
               f"  jobs straight onto the bus: NATS_URL={settings.nats_url} "
               f"{_credentials_hint(settings)}{cli} publish \"Hello!\"\n"
+              f"  Prometheus metrics:  {metrics_urls(settings, ports)}\n"
               f"  resident memory of the stack: {gib:.1f} GiB\n"
               f"  Ctrl-C stops everything.\n", flush=True)
         while not stop.is_set():
@@ -140,7 +158,7 @@ def run_up(settings: Settings) -> int:
             stop.wait(1.0)
         return 0
     finally:
-        _stop_children(children, settings.drain_timeout_s + 15)
+        stop_children(children, settings.drain_timeout_s + 15)
         for server in reversed(servers):
             server.stop()
         log.info("stack stopped")
@@ -151,7 +169,9 @@ def _credentials_hint(settings: Settings) -> str:
     return f"{ENV['nats_credentials']}={os.path.relpath(path)} " if path else ""
 
 
-def _stop_children(children: dict[str, subprocess.Popen], grace: float) -> None:
+def stop_children(children: dict[str, subprocess.Popen], grace: float) -> None:
+    """SIGTERM every process, wait up to `grace` for all, then SIGKILL each one's process group
+    (engines run in child processes of their worker)."""
     for proc in children.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -7,6 +7,9 @@ Redis URL carries the stack's user and password."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -48,6 +51,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedRedis:
 @pytest.fixture(scope="session")
 def redis_url(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
+
+
+def _dump_tasks(_signum, _frame) -> None:
+    """`kill -USR1 <pytest pid>` writes every asyncio task's stack to /tmp/grokstack-tasks-<pid>.txt
+    (pytest captures the standard streams): what a hung test waits for."""
+    loop = asyncio._get_running_loop()  # the signal lands in the main thread, inside the loop
+    with open(f"/tmp/grokstack-tasks-{os.getpid()}.txt", "w") as out:
+        for task in asyncio.all_tasks(loop) if loop else []:
+            print(f"{task!r}", file=out)
+            coro = task.get_coro()
+            while coro is not None:  # down the chain of awaits, where print_stack stops
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is not None:
+                    print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}", file=out)
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+
+
+signal.signal(signal.SIGUSR1, _dump_tasks)
 
 
 def unique_prefix() -> str:

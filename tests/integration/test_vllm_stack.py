@@ -189,6 +189,36 @@ async def test_client_disconnect_stops_generation_in_the_decode_worker(vllm_stac
     await nc.close()
 
 
+async def test_answers_report_their_cost_and_workers_advertise_budgets_from_the_engine(vllm_stack):
+    nc = await nats.connect(vllm_stack.settings.nats_url,
+                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
+    beats: dict[str, Heartbeat] = {}
+
+    async def on_beat(msg) -> None:
+        beat = decode(msg.data, Heartbeat)
+        beats[beat.role] = beat
+
+    await nc.subscribe(vllm_stack.subjects.heartbeats("local"), cb=on_beat)
+    result = await chat(vllm_stack, [unique_system("Be brief."), {"role": "user", "content": "Name a colour."}])
+    assert result.error is None, result.error
+    cost = result.done["cost"]
+    assert cost["prefill_gpu_s"] > 0 and cost["decode_gpu_s"] > 0
+    price = vllm_stack.settings.gpu_price_per_hour / 3600
+    assert cost["usd"] == pytest.approx((cost["prefill_gpu_s"] + cost["decode_gpu_s"]) * price, rel=1e-3)
+    # a request alone on its workers is charged their whole time on it, no more
+    assert cost["decode_gpu_s"] <= result.done["timings"]["decode_ms"] / 1000 + 0.5
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        if beats.get("decode") and beats["decode"].rate_tokens_s > 0 and beats.get("prefill"):
+            break
+    decode_beat, prefill_beat = beats["decode"], beats["prefill"]
+    await nc.close()
+    # decode's budget is vLLM's KV cache in tokens: whole 32-token blocks, more than one context
+    assert decode_beat.budget_tokens % 32 == 0 and decode_beat.budget_tokens > vllm_stack.settings.max_model_len
+    assert prefill_beat.budget_tokens == vllm_stack.settings.prefill_token_budget
+    assert decode_beat.rate_tokens_s > 0  # measured from the jobs served
+
+
 async def test_bad_frames_get_errors_and_the_connection_survives(vllm_stack):
     async with await EdgeClient.connect(vllm_stack.url) as client:
         for raw, code in (("{oops", "invalid_json"), ('{"type": "dance"}', "invalid_frame"),

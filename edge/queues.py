@@ -1,0 +1,152 @@
+"""How long a new request would wait: the work queues' depth and the pools' speed, seen from an edge.
+
+Depth comes from JetStream (each (kind, region, priority) consumer's pending count, read every
+`queue_poll_s`, plus what this edge published since). Speed comes from the workers' heartbeats:
+each advertises the tokens per second it gets through with its slots full (inference/worker.py
+FullRate). Queued jobs are counted in tokens with the mean cost of the jobs of that priority this
+edge published, so a queue of long batch answers weighs more than one of short questions.
+
+The wait of priority p is the work queued at p and above (served first) over the pool's speed,
+for the request queue (prefill) plus the decode queue: a request goes through both, and every
+request still waiting for prefill is decode work ahead too (a burst shows in the request queue
+first, before any of it reaches decode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import structlog
+from nats.js import JetStreamContext
+
+from bus.messages import Heartbeat
+from bus.subjects import PRIORITIES, Priority, Subjects, WorkKind
+from inference.budget import job_cost
+from services import metrics
+from services.settings import Settings
+
+log = structlog.get_logger("grokstack.edge")
+
+KINDS: tuple[WorkKind, ...] = ("req", "decode")
+ROLES_OF: dict[WorkKind, tuple[str, ...]] = {"req": ("prefill", "aggregated"), "decode": ("decode",)}
+
+
+@dataclass
+class WorkerSpeed:
+    role: str
+    region: str
+    rate_tokens_s: float
+    seen: float  # monotonic
+
+
+class MeanCost:
+    """Smoothed token cost of the jobs published, per (kind, priority)."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self._mean: dict[tuple[WorkKind, Priority], float] = {}
+
+    def add(self, kind: WorkKind, priority: Priority, tokens: int) -> None:
+        old = self._mean.get((kind, priority))
+        self._mean[(kind, priority)] = tokens if old is None else old + self.alpha * (tokens - old)
+
+    def of(self, kind: WorkKind, priority: Priority) -> float:
+        return self._mean.get((kind, priority), 0.0)
+
+
+class QueueWatch:
+    def __init__(self, settings: Settings, js: JetStreamContext, subjects: Subjects) -> None:
+        self.settings = settings
+        self.js = js
+        self.subjects = subjects
+        self.costs = MeanCost()
+        self._pending: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)
+        self._published: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)  # since the last read
+        self._workers: dict[str, WorkerSpeed] = {}
+        self._regions: set[str] = {settings.region}
+        self._stopped = False
+
+    # ------------------------------------------------------------------ inputs
+
+    def on_beat(self, beat: Heartbeat) -> None:
+        self._workers[beat.worker_id] = WorkerSpeed(beat.role, beat.region, beat.rate_tokens_s, time.monotonic())
+        self._regions.add(beat.region)
+
+    def published(self, region: str, priority: Priority, prompt_tokens: int, max_tokens: int) -> None:
+        """This edge put a request on the bus: count it before the next read of the queues."""
+        self._published[("req", region, priority)] += 1
+        for kind in KINDS:
+            self.costs.add(kind, priority, job_cost(self.role_of(kind, region), prompt_tokens, max_tokens))
+
+    def stop(self) -> None:
+        # A flag as well as the task's cancel: Python 3.11's wait_for (inside nats-py's requests)
+        # can swallow a cancel that lands as its answer arrives, and this loop asks often.
+        self._stopped = True
+
+    async def run(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self.settings.queue_poll_s)
+            try:
+                await self.read()
+            except Exception as exc:  # disconnected: keep the last depth, try again
+                log.debug("queue depth not read", error=f"{type(exc).__name__}: {exc}")
+
+    async def read(self) -> None:
+        for region in sorted(self._regions):
+            for kind in KINDS:
+                for priority in PRIORITIES:
+                    key = (kind, region, priority)
+                    self._pending[key] = await self._depth(kind, region, priority)
+                    self._published[key] = 0
+                    metrics.set_queue_depth(kind, region, priority, self._pending[key])
+            for priority in PRIORITIES:
+                metrics.set_queue_wait(region, priority, self.wait_s(region, priority))
+
+    async def _depth(self, kind: WorkKind, region: str, priority: Priority) -> int:
+        try:
+            info = await self.js.consumer_info(self.subjects.stream(kind),
+                                               self.subjects.consumer(kind, region, priority), timeout=2)
+        except Exception as exc:
+            if "not found" in str(exc).lower():  # no worker declared it yet: nothing queued
+                return 0
+            raise
+        return int(info.num_pending or 0)
+
+    # ------------------------------------------------------------------ estimates
+
+    def _alive(self) -> list[WorkerSpeed]:
+        horizon = time.monotonic() - 3 * self.settings.heartbeat_s
+        return [w for w in self._workers.values() if w.seen >= horizon]
+
+    def role_of(self, kind: WorkKind, region: str) -> str:
+        """Who serves a kind of work in a region: prefill, unless only aggregated workers do."""
+        if kind == "decode":
+            return "decode"
+        roles = {w.role for w in self._alive() if w.region == region}
+        return "aggregated" if "aggregated" in roles and "prefill" not in roles else "prefill"
+
+    def speed(self, kind: WorkKind, region: str) -> float:
+        return sum(w.rate_tokens_s for w in self._alive() if w.region == region and w.role in ROLES_OF[kind])
+
+    def depth(self, kind: WorkKind, region: str, priority: Priority) -> int:
+        key = (kind, region, priority)
+        return self._pending[key] + self._published[key]
+
+    def queued_tokens(self, kind: WorkKind, region: str, priority: Priority) -> float:
+        """Tokens of work that would be served before a new request of `priority`. Requests still
+        waiting for prefill will all need decoding too: the decode pool's work ahead counts them."""
+        ahead = PRIORITIES[:PRIORITIES.index(priority) + 1]
+        upstream: tuple[WorkKind, ...] = ("req", "decode") if kind == "decode" else ("req",)
+        return sum(self.depth(k, region, p) * self.costs.of(kind, p) for p in ahead for k in upstream)
+
+    def wait_s(self, region: str, priority: Priority) -> float:
+        total = 0.0
+        for kind in KINDS:
+            queued = self.queued_tokens(kind, region, priority)
+            speed = self.speed(kind, region)
+            if queued and speed:  # no speed known yet (no job served): no estimate, no refusal
+                total += queued / speed
+        return total

@@ -1,0 +1,175 @@
+"""Token-aware queueing and admission, end to end against real NATS and Redis (fake engines):
+a backlog gets batch refused at once with a retry-after while interactive work is still accepted,
+everything accepted is served, tenants' tokens per minute hold, a worker never holds more than
+its token budget, and every answer reports its cost."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from edge.client import EdgeClient
+from edge.tenants import add_key
+from inference.fake_engine import FakeEngine
+from kv_store.block_store import BlockStore
+from tests.pipeline.harness import eventually, running_stack
+from tests.pipeline.test_chat_flow import engines, expected
+
+
+class CountingEngine(FakeEngine):
+    """Records how many requests it ran at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.running = self.most = 0
+
+    async def generate(self, *args, **kwargs):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            async for chunk in super().generate(*args, **kwargs):
+                yield chunk
+        finally:
+            self.running -= 1
+
+
+def chat(content: str, priority: str, max_tokens: int = 100) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "priority": priority, "max_tokens": max_tokens}
+
+
+async def test_a_backlog_refuses_batch_at_once_and_still_serves_interactive_and_everything_accepted(settings):
+    settings = settings.replace(decode_slots=2, prefill_slots=2, queue_poll_s=0.1, queue_budget_batch_s=1.0,
+                                queue_budget_standard_s=30.0, queue_budget_interactive_s=30.0,
+                                max_inflight_per_connection=64, degraded_batch_max_tokens=0)
+    async with running_stack(settings, *engines(settings, delay=0.03)) as stack:
+        queues = stack.edge.gateway.queues
+        async with await EdgeClient.connect(stack.url) as client:
+            for n in range(2):  # served jobs give the pools a measured speed
+                warm = await client.complete(**chat(f"warm up {n}", "interactive"))
+                assert warm.done, warm.error
+            assert await eventually(lambda: queues.speed("decode", "local") > 0), "no decode speed advertised"
+
+            contents = [f"batch job number {n}" for n in range(16)]
+            batch = await asyncio.gather(*(client.complete(**chat(c, "batch")) for c in contents))
+        refused = [r for r in batch if r.error and r.error["code"] == "overloaded"]
+        accepted = [(c, r) for c, r in zip(contents, batch, strict=True)
+                    if not (r.error and r.error["code"] == "overloaded")]
+        assert refused, "a backlog of 16 answers over 2 decode slots must exceed a 1 s budget"
+        assert accepted, "the first batch requests found the queue empty"
+        for r in refused:
+            assert r.error["retryable"] is True and r.error["retry_after_s"] >= 1.0
+            assert "batch" in r.error["message"] and "retry after" in r.error["message"]
+        for content, r in accepted:  # nothing accepted is dropped
+            assert r.done and not r.error, r.error
+            assert r.text == expected(content)
+
+
+async def test_interactive_is_accepted_while_batch_is_refused_and_http_says_429_with_retry_after(settings):
+    settings = settings.replace(decode_slots=2, queue_poll_s=0.1, queue_budget_batch_s=1.0,
+                                queue_budget_interactive_s=30.0, max_inflight_per_connection=64)
+    async with running_stack(settings, *engines(settings, delay=0.05)) as stack:
+        queues = stack.edge.gateway.queues
+        async with await EdgeClient.connect(stack.url) as client:
+            assert (await client.complete(**chat("warm up", "interactive"))).done
+            assert await eventually(lambda: queues.speed("decode", "local") > 0)
+            backlog = [asyncio.ensure_future(client.complete(**chat(f"long batch job {n}", "batch")))
+                       for n in range(12)]
+            assert await eventually(lambda: queues.wait_s("local", "batch") > 1.0), "no backlog seen"
+
+            async with aiohttp.ClientSession() as http:
+                body = {"model": "fake", "messages": [{"role": "user", "content": "refuse me"}]}
+                async with http.post(f"{stack.edge.api_url}/chat/completions", json=body,
+                                     headers={"X-Grokstack-Priority": "batch"}) as r:
+                    assert r.status == 429
+                    assert int(r.headers["Retry-After"]) >= 1
+                    error = (await r.json())["error"]
+                    assert error["code"] == "overloaded" and error["type"] == "rate_limit_error"
+
+            urgent = await client.complete(**chat("urgent question", "interactive"))
+            assert urgent.done and urgent.text == expected("urgent question")
+            for r in await asyncio.gather(*backlog):
+                assert r.done or r.error["code"] == "overloaded", r.error
+
+
+async def test_batch_is_degraded_to_fewer_tokens_before_it_is_refused(settings):
+    # The estimate itself is tested above and in tests/unit/test_admission.py; here it is set, to
+    # follow a degraded request through the stack.
+    settings = settings.replace(queue_budget_batch_s=20.0, queue_budget_standard_s=30.0, degraded_batch_max_tokens=5)
+    async with running_stack(settings, *engines(settings)) as stack:
+        queues = stack.edge.gateway.queues
+        async with await EdgeClient.connect(stack.url) as client:
+            queues.wait_s = lambda region, priority: 15.0  # past half the budget
+            frames = [f async for f in client.stream(**chat("shorten me", "batch"))]
+            full = [f async for f in client.stream(**chat("shorten me", "standard"))]
+            queues.wait_s = lambda region, priority: 25.0  # past the budget
+            refused = await client.complete(**chat("shorten me", "batch"))
+    assert frames[0]["type"] == "accepted" and frames[0]["max_tokens"] == 5
+    assert frames[-1]["type"] == "done" and frames[-1]["usage"]["completion_tokens"] == 5
+    assert frames[-1]["finish_reason"] == "length"
+    assert "".join(f["text"] for f in frames if f["type"] == "token") == expected("shorten me")[:5]
+    assert "max_tokens" not in full[0] and full[-1]["finish_reason"] == "stop"  # standard is not degraded
+    assert refused.error["code"] == "overloaded" and refused.error["retry_after_s"] == 5.0
+
+
+async def test_a_tenant_over_its_tokens_per_minute_is_refused_and_others_are_not(settings, tmp_path):
+    keys = tmp_path / "keys.json"
+    small = add_key(keys, "small", [], 0, tokens_per_minute=250)
+    big = add_key(keys, "big", [], 0)
+    settings = settings.replace(api_keys_file=str(keys))
+    async with running_stack(settings, *engines(settings)) as stack:
+        async with await EdgeClient.connect(f"{stack.url}/?api_key={small}") as client:
+            first = await client.complete(**chat("hi", "interactive", max_tokens=100))
+            assert first.done
+            # 'hi' costs about 6 prompt tokens + 100 max_tokens; the answer used far fewer, which
+            # went back to the bucket, so a second fits; a request for 240 more does not.
+            second = await client.complete(**chat("hi", "interactive", max_tokens=100))
+            assert second.done, second.error
+            over = await client.complete(**chat("hi", "interactive", max_tokens=240))
+            assert over.error["code"] == "rate_limited" and over.error["retryable"] is True
+            assert over.error["retry_after_s"] >= 1.0 and "small" in over.error["message"]
+        async with await EdgeClient.connect(f"{stack.url}/?api_key={big}") as other:
+            assert (await other.complete(**chat("hi", "interactive", max_tokens=240))).done
+
+
+async def test_a_worker_holds_no_more_than_its_token_budget(settings):
+    store = BlockStore(settings.redis_url, 60)
+    prefill = FakeEngine("prefill", store=store, key_prefix=settings.kv_key_prefix)
+    decode = CountingEngine("decode", token_delay_s=0.02, store=store, key_prefix=settings.kv_key_prefix,
+                            max_model_len=1000)
+    # Each job here costs 127 tokens: its prompt "<|user|>job N\n<|assistant|>" (27 byte tokens)
+    # + max_tokens 100. The worker takes another only while the largest job (1000) still fits:
+    # after 2 jobs 1006 are free, after 3 only 879, so 3 at once, of 16 slots.
+    settings = settings.replace(decode_slots=16, decode_token_budget=1260)
+    async with running_stack(settings, prefill, decode) as stack:
+        worker = stack.decode.worker
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                assert worker.budget.reserved <= worker.budget.capacity
+                peak = max(peak, worker.budget.reserved)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.ensure_future(watch())
+        async with await EdgeClient.connect(stack.url) as client:
+            results = await asyncio.gather(*(client.complete(**chat(f"job {n}", "interactive")) for n in range(8)))
+        watcher.cancel()
+    assert all(r.done for r in results), [r.error for r in results if r.error]
+    assert decode.most == 3, f"the budget allows 3 at once, the engine ran {decode.most}"
+    assert 0 < peak <= 1260
+    assert worker.budget.reserved == 0 and worker.budget.jobs == 0
+
+
+async def test_every_answer_reports_what_it_cost(settings):
+    settings = settings.replace(gpu_price_per_hour=36.0)  # $0.01 per GPU-second
+    async with running_stack(settings, *engines(settings, delay=0.01)) as stack:
+        async with await EdgeClient.connect(stack.url) as client:
+            frames = [f async for f in client.stream(**chat("what does this cost", "standard"))]
+    done = frames[-1]
+    assert done["type"] == "done"
+    cost = done["cost"]
+    assert cost["decode_gpu_s"] > 0.1  # about 20 tokens x 10 ms, alone on its worker
+    assert cost["prefill_gpu_s"] >= 0
+    assert abs(cost["usd"] - (cost["prefill_gpu_s"] + cost["decode_gpu_s"]) * 0.01) < 1e-6

@@ -1,0 +1,136 @@
+"""The token budget, the served shares that order the queues, and the GPU clock: pure logic."""
+
+from __future__ import annotations
+
+from bus.work_queue import ServedShares
+from inference.budget import TokenBudget, budget_for, job_cost
+from inference.cost_meter import GpuClock
+from services.settings import Settings
+
+CAPS = {"interactive": 1.0, "standard": 0.8, "batch": 0.5}
+
+
+def test_a_worker_pulls_only_while_the_largest_job_still_fits():
+    budget = TokenBudget(capacity=1000, slots=16, max_job=300)
+    assert budget.room("interactive") == 3
+    tickets = [budget.hold("interactive") for _ in range(3)]
+    assert budget.room("interactive") == 0  # 900 held: a fourth job of 300 might not fit
+    budget.settle(tickets[0], 50)  # the first one turned out small
+    assert budget.reserved == 650 and budget.room("interactive") == 1
+    for t in tickets:
+        budget.release(t)
+    assert budget.reserved == 0 and budget.jobs == 0
+
+
+def test_real_costs_let_many_small_jobs_share_the_budget_up_to_the_slots():
+    budget = TokenBudget(capacity=10_000, slots=4, max_job=2000)
+    for _ in range(4):
+        budget.settle(budget.hold("interactive"), 100)
+    assert budget.reserved == 400
+    assert budget.room("interactive") == 0  # tokens left, but every slot is taken
+
+
+def test_lower_priorities_leave_room_for_interactive_work():
+    budget = TokenBudget(capacity=1000, slots=10, max_job=100, caps=CAPS)
+    batch = [budget.hold("batch") for _ in range(budget.room("batch"))]
+    assert len(batch) == 5  # batch may hold half
+    assert budget.room("batch") == 0
+    assert budget.room("standard") == 3  # standard and batch together at most 80 %
+    standard = [budget.hold("standard") for _ in range(3)]
+    assert budget.room("standard") == 0 and budget.room("batch") == 0
+    assert budget.room("interactive") == 2  # the rest is interactive's
+    for t in batch + standard:
+        budget.release(t)
+    assert budget.room("batch") == 5
+
+
+def test_releasing_twice_or_settling_after_release_changes_nothing():
+    budget = TokenBudget(capacity=100, slots=2, max_job=50)
+    ticket = budget.hold("standard")
+    budget.release(ticket)
+    budget.release(ticket)
+    budget.settle(ticket, 10)
+    assert budget.reserved == 0 and budget.jobs == 0
+
+
+def test_a_job_never_holds_more_than_the_largest_job_or_the_whole_budget():
+    budget = TokenBudget(capacity=100, slots=2, max_job=4096)
+    assert budget.max_job == 100
+    ticket = budget.hold("interactive")
+    budget.settle(ticket, 10_000)
+    assert budget.reserved == 100
+
+
+def test_job_costs_and_budgets_per_role():
+    assert job_cost("prefill", 500, 64) == 500
+    assert job_cost("decode", 500, 64) == 564
+    assert job_cost("aggregated", 500, 64) == 564
+    settings = Settings(prefill_token_budget=8192, decode_token_budget=0)
+    assert budget_for(settings, "prefill", 4, 2048, 23_000).capacity == 8192
+    assert budget_for(settings, "decode", 16, 2048, 23_000).capacity == 23_000  # the engine's KV cache
+    assert budget_for(settings.replace(decode_token_budget=5000), "decode", 16, 2048, 23_000).capacity == 5000
+
+
+def test_strict_priority_order_while_every_priority_has_its_share():
+    shares = ServedShares({"standard": 0.1, "batch": 0.05})
+    for p, tokens in (("interactive", 70), ("standard", 20), ("batch", 10)):
+        shares.served(p, tokens, now=0.0)
+    assert shares.order() == ["interactive", "standard", "batch"]
+
+
+def test_a_starved_priority_is_asked_first():
+    shares = ServedShares({"standard": 0.1, "batch": 0.05})
+    shares.served("interactive", 1000, now=0.0)
+    shares.served("standard", 200, now=0.0)
+    assert shares.order()[0] == "batch"  # 0 % of what was served, below its 5 %
+    shares.served("batch", 100, now=0.0)
+    assert shares.order() == ["interactive", "standard", "batch"]
+
+
+def test_shares_forget_old_work():
+    shares = ServedShares({"batch": 0.05}, half_life_s=10.0)
+    shares.served("batch", 1000, now=0.0)
+    shares.served("interactive", 1000, now=100.0)  # 2^-10 of the batch work is left
+    assert shares.share("batch") < 0.01
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_engine_time_is_split_among_the_jobs_running_together():
+    t = FakeClock()
+    clock = GpuClock(usd_per_gpu_s=3.0 / 3600, clock=t)
+    clock.start("a")
+    t.now = 1.0  # a alone for 1 s
+    clock.start("b")
+    t.now = 3.0  # a and b together for 2 s
+    assert clock.stop("a") == 2.0
+    t.now = 4.0  # b alone for 1 s
+    assert clock.stop("b") == 2.0
+    assert clock.busy_s == 4.0 and clock.job_s == 6.0  # 1 x 1 s + 2 x 2 s + 1 x 1 s
+    t.now = 10.0  # idle time is nobody's
+    clock.start("c")
+    assert clock.stop("c") == 0.0 and clock.busy_s == 4.0
+
+
+def test_a_long_prompt_pays_more_of_a_prefill_batch():
+    t = FakeClock()
+    clock = GpuClock(usd_per_gpu_s=1.0, clock=t)
+    clock.start("long", weight=900)
+    clock.start("short", weight=100)
+    t.now = 1.0
+    assert round(clock.stop("long"), 6) == 0.9
+    assert round(clock.stop("short"), 6) == 0.1
+
+
+def test_cost_is_priced_per_pool():
+    clock = GpuClock(usd_per_gpu_s=Settings(gpu_price_per_hour=3.6, gpus_per_worker=2).gpu_price_per_hour * 2 / 3600)
+    cost = clock.price(prefill_gpu_s=1.0, decode_gpu_s=10.0)
+    assert cost.usd == round(11.0 * 0.002, 9)
+    cost = clock.price(prefill_gpu_s=1.0, decode_gpu_s=10.0, prefill_usd=0.5)  # the prefill pool's own price
+    assert cost.usd == round(0.5 + 10.0 * 0.002, 9)

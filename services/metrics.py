@@ -3,8 +3,8 @@
 Edges observe what a client sees (edge/live.py, edge/http_api.py and the admission code);
 workers observe what their stage did (the prefill, decode and aggregated services, the worker
 shell, and vLLM's per-step scheduler stats through inference/vllm_stats.py). Everything lives in
-prometheus_client's default registry: one process may hold an edge and several workers (the
-tests do), and then one scrape shows them all, told apart by their labels.
+one registry per process: one process may hold an edge and several workers (the tests do), and
+then one scrape shows them all, told apart by their labels.
 
 Latency histograms carry the request id as an exemplar, so a slow bucket on a dashboard leads
 to one request's logs (`request_id` is bound on every log line) and its bus traffic
@@ -14,10 +14,23 @@ to one request's logs (`request_id` is bound on every log line) and its bus traf
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from functools import partial
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.exposition import choose_encoder
 
 from bus.messages import FinalEvent, PrefillStats
+
+# The stack's own registry, not prometheus_client's default one: vLLM registers its `vllm:*`
+# metrics there, and some of them clash in OpenMetrics (`..._per_pos` and `..._per_pos_total`),
+# which makes a whole OpenMetrics scrape unparseable. Everything the dashboards need is here.
+REGISTRY = CollectorRegistry()
+Counter = partial(prometheus_client.Counter, registry=REGISTRY)
+Gauge = partial(prometheus_client.Gauge, registry=REGISTRY)
+Histogram = partial(prometheus_client.Histogram, registry=REGISTRY)
+# process_start_time_seconds, CPU and memory: `grokstack cost --metrics` takes workers' uptime from it
+prometheus_client.ProcessCollector(registry=REGISTRY)
 
 # Bucket bounds in seconds, spanning what this stack sees on a CPU (slow) and on GPUs (fast).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
@@ -262,7 +275,7 @@ _servers: dict[int, object] = {}
 def serve_metrics(host: str, port: int) -> int:
     """Serve /metrics from a thread of this worker process (0: a free port); returns the port.
     prometheus_client's server negotiates the format as `exposition` does."""
-    server, _thread = start_http_server(port, addr=host)
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
     bound = int(server.server_port)
     _servers[bound] = server
     return bound

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
+from services.metrics import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from bus.messages import (ChatMessage, ChatRequest, Cost, ErrorEvent, FinalEvent, KvTransfer, PrefillStats,

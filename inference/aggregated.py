@@ -20,7 +20,7 @@ from bus.messages import ChatRequest, Cost, FinalEvent, KvTransfer, Timings, Tok
 from inference.budget import job_cost
 from inference.decode import EngineAborted
 from inference.engine import Engine
-from inference.prefill import prompt_of, queue_ms
+from inference.prefill import prompt_of, prompt_renderer, queue_ms
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
@@ -36,17 +36,18 @@ class AggregatedService:
 
     def __init__(self, engine: Engine, transfers: TransferRecords | None) -> None:
         self.engine = engine
+        self.render = prompt_renderer(engine)
         self.transfers = transfers
 
     def parse(self, data: bytes) -> ChatRequest:
         return decode(data, ChatRequest)
 
     def cost(self, req: ChatRequest) -> int:
-        return job_cost(self.role, len(self.engine.render_chat(req.messages)), req.sampling.max_tokens)
+        return job_cost(self.role, len(self.render(req.messages)), req.sampling.max_tokens)
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
-        prompt = prompt_of(self.engine, req)
+        prompt = prompt_of(self.render, req, self.engine.max_model_len)
         t0 = time.perf_counter()
         first_at = 0.0
         completion, finish, cached = 0, None, 0

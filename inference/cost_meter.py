@@ -37,7 +37,7 @@ class GpuClock:
     def of(cls, settings: Settings) -> "GpuClock":
         return cls(settings.gpu_price_per_hour * settings.gpus_per_worker / 3600)
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         now = self._clock()
         dt, self._at = now - self._at, now
         total = sum(j.weight for j in self._jobs.values())
@@ -49,23 +49,23 @@ class GpuClock:
             job.seconds += dt * job.weight / total if total else dt / len(self._jobs)
 
     def start(self, job_id: str, weight: float = 1.0) -> None:
-        self._tick()
+        self.tick()
         self._jobs[job_id] = _Share(max(0.0, weight))
 
     def reweigh(self, job_id: str, weight: float) -> None:
         """A job changes phase (an aggregated worker's prompt is done, it decodes now)."""
-        self._tick()
+        self.tick()
         if job_id in self._jobs:
             self._jobs[job_id].weight = max(0.0, weight)
 
     def seconds(self, job_id: str) -> float:
         """The job's accelerator-seconds so far."""
-        self._tick()
+        self.tick()
         job = self._jobs.get(job_id)
         return job.seconds if job else 0.0
 
     def stop(self, job_id: str) -> float:
-        self._tick()
+        self.tick()
         job = self._jobs.pop(job_id, None)
         return job.seconds if job else 0.0
 

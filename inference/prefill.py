@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Callable, Sequence
 
 import structlog
 from nats.js import JetStreamContext
 
 from bus.codec import decode, encode
-from bus.messages import (ChatRequest, Cost, DecodeJob, FinalEvent, KvHandle, KvTransfer, PrefillStats,
+from bus.messages import (ChatMessage, ChatRequest, Cost, DecodeJob, FinalEvent, KvHandle, KvTransfer, PrefillStats,
                           Timings, TokenEvent, Usage)
 from bus.subjects import Subjects
 from inference.budget import job_cost
@@ -29,10 +31,20 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
             f"must fit the model's context of {max_model_len} tokens")
 
 
-def prompt_of(engine: Engine, req: ChatRequest) -> list[int]:
+Render = Callable[[Sequence[ChatMessage]], list[int]]
+
+
+def prompt_renderer(engine: Engine, size: int = 256) -> Render:
+    """The engine's chat template, remembering its last answers: a job's prompt is needed when the
+    worker takes the job (its cost) and again when it is served, and is tokenized once."""
+    cached = functools.lru_cache(maxsize=size)(engine.render_chat)
+    return lambda messages: cached(tuple(messages))
+
+
+def prompt_of(render: Render, req: ChatRequest, max_model_len: int) -> list[int]:
     """The request's prompt tokens, refused when prompt plus max_tokens exceed the context."""
-    prompt = engine.render_chat(req.messages)
-    check_fits(len(prompt), req.sampling.max_tokens, engine.max_model_len)
+    prompt = render(req.messages)
+    check_fits(len(prompt), req.sampling.max_tokens, max_model_len)
     return prompt
 
 
@@ -50,6 +62,7 @@ class PrefillService:
     def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
                  transfers: TransferRecords | None, worker_id: str) -> None:
         self.engine = engine
+        self.render = prompt_renderer(engine)
         self.js = js
         self.subjects = subjects
         self.transfers = transfers
@@ -60,11 +73,11 @@ class PrefillService:
 
     def cost(self, req: ChatRequest) -> int:
         # The whole prompt: which of its blocks are cached is known only once vLLM looked.
-        return job_cost(self.role, len(self.engine.render_chat(req.messages)), req.sampling.max_tokens)
+        return job_cost(self.role, len(self.render(req.messages)), req.sampling.max_tokens)
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
-        prompt = prompt_of(self.engine, req)
+        prompt = prompt_of(self.render, req, self.engine.max_model_len)
         t0 = time.perf_counter()
         token_ids: list[int] = []
         text, finish, cached, report = "", None, 0, None

@@ -241,7 +241,7 @@ class PoolWorker:
         subject = self.subjects.heartbeat(self.settings.region, self.service.role)
         busy_s = 0.0
         while True:
-            self.clock.seconds("")  # brings busy_s up to now
+            self.clock.tick()  # busy_s up to now
             metrics.add_busy_seconds(self.service.role, self.clock.busy_s - busy_s)
             busy_s = self.clock.busy_s
             metrics.set_worker_budget(self.service.role, self.budget.capacity, self.budget.reserved)

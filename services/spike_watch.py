@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
-import urllib.request
 
 import psutil
 
+from services.cost_metrics import ScrapeError, fetch
 from services.spike_client import PHASES
-
-_WAIT = re.compile(r'^grokstack_queue_wait_estimate_seconds\{[^}]*priority="(\w+)"[^}]*\}\s+(\S+)', re.M)
 
 
 def _tree_cpu_s(pid: int, children: bool = True) -> float:
@@ -90,16 +87,13 @@ class EdgeWaits:
     async def _run(self, t0: float) -> None:
         while True:
             try:
-                text = await asyncio.to_thread(self._read)
+                samples, _ = await asyncio.to_thread(fetch, self.url, 2.0)
                 now = time.monotonic() - t0
-                self.samples += [(now, p, float(v)) for p, v in _WAIT.findall(text)]
-            except (OSError, ValueError):
+                self.samples += [(now, dict(labels)["priority"], value) for (name, labels), value in samples.items()
+                                 if name == "grokstack_queue_wait_estimate_seconds"]
+            except ScrapeError:
                 pass  # the next sample will do
             await asyncio.sleep(1.0)
-
-    def _read(self) -> str:
-        with urllib.request.urlopen(self.url, timeout=2) as r:
-            return r.read().decode()
 
     def phase_of(self, t: float) -> str:
         return PHASES[0] if t < self.bounds[0] else PHASES[1] if t < self.bounds[1] else PHASES[2]

@@ -27,6 +27,7 @@ async def test_the_sim_spike_bench_reports_every_priority_and_phase_and_loses_no
     assert code == 0, out
     assert "engine sim: SIMULATED fleet of 2 prefill + 3 decode workers" in out
     assert "calibration:" in out and "load: Poisson arrivals" in out and "goal: interactive p99 TTFT" in out
+    assert "edge's estimated queue wait (admission's input), peak" in out  # read from the edge's /metrics
     data = json.loads(report.read_text())
     assert data["engine"] == "sim" and data["lost"] == 0
     cells = data["cells"]

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command("bench", "run N concurrent websocket chats through the stack and the same "
                              "prompts through one vLLM engine in-process; print both side by side",
                     COMMON + ENGINE + SPEC + ["decode_slots", "prefill_slots"])
-    from services.bench import add_bench_arguments
+    from services.lab.bench import add_bench_arguments
     add_bench_arguments(bench)
 
     publish = command("publish", "submit a job straight onto the bus and follow its tokens, or a "
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the nats-server and Redis at random; print what the clients saw",
                     ENGINE + SPEC + ["data_dir", "log_level", "decode_slots", "prefill_slots",
                                      "request_timeout_s"])
-    from services.chaos import add_chaos_arguments
+    from services.lab.chaos import add_chaos_arguments
     add_chaos_arguments(chaos)
     nats_auth = sub.add_parser("nats-auth", help="print the nats-server authorization block of the "
                                                  "stack's roles and write their logins (production)")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost = command("cost", "the $/1M tokens model with the math shown, from given throughput or "
                            "from a running stack's metrics (--metrics URL)",
                    ["gpu_price_per_hour", "gpus_per_worker"])
-    from services.cost import add_cost_arguments
+    from services.lab.cost_command import add_cost_arguments
     add_cost_arguments(cost)
     command("model", "prepare the bundled model (converted once into the data directory)",
             ["data_dir", "log_level", "log_format"])
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = settings_from(args)
     if args.command == "cost":
-        from services.cost import run_cost
+        from services.lab.cost_command import run_cost
         return run_cost(settings, args)
     if args.command == "apikey":
         return make_api_key(settings, args)
@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_bundled_model(settings.model_dir))
         return 0
     if args.command == "chaos":
-        from services.chaos import run_chaos
+        from services.lab.chaos import run_chaos
         return run_chaos(settings, args)
     if args.command == "bench":
-        from services.bench import run_bench
+        from services.lab.bench import run_bench
         return asyncio.run(run_bench(settings, args))
     if args.command in CLIENT_COMMANDS:
         return run_client_command(settings, args)

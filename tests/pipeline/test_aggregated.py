@@ -6,7 +6,7 @@ import aiohttp
 import openai
 
 from edge.client import EdgeClient
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from kv_store.block_store import BlockStore
 from services.processes import start_edge, start_worker
 from tests.pipeline.harness import eventually

@@ -80,7 +80,7 @@ async def test_duplicate_id_and_in_flight_limit(settings):
 
 @pytest.mark.parametrize("max_len", [64])
 async def test_prompt_that_does_not_fit_the_context_is_refused_by_prefill(settings, max_len):
-    from inference.fake_engine import FakeEngine
+    from services.lab.fake_engine import FakeEngine
     prefill = FakeEngine("prefill", max_model_len=max_len)
     async with running_stack(settings, prefill, FakeEngine("decode")) as stack:
         async with await EdgeClient.connect(stack.url) as client:

@@ -13,7 +13,7 @@ from bus.messages import (ChatMessage, DeadLetter, DecodeJob, FinalEvent, KvHand
                           SamplingSpec)
 from bus.subjects import Subjects
 from edge.client import EdgeClient
-from inference.fake_engine import BLOCK, LAYOUT, FakeEngine, reply_for
+from services.lab.fake_engine import BLOCK, LAYOUT, FakeEngine, reply_for
 from kv_store.keys import prompt_block_keys
 from tests.pipeline.harness import bus_client, eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected

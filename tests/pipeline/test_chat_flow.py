@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from edge.client import EdgeClient
-from inference.fake_engine import FakeEngine, reply_for
+from services.lab.fake_engine import FakeEngine, reply_for
 from kv_store.block_store import BlockStore
 from tests.pipeline.harness import running_stack
 

@@ -15,7 +15,7 @@ from bus.codec import decode_event as real_decode_event
 from edge import gateway as gateway_module
 from edge.client import EdgeClient
 from edge.tenants import add_key
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from services.embedded import EmbeddedNats, free_port
 from tests.pipeline.harness import another_edge, crash, eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected

@@ -12,7 +12,7 @@ from bus.codec import encode
 from bus.messages import ChatMessage, DecodeJob, KvHandle, PrefillStats, SamplingSpec
 from edge.client import EdgeClient
 from edge.tenants import add_key
-from inference.fake_engine import BLOCK, LAYOUT, FakeEngine, reply_for
+from services.lab.fake_engine import BLOCK, LAYOUT, FakeEngine, reply_for
 from kv_store.block_store import BlockStore
 from kv_store.keys import prompt_block_keys
 from tests.pipeline.harness import bus_client, running_stack

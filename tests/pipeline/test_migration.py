@@ -10,7 +10,7 @@ from collections import Counter
 
 from bus.codec import decode_event
 from edge.client import EdgeClient
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from kv_store.block_store import BlockStore
 from services.processes import start_worker
 from tests.pipeline.harness import bus_client, eventually, running_stack

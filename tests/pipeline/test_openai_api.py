@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from edge.tenants import add_key
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from tests.pipeline.harness import eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 

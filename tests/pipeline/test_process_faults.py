@@ -17,7 +17,7 @@ from bus.jetstream import ensure_streams
 from bus.messages import TokenEvent
 from bus.subjects import Subjects
 from edge.client import EdgeClient
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from inference.resend import RecentEvents, resend_after_reconnects
 from kv_store.block_store import BlockStore
 from services.embedded import EmbeddedNats

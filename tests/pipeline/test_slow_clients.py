@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import AsyncIterator
 
 from edge.client import EdgeClient
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from tests.pipeline.harness import eventually, running_stack
 from tests.pipeline.test_chat_flow import expected
 from tests.pipeline.test_openai_api import ready, sdk

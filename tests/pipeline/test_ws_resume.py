@@ -10,7 +10,7 @@ import websockets
 
 from edge.client import EdgeClient
 from edge.tenants import add_key
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from tests.pipeline.harness import running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 

@@ -1,5 +1,5 @@
 from bus.messages import ChatMessage, SamplingSpec
-from inference.fake_engine import FakeEngine
+from services.lab.fake_engine import FakeEngine
 from inference.profiles import PROFILES, engine_args, kv_transfer_config, speculative_config
 from services.settings import Settings
 

@@ -1,7 +1,7 @@
 """What capturing costs the token path: token events published and received over core NATS,
 with and without the capture stream storing them. Prints both side by side.
 
-    python -m services.capture_bench [--events 20000]
+    python -m services.lab.capture_bench [--events 20000]
 """
 
 from __future__ import annotations

@@ -17,12 +17,9 @@ overhead. Throughput is given by flags, or measured from a running stack's Prome
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, replace
 
-from services.settings import Settings
 
 # Share of paid accelerator time spent at the benchmarked throughput, when not measured. Serving
 # is sized for peaks, not averages: traffic is diurnal and bursty (the 10x news spike), the
@@ -137,7 +134,7 @@ def _positive(value: float | None, what: str) -> None:
         raise CostError(f"{what} must be a positive number, not {value}")
 
 
-def _fraction(value: float, what: str) -> None:
+def check_fraction(value: float, what: str) -> None:
     if not 0 < value <= 1:
         raise CostError(f"{what} must be in (0, 1], not {value}")
 
@@ -147,8 +144,8 @@ def validate(model: CostModel) -> CostModel:
     _positive(model.gpus, "GPUs per replica")
     _positive(model.prefill_tok_s, "prefill throughput (tok/s)")
     _positive(model.decode_tok_s, "decode throughput (tok/s)")
-    _fraction(model.prefill_utilization, "prefill utilization")
-    _fraction(model.decode_utilization, "decode utilization")
+    check_fraction(model.prefill_utilization, "prefill utilization")
+    check_fraction(model.decode_utilization, "decode utilization")
     if model.batch is not None and model.batch < 1:
         raise CostError(f"the batch size must be at least 1, not {model.batch}")
     if model.prefill_tok_s is None and model.decode_tok_s is None:
@@ -248,75 +245,6 @@ def _speculation_lines(spec: Speculation, rate: float) -> list[str]:
             f"      / verification overhead {num(spec.overhead)} = x{num(speedup)}"
             + (" (overhead 1 is the ideal: set --spec-overhead)" if spec.overhead == 1 else ""),
             f"      {num(rate)} x {num(speedup)} = {num(rate * speedup)} tok/s"]
-
-
-# ---------------------------------------------------------------------------------- the CLI
-
-def add_cost_arguments(parser: argparse.ArgumentParser) -> None:
-    given = parser.add_argument_group("throughput given")
-    given.add_argument("--prefill-tok-s", type=float, help="prompt tokens one replica prefills per second")
-    given.add_argument("--decode-tok-s", type=float,
-                       help="output tokens per second of one replica, in total over its batch")
-    given.add_argument("--batch", type=int, help="the batch size --decode-tok-s was measured at (shown)")
-    given.add_argument("--utilization", type=float, default=None,
-                       help=f"share of paid time at that throughput (default {DEFAULT_UTILIZATION}; "
-                            "measured with --metrics)")
-    given.add_argument("--spec-acceptance", type=float, help="speculative decoding: alpha, the chance "
-                                                             "each draft token is accepted")
-    given.add_argument("--spec-acceptance-rate", type=float,
-                       help="speculative decoding: instead of alpha, the share of drafted tokens "
-                            "accepted (what vLLM reports); alpha is derived from it")
-    given.add_argument("--spec-tokens", type=int, default=None,
-                       help="speculative decoding: k, draft tokens per step (default GROKSTACK_SPEC_TOKENS)")
-    given.add_argument("--spec-overhead", type=float, default=1.0,
-                       help="cost of verifying k drafts (and drafting them) relative to a plain decode "
-                            "step (default 1.0, the ideal)")
-    parser.add_argument("--io-ratio", default="3:1", help="input:output tokens of the traffic, for the "
-                                                          "blended price (default 3:1)")
-    measured = parser.add_argument_group("throughput measured from a running stack")
-    measured.add_argument("--metrics", action="append", default=[], metavar="URL",
-                          help="a process's /metrics URL (repeat for the edge and every worker)")
-    measured.add_argument("--window-s", type=float, default=0.0,
-                          help="scrape twice this many seconds apart and use the difference (a live "
-                               "rate); default: totals since each process started")
-
-
-def given_model(settings: Settings, args: argparse.Namespace) -> CostModel:
-    util = DEFAULT_UTILIZATION if args.utilization is None else args.utilization
-    _fraction(util, "--utilization")
-    spec = None
-    k = settings.spec_tokens if args.spec_tokens is None else args.spec_tokens
-    if args.spec_acceptance is not None and args.spec_acceptance_rate is not None:
-        raise CostError("give --spec-acceptance (alpha) or --spec-acceptance-rate, not both")
-    if args.spec_acceptance is not None:
-        spec = Speculation(args.spec_acceptance, k, args.spec_overhead)
-    elif args.spec_acceptance_rate is not None:
-        if k < 1:
-            raise CostError(f"--spec-tokens must be at least 1, not {k}")
-        rate = args.spec_acceptance_rate
-        spec = Speculation(alpha_from_rate(rate, k), k, args.spec_overhead, rate)
-    return CostModel(settings.gpu_price_per_hour, settings.gpus_per_worker, args.prefill_tok_s,
-                     args.decode_tok_s, util, util, args.batch, spec, parse_ratio(args.io_ratio))
-
-
-def run_cost(settings: Settings, args: argparse.Namespace) -> int:
-    from services.cost_metrics import ScrapeError, measured_report
-    try:
-        if args.metrics:
-            lines = measured_report(settings, args)
-        else:
-            lines = render(validate(given_model(settings, args)), "$/1M tokens from the given throughput")
-    except CostError as exc:
-        print(f"grokstack cost: {exc}", file=sys.stderr)
-        return 2
-    except ScrapeError as exc:
-        print(f"grokstack cost: {exc}", file=sys.stderr)
-        return 1
-    try:
-        print("\n".join(lines))
-    except BrokenPipeError:  # `grokstack cost | head`: the reader has what it wanted
-        sys.stderr.close()
-    return 0
 
 
 def with_utilization(model: CostModel, utilization: float | None) -> CostModel:

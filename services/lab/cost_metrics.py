@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cost import (CostError, CostModel, alpha_from_rate, dollars_per_second, draft_acceptance_rate,
+from services.lab.cost import (CostError, CostModel, alpha_from_rate, dollars_per_second, draft_acceptance_rate,
                            num, parse_ratio, render, tokens_per_step, usd, validate, with_utilization)
 from services.settings import Settings
 

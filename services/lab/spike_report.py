@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from services.bench import quantile
-from services.spike_client import PHASES, Outcome
+from services.lab.common import quantile
+from services.lab.spike_client import PHASES, Outcome
 
 PRIORITIES = ("interactive", "standard", "batch")
 GOAL_RATIO = 2.0

@@ -6,7 +6,7 @@ budgets and bus traffic) whose engines are SimEngines with vLLM's measured step 
 workers of a role share one host process (asyncio; a simulated engine mostly sleeps), so the
 client and the edge keep a core of their own.
 
-`python -m services.sim_cluster --role decode --count 16 --calibration FILE` is that host process;
+`python -m services.lab.sim_cluster --role decode --count 16 --calibration FILE` is that host process;
 it reads its settings from the environment like every other process of the stack.
 """
 
@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from inference.sim_calibration import Calibration
+from services.lab.sim_calibration import Calibration
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
 from services.settings import Settings
 from services.up import child_environment, stop_children
@@ -69,7 +69,7 @@ class SimCluster:
             args = ["--role", role, "--count", str(count)]
             if self.calibration_file:
                 args += ["--calibration", str(self.calibration_file)]
-            self._spawn(role, [sys.executable, "-m", "services.sim_cluster", *args], env)
+            self._spawn(role, [sys.executable, "-m", "services.lab.sim_cluster", *args], env)
         self._spawn("edge", [sys.executable, "-m", "services.cli", "edge"], env)
         self._wait(timeout)
 
@@ -106,7 +106,7 @@ class SimCluster:
 
 async def host(settings: Settings, role: str, count: int, calibration: Calibration) -> None:
     """`count` workers of `role`, each with its own SimEngine, until SIGTERM."""
-    from inference.sim_engine import SimEngine
+    from services.lab.sim_engine import SimEngine
     from kv_store.block_store import BlockStore
     from services.processes import start_worker
 

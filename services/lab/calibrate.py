@@ -22,8 +22,8 @@ import time
 import psutil
 
 from bus.messages import ChatMessage, SamplingSpec
-from inference.sim_calibration import BATCH, LONG_PROMPT, Calibration
-from services.bench import PROMPTS
+from services.lab.sim_calibration import BATCH, LONG_PROMPT, Calibration, calibration_file
+from services.lab.common import PROMPTS
 from services.settings import Settings
 
 TOKENS = 64
@@ -73,7 +73,7 @@ async def prefill_time(engine, prompt: list[int], name: str) -> float:
 
 def tokens_per_prompt_byte(engine) -> float:
     """The model's tokens per byte of the sim's rendering, over the benches' numbered prompts."""
-    from inference.sim_engine import SimEngine
+    from services.lab.sim_engine import SimEngine
 
     sim = SimEngine()
     chats = [[ChatMessage("user", f"#100: {p}")] for p in PROMPTS]
@@ -113,14 +113,13 @@ async def measure(settings: Settings, **extra: float) -> Calibration:
 
 
 async def run_calibrate(settings: Settings, args: argparse.Namespace) -> int:
-    from services.spike_bench import calibration_path
 
     busy = psutil.cpu_percent(interval=2.0)
     if busy > 10:  # the figures are for an engine that has the cores to itself
         print(f"warning: other processes keep the CPU {busy:.0f}% busy; the measured step times will be too long")
     cal = await measure(settings, machine_busy_before_pct=busy)
     m = cal.measured
-    path = calibration_path(settings, args)
+    path = args.calibration or calibration_file(settings.data_dir)
     cal.save(path)
     print(f"measured: step {m['step1_s'] * 1000:.1f} ms at batch 1 ({1 / m['step1_s']:.1f} tok/s), "
           f"{m['step16_s'] * 1000:.1f} ms at batch {BATCH} ({BATCH / m['step16_s']:.1f} tok/s while all decode; "

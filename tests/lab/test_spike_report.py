@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from services.spike_bench import parse_mix
-from services.spike_client import Arrival, Outcome, schedule
-from services.spike_report import goal, table
+from services.lab.spike_bench import parse_mix
+from services.lab.spike_client import Arrival, Outcome, schedule
+from services.lab.spike_report import goal, table
 
 MIX = {"interactive": 0.2, "standard": 0.3, "batch": 0.5}
 
@@ -87,7 +87,7 @@ class FakeEdge:
 
 
 async def test_a_refusal_is_retried_only_when_asked_and_a_capped_answer_counts_as_degraded():
-    from services.spike_client import request
+    from services.lab.spike_client import request
 
     once = Outcome(Arrival(0.0, "during", "batch", "q"), 128)
     await request(FakeEdge(1), once, retries=0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 from services.cli import build_parser, settings_from
-from services.spike_bench import run_spike
-from services.spike_report import PRIORITIES
+from services.lab.spike_bench import run_spike
+from services.lab.spike_report import PRIORITIES
 
 CELL_KEYS = {"offered", "served", "refused", "retry_after_p50_s", "degraded", "lost", "retried",
              "ttft_p50_s", "ttft_p99_s"}

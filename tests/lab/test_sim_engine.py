@@ -10,9 +10,9 @@ import asyncio
 import pytest
 
 from bus.messages import ChatMessage, SamplingSpec
-from inference.sim_batcher import VirtualClock
-from inference.sim_calibration import BATCH, DEFAULT, Calibration
-from inference.sim_engine import SimEngine
+from services.lab.sim_batcher import VirtualClock
+from services.lab.sim_calibration import BATCH, DEFAULT, Calibration
+from services.lab.sim_engine import SimEngine
 
 SAMPLING = SamplingSpec(max_tokens=64, temperature=0.0)
 CAL = Calibration.fit(0.070, 0.150, 2.0, source="test")

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from inference.sim_calibration import Calibration
+from services.lab.sim_calibration import Calibration
 
 
 class Clock(Protocol):

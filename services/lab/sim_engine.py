@@ -22,9 +22,9 @@ from typing import Any, AsyncIterator
 
 from bus.messages import SamplingSpec
 from inference.engine import EngineChunk, EngineRole
-from inference.fake_engine import ASSISTANT, FakeEngine, reply_for
-from inference.sim_batcher import Batcher, Clock
-from inference.sim_calibration import Calibration
+from services.lab.fake_engine import ASSISTANT, FakeEngine, reply_for
+from services.lab.sim_batcher import Batcher, Clock
+from services.lab.sim_calibration import Calibration
 from kv_store.block_store import BlockStore
 
 FILLER = (b" Queues form when work arrives faster than it is served; a steady stream hides it, a "

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import psutil
 
-from inference.sim_calibration import Calibration
-from services.bench import PROMPTS, start_stack
+from services.lab.sim_calibration import Calibration, calibration_file
+from services.lab.common import PROMPTS, start_stack
 from services.settings import Settings
-from services.spike_client import Outcome, drive, schedule
-from services.spike_report import PRIORITIES, as_json, goal, render, table
-from services.spike_watch import CpuUse, EdgeWaits
+from services.lab.spike_client import Outcome, drive, schedule
+from services.lab.spike_report import PRIORITIES, as_json, goal, render, table
+from services.lab.spike_watch import CpuUse, EdgeWaits
 
 # README's measurement of the disaggregated stack at 8 chats: 34.5 tokens/s on 2 cores, about
 # 0.38 requests/s of the default mix (90 output tokens on average); 0.12/s is about a third.
@@ -80,7 +80,7 @@ def add_spike_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def calibration_path(settings: Settings, args: argparse.Namespace) -> Path:
-    return args.calibration or settings.data_dir / "sim-calibration.json"
+    return args.calibration or calibration_file(settings.data_dir)
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -121,7 +121,7 @@ def sim_capacity(cal: Calibration, settings: Settings, args: argparse.Namespace,
     """Requests per second the simulated fleet serves, from the calibration: the lesser of what
     the prefill pool and the decode pool get through when every engine batches fully."""
     from bus.messages import ChatMessage
-    from inference.sim_engine import SimEngine
+    from services.lab.sim_engine import SimEngine
 
     sim = SimEngine()
     prompt_bytes = sum(len(sim.render_chat([ChatMessage("user", f"#100: {p}")])) for p in PROMPTS) / len(PROMPTS)
@@ -169,7 +169,7 @@ class Backend:
                        else "1 prefill + 1 decode worker sharing the cores")
             return url, (f"engine real: vLLM ({self.settings.model_id}, CPU) through `grokstack up`, {workers}, "
                          f"one edge, embedded NATS and Redis, on this machine")
-        from services.sim_cluster import SimCluster
+        from services.lab.sim_cluster import SimCluster
         self.workdir = Path(tempfile.mkdtemp(prefix="grokstack-spike-"))
         self.cluster = SimCluster(self.settings, self.workdir, a.prefill_workers, a.decode_workers, self.cal_file)
         self.cluster.start()

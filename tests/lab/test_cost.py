@@ -8,9 +8,9 @@ import time
 import pytest
 
 from services.cli import main
-from services.cost import (CostModel, Speculation, alpha_from_rate, blended_price, draft_acceptance_rate,
+from services.lab.cost import (CostModel, Speculation, alpha_from_rate, blended_price, draft_acceptance_rate,
                            input_price, num, output_price, tokens_per_step)
-from services.cost_metrics import Scrape, computed_prompt_tokens, difference, parse_metrics, report_lines, total, \
+from services.lab.cost_metrics import Scrape, computed_prompt_tokens, difference, parse_metrics, report_lines, total, \
     totals_scrape, window_scrapes
 from services.settings import Settings
 
@@ -240,7 +240,7 @@ def test_the_metric_names_read_are_the_ones_the_stack_exports():
     """The contract with services/metrics.py: renaming a metric there breaks this."""
     from services.metrics import REGISTRY
 
-    import services.cost_metrics as cm
+    import services.lab.cost_metrics as cm
     import services.metrics  # noqa: F401 (registers the stack's metrics)
     exported = {s.name for family in REGISTRY.collect() for s in family.samples} | \
         {family.name + "_total" for family in REGISTRY.collect() if family.type == "counter"}

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.client import EdgeClient
-from services.bench import quantile
-from services.chaos_cluster import Cluster
+from services.lab.common import quantile
+from services.lab.chaos_cluster import Cluster
 from services.settings import Settings
 
 PROMPTS = [

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-from services.bench import PROMPTS, Phase, RssSampler, Sample, _drive, _probe, breakdown, messages_for
+from services.lab.common import PROMPTS, Phase, RssSampler, Sample, breakdown, drive, messages_for, probe
 from services.embedded import free_port
 from services.settings import Settings
 
@@ -234,8 +234,8 @@ async def openai_phase(label: str, url: str, settings: Settings, args: argparse.
         if phase.errors:
             raise SystemExit(f"the warm-up request to {url} failed: {phase.errors[0]}")
         with RssSampler(pids) as rss:
-            await _probe(phase, args, one)
-            phase.wall_s = await _drive(args.concurrency, args.requests, one)
+            await probe(phase, args, one)
+            phase.wall_s = await drive(args.concurrency, args.requests, one)
         phase.peak_rss_gib = rss.peak_gib
     finally:
         await client.close()

@@ -1,0 +1,182 @@
+"""What the lab's benchmarks and drills share: the prompts, the samples and phases they measure,
+quantiles, the load driver, the stack's time breakdown, and a resident-memory sampler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from services.embedded import free_port
+from services.settings import Settings
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for better sleep.",
+    "Explain what a black hole is in two sentences.",
+    "Write a haiku about autumn leaves.",
+    "What are the primary colors?",
+    "How do I boil an egg?",
+    "Name three famous painters and one work by each.",
+    "Why is the sky blue?",
+    "Suggest a name for a friendly robot.",
+    "What does a compiler do?",
+    "List four fruits that are red.",
+    "How many legs does a spider have, and why?",
+    "Describe the water cycle briefly.",
+    "What is the difference between weather and climate?",
+    "Write a two-line poem about the sea.",
+    "Give me a fun fact about octopuses.",
+]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    total_s: float
+    tokens: int
+    token_gaps: list[float]  # seconds per token, a frame's gap split over its tokens
+    done: dict[str, Any] | None = None
+
+
+@dataclass
+class Phase:
+    name: str
+    wall_s: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    peak_rss_gib: float = 0.0
+    probe: list[Sample] = field(default_factory=list)  # one request at a time, no load
+
+    def ttft(self, q: float) -> float:
+        return quantile([s.ttft_s for s in self.samples], q)
+
+    def probe_ttft(self, q: float) -> float:
+        return quantile([s.ttft_s for s in self.probe], q)
+
+    def itl_p50(self) -> float:
+        return quantile([g for s in self.samples for g in s.token_gaps], 0.5)
+
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s if self.wall_s else 0.0
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def messages_for(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def probe(phase: Phase, args: argparse.Namespace, one: Any) -> None:
+    """Short prompts one at a time: the latency a request sees when nothing else is queued."""
+    for i in range(args.probe):
+        await asyncio.sleep(args.think_s)
+        await one(0, PROMPTS[i % len(PROMPTS)], into=phase.probe)
+
+
+async def drive(concurrency: int, requests: int, one: Any) -> float:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(PROMPTS[i % len(PROMPTS)])
+    t0 = time.monotonic()
+
+    async def lane(n: int) -> None:
+        while not queue.empty():
+            await one(n, queue.get_nowait())
+
+    await asyncio.gather(*(lane(n) for n in range(concurrency)))
+    return time.monotonic() - t0
+
+
+class RssSampler:
+    """Peak resident memory of some process trees, sampled every 0.5 s in a thread."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak_gib = 0.0
+        self._stop = False
+        self._thread: Any = None
+
+    def _sample(self) -> None:
+        while not self._stop:
+            total = 0
+            for pid in self.pids:
+                try:
+                    root = psutil.Process(pid)
+                    total += sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak_gib = max(self.peak_gib, total / 1024**3)
+            time.sleep(0.5)
+
+    def __enter__(self) -> "RssSampler":
+        import threading
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+def start_stack(settings: Settings) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, GROKSTACK_EDGE_PORT=str(port), GROKSTACK_API_PORT=str(free_port()),
+               GROKSTACK_LOG_LEVEL="warning")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env,
+                            stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the stack failed to start (run `grokstack up` to see why)")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, f"ws://127.0.0.1:{port}"
+        except OSError:
+            pass
+        time.sleep(1)
+    raise SystemExit("the stack did not become ready in time")
+
+
+def breakdown(label: str, done: list[dict[str, Any]]) -> list[str]:
+    """Where the stack's time went, from the timings the final frames carry (medians, ms)."""
+    if not done:
+        return []
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
+    def timing(key: str) -> float:
+        return med([d["timings"][key] for d in done])
+
+    def kv(key: str) -> list[Any]:
+        return [d["kv"][key] for d in done]
+
+    ttft = med([d["usage"]["ttft_ms"] for d in done])
+    bus = ttft - timing("queue_ms") - timing("prefill_ms")
+    return [
+        f"\nwhere the stack's time goes, {label} (medians, ms):",
+        f"  TTFT {ttft:.1f} = prefill queue {timing('queue_ms'):.1f} + prefill engine {timing('prefill_ms'):.1f}"
+        f" (of which KV write {med(kv('write_ms')):.1f}) + bus and edge {bus:.1f}",
+        f"  decode: queue {timing('decode_queue_ms'):.1f}, KV read {med(kv('read_ms')):.1f}, "
+        f"generation {timing('decode_ms'):.1f}",
+        f"  KV moved: {sum(kv('bytes_written')) / 1e6:.1f} MB written, {sum(kv('bytes_read')) / 1e6:.1f} MB read;"
+        f" write {sum(kv('write_ms')):.0f} ms and read {sum(kv('read_ms')):.0f} ms in total;"
+        f" {sum(1 for r in kv('recomputed') if r)} of {len(done)} requests recomputed their prompt",
+    ]

@@ -44,7 +44,8 @@ from bus.messages import (
     Usage,
 )
 from bus.ordering import RequestStream
-from bus.subjects import Priority, Subjects
+from bus.priorities import Priority
+from bus.subjects import Subjects
 
 
 class JobRejected(RuntimeError):

@@ -19,7 +19,9 @@ from typing import Any
 import msgspec
 
 from bus import messages as m
-from bus.subjects import PRIORITIES, Subjects
+from bus.priorities import PRIORITIES
+from bus.roles import WORKER_ROLES
+from bus.subjects import Subjects
 
 CHECKED_IN = Path(__file__).with_name("asyncapi.json")
 
@@ -34,7 +36,7 @@ _PARAM_DOCS = {
     "priority": {"enum": list(PRIORITIES), "description": "served highest first"},
     "client": {"description": "id of the edge node or client that waits for the events"},
     "request_id": {"description": "the request's id, 1-64 of A-Z a-z 0-9 _ -"},
-    "role": {"enum": ["prefill", "decode"]},
+    "role": {"enum": [str(r) for r in WORKER_ROLES], "description": "the worker's role (bus/roles.py)"},
     "kind": {"enum": ["req", "decode"], "description": "what the work stream holds"},
 }
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus.permissions import ROLES, check_role
-from services.settings import Settings, redact_url
+from bus.config import BusConfig
+from bus.roles import ROLES, Role
+from bus.section import redact_url
 
 __all__ = ["BusAuth", "CredentialsError", "NatsLogin", "generate_logins", "load_logins", "redact_url",
            "save_logins", "tls_context", "write_private"]
@@ -50,9 +51,9 @@ class NatsLogin:
                                   ("creds", self.creds), ("nkey", self.nkey)) if v}
 
 
-def generate_logins(roles: tuple[str, ...] = ROLES) -> dict[str, NatsLogin]:
+def generate_logins(roles: tuple[str, ...] = tuple(ROLES)) -> dict[str, NatsLogin]:
     """A user per role named after it, with a random password."""
-    return {role: NatsLogin(user=role, password=secrets.token_urlsafe(24)) for role in roles}
+    return {str(role): NatsLogin(user=str(role), password=secrets.token_urlsafe(24)) for role in roles}
 
 
 def save_logins(path: Path, logins: dict[str, NatsLogin]) -> None:
@@ -83,24 +84,24 @@ class BusAuth:
     """What `bus.jetstream.connect` needs to log in as one role: the role's login (None: connect
     without one, e.g. to a dev server without authorization) and a TLS context (None: plain TCP,
     or nats-py's default context for a `tls://` URL)."""
-    role: str
+    role: Role
     login: NatsLogin | None = None
     tls: ssl.SSLContext | None = None
 
     @classmethod
-    def of(cls, settings: Settings, role: str) -> "BusAuth":
-        check_role(role)
-        path = settings.nats_credentials_file
+    def of(cls, bus: BusConfig, role: Role | str) -> "BusAuth":
+        role = Role(role)
+        path = bus.credentials_file
         login = None
         if path is not None:
             logins = load_logins(path)
             # a login of this very process (`edge:<worker id>`, see permissions.edge_user_key)
             # comes before its role's shared one
-            login = logins.get(f"{role}:{settings.worker_id}") or logins.get(role)
+            login = logins.get(f"{role}:{bus.worker_id}") or logins.get(role)
             if login is None:
-                raise CredentialsError(f"{path} has no NATS login for the role {role!r} "
+                raise CredentialsError(f"{path} has no NATS login for the role {str(role)!r} "
                                        f"(it has: {', '.join(logins) or 'none'})")
-        return cls(role, login, tls_context(settings))
+        return cls(role, login, tls_context(bus))
 
     def connect_options(self) -> dict[str, Any]:
         options: dict[str, Any] = self.login.connect_options() if self.login else {}
@@ -109,12 +110,12 @@ class BusAuth:
         return options
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(bus: BusConfig) -> ssl.SSLContext | None:
     """A client context that trusts `nats_tls_ca` and shows `nats_tls_cert` (mutual TLS), when
     either is set."""
-    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+    if not (bus.nats_tls_ca or bus.nats_tls_cert):
         return None
-    context = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
-    if settings.nats_tls_cert:
-        context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+    context = ssl.create_default_context(cafile=bus.nats_tls_ca or None)
+    if bus.nats_tls_cert:
+        context.load_cert_chain(bus.nats_tls_cert, bus.nats_tls_key or None)
     return context

@@ -9,8 +9,8 @@ from nats.js import JetStreamContext
 
 from bus.codec import encode, printable_payload
 from bus.messages import DeadLetter
+from bus import metrics
 from bus.subjects import Subjects
-from services import metrics
 
 log = structlog.get_logger("grokstack.bus")
 

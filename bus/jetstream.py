@@ -27,9 +27,12 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from bus.credentials import BusAuth, CredentialsError, redact_url
-from bus.subjects import PRIORITIES, Subjects, WorkKind
-from services.settings import Settings
+from bus.config import BusConfig
+from bus.credentials import BusAuth, CredentialsError
+from bus.priorities import PRIORITIES
+from bus.subjects import Subjects, WorkKind
+from bus.roles import Role
+from bus.section import redact_url
 
 log = structlog.get_logger("grokstack.bus")
 
@@ -72,7 +75,7 @@ async def connect(url: str, name: str, auth: BusAuth | None = None) -> NATS:
             max_outstanding_pings=3, ping_interval=10, **(auth.connect_options() if auth else {}),
         ), CONNECT_TIMEOUT_S)
     except Exception as exc:  # NoServersError, auth errors, TLS errors, bad URLs
-        login = f" as {auth.role!r}" if auth and auth.login else ""
+        login = f" as {str(auth.role)!r}" if auth and auth.login else ""
         # The server's own refusal says more than the connection reset that may follow it.
         told = [m for m in said if "violation" in m.lower()] or said
         answer = f" (the server said: {told[0]})" if told else ""
@@ -96,28 +99,28 @@ async def reconnects(nc: NATS, every_s: float) -> AsyncIterator[None]:
             yield
 
 
-async def connect_as(settings: Settings, role: str, name: str) -> NATS:
-    """`connect` to `settings.nats_url` with the role's login from `settings.nats_credentials`."""
+async def connect_as(bus: BusConfig, role: Role | str, name: str) -> NATS:
+    """`connect` to `bus.nats_url` with the role's login from `bus.nats_credentials`."""
     try:
-        auth = BusAuth.of(settings, role)
+        auth = BusAuth.of(bus, role)
     except (CredentialsError, ValueError, OSError, ssl.SSLError) as exc:
-        raise BusUnavailable(f"cannot connect to NATS at {redact_url(settings.nats_url)}: {exc}") from None
-    return await connect(settings.nats_url, name, auth)
+        raise BusUnavailable(f"cannot connect to NATS at {redact_url(bus.nats_url)}: {exc}") from None
+    return await connect(bus.nats_url, name, auth)
 
 
-def stream_configs(settings: Settings, subjects: Subjects) -> list[StreamConfig]:
+def stream_configs(bus: BusConfig, subjects: Subjects) -> list[StreamConfig]:
     work = [
         StreamConfig(
             name=subjects.stream(kind),
             subjects=[subjects.stream_subjects(kind)],
             retention=RetentionPolicy.WORK_QUEUE,  # a message lives until a worker acks it
             storage=StorageType.FILE,  # accepted work survives a broker restart
-            max_age=settings.request_ttl_s,
+            max_age=bus.request_ttl_s,
             discard=DiscardPolicy.NEW,  # when full, refuse new work instead of dropping accepted work
-            max_bytes=settings.work_stream_mb * 1024**2,
+            max_bytes=bus.work_stream_mb * 1024**2,
             # Nats-Msg-Id dedupe: a retried publish, or a second publish of the same
             # idempotency key, is stored (and served) once.
-            duplicate_window=min(settings.dedupe_window_s, settings.request_ttl_s),
+            duplicate_window=min(bus.dedupe_window_s, bus.request_ttl_s),
             # A full copy of every message goes to the capture stream (see below).
             republish=RePublish(src=subjects.stream_subjects(kind),
                                 dest=subjects.capture_copies(kind), headers_only=False),
@@ -127,11 +130,11 @@ def stream_configs(settings: Settings, subjects: Subjects) -> list[StreamConfig]
     capture = StreamConfig(
         name=subjects.stream("capture"), subjects=subjects.captured(),
         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-        max_age=settings.capture_max_age_s, max_bytes=settings.capture_max_mb * 1024**2,
+        max_age=bus.capture_max_age_s, max_bytes=bus.capture_max_mb * 1024**2,
         discard=DiscardPolicy.OLD,  # the record makes room; the token path never waits on it
         # Copies carry their original's Nats-Msg-Id; the work streams already deduplicated
         # them, so the capture must not drop a legitimate later copy.
-        duplicate_window=min(1.0, settings.capture_max_age_s),
+        duplicate_window=min(1.0, bus.capture_max_age_s),
         # A header-only copy of every new work message wakes idle workers without polling:
         # gs.cap.req.<region>.<priority> -> gs.bell.req.<region>.<priority>.
         republish=RePublish(src=subjects.capture_copies(), dest=subjects.doorbells(),
@@ -140,36 +143,36 @@ def stream_configs(settings: Settings, subjects: Subjects) -> list[StreamConfig]
     dead_letters = StreamConfig(
         name=subjects.stream("dlq"), subjects=[subjects.dead_letters()],
         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-        max_age=7 * 24 * 3600.0, max_bytes=settings.dead_letter_stream_mb * 1024**2,
+        max_age=7 * 24 * 3600.0, max_bytes=bus.dead_letter_stream_mb * 1024**2,
         discard=DiscardPolicy.OLD,
     )
     return [*work, capture, dead_letters]
 
 
-async def ensure_streams(js: JetStreamContext, settings: Settings, subjects: Subjects) -> None:
-    for config in stream_configs(settings, subjects):
+async def ensure_streams(js: JetStreamContext, bus: BusConfig, subjects: Subjects) -> None:
+    for config in stream_configs(bus, subjects):
         await _add_or_update(js.add_stream, js.update_stream, config)
 
 
-def work_consumer_config(settings: Settings, subjects: Subjects, kind: WorkKind,
+def work_consumer_config(bus: BusConfig, subjects: Subjects, kind: WorkKind,
                          priority: str) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=subjects.consumer(kind, settings.region, priority),  # type: ignore[arg-type]
-        filter_subject=subjects.work(kind, settings.region, priority),  # type: ignore[arg-type]
+        durable_name=subjects.consumer(kind, bus.region, priority),  # type: ignore[arg-type]
+        filter_subject=subjects.work(kind, bus.region, priority),  # type: ignore[arg-type]
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
-        ack_wait=settings.ack_wait_s,
-        max_deliver=settings.max_deliver,
+        ack_wait=bus.ack_wait_s,
+        max_deliver=bus.max_deliver,
         max_ack_pending=-1,
         inactive_threshold=None,
     )
 
 
-async def ensure_work_consumers(js: JetStreamContext, settings: Settings, subjects: Subjects,
+async def ensure_work_consumers(js: JetStreamContext, bus: BusConfig, subjects: Subjects,
                                 kind: WorkKind) -> None:
     stream = subjects.stream(kind)
     for priority in PRIORITIES:
-        config = work_consumer_config(settings, subjects, kind, priority)
+        config = work_consumer_config(bus, subjects, kind, priority)
         try:
             await js.add_consumer(stream, config)  # creates, or updates the editable fields
         except BadRequestError as exc:

@@ -11,11 +11,12 @@ from typing import Annotated, Literal, Union
 
 from msgspec import Meta, Struct
 
-from bus.subjects import Priority
+from bus.priorities import Priority
+from bus.roles import Role
 
 SCHEMA_VERSION = 1
 
-Role = Literal["system", "user", "assistant"]
+ChatRole = Literal["system", "user", "assistant"]
 Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 TokenId = Annotated[int, Meta(ge=0)]
 
@@ -29,7 +30,7 @@ class Message(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type",
 
 
 class ChatMessage(Struct, frozen=True, forbid_unknown_fields=True):
-    role: Role
+    role: ChatRole
     content: str
 
 
@@ -166,7 +167,7 @@ class Cancel(Message, tag="cancel"):
 
 class Heartbeat(Message, tag="heartbeat"):
     worker_id: str
-    role: str
+    role: Role
     region: str
     model_id: str
     slots: int

@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable
 
+from bus.roles import ROLES, Role
 from bus.subjects import ANY, Subjects, WorkKind
-
-Role = Literal["edge", "prefill", "decode", "aggregated", "ops"]
-ROLES: tuple[Role, ...] = ("edge", "prefill", "decode", "aggregated", "ops")
-WORKER_KIND: dict[str, WorkKind] = {"prefill": "req", "aggregated": "req", "decode": "decode"}
 
 INBOXES = "_INBOX.>"  # nats-py's replies: JetStream API answers, publish acks, pulled messages
 _API = "$JS.API"
@@ -49,9 +46,10 @@ class Permissions:
 
 
 def check_role(role: str) -> Role:
-    if role not in ROLES:
-        raise ValueError(f"unknown bus role {role!r}: one of {', '.join(ROLES)}")
-    return role  # type: ignore[return-value]
+    try:
+        return Role(role)
+    except ValueError:
+        raise ValueError(f"unknown bus role {role!r}: one of {', '.join(ROLES)}") from None
 
 
 def declare_streams(subjects: Subjects) -> list[str]:
@@ -84,22 +82,23 @@ def permissions(role: str, subjects: Subjects, edge_id: str | None = None) -> Pe
     an edge to its own events (`<prefix>.evt.<edge_id>.*`); None lets it read any edge's (one
     shared user for all edges)."""
     role = check_role(role)
-    if role == "ops":
+    if role == Role.OPS:
         return Permissions(publish=(">",), subscribe=(">",))
     capture = subjects.stream("capture")
     publish = [*declare_streams(subjects), *read_stream(capture)]
     subscribe = [INBOXES]
-    if role == "edge":
+    if role == Role.EDGE:
         publish += [subjects.stream_subjects("req"), subjects.all_cancels(),
                     # the work queues' depth, for admission control (edge/queues.py)
                     *(f"{_API}.CONSUMER.INFO.{subjects.stream(kind)}.*" for kind in ("req", "decode"))]
         events = subjects.all_events() if edge_id is None or edge_id == ANY else subjects.events_of_edge(edge_id)
         subscribe += [events, subjects.all_heartbeats()]
     else:
-        kind = WORKER_KIND[role]
+        kind = ROLES[role].pulls
+        assert kind is not None
         publish += [*take_work(subjects, kind), subjects.all_events(),
                     subjects.heartbeats_of_role(role), subjects.dead_letters()]
-        if role == "prefill":
+        if role == Role.PREFILL:
             publish.append(subjects.stream_subjects("decode"))
         subscribe += [subjects.doorbells_of(kind), subjects.all_cancels(),
                       subjects.max_deliveries_advisories(kind)]

@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-Priority = Literal["interactive", "standard", "batch"]
-PRIORITIES: tuple[Priority, ...] = ("interactive", "standard", "batch")  # highest first
+from bus.priorities import Priority
+
 WorkKind = Literal["req", "decode"]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -24,7 +24,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus.subjects import PRIORITIES, Priority, Subjects, WorkKind
+from bus.priorities import PRIORITIES, Priority
+from bus.subjects import Subjects, WorkKind
 
 log = structlog.get_logger("grokstack.bus")
 

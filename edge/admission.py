@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import msgspec
 
 from bus.messages import ChatMessage, ChatRequest, Event, FinalEvent, TokenEvent
-from bus.subjects import Priority
+from bus.priorities import Priority, PriorityConfig
 from edge.live import LiveRequest
 from edge.queues import QueueWatch
 from edge.tenants import Tenant
-from services import metrics
-from services.settings import Settings
+from edge import metrics
+from edge.config import EdgeConfig
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4  # the chat template's role markers around each message
@@ -45,11 +45,6 @@ class Refused(Exception):
 
 def estimate_prompt_tokens(messages: list[ChatMessage]) -> int:
     return sum(len(m.content) // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages) + 1
-
-
-def budgets(settings: Settings) -> dict[Priority, float]:
-    return {"interactive": settings.queue_budget_interactive_s, "standard": settings.queue_budget_standard_s,
-            "batch": settings.queue_budget_batch_s}
 
 
 def retry_after(seconds: float) -> float:
@@ -117,10 +112,10 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, settings: Settings, queues: QueueWatch) -> None:
-        self.settings = settings
+    def __init__(self, config: EdgeConfig, priorities: PriorityConfig, queues: QueueWatch) -> None:
+        self.config = config
         self.queues = queues
-        self.budgets = budgets(settings)
+        self.budgets = {p: policy.queue_budget_s for p, policy in priorities.table().items()}
         self._buckets: dict[str, TokenBucket] = {}
         self.scale = PromptScale()
 
@@ -152,7 +147,7 @@ class Admission:
         return Refused(code, f"{message}; retry after {seconds:g} s", seconds)
 
     def _degrade(self, request: ChatRequest, wait: float, budget: float) -> tuple[ChatRequest, int | None]:
-        cap = self.settings.degraded_batch_max_tokens
+        cap = self.config.degraded_batch_max_tokens
         if (request.priority != "batch" or not cap or not budget or wait <= budget / 2
                 or request.sampling.max_tokens <= cap):
             return request, None

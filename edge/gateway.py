@@ -26,12 +26,14 @@ from nats.aio.subscription import Subscription
 
 from bus.capture import event_history, find_request
 from bus.codec import BadMessage, decode, decode_event, encode
+from bus.config import BusConfig
 from bus.jetstream import ensure_streams, reconnects
 from bus.messages import Cancel, ChatMessage, ChatRequest, ErrorEvent, Event, Heartbeat, SamplingSpec
+from bus.roles import STAGES, Role, ROLES
 from bus.ordering import RequestStream
-from bus.subjects import Priority, Subjects
+from bus.priorities import Priority
 from edge.queues import QueueWatch
-from services.settings import Settings
+from edge.config import EdgeConfig
 
 log = structlog.get_logger("grokstack.edge")
 
@@ -50,24 +52,27 @@ def edge_id_for(name: str) -> str:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, nc: NATS, edge_id: str) -> None:
-        self.settings = settings
+    def __init__(self, bus: BusConfig, config: EdgeConfig, nc: NATS, model_id: str) -> None:
+        self.bus = bus
+        self.config = config
         self.nc = nc
         self.js = nc.jetstream()
-        self.subjects = Subjects(settings.subject_prefix)
-        self.edge_id = edge_id_for(edge_id)
+        self.subjects = bus.subjects
+        self.region = bus.region
+        self.model_id = model_id  # the model this edge is configured with
+        self.edge_id = edge_id_for(bus.worker_name)
         self._streams: dict[str, RequestStream] = {}
         self._orphans: OrderedDict[str, None] = OrderedDict()  # ids we already told to stop
         # (region, role) -> monotonic time of the last heartbeat of a worker of that kind there
-        self._last_beat: dict[tuple[str, str], float] = {}
+        self._last_beat: dict[tuple[str, Role], float] = {}
         self._models: dict[str, float] = {}  # model id -> last heartbeat naming it
         self._adopted: dict[str, Subscription] = {}  # request id -> its events, to any edge
         self._background: set[asyncio.Task] = set()
         self._capture_readers = asyncio.Semaphore(CAPTURE_READERS)
-        self.queues = QueueWatch(settings, self.js, self.subjects)
+        self.queues = QueueWatch(bus, config, self.js)
 
     async def start(self) -> None:
-        await ensure_streams(self.js, self.settings, self.subjects)
+        await ensure_streams(self.js, self.bus, self.subjects)
         await self.nc.subscribe(self.subjects.events_of_edge(self.edge_id), cb=self._on_event)
         await self.nc.subscribe(self.subjects.all_heartbeats(), cb=self._on_beat)
         self._spawn(self._watch_reconnects())
@@ -87,11 +92,11 @@ class Gateway:
         request_id = uuid.uuid4().hex
         now = time.time()
         return ChatRequest(
-            request_id=request_id, region=region or self.settings.region, priority=priority,
+            request_id=request_id, region=region or self.region, priority=priority,
             messages=messages, sampling=sampling,
             reply_to=self.subjects.events(self.edge_id, request_id),
             conversation_id=conversation_id, created_at=now,
-            deadline=now + self.settings.request_timeout_s, tenant=tenant)
+            deadline=now + self.config.request_timeout_s, tenant=tenant)
 
     async def submit(self, request: ChatRequest) -> RequestStream:
         stream = self._new_stream(request.request_id)
@@ -116,7 +121,7 @@ class Gateway:
             await self.nc.flush()  # subscribed before the capture is read: no gap between the two
             history = await event_history(self.js, self.subjects, request_id)
             # A request is first stored before its first event, and lives until its deadline.
-            since = (history.first_stored_at or time.time()) - self.settings.request_timeout_s
+            since = (history.first_stored_at or time.time()) - self.config.request_timeout_s
             request = await find_request(self.js, self.subjects, request_id, since,
                                          history.first_stream_seq)
         except Exception as exc:
@@ -139,7 +144,7 @@ class Gateway:
         self.forget(request_id)
         self._remember_orphan(request_id)
         try:
-            await self.nc.publish(self.subjects.cancel(region or self.settings.region),
+            await self.nc.publish(self.subjects.cancel(region or self.region),
                                   encode(Cancel(request_id=request_id, reason=reason)))
         except Exception as exc:
             log.warning("cancel not published", request_id=request_id, error=str(exc))
@@ -223,16 +228,15 @@ class Gateway:
         self._models[beat.model_id] = now
 
     def _horizon(self) -> float:
-        return time.monotonic() - 3 * self.settings.heartbeat_s
+        return time.monotonic() - 3 * self.bus.heartbeat_s
 
     def workers_alive(self, region: str | None = None) -> dict[str, bool]:
-        """Whether a prefill and a decode worker of `region` (default: the edge's) sent a
-        heartbeat within three heartbeat periods."""
-        region = region or self.settings.region
+        """For each stage of a request, whether a worker of `region` (default: the edge's) that
+        serves it sent a heartbeat within three heartbeat periods."""
+        region = region or self.region
         horizon = self._horizon()
-        both = self._last_beat.get((region, "aggregated"), 0.0) >= horizon  # does both stages
-        return {role: both or self._last_beat.get((region, role), 0.0) >= horizon
-                for role in ("prefill", "decode")}
+        alive = {role for (r, role), at in self._last_beat.items() if r == region and at >= horizon}
+        return {stage: any(stage in ROLES[role].stages for role in alive) for stage in STAGES}
 
     def health(self) -> tuple[bool, str]:
         ok = self.nc.is_connected
@@ -247,4 +251,4 @@ class Gateway:
     def models(self) -> list[str]:
         """Model ids that live workers serve, and the one this edge is configured with."""
         live = {m for m, at in self._models.items() if at >= self._horizon()}
-        return sorted(live | {self.settings.model_id})
+        return sorted(live | {self.model_id})

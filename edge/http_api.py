@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Callable
 
 import msgspec
 import structlog
 from aiohttp import web
 
 from bus.messages import FinalEvent, SamplingSpec, TokenEvent
-from bus.subjects import PRIORITIES, check_token
+from bus.priorities import PRIORITIES
+from bus.subjects import check_token
 from edge.admission import Admission, Refused, retry_after_header
 from edge.gateway import SubmitFailed
 from edge.live import LiveRequest, LiveRequests, Overloaded
@@ -37,11 +39,11 @@ from edge.openai_wire import (
     parse_request,
     token_chunk,
 )
-from edge.protocol import FrameError, limits_of, stop_list, usage_frame
+from edge.protocol import FrameError, stop_list, usage_frame
 from edge.tenants import ApiKeys, AuthError, Tenant
-from services import metrics
-from services.logs import request_context
-from services.settings import Settings
+from edge import metrics
+from bus.log_context import request_context
+from edge.config import EdgeConfig
 
 log = structlog.get_logger("grokstack.api")
 
@@ -49,6 +51,8 @@ PRIORITY_HEADER = "X-Grokstack-Priority"
 REGION_HEADER = "X-Grokstack-Region"
 DEGRADED_HEADER = "X-Grokstack-Degraded-Max-Tokens"
 _json = msgspec.json.Encoder()
+# The process's metrics in the format an Accept header asks for (services/telemetry.py serves them).
+Scrape = Callable[[str], tuple[bytes, str]]
 
 
 class ApiError(Exception):
@@ -80,17 +84,18 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 class OpenAIApi:
-    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys, admission: Admission) -> None:
-        self.settings = settings
+    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, admission: Admission,
+                 scrape: Scrape) -> None:
+        self.config = config
+        self.scrape_metrics = scrape
         self.live = live
         self.admission = admission
         self.gateway = live.gateway
         self.keys = keys
-        self.limits = limits_of(settings)
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors], client_max_size=self.settings.max_frame_bytes)
+        app = web.Application(middlewares=[openai_errors], client_max_size=self.config.max_frame_bytes)
         app.add_routes([
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/chat/completions/{request_id}/stream", self.resume),
@@ -106,10 +111,10 @@ class OpenAIApi:
         # from the request (and starts the grace period) at once.
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.edge_host, self.settings.api_port)
+        site = web.TCPSite(self._runner, self.config.edge_host, self.config.api_port)
         await site.start()
         port = self._runner.addresses[0][1]
-        log.info("openai api listening", url=f"http://{self.settings.edge_host}:{port}/v1")
+        log.info("openai api listening", url=f"http://{self.config.edge_host}:{port}/v1")
         return int(port)
 
     async def stop(self) -> None:
@@ -129,7 +134,7 @@ class OpenAIApi:
     async def scrape(self, request: web.Request) -> web.Response:
         """Prometheus scrapes, unauthenticated like /healthz (keep the port off the internet).
         Rendered in a thread: a big registry must not stall the token streams."""
-        body, content_type = await asyncio.to_thread(metrics.exposition, request.headers.get("Accept", ""))
+        body, content_type = await asyncio.to_thread(self.scrape_metrics, request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def models(self, request: web.Request) -> web.Response:
@@ -141,20 +146,20 @@ class OpenAIApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         tenant = self._tenant(request)
-        if (request.content_length or 0) > self.settings.max_frame_bytes:  # before reading it
+        if (request.content_length or 0) > self.config.max_frame_bytes:  # before reading it
             raise ApiError("frame_too_large", f"the body is {request.content_length} bytes; the limit is "
-                           f"{self.settings.max_frame_bytes}")
+                           f"{self.config.max_frame_bytes}")
         try:
-            body, frame = parse_request(await request.read(), self.limits)
+            body, frame = parse_request(await request.read(), self.config)
         except FrameError as exc:
             raise ApiError(exc.code, exc.message, param_of(exc.message)) from None
         if body.model not in self.gateway.models():
             raise ApiError("model_not_found", f"the model {body.model!r} does not exist; GET /v1/models lists "
                            "the models served", "model")
         priority = frame.priority or request.headers.get(PRIORITY_HEADER) or tenant.default_priority
-        region = body.region or request.headers.get(REGION_HEADER) or self.settings.region
+        region = body.region or request.headers.get(REGION_HEADER) or self.gateway.region
         self._check_route(tenant, priority, region)
-        sampling = SamplingSpec(max_tokens=frame.max_tokens or self.settings.default_max_tokens,
+        sampling = SamplingSpec(max_tokens=frame.max_tokens or self.config.default_max_tokens,
                                 temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame),
                                 seed=frame.seed)
         bus_request = self.gateway.new_request(list(frame.messages), sampling, priority,  # type: ignore[arg-type]
@@ -278,7 +283,7 @@ class OpenAIApi:
         await self._write(response, b"id: %d\ndata: %s\n\n" % (seq, _json.encode(payload)))
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
-        await asyncio.wait_for(response.write(data), self.settings.send_timeout_s)
+        await asyncio.wait_for(response.write(data), self.config.send_timeout_s)
 
     @staticmethod
     def _elapsed_ms(live: LiveRequest) -> float:

@@ -27,8 +27,8 @@ import structlog
 from bus.messages import ChatRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from bus.ordering import RequestStream
 from edge.gateway import Gateway
-from services import metrics
-from services.settings import Settings
+from edge import metrics
+from edge.config import EdgeConfig
 
 log = structlog.get_logger("grokstack.edge")
 
@@ -104,8 +104,8 @@ class LiveRequest:
 
 
 class LiveRequests:
-    def __init__(self, settings: Settings, gateway: Gateway) -> None:
-        self.settings = settings
+    def __init__(self, config: EdgeConfig, gateway: Gateway) -> None:
+        self.config = config
         self.gateway = gateway
         self._live: dict[str, LiveRequest] = {}
         self._pumps: set[asyncio.Task] = set()
@@ -120,7 +120,7 @@ class LiveRequests:
         return sum(self.per_tenant.values())
 
     def check_capacity(self, tenant: str, tenant_limit: int) -> None:
-        if self.in_flight >= self.settings.max_inflight_per_edge:
+        if self.in_flight >= self.config.max_inflight_per_edge:
             raise Overloaded(f"this edge has {self.in_flight} requests in flight, its limit")
         if self.per_tenant[tenant] >= tenant_limit:
             raise Overloaded(f"tenant {tenant!r} has {self.per_tenant[tenant]} requests in flight, "
@@ -198,7 +198,7 @@ class LiveRequests:
             return
         # Its clocks run from when it was created, as they did on the edge that accepted it.
         age_s = max(0.0, time.time() - request.created_at) if request.created_at else 0.0
-        live = LiveRequest(request, tenant, started=time.monotonic() - age_s, api_model=self.settings.model_id,
+        live = LiveRequest(request, tenant, started=time.monotonic() - age_s, api_model=self.gateway.model_id,
                            timed=False)
         self._track(live, stream)
         log.info("request adopted from the capture", request_id=request_id, reply_to=request.reply_to,
@@ -217,23 +217,23 @@ class LiveRequests:
     def _start_grace(self, live: LiveRequest) -> None:
         if live.followers == 0 and not live.finished and live._grace is None:
             live._grace = asyncio.get_running_loop().call_later(
-                self.settings.resume_grace_s, lambda: asyncio.create_task(self._abandoned(live)))
+                self.config.resume_grace_s, lambda: asyncio.create_task(self._abandoned(live)))
 
     async def _abandoned(self, live: LiveRequest) -> None:
         live._grace = None
         if live.followers == 0 and not live.finished:
             log.info("client gone past the grace period, cancelling", request_id=live.request_id,
-                     grace_s=self.settings.resume_grace_s)
+                     grace_s=self.config.resume_grace_s)
             await self.cancel(live, "client_gone")
 
     async def _pump(self, live: LiveRequest, stream: RequestStream) -> None:
-        deadline = live.started + self.settings.request_timeout_s
+        deadline = live.started + self.config.request_timeout_s
         try:
             while not live.finished:
                 try:
                     event = await stream.next(timeout=max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    live.end("timeout", f"no answer within {self.settings.request_timeout_s:.0f} s",
+                    live.end("timeout", f"no answer within {self.config.request_timeout_s:.0f} s",
                              retryable=True)
                     await self.gateway.cancel(live.request_id, "timeout", live.request.region)
                     break
@@ -246,5 +246,5 @@ class LiveRequests:
             if self.per_tenant[live.tenant] <= 0:
                 del self.per_tenant[live.tenant]
             # Kept a while for clients that come back after the end (the answer is still theirs).
-            asyncio.get_running_loop().call_later(self.settings.resume_retention_s,
+            asyncio.get_running_loop().call_later(self.config.resume_retention_s,
                                                   self._live.pop, live.request_id, None)

@@ -15,8 +15,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Timings, TokenEvent
-from bus.subjects import Priority
-from edge.protocol import ChatFrame, FrameError, Limits, UsageFrame, check_chat
+from bus.priorities import Priority
+from edge.config import EdgeConfig
+from edge.protocol import ChatFrame, FrameError, UsageFrame, check_chat
 
 
 class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
@@ -66,7 +67,7 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True):
     conversation_id: str | None = None
 
 
-def parse_request(body: bytes, limits: Limits) -> tuple[ChatCompletionRequest, ChatFrame]:
+def parse_request(body: bytes, limits: EdgeConfig) -> tuple[ChatCompletionRequest, ChatFrame]:
     """The request and the equivalent chat frame, both validated; FrameError otherwise."""
     if len(body) > limits.max_frame_bytes:
         raise FrameError("frame_too_large", f"the body is {len(body)} bytes; the limit is {limits.max_frame_bytes}")

@@ -26,15 +26,14 @@ Error codes are stable (see `ErrorCode`); messages are for humans and may change
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from msgspec import Meta, Struct
 
 from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Timings
-from bus.subjects import PRIORITIES, Priority
-from services.settings import Settings
+from bus.priorities import PRIORITIES, Priority
+from edge.config import EdgeConfig
 
 ErrorCode = Literal[
     "invalid_json",  # the frame is not JSON
@@ -130,15 +129,6 @@ class ErrorFrame(Struct, tag="error", tag_field="type", omit_defaults=True):
 ServerFrame = Union[AcceptedFrame, TokenFrame, DoneFrame, ErrorFrame]
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_frame_bytes: int
-    max_messages: int
-    max_prompt_chars: int
-    max_tokens_limit: int
-    default_max_tokens: int
-
-
 class FrameError(ValueError):
     def __init__(self, code: str, message: str, id: str | None = None) -> None:
         super().__init__(message)
@@ -154,7 +144,7 @@ def encode_frame(frame: ServerFrame) -> str:
     return _encoder.encode(frame).decode()
 
 
-def parse_frame(raw: str | bytes, limits: Limits) -> ClientFrame:
+def parse_frame(raw: str | bytes, limits: EdgeConfig) -> ClientFrame:
     """A validated client frame, or FrameError naming what is wrong."""
     size = len(raw.encode() if isinstance(raw, str) else raw)
     if size > limits.max_frame_bytes:
@@ -181,7 +171,7 @@ def parse_frame(raw: str | bytes, limits: Limits) -> ClientFrame:
     return frame
 
 
-def check_chat(frame: ChatFrame, limits: Limits) -> None:
+def check_chat(frame: ChatFrame, limits: EdgeConfig) -> None:
     def bad(message: str) -> FrameError:
         return FrameError("invalid_request", message, frame.id)
 
@@ -211,11 +201,6 @@ def stop_list(frame: ChatFrame) -> list[str]:
     if frame.stop is None:
         return []
     return [frame.stop] if isinstance(frame.stop, str) else list(frame.stop)
-
-
-def limits_of(settings: Settings) -> Limits:
-    return Limits(settings.max_frame_bytes, settings.max_messages, settings.max_prompt_chars,
-                  settings.max_tokens_limit, settings.default_max_tokens)
 
 
 def usage_frame(event: FinalEvent, ttft_ms: float, total_ms: float) -> UsageFrame:

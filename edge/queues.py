@@ -22,21 +22,22 @@ from dataclasses import dataclass
 import structlog
 from nats.js import JetStreamContext
 
+from bus.config import BusConfig
 from bus.messages import Heartbeat
-from bus.subjects import PRIORITIES, Priority, Subjects, WorkKind
-from inference.budget import job_cost
-from services import metrics
-from services.settings import Settings
+from bus.roles import ROLES, Role, job_cost, roles_pulling
+from bus.priorities import PRIORITIES, Priority
+from bus.subjects import WorkKind
+from edge import metrics
+from edge.config import EdgeConfig
 
 log = structlog.get_logger("grokstack.edge")
 
 KINDS: tuple[WorkKind, ...] = ("req", "decode")
-ROLES_OF: dict[WorkKind, tuple[str, ...]] = {"req": ("prefill", "aggregated"), "decode": ("decode",)}
 
 
 @dataclass
 class WorkerSpeed:
-    role: str
+    role: Role
     region: str
     rate_tokens_s: float
     seen: float  # monotonic
@@ -58,15 +59,16 @@ class MeanCost:
 
 
 class QueueWatch:
-    def __init__(self, settings: Settings, js: JetStreamContext, subjects: Subjects) -> None:
-        self.settings = settings
+    def __init__(self, bus: BusConfig, config: EdgeConfig, js: JetStreamContext) -> None:
+        self.bus = bus
+        self.config = config
         self.js = js
-        self.subjects = subjects
+        self.subjects = bus.subjects
         self.costs = MeanCost()
         self._pending: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)
         self._published: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)  # since the last read
         self._workers: dict[str, WorkerSpeed] = {}
-        self._regions: set[str] = {settings.region}
+        self._regions: set[str] = {bus.region}
         self._stopped = False
 
     # ------------------------------------------------------------------ inputs
@@ -88,7 +90,7 @@ class QueueWatch:
 
     async def run(self) -> None:
         while not self._stopped:
-            await asyncio.sleep(self.settings.queue_poll_s)
+            await asyncio.sleep(self.config.queue_poll_s)
             try:
                 await self.read()
             except Exception as exc:  # disconnected: keep the last depth, try again
@@ -118,18 +120,18 @@ class QueueWatch:
     # ------------------------------------------------------------------ estimates
 
     def _alive(self) -> list[WorkerSpeed]:
-        horizon = time.monotonic() - 3 * self.settings.heartbeat_s
+        horizon = time.monotonic() - 3 * self.bus.heartbeat_s
         return [w for w in self._workers.values() if w.seen >= horizon]
 
-    def role_of(self, kind: WorkKind, region: str) -> str:
-        """Who serves a kind of work in a region: prefill, unless only aggregated workers do."""
-        if kind == "decode":
-            return "decode"
-        roles = {w.role for w in self._alive() if w.region == region}
-        return "aggregated" if "aggregated" in roles and "prefill" not in roles else "prefill"
+    def role_of(self, kind: WorkKind, region: str) -> Role:
+        """Who serves a kind of work in a region, for what its jobs cost: the first role of the
+        table that pulls it and has a live worker there (the first that pulls it, when none)."""
+        pulling = roles_pulling(kind)
+        alive = {w.role for w in self._alive() if w.region == region}
+        return next((r for r in pulling if r in alive), pulling[0])
 
     def speed(self, kind: WorkKind, region: str) -> float:
-        return sum(w.rate_tokens_s for w in self._alive() if w.region == region and w.role in ROLES_OF[kind])
+        return sum(w.rate_tokens_s for w in self._alive() if w.region == region and ROLES[w.role].pulls == kind)
 
     def depth(self, kind: WorkKind, region: str, priority: Priority) -> int:
         key = (kind, region, priority)

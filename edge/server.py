@@ -35,15 +35,14 @@ from edge.protocol import (
     ServerFrame,
     TokenFrame,
     encode_frame,
-    limits_of,
     parse_frame,
     stop_list,
     usage_frame,
 )
 from edge.tenants import ApiKeys, AuthError, Tenant
-from services import metrics
-from services.logs import request_context
-from services.settings import Settings
+from edge import metrics
+from bus.log_context import request_context
+from edge.config import EdgeConfig
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
@@ -61,14 +60,13 @@ class Connection:
     _numbers = itertools.count(1)
 
     def __init__(self, ws: ServerConnection, live: LiveRequests, tenant: Tenant,
-                 settings: Settings, admission: Admission) -> None:
+                 config: EdgeConfig, admission: Admission) -> None:
         self.ws = ws
         self.live = live
         self.admission = admission
         self.gateway = live.gateway
         self.tenant = tenant
-        self.settings = settings
-        self.limits = limits_of(settings)
+        self.config = config
         self.follows: dict[str, asyncio.Task] = {}  # client id -> its task
         self.following: dict[str, LiveRequest] = {}  # client id -> its request, once known
         self.cancel_asked: set[str] = set()  # cancels that came before the request was known
@@ -94,7 +92,7 @@ class Connection:
     async def send(self, frame: ServerFrame) -> None:
         try:
             async with self._send_lock:
-                await asyncio.wait_for(self.ws.send(encode_frame(frame)), self.settings.send_timeout_s)
+                await asyncio.wait_for(self.ws.send(encode_frame(frame)), self.config.send_timeout_s)
         except asyncio.TimeoutError:
             # The client stopped reading: drop it rather than let it hold memory and workers.
             log.warning("client too slow, closing", connection=self.number)
@@ -108,7 +106,7 @@ class Connection:
 
     async def _on_frame(self, raw: str | bytes) -> None:
         try:
-            frame = parse_frame(raw, self.limits)
+            frame = parse_frame(raw, self.config)
         except FrameError as exc:
             await self._error(exc.id, exc.code, exc.message)
             return
@@ -118,9 +116,9 @@ class Connection:
         client_id = frame.id or next(self._auto_ids)
         if client_id in self.follows:
             await self._error(client_id, "duplicate_id", f"request {client_id!r} is already in flight")
-        elif len(self.follows) >= self.settings.max_inflight_per_connection:
+        elif len(self.follows) >= self.config.max_inflight_per_connection:
             await self._error(client_id, "too_many_requests", f"{len(self.follows)} requests in flight; the "
-                              f"limit per connection is {self.settings.max_inflight_per_connection}", True)
+                              f"limit per connection is {self.config.max_inflight_per_connection}", True)
         else:
             work = self._chat(client_id, frame) if isinstance(frame, ChatFrame) else self._resume(client_id, frame)
             self.follows[client_id] = asyncio.create_task(work)
@@ -148,7 +146,7 @@ class Connection:
                 await self._error(client_id, "too_many_requests", str(exc), True, 1.0)
                 return
             sampling = SamplingSpec(
-                max_tokens=frame.max_tokens or self.settings.default_max_tokens,
+                max_tokens=frame.max_tokens or self.config.default_max_tokens,
                 temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame), seed=frame.seed)
             request = self.gateway.new_request(list(frame.messages), sampling, priority, frame.conversation_id,
                                                frame.region, tenant=self.tenant.name)
@@ -222,8 +220,8 @@ class Connection:
 
 
 class EdgeServer:
-    def __init__(self, settings: Settings, live: LiveRequests, keys: ApiKeys, admission: Admission) -> None:
-        self.settings = settings
+    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, admission: Admission) -> None:
+        self.config = config
         self.live = live
         self.admission = admission
         self.gateway = live.gateway
@@ -233,13 +231,13 @@ class EdgeServer:
     async def start(self) -> int:
         """Listen; returns the port (useful with port 0)."""
         self.server = await serve(
-            self._connection, self.settings.edge_host, self.settings.edge_port,
+            self._connection, self.config.edge_host, self.config.edge_port,
             # Frames a little over our limit still get a readable error frame; far larger ones
             # are refused by the websocket layer itself (close code 1009).
-            max_size=max(4 * self.settings.max_frame_bytes, 1024 * 1024),
+            max_size=max(4 * self.config.max_frame_bytes, 1024 * 1024),
             process_request=self._http, ping_interval=20, ping_timeout=20, close_timeout=5)
-        port = self.server.sockets[0].getsockname()[1] if self.server.sockets else self.settings.edge_port
-        log.info("edge listening", url=f"ws://{self.settings.edge_host}:{port}", edge_id=self.gateway.edge_id)
+        port = self.server.sockets[0].getsockname()[1] if self.server.sockets else self.config.edge_port
+        log.info("edge listening", url=f"ws://{self.config.edge_host}:{port}", edge_id=self.gateway.edge_id)
         return int(port)
 
     async def stop(self) -> None:
@@ -249,7 +247,7 @@ class EdgeServer:
 
     async def _connection(self, ws: ServerConnection) -> None:
         tenant = self._tenant(ws.request)  # checked in _http already; cannot fail here
-        await Connection(ws, self.live, tenant, self.settings, self.admission).run()
+        await Connection(ws, self.live, tenant, self.config, self.admission).run()
 
     def _tenant(self, request: Request | None) -> Tenant:
         """From `Authorization: Bearer <key>`, or `?api_key=` (browsers cannot set headers on a

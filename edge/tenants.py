@@ -20,7 +20,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.subjects import PRIORITIES, Priority
+from bus.priorities import PRIORITIES, Priority
 
 KEY_PREFIX = "gsk_"
 

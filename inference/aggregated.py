@@ -14,27 +14,30 @@ from __future__ import annotations
 import time
 
 import structlog
+from nats.js import JetStreamContext
 
 from bus.codec import decode
+from bus.subjects import Subjects
 from bus.messages import ChatRequest, Cost, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
-from inference.budget import job_cost
+from bus.roles import Role, job_cost
+from inference import metrics
 from inference.decode import EngineAborted
 from inference.engine import Engine
 from inference.prefill import prompt_of, prompt_renderer, queue_ms
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
-from services import metrics
 
 log = structlog.get_logger("grokstack.aggregated")
 
 
 class AggregatedService:
     kind = "req"
-    role = "aggregated"
+    role = Role.AGGREGATED
     first_seq = 0
 
-    def __init__(self, engine: Engine, transfers: TransferRecords | None) -> None:
+    def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
+                 transfers: TransferRecords | None, worker_id: str = "") -> None:
         self.engine = engine
         self.render = prompt_renderer(engine)
         self.transfers = transfers

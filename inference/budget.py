@@ -18,13 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bus.subjects import PRIORITIES, Priority
-from services.settings import Settings
-
-
-def share_caps(settings: Settings) -> dict[Priority, float]:
-    """The share of the budget a priority and all below it may hold together."""
-    return {"interactive": 1.0, "standard": settings.max_share_standard, "batch": settings.max_share_batch}
+from bus.priorities import PRIORITIES, Priority, PriorityConfig, at_or_below
+from bus.roles import ROLES, Role
+from inference.config import WorkerConfig
 
 
 @dataclass
@@ -55,12 +51,9 @@ class TokenBudget:
     def jobs(self) -> int:
         return sum(self._jobs.values())
 
-    def _at_or_below(self, priority: Priority) -> list[Priority]:
-        return list(PRIORITIES[PRIORITIES.index(priority):])
-
     def room(self, priority: Priority) -> int:
         """How many more jobs of `priority` may be pulled now, each counted as `max_job`."""
-        below = self._at_or_below(priority)
+        below = at_or_below(priority)
         cap = self.caps[priority]
         token_room = min(self.capacity - self.reserved,
                          math.floor(cap * self.capacity) - sum(self._held[p] for p in below))
@@ -89,18 +82,13 @@ class TokenBudget:
         self._jobs[ticket.priority] -= 1
 
 
-def job_cost(role: str, prompt_tokens: int, max_tokens: int) -> int:
-    """What a job costs the worker role that serves it: prefill computes the prompt; decode (and
-    an aggregated worker, which also decodes) holds KV for the prompt and every answer token."""
-    if role == "prefill":
-        return prompt_tokens
-    return prompt_tokens + max_tokens
-
-
-def budget_for(settings: Settings, role: str, slots: int, max_model_len: int,
+def budget_for(config: WorkerConfig, priorities: PriorityConfig, role: Role, slots: int, max_model_len: int,
                kv_capacity_tokens: int) -> TokenBudget:
-    if role == "prefill":
-        capacity = settings.prefill_token_budget
-    else:  # the KV cache is what decoding sequences hold
-        capacity = settings.decode_token_budget or kv_capacity_tokens
-    return TokenBudget(capacity=max(1, capacity), slots=slots, max_job=max_model_len, caps=share_caps(settings))
+    """A role that holds answers is bounded by the KV its sequences hold (the engine's cache unless
+    configured); one that only computes prompts by the prompt tokens it works on at once."""
+    if ROLES[role].holds_answer:
+        capacity = config.decode_token_budget or kv_capacity_tokens
+    else:
+        capacity = config.prefill_token_budget
+    caps = {p: policy.max_share for p, policy in priorities.table().items()}
+    return TokenBudget(capacity=max(1, capacity), slots=slots, max_job=max_model_len, caps=caps)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from bus.messages import Cost
-from services.settings import Settings
+from inference.config import WorkerConfig
 
 
 @dataclass
@@ -34,8 +34,8 @@ class GpuClock:
         self.job_s = 0.0  # running jobs integrated over time (mean occupancy = job_s / busy_s)
 
     @classmethod
-    def of(cls, settings: Settings) -> "GpuClock":
-        return cls(settings.gpu_price_per_hour * settings.gpus_per_worker / 3600)
+    def of(cls, config: WorkerConfig) -> "GpuClock":
+        return cls(config.gpu_price_per_hour * config.gpus_per_worker / 3600)
 
     def tick(self) -> None:
         now = self._clock()

@@ -20,12 +20,12 @@ from bus.capture import sent_so_far
 from bus.codec import decode
 from bus.messages import Cost, DecodeJob, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
 from bus.subjects import Subjects
-from inference.budget import job_cost
+from bus.roles import Role, job_cost
+from inference import metrics
 from inference.engine import Engine
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
-from services import metrics
 
 log = structlog.get_logger("grokstack.decode")
 
@@ -36,14 +36,14 @@ class EngineAborted(RuntimeError):
 
 class DecodeService:
     kind = "decode"
-    role = "decode"
+    role = Role.DECODE
     first_seq = 1  # event 0 is the first token, sent by prefill
 
-    def __init__(self, engine: Engine, transfers: TransferRecords | None,
-                 js: JetStreamContext | None = None, subjects: Subjects | None = None) -> None:
+    def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
+                 transfers: TransferRecords | None, worker_id: str = "") -> None:
         self.engine = engine
         self.transfers = transfers
-        self.js = js  # with subjects: read what was sent, to continue a migrated job
+        self.js = js  # read what was sent, to continue a migrated job
         self.subjects = subjects
 
     def parse(self, data: bytes) -> DecodeJob:
@@ -64,7 +64,7 @@ class DecodeService:
     async def _already_sent(self, job: Job[DecodeJob], emit: Emitter) -> list[int] | None:
         """On a redelivery: the tokens this stage already sent (emit then continues after them),
         or None when the job was in fact finished."""
-        if job.deliveries <= 1 or self.js is None or self.subjects is None:
+        if job.deliveries <= 1:
             return []
         t0 = time.perf_counter()
         sent = await sent_so_far(self.js, self.subjects, job.body.reply_to)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal, Protocol, Sequence
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 from bus.messages import ChatMessage, SamplingSpec
-
-EngineRole = Literal["prefill", "decode", "aggregated", "direct"]
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from bus.codec import decode, encode
 from bus.messages import (ChatMessage, ChatRequest, Cost, DecodeJob, FinalEvent, KvHandle, KvTransfer, PrefillStats,
                           Timings, TokenEvent, Usage)
 from bus.subjects import Subjects
-from inference.budget import job_cost
+from bus.roles import Role, job_cost
+from inference import metrics
 from inference.engine import Engine
 from inference.worker import Emitter, Job, JobRefused
 from kv_store.keys import kv_params
 from kv_store.transfers import TransferRecords
-from services import metrics
 
 log = structlog.get_logger("grokstack.prefill")
 
@@ -56,11 +56,11 @@ def queue_ms(job: Job[ChatRequest]) -> float:
 
 class PrefillService:
     kind = "req"
-    role = "prefill"
+    role = Role.PREFILL
     first_seq = 0
 
     def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
-                 transfers: TransferRecords | None, worker_id: str) -> None:
+                 transfers: TransferRecords | None, worker_id: str = "") -> None:
         self.engine = engine
         self.render = prompt_renderer(engine)
         self.js = js

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from inference.engine import EngineRole
-from services.settings import Settings
+from inference.config import EngineConfig, EngineSetup, SpecConfig
+from inference.pools import Pool
 
 
 @dataclass(frozen=True)
@@ -33,102 +34,94 @@ PROFILES = {
 }
 
 
-def resolve_profile(settings: Settings) -> Profile:
-    name = settings.engine_profile
+def resolve_profile(engine: EngineConfig) -> Profile:
+    name = engine.engine_profile
     if name == "auto":
         import torch
         name = "gpu" if torch.cuda.is_available() else "cpu"
-    if name not in PROFILES:
-        raise SystemExit(f"unknown engine profile {name!r} (cpu, gpu or auto)")
     return PROFILES[name]
 
 
-def vllm_environment(settings: Settings, profile: Profile) -> dict[str, str]:
+def vllm_environment(engine: EngineConfig, profile: Profile, cache_root: Path) -> dict[str, str]:
     """VLLM_* variables for the engine processes; values the operator set are kept."""
     env = {
         "HF_HUB_OFFLINE": "1",  # nothing is downloaded at run time
         "VLLM_NO_USAGE_STATS": "1",
-        "VLLM_CACHE_ROOT": str((settings.data_dir / "vllm-cache").resolve()),
+        "VLLM_CACHE_ROOT": str(cache_root.resolve()),
     }
     if profile.name == "cpu":
         cores = os.cpu_count() or 1
         env |= {
-            "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+            "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
             "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # the default keeps one core idle
         }
     return env
 
 
-def apply_vllm_environment(settings: Settings, profile: Profile) -> None:
+def apply_vllm_environment(engine: EngineConfig, profile: Profile, cache_root: Path) -> None:
     # vLLM reads these in its own processes, which inherit our environment; set before start.
-    for key, value in vllm_environment(settings, profile).items():
+    for key, value in vllm_environment(engine, profile, cache_root).items():
         os.environ.setdefault(key, value)
 
 
-def speculative_config(settings: Settings, profile: Profile, role: EngineRole) -> dict[str, Any] | None:
-    method = profile.spec_method if settings.spec_method == "auto" else settings.spec_method
-    if role not in ("decode", "aggregated") or method == "off":
+def speculative_config(spec: SpecConfig, profile: Profile, pool: Pool) -> dict[str, Any] | None:
+    method = profile.spec_method if spec.spec_method == "auto" else spec.spec_method
+    if not pool.speculates or method == "off":
         return None  # prefill samples one token: speculation has nothing to do there
     # Speculate only while few sequences decode: at high load the CPU/GPU is compute-bound
     # and verifying drafts would cost throughput.
-    schedule = [[1, settings.spec_max_batch, settings.spec_tokens],
-                [settings.spec_max_batch + 1, 4096, 0]]
+    schedule = [[1, spec.spec_max_batch, spec.spec_tokens], [spec.spec_max_batch + 1, 4096, 0]]
     if method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": settings.spec_tokens,
-                "prompt_lookup_min": settings.spec_ngram_min,
-                "prompt_lookup_max": settings.spec_ngram_max,
+        return {"method": "ngram", "num_speculative_tokens": spec.spec_tokens,
+                "prompt_lookup_min": spec.spec_ngram_min,
+                "prompt_lookup_max": spec.spec_ngram_max,
                 "num_speculative_tokens_per_batch_size": schedule}
-    if method == "draft":
-        if not settings.spec_draft_model:
-            raise SystemExit("spec_method=draft needs GROKSTACK_SPEC_DRAFT_MODEL (an HF folder)")
-        return {"method": "draft_model", "model": settings.spec_draft_model,
-                "num_speculative_tokens": settings.spec_tokens,
-                "num_speculative_tokens_per_batch_size": schedule}
-    raise SystemExit(f"unknown speculative method {method!r} (ngram, draft, off, auto)")
+    return {"method": "draft_model", "model": spec.spec_draft_model,  # SpecConfig checked it is set
+            "num_speculative_tokens": spec.spec_tokens,
+            "num_speculative_tokens_per_batch_size": schedule}
 
 
-def kv_transfer_config(settings: Settings, role: EngineRole) -> dict[str, Any] | None:
-    if role == "direct":
+def kv_transfer_config(setup: EngineSetup, pool: Pool) -> dict[str, Any] | None:
+    if pool.kv_role is None:
         return None
     return {
         "kv_connector": "RedisKVConnector",
         "kv_connector_module_path": "kv_store.connector",
-        # prefill loads a conversation's earlier blocks and saves the new ones; decode loads
-        # (an aggregated worker does both, for the same conversation's next turn)
-        "kv_role": "kv_both" if role in ("prefill", "aggregated") else "kv_consumer",
+        "kv_role": pool.kv_role,
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
-            "redis_url": settings.redis_url,
-            "ttl_s": settings.kv_ttl_s,
-            "key_prefix": settings.kv_key_prefix,
-            "model_id": settings.model_id,
-            "step_lock": str(settings.engine_step_lock),
+            "redis_url": setup.kv.redis_url,
+            "ttl_s": setup.kv.kv_ttl_s,
+            "key_prefix": setup.kv.kv_key_prefix,
+            "model_id": setup.served.model_id,
+            "step_lock": str(setup.engine.engine_step_lock),
         },
     }
 
 
-def engine_args(settings: Settings, profile: Profile, role: EngineRole) -> dict[str, Any]:
+def engine_args(setup: EngineSetup, profile: Profile, pool: Pool) -> dict[str, Any]:
     """Keyword arguments for vLLM's AsyncEngineArgs."""
+    engine = setup.engine
     args: dict[str, Any] = {
-        "model": str(settings.model_dir),
-        "served_model_name": settings.model_id,
+        "model": setup.served.model,
+        "served_model_name": setup.served.model_id,
         "dtype": profile.dtype,
         "enforce_eager": profile.enforce_eager,
-        "max_model_len": settings.max_model_len,
-        "block_size": settings.block_size or profile.block_size,
+        "max_model_len": setup.served.max_model_len,
+        "block_size": engine.block_size or profile.block_size,
         # Redis is the one prefix cache, shared by every worker; a second, per-engine cache
         # would make 'cached tokens' depend on which worker a request happened to reach.
         "enable_prefix_caching": False,
-        "max_num_seqs": settings.prefill_slots if role == "prefill" else settings.decode_slots,
+        "max_num_seqs": getattr(engine, pool.slots_field),
         "disable_log_stats": True,
     }
     if profile.name == "gpu":
-        args["gpu_memory_utilization"] = settings.gpu_memory_utilization
-    spec = speculative_config(settings, profile, role)
+        args["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    spec = speculative_config(setup.spec, profile, pool)
     if spec:
         args["speculative_config"] = spec
-    kv = kv_transfer_config(settings, role)
+    kv = kv_transfer_config(setup, pool)
     if kv:
         from vllm.config import KVTransferConfig
         args["kv_transfer_config"] = KVTransferConfig(**kv)

@@ -3,51 +3,53 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import structlog
 
 from bus.messages import ChatMessage, SamplingSpec
-from inference.engine import EngineChunk, EngineRole
+from inference.config import EngineSetup
+from inference.engine import EngineChunk
+from inference.pools import Pool
 from inference.profiles import apply_vllm_environment, engine_args, resolve_profile
-from services.settings import Settings
 
 log = structlog.get_logger("grokstack.engine")
 
 
 class VllmEngine:
-    def __init__(self, settings: Settings, role: EngineRole) -> None:
-        self.settings = settings
-        self.role = role
-        self.profile = resolve_profile(settings)
-        self.model_id = settings.model_id
-        self.max_model_len = settings.max_model_len
+    def __init__(self, setup: EngineSetup, pool: Pool) -> None:
+        self.setup = setup
+        self.pool = pool
+        self.profile = resolve_profile(setup.engine)
+        self.model_id = setup.served.model_id
+        self.max_model_len = setup.served.max_model_len
         self._llm: Any = None
         self._tokenizer: Any = None
         self.kv_capacity_tokens = 0  # known after start: the engine's KV cache, in tokens
 
     async def start(self) -> None:
-        if not (self.settings.model_dir / "config.json").exists():
-            raise SystemExit(f"no model at {self.settings.model_dir}: run `grokstack model` to "
+        if not (Path(self.setup.served.model) / "config.json").exists():
+            raise SystemExit(f"no model at {self.setup.served.model}: run `grokstack model` to "
                              "prepare the bundled one, or pass --model <HF folder>")
-        apply_vllm_environment(self.settings, self.profile)
+        apply_vllm_environment(self.setup.engine, self.profile, self.setup.cache_root)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from inference.vllm_stats import stat_loggers
 
         t0 = time.monotonic()
-        args = engine_args(self.settings, self.profile, self.role)
-        log.info("engine starting", role=self.role, profile=self.profile.name,
+        args = engine_args(self.setup, self.profile, self.pool)
+        log.info("engine starting", role=self.pool.name, profile=self.profile.name,
                  model=args["model"], block_size=args["block_size"],
                  speculative=args.get("speculative_config", {}).get("method", "off"))
         # our stat logger feeds the metrics from each scheduler step (inference/vllm_stats.py)
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=stat_loggers(self.role))
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=stat_loggers(self.pool.name))
         self._tokenizer = self._llm.tokenizer
         # The engine core measured its cache at start and told the front end how many blocks.
         cache = self._llm.vllm_config.cache_config
         self.kv_capacity_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
-        log.info("engine ready", role=self.role, seconds=round(time.monotonic() - t0, 1),
+        log.info("engine ready", role=self.pool.name, seconds=round(time.monotonic() - t0, 1),
                  kv_capacity_tokens=self.kv_capacity_tokens)
 
     async def shutdown(self) -> None:

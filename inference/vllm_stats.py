@@ -13,7 +13,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from services import metrics
+from inference import metrics
 
 
 class GrokstackStatLogger(StatLoggerBase):

@@ -23,18 +23,21 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bus.codec import BadMessage, encode, reply_route
+from bus.config import BusConfig
 from bus.dead_letters import dead_letter
 from bus.exhausted import ExhaustedJobs
+from bus.log_context import request_context
 from bus.messages import ErrorEvent, Heartbeat, Message
-from bus.subjects import PRIORITIES, Priority, Subjects, WorkKind
+from bus.priorities import PRIORITIES, Priority, PriorityConfig
+from bus.roles import ROLES, Role
+from bus.subjects import Subjects, WorkKind
 from bus.work_queue import PriorityPuller, ServedShares
 from inference.budget import Ticket, TokenBudget
 from inference.cancels import CancelWatch
+from inference import metrics
+from inference.config import WorkerConfig
 from inference.cost_meter import GpuClock
 from inference.resend import RecentEvents, resend_after_reconnects
-from services import metrics
-from services.logs import request_context
-from services.settings import Settings
 
 log = structlog.get_logger("grokstack.worker")
 
@@ -65,8 +68,10 @@ class Job(Generic[J]):
 
 
 class Service(Protocol[J]):
+    """Turns one job into events. Every service is built alike (inference/pools.py names them):
+    `Service(engine, js, subjects, transfers, worker_id)`."""
     kind: WorkKind
-    role: str
+    role: Role
     first_seq: int  # the sequence number of the first event this stage publishes
 
     def parse(self, data: bytes) -> J: ...
@@ -137,28 +142,29 @@ class FullRate:
 
 
 class PoolWorker:
-    def __init__(self, settings: Settings, nc: NATS, service: Service, model_id: str,
-                 slots: int, budget: TokenBudget | None = None) -> None:
-        self.settings = settings
+    def __init__(self, bus: BusConfig, config: WorkerConfig, priorities: PriorityConfig, nc: NATS,
+                 service: Service, model_id: str, slots: int, budget: TokenBudget | None = None) -> None:
+        self.bus = bus
+        self.config = config
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
-        self.subjects = Subjects(settings.subject_prefix)
+        self.subjects = bus.subjects
         self.service = service
         self.model_id = model_id
         self.slots = slots
         # Without a budget only the slots count (each job costs 1 of `slots` tokens).
         self.budget = budget or TokenBudget(capacity=slots, slots=slots, max_job=1)
-        self.clock = GpuClock.of(settings)
+        self.clock = GpuClock.of(config)
         self.rate = FullRate(slots)
         self.counters = WorkerCounters()
-        self.cancels = CancelWatch(nc, self.subjects.cancel(settings.region), settings.request_ttl_s)
+        self.cancels = CancelWatch(nc, self.subjects.cancel(bus.region), bus.request_ttl_s)
         # An idle worker looks for redelivered jobs (which ring no doorbell) once per renewal
         # period, so a dead worker's job is picked up soon after its lease lapses.
-        shares = ServedShares({"standard": settings.min_share_standard, "batch": settings.min_share_batch})
-        self._puller = PriorityPuller(nc, self.subjects, service.kind, settings.region,
+        shares = ServedShares({p: policy.min_share for p, policy in priorities.table().items()})
+        self._puller = PriorityPuller(nc, self.subjects, service.kind, bus.region,
                                       idle_poll_s=min(2.0, self.renewal_s), shares=shares)
         self._pulled: list[tuple[Msg, Ticket]] = []
-        self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, settings.worker_name)
+        self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, bus.worker_name)
         self._active: dict[asyncio.Task, Msg] = {}
         self._serving: set[str] = set()  # request ids of the jobs running here
         self._recent = RecentEvents()
@@ -169,7 +175,7 @@ class PoolWorker:
     def renewal_s(self) -> float:
         """How often a running job's lease (ack_wait) is renewed: 6 times per lease, so only a
         loop stalled for most of a lease lets its job go."""
-        return self.settings.ack_wait_s / 6
+        return self.bus.ack_wait_s / 6
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,8 +185,8 @@ class PoolWorker:
         await self._puller.start()
         heartbeats = asyncio.create_task(self._heartbeats())
         resends = asyncio.create_task(resend_after_reconnects(self.nc, self._recent, self.renewal_s))
-        log.info("worker serving", role=self.service.role, region=self.settings.region,
-                 slots=self.slots, worker_id=self.settings.worker_name)
+        log.info("worker serving", role=self.service.role, region=self.bus.region,
+                 slots=self.slots, worker_id=self.bus.worker_name)
         try:
             await self._pull_loop()
         finally:
@@ -238,7 +244,7 @@ class PoolWorker:
         self._slot_freed.set()
 
     async def _heartbeats(self) -> None:
-        subject = self.subjects.heartbeat(self.settings.region, self.service.role)
+        subject = self.subjects.heartbeat(self.bus.region, self.service.role)
         busy_s = 0.0
         while True:
             self.clock.tick()  # busy_s up to now
@@ -246,8 +252,8 @@ class PoolWorker:
             busy_s = self.clock.busy_s
             metrics.set_worker_budget(self.service.role, self.budget.capacity, self.budget.reserved)
             beat = Heartbeat(
-                worker_id=self.settings.worker_name, role=self.service.role,
-                region=self.settings.region, model_id=self.model_id, slots=self.slots,
+                worker_id=self.bus.worker_name, role=self.service.role,
+                region=self.bus.region, model_id=self.model_id, slots=self.slots,
                 active=len(self._active), served=self.counters.served,
                 cancelled=self.counters.cancelled, failed=self.counters.failed,
                 started_at=self.counters.started_at, sent_at=time.time(),
@@ -257,7 +263,7 @@ class PoolWorker:
                 await self.nc.publish(subject, encode(beat))
             except Exception as exc:  # disconnected: the next beat will tell
                 log.debug("heartbeat not sent", error=str(exc))
-            await asyncio.sleep(self.settings.heartbeat_s)
+            await asyncio.sleep(self.bus.heartbeat_s)
 
     # ------------------------------------------------------------------ one job
 
@@ -314,8 +320,9 @@ class PoolWorker:
                                 retryable=True)
             await job.msg.ack()
             return
-        # A prompt being prefilled weighs its tokens in the engine's time; a decoding sequence 1.
-        self.clock.start(body.request_id, job.cost_tokens if self.service.role == "prefill" else 1.0)
+        # A job that only computes its prompt weighs its tokens in the engine's time; a decoding
+        # sequence 1 (an aggregated job re-weighs itself when its prompt is done).
+        self.clock.start(body.request_id, 1.0 if ROLES[self.service.role].holds_answer else job.cost_tokens)
         task = asyncio.create_task(self.service.serve(job, emitter))
         self.cancels.watch(body.request_id, task)
         if self.cancels.is_cancelled(body.request_id):
@@ -358,12 +365,12 @@ class PoolWorker:
 
     async def _failed(self, job: Job, emitter: Emitter, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"
-        if job.deliveries >= self.settings.max_deliver:
+        if job.deliveries >= self.bus.max_deliver:
             self.counters.failed += 1
             log.error("request failed for the last time", error=reason, deliveries=job.deliveries)
             await emitter.error("internal", f"the request failed {job.deliveries} times: {reason}")
             await dead_letter(self.js, self.subjects, self.service.kind, job.msg.subject,
-                              job.msg.data, reason, self.settings.worker_name, job.deliveries)
+                              job.msg.data, reason, self.bus.worker_name, job.deliveries)
             await job.msg.term()
         else:
             log.warning("request failed, will retry", error=reason, deliveries=job.deliveries,
@@ -383,7 +390,7 @@ class PoolWorker:
             except Exception:  # the record below is what matters
                 pass
         await dead_letter(self.js, self.subjects, self.service.kind, msg.subject, msg.data,
-                          reason, self.settings.worker_name, deliveries)
+                          reason, self.bus.worker_name, deliveries)
         if msg.reply:
             await msg.term()
 

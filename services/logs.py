@@ -1,11 +1,10 @@
-"""structlog set-up: JSON lines on stderr, with request context bound once per request."""
+"""structlog set-up: JSON lines on stderr. A request's identity is bound once per request, for
+every line its task writes, by bus/log_context.py."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from contextlib import contextmanager
-from typing import Iterator
 
 import structlog
 
@@ -33,14 +32,3 @@ def configure(level: str = "info", fmt: str = "json", process: str = "") -> None
     # Libraries that use stdlib logging (our KV connector inside vLLM, nats) stay readable too.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-@contextmanager
-def request_context(request_id: str, region: str, priority: str, **extra: object) -> Iterator[None]:
-    """Bind the request's identity for every log line in this task (contextvars are per task)."""
-    tokens = structlog.contextvars.bind_contextvars(
-        request_id=request_id, region=region, priority=priority, **extra)
-    try:
-        yield
-    finally:
-        structlog.contextvars.reset_contextvars(**tokens)

@@ -10,39 +10,34 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.client import Client as NATS
 
-from bus.credentials import redact_url
 from bus.jetstream import BusUnavailable, connect_as, ensure_streams, ensure_work_consumers
-from bus.subjects import Subjects, check_token
+from bus.roles import ROLES, Role
+from bus.section import redact_url
 from edge.admission import Admission
 from edge.gateway import Gateway
 from edge.http_api import OpenAIApi
 from edge.live import LiveRequests
 from edge.server import EdgeServer
 from edge.tenants import ApiKeys
-from inference.aggregated import AggregatedService
 from inference.budget import budget_for
-from inference.decode import DecodeService
+from inference.config import EngineSetup
 from inference.engine import Engine
-from inference.prefill import PrefillService
+from inference.pools import Pool, pool_named
 from inference.worker import PoolWorker, Service
 from kv_store.transfers import TransferRecords
-from services import metrics
+from services import telemetry
 from services.settings import Settings
 
 log = structlog.get_logger("grokstack")
 
 
-def _require(settings: Settings, *names: str) -> None:
+def _require(settings: Settings, *urls: str) -> None:
+    given = {"nats_url": settings.bus.nats_url, "redis_url": settings.kv.redis_url}
     env = {"nats_url": "NATS_URL", "redis_url": "REDIS_URL"}
-    for name in names:
-        if not getattr(settings, name):
+    for name in urls:
+        if not given[name]:
             raise SystemExit(f"{env[name]} is not set: point it at a server, or run `grokstack up` "
                              "to start embedded ones")
-    try:  # both end up inside subject names
-        check_token(settings.region, "region")
-        check_token(settings.subject_prefix, "subject prefix")
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
 
 
 def _stop_event() -> asyncio.Event:
@@ -53,22 +48,22 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _connect_nats(settings: Settings, role: str, name: str):
+async def _connect_nats(settings: Settings, role: Role, name: str):
     """Each process logs in as its role, and may then do only what the role may (bus/permissions.py)."""
     try:
-        return await connect_as(settings, role, name)
+        return await connect_as(settings.bus, role, name)
     except BusUnavailable as exc:
         raise SystemExit(str(exc)) from None
 
 
 async def _connect_redis(settings: Settings) -> TransferRecords:
-    records = TransferRecords(settings.redis_url, settings.kv_key_prefix)
+    records = TransferRecords(settings.kv.redis_url, settings.kv.kv_key_prefix)
     try:
         await records.ping()
     except Exception as exc:
-        raise SystemExit(f"cannot connect to Redis at {redact_url(settings.redis_url)}: "
+        raise SystemExit(f"cannot connect to Redis at {redact_url(settings.kv.redis_url)}: "
                          f"{type(exc).__name__}: {exc}") from None
-    log.info("redis connected", url=redact_url(settings.redis_url))
+    log.info("redis connected", url=redact_url(settings.kv.redis_url))
     return records
 
 
@@ -84,11 +79,11 @@ class RunningEdge:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.server.settings.edge_host}:{self.port}"
+        return f"ws://{self.server.config.edge_host}:{self.port}"
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.server.settings.edge_host}:{self.api_port}/v1"
+        return f"http://{self.server.config.edge_host}:{self.api_port}/v1"
 
     async def stop(self) -> None:
         await self.server.stop()
@@ -100,14 +95,15 @@ class RunningEdge:
 
 async def start_edge(settings: Settings) -> RunningEdge:
     _require(settings, "nats_url")
-    keys = ApiKeys.load(settings.api_keys_file)
-    nc = await _connect_nats(settings, "edge", f"edge-{settings.worker_name}")
-    gateway = Gateway(settings, nc, settings.worker_name)
+    config = settings.edge
+    keys = ApiKeys.load(config.api_keys_file)
+    nc = await _connect_nats(settings, Role.EDGE, f"edge-{settings.bus.worker_name}")
+    gateway = Gateway(settings.bus, config, nc, settings.served.model_id)
     await gateway.start()
-    live = LiveRequests(settings, gateway)
-    admission = Admission(settings, gateway.queues)
-    server = EdgeServer(settings, live, keys, admission)
-    api = OpenAIApi(settings, live, keys, admission)
+    live = LiveRequests(config, gateway)
+    admission = Admission(config, settings.priorities, gateway.queues)
+    server = EdgeServer(config, live, keys, admission)
+    api = OpenAIApi(config, live, keys, admission, telemetry.exposition)
     return RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())
 
 
@@ -122,7 +118,7 @@ async def run_edge(settings: Settings) -> None:
 
 @dataclass
 class RunningWorker:
-    role: str
+    role: Role
     nc: NATS
     records: TransferRecords
     engine: Engine
@@ -139,54 +135,64 @@ class RunningWorker:
             await self.nc.drain()
         await self.records.close()
         await self.engine.shutdown()
-        metrics.stop_serving(self.metrics_port)
+        telemetry.stop_serving(self.metrics_port)
         log.info("worker stopped", role=self.role)
 
 
-async def start_worker(settings: Settings, role: str, engine: Engine | None = None) -> RunningWorker:
-    """A prefill, decode or aggregated worker; `engine` defaults to vLLM with the role's profile."""
+def engine_setup(settings: Settings) -> EngineSetup:
+    """What an engine of this stack is built from (inference/config.py)."""
+    return EngineSetup(settings.served, settings.engine, settings.spec, settings.kv,
+                       cache_root=settings.stack.data_dir / "vllm-cache")
+
+
+def vllm_engine(settings: Settings, pool: Pool) -> Engine:
+    from inference.vllm_engine import VllmEngine  # imports vLLM: only where an engine runs
+    return VllmEngine(engine_setup(settings), pool)
+
+
+async def start_worker(settings: Settings, role: Role | str, engine: Engine | None = None) -> RunningWorker:
+    """A worker of one of the pools (inference/pools.py); `engine` defaults to vLLM with the
+    pool's engine shape."""
     _require(settings, "nats_url", "redis_url")
-    nc = await _connect_nats(settings, role, f"{role}-{settings.worker_name}")
+    role = Role(role)
+    pool = pool_named(role)
+    bus = settings.bus
+    nc = await _connect_nats(settings, role, f"{role}-{bus.worker_name}")
     records = await _connect_redis(settings)
-    subjects = Subjects(settings.subject_prefix)
+    subjects = bus.subjects
     js = nc.jetstream()
-    await ensure_streams(js, settings, subjects)
-    await ensure_work_consumers(js, settings, subjects, "decode" if role == "decode" else "req")
-    if settings.cpu_nice:
-        os.nice(settings.cpu_nice)  # inherited by the engine's processes
-    if engine is None:
-        from inference.vllm_engine import VllmEngine
-        engine = VllmEngine(settings, role)  # type: ignore[arg-type]
+    kind = ROLES[role].pulls
+    assert kind is not None
+    await ensure_streams(js, bus, subjects)
+    await ensure_work_consumers(js, bus, subjects, kind)
+    if settings.engine.cpu_nice:
+        os.nice(settings.engine.cpu_nice)  # inherited by the engine's processes
+    engine = engine or vllm_engine(settings, pool)
     await engine.start()
-    if role == "prefill":
-        service: Service = PrefillService(engine, js, subjects, records, settings.worker_name)
-        slots = settings.prefill_slots
-    elif role == "aggregated":
-        service = AggregatedService(engine, records)
-        slots = settings.decode_slots
-    else:
-        service = DecodeService(engine, records, js, subjects)
-        slots = settings.decode_slots
-    budget = budget_for(settings, role, slots, engine.max_model_len, engine.kv_capacity_tokens)
+    service: Service = pool.service_class()(engine, js, subjects, records, bus.worker_name)
+    slots = getattr(settings.engine, pool.slots_field)
+    budget = budget_for(settings.worker, settings.priorities, role, slots, engine.max_model_len,
+                        engine.kv_capacity_tokens)
     log.info("token budget", role=role, capacity_tokens=budget.capacity, slots=slots, max_job_tokens=budget.max_job)
-    worker = PoolWorker(settings, nc, service, engine.model_id, slots, budget)
+    worker = PoolWorker(bus, settings.worker, settings.priorities, nc, service, engine.model_id, slots, budget)
     port = _serve_metrics(settings, role)
     return RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()), port)
 
 
-def _serve_metrics(settings: Settings, role: str) -> int:
+def _serve_metrics(settings: Settings, role: Role) -> int:
     """Each worker process serves Prometheus metrics on a port of its own (edges use their API port)."""
+    host, port = settings.edge.edge_host, settings.worker.metrics_port
     try:
-        port = metrics.serve_metrics(settings.edge_host, settings.metrics_port)
+        bound = telemetry.serve_metrics(host, port)
     except OSError as exc:
-        raise SystemExit(f"cannot serve metrics on {settings.edge_host}:{settings.metrics_port}: {exc}") from None
-    log.info(f"metrics at http://{settings.edge_host}:{port}/metrics", role=role)
-    return port
+        raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc}") from None
+    log.info(f"metrics at http://{host}:{bound}/metrics", role=role)
+    return bound
 
 
-async def run_worker(settings: Settings, role: str) -> None:
+async def run_worker(settings: Settings, role: Role | str) -> None:
     stop = _stop_event()
     running = await start_worker(settings, role)
     await asyncio.wait({running.task, asyncio.create_task(stop.wait())},
                        return_when=asyncio.FIRST_COMPLETED)
-    await running.stop(settings.drain_timeout_s)
+    await running.stop(settings.worker.drain_timeout_s)

@@ -16,7 +16,7 @@ from msgspec import Meta
 from bus.client import JobClient, JobRejected, JobResult
 from bus.credentials import BusAuth
 from bus.messages import ChatMessage, ErrorEvent, FinalEvent, TokenEvent
-from bus.subjects import PRIORITIES, Priority
+from bus.priorities import PRIORITIES, Priority
 from services.settings import Settings
 
 
@@ -87,8 +87,8 @@ def request_for(client: JobClient, spec: JobSpec, timeout_s: float):
 
 async def run_publish(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix,
-                                           settings.region, auth=BusAuth.of(settings, "ops")) as client:
+        async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
+                                           settings.bus.region, auth=BusAuth.of(settings.bus, "ops")) as client:
             if args.file:
                 return await publish_batch(client, args.file, args.out, args.concurrency, args.timeout)
             if args.attach:

@@ -86,8 +86,8 @@ def selection_from(args: argparse.Namespace) -> Selection:
 
 
 async def load(settings: Settings, selection: Selection) -> tuple[object, list[Captured]]:
-    nc = await connect_as(settings, "ops", "grokstack-replay")
-    items = [item async for item in capture.read(nc.jetstream(), Subjects(settings.subject_prefix),
+    nc = await connect_as(settings.bus, "ops", "grokstack-replay")
+    items = [item async for item in capture.read(nc.jetstream(), settings.bus.subjects,
                                                  selection)]
     return nc, items
 
@@ -99,7 +99,7 @@ async def run_replay(settings: Settings, args: argparse.Namespace) -> int:
         print(f"grokstack replay: {exc}", file=sys.stderr)
         return 2
     nc, items = await load(settings, selection)
-    live = Subjects(settings.subject_prefix)
+    live = settings.bus.subjects
     try:
         if args.republish:
             sent = await replay.republish(nc, items, live, Subjects(args.to_prefix), args.speed, args.live)
@@ -126,7 +126,7 @@ async def _rerun(nc, settings: Settings, items: list[Captured], args: argparse.N
     overrides = {k: v for k, v in {"temperature": args.temperature, "top_p": args.top_p,
                                    "max_tokens": args.max_tokens, "seed": args.seed}.items()
                  if v is not None}
-    client = await JobClient.over(nc, settings.subject_prefix, settings.region)
+    client = await JobClient.over(nc, settings.bus.subject_prefix, settings.bus.region)
     different = 0
     async for result in replay.rerun(client, items, overrides):
         print(result.report())

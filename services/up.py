@@ -8,7 +8,6 @@ serving_mode=aggregated, one aggregated worker (prefill and decode in one engine
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -22,29 +21,28 @@ from pathlib import Path
 import psutil
 import structlog
 
-from bus.credentials import redact_url
+from bus.roles import Role
+from bus.section import redact_url
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
-from services.settings import ENV, Settings
+from services.settings import ENV, Settings, environment_of
 
 log = structlog.get_logger("grokstack.up")
 
-SERVING_ROLES = {"disaggregated": ("prefill", "decode", "edge"), "aggregated": ("aggregated", "edge")}
+SERVING_ROLES = {"disaggregated": (Role.PREFILL, Role.DECODE, Role.EDGE), "aggregated": (Role.AGGREGATED, Role.EDGE)}
 
 
 def child_environment(settings: Settings) -> dict[str, str]:
     """The supervisor's effective settings, handed down the one way processes read them."""
-    env = dict(os.environ)
-    for f in dataclasses.fields(Settings):
-        env[ENV[f.name]] = str(getattr(settings, f.name))
+    env = {**os.environ, **environment_of(settings)}
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console readable
     return env
 
 
 def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict[str, str]:
     """On a shared CPU, decode yields the cores to prefill (see Settings.cpu_nice)."""
-    if role == "decode" and settings.engine_step_lock and settings.cpu_nice == 0:
+    if role == Role.DECODE and settings.engine.engine_step_lock and settings.engine.cpu_nice == 0:
         return {**env, ENV["cpu_nice"]: "5"}
     return env
 
@@ -52,14 +50,14 @@ def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict
 def metrics_ports(settings: Settings, roles: tuple[str, ...]) -> dict[str, int]:
     """A /metrics port for each worker process: free ones, or metrics_port, metrics_port+1, ...
     when it is set. The edge serves its metrics on its API port."""
-    workers = [role for role in roles if role != "edge"]
-    return {role: settings.metrics_port + i if settings.metrics_port else free_port()
-            for i, role in enumerate(workers)}
+    workers = [role for role in roles if role != Role.EDGE]
+    first = settings.worker.metrics_port
+    return {role: first + i if first else free_port() for i, role in enumerate(workers)}
 
 
 def metrics_urls(settings: Settings, ports: dict[str, int]) -> str:
-    urls = {"edge": settings.api_port, **ports}
-    return "\n                       ".join(f"http://{settings.edge_host}:{port}/metrics ({role})"
+    urls = {"edge": settings.edge.api_port, **ports}
+    return "\n                       ".join(f"http://{settings.edge.edge_host}:{port}/metrics ({role})"
                                          for role, port in urls.items())
 
 
@@ -77,7 +75,7 @@ def stack_memory_gib(root_pids: list[int]) -> float:
 
 def wait_ready(settings: Settings, children: dict[str, subprocess.Popen], stop: threading.Event,
                timeout: float = 900.0) -> bool:
-    url = f"http://{settings.edge_host}:{settings.edge_port}/readyz"
+    url = f"http://{settings.edge.edge_host}:{settings.edge.edge_port}/readyz"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stop.is_set():
         for role, proc in children.items():
@@ -101,51 +99,51 @@ def run_up(settings: Settings) -> int:
     servers: list[EmbeddedNats | EmbeddedRedis] = []
     children: dict[str, subprocess.Popen] = {}
     try:
-        if not settings.nats_url:
-            nats = EmbeddedNats(settings.data_dir / "nats")
+        if not settings.bus.nats_url:
+            nats = EmbeddedNats(settings.stack.data_dir / "nats")
             servers.append(nats)
             # Every process logs in with its role's login from the file the server wrote.
             settings = settings.replace(nats_url=nats.start(),
                                         nats_credentials=str(nats.credentials_file.resolve()))
-            log.info("embedded nats-server started", url=settings.nats_url,
-                     credentials=settings.nats_credentials)
-        if not settings.redis_url:
-            redis = EmbeddedRedis(settings.data_dir / "redis", maxmemory=settings.redis_maxmemory)
+            log.info("embedded nats-server started", url=settings.bus.nats_url,
+                     credentials=settings.bus.nats_credentials)
+        if not settings.kv.redis_url:
+            redis = EmbeddedRedis(settings.stack.data_dir / "redis", maxmemory=settings.stack.redis_maxmemory)
             servers.append(redis)
             settings = settings.replace(redis_url=redis.start())
-            log.info("embedded redis-compatible server started", url=redact_url(settings.redis_url))
-        if not settings.model:
-            ensure_bundled_model(settings.model_dir)
-        if settings.serving_mode not in SERVING_ROLES:
-            raise SystemExit(f"serving_mode must be one of {', '.join(SERVING_ROLES)}, got {settings.serving_mode!r}")
-        roles = SERVING_ROLES[settings.serving_mode]
-        if (not settings.engine_step_lock and settings.serving_mode == "disaggregated"
-                and resolve_profile(settings).name == "cpu"):
+            log.info("embedded redis-compatible server started", url=redact_url(settings.kv.redis_url))
+        if settings.uses_bundled_model:
+            ensure_bundled_model(Path(settings.served.model))
+        roles = SERVING_ROLES[settings.stack.serving_mode]
+        if (not settings.engine.engine_step_lock and settings.stack.serving_mode == "disaggregated"
+                and resolve_profile(settings.engine).name == "cpu"):
             # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
-            settings = settings.replace(engine_step_lock=str((settings.data_dir / "engine-step.lock").resolve()))
+            lock = (settings.stack.data_dir / "engine-step.lock").resolve()
+            settings = settings.replace(engine_step_lock=str(lock))
         env = child_environment(settings)
         ports = metrics_ports(settings, roles)
         for role in roles:
             role_env = role_environment(env, settings, role)
             if role in ports:
                 role_env = {**role_env, ENV["metrics_port"]: str(ports[role])}
-            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", role], env=role_env,
+            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", str(role)], env=role_env,
                                               start_new_session=True)
         log.info("starting workers (the engines take about a minute to load)")
         if not wait_ready(settings, children, stop):
             return 0 if stop.is_set() else 1
-        url = f"ws://{settings.edge_host}:{settings.edge_port}"
+        edge = settings.edge
+        url = f"ws://{edge.edge_host}:{edge.edge_port}"
         cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
         gib = stack_memory_gib([c.pid for c in children.values()] + [s.proc.pid for s in servers if s.proc])
-        api = f"http://{settings.edge_host}:{settings.api_port}/v1"
+        api = f"http://{edge.edge_host}:{edge.api_port}/v1"
         print(f"\ngrokstack is up: {url}\n"
-              f"  chat in a browser:   http://{settings.edge_host}:{settings.edge_port}/\n"
+              f"  chat in a browser:   http://{edge.edge_host}:{edge.edge_port}/\n"
               f"  chat in a terminal:  {cli} chat --url {url}\n"
               f"  OpenAI-compatible:   {api}  (e.g. OPENAI_BASE_URL={api} with any OpenAI SDK; "
-              f"model {settings.model_id})\n"
+              f"model {settings.served.model_id})\n"
               f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
-              f"  jobs straight onto the bus: NATS_URL={settings.nats_url} "
+              f"  jobs straight onto the bus: NATS_URL={settings.bus.nats_url} "
               f"{_credentials_hint(settings)}{cli} publish \"Hello!\"\n"
               f"  Prometheus metrics:  {metrics_urls(settings, ports)}\n"
               f"  resident memory of the stack: {gib:.1f} GiB\n"
@@ -158,14 +156,14 @@ def run_up(settings: Settings) -> int:
             stop.wait(1.0)
         return 0
     finally:
-        stop_children(children, settings.drain_timeout_s + 15)
+        stop_children(children, settings.worker.drain_timeout_s + 15)
         for server in reversed(servers):
             server.stop()
         log.info("stack stopped")
 
 
 def _credentials_hint(settings: Settings) -> str:
-    path = settings.nats_credentials_file
+    path = settings.bus.credentials_file
     return f"{ENV['nats_credentials']}={os.path.relpath(path)} " if path else ""
 
 

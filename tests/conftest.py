@@ -2,7 +2,7 @@
 each started once on free ports. Tests isolate themselves with their own subject prefix.
 
 Both enforce the stack's access model (services/embedded.py): every NATS connection logs in as
-a role (`settings.nats_credentials`; test helpers that act as operators use "ops"), and the
+a role (`settings.bus.nats_credentials`; test helpers that act as operators use "ops"), and the
 Redis URL carries the stack's user and password."""
 
 from __future__ import annotations

@@ -45,10 +45,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def direct_phase(settings: Settings, args: argparse.Namespace) -> Phase:
-    from inference.vllm_engine import VllmEngine
+    from inference.pools import DIRECT
+    from services.processes import vllm_engine
 
     phase = Phase("direct vLLM (in-process)")
-    engine = VllmEngine(settings, "direct")
+    engine = vllm_engine(settings, DIRECT)
     await engine.start()
     sampling = SamplingSpec(max_tokens=args.max_tokens, temperature=0.0)
     counter = iter(range(1_000_000))

@@ -87,9 +87,10 @@ def long_prompt(engine) -> list[int]:
 
 
 async def measure(settings: Settings, **extra: float) -> Calibration:
-    from inference.vllm_engine import VllmEngine
+    from inference.pools import DIRECT
+    from services.processes import vllm_engine
 
-    engine = VllmEngine(settings, "direct")
+    engine = vllm_engine(settings, DIRECT)
     await engine.start()
     try:
         story = engine.render_chat([ChatMessage("user", STORY)])
@@ -105,7 +106,7 @@ async def measure(settings: Settings, **extra: float) -> Calibration:
     finally:
         await engine.shutdown()
     when = datetime.date.today().isoformat()
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {settings.model_id} fp32 eager (vLLM CPU)"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {settings.served.model_id} fp32 eager (vLLM CPU)"
     return Calibration.fit(step1, step16, prefill512, source=f"measured {when} on {machine}",
                            kv_capacity_tokens=int(kv_tokens), tokens_per_prompt_byte=per_byte,
                            tokens_per_s_at_16=total_tps,
@@ -119,7 +120,7 @@ async def run_calibrate(settings: Settings, args: argparse.Namespace) -> int:
         print(f"warning: other processes keep the CPU {busy:.0f}% busy; the measured step times will be too long")
     cal = await measure(settings, machine_busy_before_pct=busy)
     m = cal.measured
-    path = args.calibration or calibration_file(settings.data_dir)
+    path = args.calibration or calibration_file(settings.stack.data_dir)
     cal.save(path)
     print(f"measured: step {m['step1_s'] * 1000:.1f} ms at batch 1 ({1 / m['step1_s']:.1f} tok/s), "
           f"{m['step16_s'] * 1000:.1f} ms at batch {BATCH} ({BATCH / m['step16_s']:.1f} tok/s while all decode; "

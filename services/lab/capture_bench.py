@@ -15,13 +15,13 @@ from pathlib import Path
 
 import nats
 
+from bus.config import BusConfig
 from bus.jetstream import ensure_streams
 from bus.messages import TokenEvent
 from bus.codec import encode
 from bus.credentials import load_logins
 from bus.subjects import Subjects
 from services.embedded import EmbeddedNats
-from services.settings import Settings
 
 
 async def measure(url: str, prefix: str, events: int, capture: bool, rate: float,
@@ -29,7 +29,7 @@ async def measure(url: str, prefix: str, events: int, capture: bool, rate: float
     subjects = Subjects(prefix)
     pub, sub = await nats.connect(url, **(login or {})), await nats.connect(url, **(login or {}))
     if capture:
-        await ensure_streams(pub.jetstream(), Settings(subject_prefix=prefix), subjects)
+        await ensure_streams(pub.jetstream(), BusConfig(subject_prefix=prefix), subjects)
     latencies: list[float] = []
     done = asyncio.Event()
 

@@ -215,7 +215,7 @@ async def drill(args: argparse.Namespace, cluster: Cluster) -> bool:
     stop_at = t0 + args.duration
     outcomes: list[Outcome] = []
     faults: list[Fault] = []
-    deadline_s = cluster.settings.request_timeout_s + 30
+    deadline_s = cluster.settings.edge.request_timeout_s + 30
     chats = [asyncio.create_task(chat_loop(url, args, stop_at, deadline_s, random.Random(args.seed + i), outcomes))
              for i in range(args.concurrency)]
     injector = asyncio.create_task(fault_loop(cluster, args, stop_at, rng, faults))

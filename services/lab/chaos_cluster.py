@@ -32,7 +32,7 @@ class Cluster:
         self.sizes = {"prefill": prefill_workers, "decode": decode_workers}
         self.rng = rng
         self.nats = EmbeddedNats(workdir / "nats")
-        self.redis = EmbeddedRedis(workdir / "redis", maxmemory=settings.redis_maxmemory)
+        self.redis = EmbeddedRedis(workdir / "redis", maxmemory=settings.stack.redis_maxmemory)
         self.procs: dict[str, subprocess.Popen] = {}
         self._numbers = itertools.count(1)
         # A replacement comes this long after a kill, as a new pod is scheduled and started;
@@ -42,7 +42,7 @@ class Cluster:
 
     @property
     def edge_url(self) -> str:
-        return f"ws://127.0.0.1:{self.settings.edge_port}"
+        return f"ws://127.0.0.1:{self.settings.edge.edge_port}"
 
     # ------------------------------------------------------------------ start and stop
 
@@ -55,9 +55,9 @@ class Cluster:
             nats_url=nats_url, redis_url=redis_url, edge_port=free_port(), api_port=free_port(),
             nats_credentials=str(getattr(self.nats, "credentials_file", "") or ""),
             subject_prefix="chaos", kv_key_prefix="chaoskv", log_format="json")
-        if not s.model:
-            ensure_bundled_model(s.model_dir)
-        if not s.engine_step_lock and resolve_profile(s).name == "cpu":
+        if s.uses_bundled_model:
+            ensure_bundled_model(Path(s.served.model))
+        if not s.engine.engine_step_lock and resolve_profile(s.engine).name == "cpu":
             s = s.replace(engine_step_lock=str((self.workdir / "engine-step.lock").resolve()))
         self.settings = s
         self.spawn("edge")
@@ -73,7 +73,7 @@ class Cluster:
         for proc in list(self.procs.values()):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.drain_timeout_s + 15
+        deadline = time.monotonic() + self.settings.worker.drain_timeout_s + 15
         for proc in list(self.procs.values()):
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
@@ -102,7 +102,7 @@ class Cluster:
 
     def _edge_ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.api_port}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.edge.api_port}/readyz", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False

@@ -45,7 +45,7 @@ def given_model(settings: Settings, args: argparse.Namespace) -> CostModel:
     util = DEFAULT_UTILIZATION if args.utilization is None else args.utilization
     check_fraction(util, "--utilization")
     spec = None
-    k = settings.spec_tokens if args.spec_tokens is None else args.spec_tokens
+    k = settings.spec.spec_tokens if args.spec_tokens is None else args.spec_tokens
     if args.spec_acceptance is not None and args.spec_acceptance_rate is not None:
         raise CostError("give --spec-acceptance (alpha) or --spec-acceptance-rate, not both")
     if args.spec_acceptance is not None:
@@ -55,7 +55,7 @@ def given_model(settings: Settings, args: argparse.Namespace) -> CostModel:
             raise CostError(f"--spec-tokens must be at least 1, not {k}")
         rate = args.spec_acceptance_rate
         spec = Speculation(alpha_from_rate(rate, k), k, args.spec_overhead, rate)
-    return CostModel(settings.gpu_price_per_hour, settings.gpus_per_worker, args.prefill_tok_s,
+    return CostModel(settings.worker.gpu_price_per_hour, settings.worker.gpus_per_worker, args.prefill_tok_s,
                      args.decode_tok_s, util, util, args.batch, spec, parse_ratio(args.io_ratio))
 
 

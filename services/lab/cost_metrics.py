@@ -162,9 +162,9 @@ def uses(scrapes: list[Scrape]) -> dict[str, RoleUse]:
 # ---------------------------------------------------------------------------- the printout
 
 def measured_model(settings: Settings, by_role: dict[str, RoleUse], ratio: tuple[float, float]) -> CostModel:
-    gpus = settings.gpus_per_worker
+    gpus = settings.worker.gpus_per_worker
     prefill, decode = by_role["prefill"], by_role["decode"]
-    return CostModel(settings.gpu_price_per_hour, gpus, prefill.tok_s_per_replica(gpus),
+    return CostModel(settings.worker.gpu_price_per_hour, gpus, prefill.tok_s_per_replica(gpus),
                      decode.tok_s_per_replica(gpus), prefill.utilization(gpus) or 1.0,
                      decode.utilization(gpus) or 1.0, io_ratio=ratio)
 
@@ -187,11 +187,11 @@ def use_lines(use: RoleUse, gpus: float, what: str) -> list[str]:
 
 
 def aggregated_lines(settings: Settings, use: RoleUse, override: float | None) -> list[str]:
-    gpus = settings.gpus_per_worker
+    gpus = settings.worker.gpus_per_worker
     rate, util = use.tok_s_per_replica(gpus), override or use.utilization(gpus)
     if rate is None or util is None:
         return []
-    usd_s = dollars_per_second(settings.gpu_price_per_hour, gpus)
+    usd_s = dollars_per_second(settings.worker.gpu_price_per_hour, gpus)
     billed = rate * util
     return ["  aggregated workers prefill and decode on one engine, so their GPU-seconds do not split:",
             f"    $/1M tokens (computed prompt + generated) = {usd(usd_s)} / ({num(rate)} x {num(util)}) x 1e6"
@@ -249,12 +249,12 @@ def report_lines(settings: Settings, scrapes: list[Scrape], ratio: tuple[float, 
     if all(use.gpu_s <= 0 for use in by_role.values()):
         raise CostError(f"no {GPU_S} in the scraped metrics ({period}): give the workers' /metrics URLs, "
                         "and let them serve some requests first")
-    gpus = settings.gpus_per_worker
+    gpus = settings.worker.gpus_per_worker
     lines = [f"measured from {len(scrapes)} process(es), {period}"]
     lines += use_lines(by_role["prefill"], gpus, "prompt tokens computed (cached ones excluded)")
     lines += use_lines(by_role["decode"], gpus, "tokens generated")
     lines += use_lines(by_role["aggregated"], gpus, "tokens computed and generated")
-    lines += speculation_lines(scrapes, settings.spec_tokens)
+    lines += speculation_lines(scrapes, settings.spec.spec_tokens)
     model = with_utilization(measured_model(settings, by_role, ratio), utilization)
     if model.prefill_tok_s is not None or model.decode_tok_s is not None:
         lines += render(validate(model), "$/1M tokens from the measured throughput"

@@ -14,7 +14,8 @@ import codecs
 from typing import Any, AsyncIterator, Sequence
 
 from bus.messages import ChatMessage, SamplingSpec
-from inference.engine import EngineChunk, EngineRole
+from inference.engine import EngineChunk
+from inference.pools import pool_named
 from kv_store.block_store import BlockStore
 from kv_store.keys import prompt_block_keys
 
@@ -29,11 +30,11 @@ def reply_for(prompt: bytes) -> bytes:
 
 
 class FakeEngine:
-    def __init__(self, role: EngineRole = "direct", token_delay_s: float = 0.0,
+    def __init__(self, role: str = "direct", token_delay_s: float = 0.0,
                  store: BlockStore | None = None, key_prefix: str = "gskv",
                  model_id: str = "fake", max_model_len: int = 4096,
                  kv_capacity_tokens: int = 65536) -> None:
-        self.role = role
+        self.pool = pool_named(role)  # whose engine it stands for: its KV connector role
         self.token_delay_s = token_delay_s
         self.store = store
         self.key_prefix = key_prefix
@@ -82,7 +83,7 @@ class FakeEngine:
             return 0, None
         keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK,
                                  str(kv.get("namespace") or ""))
-        if self.role in ("prefill", "aggregated"):  # kv_both: load earlier turns, save this one
+        if self.pool.kv_role == "kv_both":  # load earlier turns, save this one
             loadable = (len(tokens) - 1) // BLOCK
             loaded = self.store.present_prefix(keys[:loadable]) * BLOCK
             self.store.save([(k, b"kv") for k in keys])

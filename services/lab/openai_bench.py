@@ -66,8 +66,8 @@ def label_for(target: str) -> str:
 # --- processes this command starts and stops ---
 
 def _log_file(settings: Settings, name: str) -> Path:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return settings.data_dir / f"bench-{name}.log"
+    settings.stack.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings.stack.data_dir / f"bench-{name}.log"
 
 
 def _wait_http(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 900.0) -> None:
@@ -133,21 +133,22 @@ def _start_and_wait(argv: list[str], env: dict[str, str], log: Path, ready_url: 
 def start_vllm(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
     """vLLM's own OpenAI server, same model folder and engine profile (dtype, eager, VLLM_* env)."""
     from inference.profiles import resolve_profile, vllm_environment
-    if not settings.model:
+    from services.processes import engine_setup
+    if settings.uses_bundled_model:
         from inference.model import ensure_bundled_model
-        ensure_bundled_model(settings.model_dir)
-    profile = resolve_profile(settings)
+        ensure_bundled_model(Path(settings.served.model))
+    profile = resolve_profile(settings.engine)
     env = dict(os.environ)
-    for key, value in vllm_environment(settings, profile).items():
+    for key, value in vllm_environment(settings.engine, profile, engine_setup(settings).cache_root).items():
         env.setdefault(key, value)  # as the workers do: values the operator set are kept
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(settings.model_dir), "--served-model-name", settings.model_id,
-            "--dtype", profile.dtype, "--max-model-len", str(settings.max_model_len),
+            "--model", settings.served.model, "--served-model-name", settings.served.model_id,
+            "--dtype", profile.dtype, "--max-model-len", str(settings.served.max_model_len),
             "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--enforce-eager"] if profile.enforce_eager else []
     if profile.name == "gpu":
-        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+        argv += ["--gpu-memory-utilization", str(settings.engine.gpu_memory_utilization)]
     log = _log_file(settings, "vllm")
     proc = _start_and_wait(argv, env, log, f"http://127.0.0.1:{port}/health", "vLLM's OpenAI server",
                            signal.SIGTERM, 30)
@@ -157,14 +158,14 @@ def start_vllm(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
 def start_stack_api(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
     """`grokstack up` with this command's settings; its OpenAI API at http://<edge_host>:<api_port>/v1."""
     from services.up import child_environment
-    api_port = settings.api_port
-    host = "127.0.0.1" if settings.edge_host in ("", "0.0.0.0", "::") else settings.edge_host
+    api_port = settings.edge.api_port
+    host = "127.0.0.1" if settings.edge.edge_host in ("", "0.0.0.0", "::") else settings.edge.edge_host
     with socket.socket() as s:
         if s.connect_ex((host, api_port)) == 0:
             raise SystemExit(f"something already listens on {host}:{api_port}: stop it or set GROKSTACK_API_PORT")
     env = child_environment(settings) | {"GROKSTACK_EDGE_PORT": str(free_port()),
                                          "GROKSTACK_API_PORT": str(api_port), "GROKSTACK_LOG_LEVEL": "warning"}
-    log = _log_file(settings, f"stack-{settings.serving_mode}")
+    log = _log_file(settings, f"stack-{settings.stack.serving_mode}")
     proc = _start_and_wait([sys.executable, "-m", "services.cli", "up"], env, log,
                            f"http://{host}:{api_port}/readyz", "the stack (grokstack up)", signal.SIGINT, 120)
     return proc, f"http://{host}:{api_port}/v1", log
@@ -197,7 +198,7 @@ async def openai_phase(label: str, url: str, settings: Settings, args: argparse.
     phase = TargetPhase(label, url=url, started=bool(pids))
     client = openai.AsyncOpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
                                 max_retries=0, timeout=600.0)
-    model = await _model_id(client, settings.model_id)
+    model = await _model_id(client, settings.served.model_id)
 
     async def one(_lane: int, prompt: str, into: list[Sample] | None = phase.samples) -> None:
         t0 = time.monotonic()
@@ -247,7 +248,7 @@ async def run_target(target: str, settings: Settings, args: argparse.Namespace) 
     if target == "vllm":
         proc, url, log = start_vllm(settings)
     elif target.startswith("stack"):
-        mode = target.partition(":")[2] or settings.serving_mode
+        mode = target.partition(":")[2] or settings.stack.serving_mode
         proc, url, log = start_stack_api(settings.replace(serving_mode=mode))
     else:
         url = target

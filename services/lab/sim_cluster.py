@@ -49,7 +49,7 @@ class SimCluster:
 
     @property
     def edge_url(self) -> str:
-        return f"ws://127.0.0.1:{self.settings.edge_port}"
+        return f"ws://127.0.0.1:{self.settings.edge.edge_port}"
 
     @property
     def pids(self) -> list[int]:
@@ -62,8 +62,8 @@ class SimCluster:
             nats_url=nats_url, redis_url=self.redis.start(), nats_credentials=str(self.nats.credentials_file),
             edge_port=free_port(), api_port=free_port(), subject_prefix="spike", kv_key_prefix="spikekv",
             ack_wait_s=LEASE_S, log_format="json", log_level="warning", engine_step_lock="", cpu_nice=0,
-            max_inflight_per_edge=max(self.settings.max_inflight_per_edge, INFLIGHT_PER_DECODE_SLOT
-                                      * self.sizes["decode"] * self.settings.decode_slots))
+            max_inflight_per_edge=max(self.settings.edge.max_inflight_per_edge, INFLIGHT_PER_DECODE_SLOT
+                                      * self.sizes["decode"] * self.settings.engine.decode_slots))
         env = child_environment(self.settings)
         for role, count in self.sizes.items():
             args = ["--role", role, "--count", str(count)]
@@ -82,7 +82,7 @@ class SimCluster:
         if not hosts:
             return False
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.edge_port}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.edge.edge_port}/readyz", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -108,23 +108,24 @@ async def host(settings: Settings, role: str, count: int, calibration: Calibrati
     """`count` workers of `role`, each with its own SimEngine, until SIGTERM."""
     from services.lab.sim_engine import SimEngine
     from kv_store.block_store import BlockStore
+    from inference.pools import pool_named
     from services.processes import start_worker
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    slots = settings.prefill_slots if role == "prefill" else settings.decode_slots
+    slots = getattr(settings.engine, pool_named(role).slots_field)
     workers = []
     for i in range(count):
         engine = SimEngine(role, calibration, max_num_seqs=slots,  # as engine_args sets max_num_seqs
-                           store=BlockStore(settings.redis_url, settings.kv_ttl_s),
-                           key_prefix=settings.kv_key_prefix, model_id=f"sim-{settings.model_id}",
-                           max_model_len=settings.max_model_len)
-        name = f"{settings.worker_name}-{role}-{i + 1}"
+                           store=BlockStore(settings.kv.redis_url, settings.kv.kv_ttl_s),
+                           key_prefix=settings.kv.kv_key_prefix, model_id=f"sim-{settings.served.model_id}",
+                           max_model_len=settings.served.max_model_len)
+        name = f"{settings.bus.worker_name}-{role}-{i + 1}"
         workers.append(await start_worker(settings.replace(worker_id=name), role, engine))
     print(f"{READY}: {count} {role} workers, {calibration.describe()}", flush=True)
     await stop.wait()
-    await asyncio.gather(*(w.stop(settings.drain_timeout_s) for w in workers))
+    await asyncio.gather(*(w.stop(settings.worker.drain_timeout_s) for w in workers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=Path, default=None)
     args = parser.parse_args(argv)
     settings = from_env()
-    logs.configure("warning", settings.log_format, process=f"sim-{args.role}")
+    logs.configure("warning", settings.stack.log_format, process=f"sim-{args.role}")
     asyncio.run(host(settings, args.role, args.count, Calibration.load(args.calibration)))
     return 0
 

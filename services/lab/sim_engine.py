@@ -21,7 +21,7 @@ import math
 from typing import Any, AsyncIterator
 
 from bus.messages import SamplingSpec
-from inference.engine import EngineChunk, EngineRole
+from inference.engine import EngineChunk
 from services.lab.fake_engine import ASSISTANT, FakeEngine, reply_for
 from services.lab.sim_batcher import Batcher, Clock
 from services.lab.sim_calibration import Calibration
@@ -42,7 +42,7 @@ def answer(conversation: bytes, length: int) -> bytes:
 
 
 class SimEngine(FakeEngine):
-    def __init__(self, role: EngineRole = "direct", calibration: Calibration | None = None,
+    def __init__(self, role: str = "direct", calibration: Calibration | None = None,
                  max_num_seqs: int = 16, store: BlockStore | None = None, key_prefix: str = "gskv",
                  model_id: str = "sim", max_model_len: int = 2048, clock: Clock | None = None) -> None:
         cal = calibration or Calibration.load(None)

@@ -80,7 +80,7 @@ def add_spike_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def calibration_path(settings: Settings, args: argparse.Namespace) -> Path:
-    return args.calibration or calibration_file(settings.data_dir)
+    return args.calibration or calibration_file(settings.stack.data_dir)
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -126,10 +126,10 @@ def sim_capacity(cal: Calibration, settings: Settings, args: argparse.Namespace,
     sim = SimEngine()
     prompt_bytes = sum(len(sim.render_chat([ChatMessage("user", f"#100: {p}")])) for p in PROMPTS) / len(PROMPTS)
     prompt = prompt_bytes * cal.tokens_per_prompt_byte
-    slots = settings.prefill_slots
+    slots = settings.engine.prefill_slots
     prefill = args.prefill_workers * slots / cal.step_s(slots, int(slots * prompt))
     tokens = sum(share * (max_tokens[p] - 1) for p, share in mix.items())
-    decode = args.decode_workers * cal.tokens_per_s(settings.decode_slots) / tokens
+    decode = args.decode_workers * cal.tokens_per_s(settings.engine.decode_slots) / tokens
     capacity = min(prefill, decode)
     return capacity, (f"estimated capacity {capacity:.1f}/s (prefill pool {prefill:.1f}/s, decode pool "
                       f"{decode:.1f}/s), steady = {STEADY_SHARE:.0%} of it")
@@ -165,9 +165,9 @@ class Backend:
             return a.url, f"engine {a.engine}: the running stack at {a.url} (not started here)"
         if a.engine == "real":
             self.proc, url = start_stack(self.settings)
-            workers = ("1 aggregated worker" if self.settings.serving_mode == "aggregated"
+            workers = ("1 aggregated worker" if self.settings.stack.serving_mode == "aggregated"
                        else "1 prefill + 1 decode worker sharing the cores")
-            return url, (f"engine real: vLLM ({self.settings.model_id}, CPU) through `grokstack up`, {workers}, "
+            return url, (f"engine real: vLLM ({self.settings.served.model_id}, CPU) through `grokstack up`, {workers}, "
                          f"one edge, embedded NATS and Redis, on this machine")
         from services.lab.sim_cluster import SimCluster
         self.workdir = Path(tempfile.mkdtemp(prefix="grokstack-spike-"))
@@ -176,8 +176,9 @@ class Backend:
         return self.cluster.edge_url, (
             f"engine sim: SIMULATED fleet of {a.prefill_workers} prefill + {a.decode_workers} decode workers "
             f"(real workers, bus and edge; SimEngine with calibrated vLLM step times; prefill slots "
-            f"{self.settings.prefill_slots}, decode slots {self.settings.decode_slots}), one edge standing for the "
-            f"fleet's edges (in-flight cap {self.cluster.settings.max_inflight_per_edge}), embedded NATS and Redis, "
+            f"{self.settings.engine.prefill_slots}, decode slots {self.settings.engine.decode_slots}), one edge "
+            f"standing for the fleet's edges (in-flight cap {self.cluster.settings.edge.max_inflight_per_edge}), "
+            f"embedded NATS and Redis, "
             f"on this machine\ncalibration: {self.cal.describe()}")
 
     def processes(self) -> dict[str, int]:
@@ -193,7 +194,7 @@ class Backend:
     def metrics_url(self) -> str | None:
         """The edge's Prometheus endpoint, on its API port, when this backend knows it."""
         if self.cluster is not None:
-            return f"http://127.0.0.1:{self.cluster.settings.api_port}/metrics"
+            return f"http://127.0.0.1:{self.cluster.settings.edge.api_port}/metrics"
         if self.proc is not None:  # start_stack chose the port and handed it down in the environment
             port = psutil.Process(self.proc.pid).environ().get("GROKSTACK_API_PORT")
             return f"http://127.0.0.1:{port}/metrics" if port else None
@@ -212,15 +213,14 @@ class Backend:
 
 
 def budgets(settings: Settings) -> dict[str, float]:
-    return {"interactive": settings.queue_budget_interactive_s, "standard": settings.queue_budget_standard_s,
-            "batch": settings.queue_budget_batch_s}
+    return {p: policy.queue_budget_s for p, policy in settings.priorities.table().items()}
 
 
 def header(what: str, plan: Plan, url: str, settings: Settings, args: argparse.Namespace) -> str:
     retries = f"retried up to {args.retry} times after retry_after_s" if args.retry else "not retried"
     return "\n".join([f"grokstack bench --spike\n{what}", *plan.describe(),
                       f"client: open loop (seed {args.seed}), websocket connections to {url}, up to "
-                      f"{settings.max_inflight_per_connection} requests in flight on each; refusals {retries}"])
+                      f"{settings.edge.max_inflight_per_connection} requests in flight on each; refusals {retries}"])
 
 
 async def load(backend: Backend, url: str, plan: Plan, settings: Settings,
@@ -232,7 +232,7 @@ async def load(backend: Backend, url: str, plan: Plan, settings: Settings,
     cpu.start()
     waits.start()
     try:
-        outcomes = await drive(url, arrivals, plan.max_tokens, settings.max_inflight_per_connection,
+        outcomes = await drive(url, arrivals, plan.max_tokens, settings.edge.max_inflight_per_connection,
                                args.retry, args.drain_s)
     finally:
         await waits.stop()

@@ -52,15 +52,15 @@ class RunningStack:
 
     @property
     def subjects(self) -> Subjects:
-        return Subjects(self.settings.subject_prefix)
+        return self.settings.bus.subjects
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.api_port}/v1"
+        return f"http://127.0.0.1:{self.settings.edge.api_port}/v1"
 
     @property
     def page_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.edge_port}/"
+        return f"http://127.0.0.1:{self.settings.edge.edge_port}/"
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +76,11 @@ def engine_settings(nats_url: str, nats_credentials: str, redis_url: str) -> Set
 @pytest.fixture(scope="session")
 def reference(engine_settings: Settings) -> dict[str, Reference]:
     """Greedy answers of one plain vLLM engine (no bus, no KV connector) to the test prompts."""
-    from inference.vllm_engine import VllmEngine
+    from inference.pools import DIRECT
+    from services.processes import vllm_engine
 
     async def run() -> dict[str, Reference]:
-        engine = VllmEngine(engine_settings, "direct")
+        engine = vllm_engine(engine_settings, DIRECT)
         await engine.start()
         out = {}
         for name, messages in REFERENCE_PROMPTS.items():
@@ -102,7 +103,7 @@ def vllm_stack(reference, engine_settings: Settings, tmp_path_factory) -> Runnin
         procs[role] = subprocess.Popen(
             [sys.executable, "-m", "services.cli", role], env=env, cwd=REPO,
             stdout=open(logs / f"{role}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{engine_settings.edge_port}/readyz"
+    url = f"http://127.0.0.1:{engine_settings.edge.edge_port}/readyz"
     deadline = time.monotonic() + 600
     try:
         while True:
@@ -118,7 +119,7 @@ def vllm_stack(reference, engine_settings: Settings, tmp_path_factory) -> Runnin
             if time.monotonic() > deadline:
                 raise RuntimeError(f"stack not ready in time; logs in {logs}")
             time.sleep(1)
-        yield RunningStack(engine_settings, f"ws://127.0.0.1:{engine_settings.edge_port}", procs, logs)
+        yield RunningStack(engine_settings, f"ws://127.0.0.1:{engine_settings.edge.edge_port}", procs, logs)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -136,13 +137,13 @@ def vllm_stack(reference, engine_settings: Settings, tmp_path_factory) -> Runnin
 
 def spawn_worker(stack: RunningStack, settings: Settings, role: str) -> subprocess.Popen:
     """One more worker process beside the stack's, logging to `<logs>/<worker id>.log`."""
-    log = stack.logs / f"{settings.worker_id}.log"
+    log = stack.logs / f"{settings.bus.worker_id}.log"
     return subprocess.Popen([sys.executable, "-m", "services.cli", role], env=child_environment(settings),
                             cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> None:
-    """Until the worker `settings.worker_id` says it serves (its engine has started)."""
+    """Until the worker `settings.bus.worker_id` says it serves (its engine has started)."""
     import nats
 
     from bus.codec import decode
@@ -150,10 +151,10 @@ def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> N
     from bus.messages import Heartbeat
 
     async def wait() -> None:
-        nc = await nats.connect(settings.nats_url, **BusAuth.of(settings, "ops").connect_options())
+        nc = await nats.connect(settings.bus.nats_url, **BusAuth.of(settings.bus, "ops").connect_options())
         try:
-            sub = await nc.subscribe(Subjects(settings.subject_prefix).heartbeat(settings.region, role))
-            while decode((await sub.next_msg(timeout=timeout)).data, Heartbeat).worker_id != settings.worker_id:
+            sub = await nc.subscribe(settings.bus.subjects.heartbeat(settings.bus.region, role))
+            while decode((await sub.next_msg(timeout=timeout)).data, Heartbeat).worker_id != settings.bus.worker_id:
                 pass
         finally:
             await nc.close()

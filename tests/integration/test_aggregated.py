@@ -17,7 +17,7 @@ REGION = "agg"  # its own region, so the disaggregated workers never take these 
 def aggregated_worker(vllm_stack):
     # n-gram speculation on (off by default on CPU), so the real engine's speculative path is
     # held to the same greedy answer
-    settings = vllm_stack.settings.replace(region=REGION, worker_id=f"{vllm_stack.settings.worker_id}-agg",
+    settings = vllm_stack.settings.replace(region=REGION, worker_id=f"{vllm_stack.settings.bus.worker_id}-agg",
                                            engine_step_lock="", spec_method="ngram")
     proc = spawn_worker(vllm_stack, settings, "aggregated")
     try:
@@ -32,7 +32,7 @@ async def test_an_aggregated_worker_gives_the_engines_answer_over_both_doors(vll
                                                                             reference):
     client = openai.AsyncOpenAI(base_url=vllm_stack.api_url, api_key="x", max_retries=0, timeout=120)
     reply = await client.chat.completions.create(
-        model=vllm_stack.settings.model_id, messages=API, max_tokens=MAX_TOKENS, temperature=0,
+        model=vllm_stack.settings.served.model_id, messages=API, max_tokens=MAX_TOKENS, temperature=0,
         extra_headers={"X-Grokstack-Region": REGION})
     assert reply.choices[0].message.content == reference["api"].text
     async with await EdgeClient.connect(vllm_stack.url) as ws:
@@ -43,4 +43,4 @@ async def test_an_aggregated_worker_gives_the_engines_answer_over_both_doors(vll
     # the first turn's prompt blocks were saved by this worker and loaded for the second turn
     assert result.done["usage"]["cached_prompt_tokens"] > 0
     assert result.done["timings"]["decode_queue_ms"] == 0  # no decode stage: one engine did both
-    assert '"speculative": "ngram"' in (vllm_stack.logs / f"{vllm_stack.settings.worker_id}-agg.log").read_text()
+    assert '"speculative": "ngram"' in (vllm_stack.logs / f"{vllm_stack.settings.bus.worker_id}-agg.log").read_text()

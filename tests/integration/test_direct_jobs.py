@@ -18,7 +18,7 @@ from tests.integration.conftest import DIRECT, MAX_TOKENS
 
 
 async def captured(stack, request_id: str) -> list:
-    nc = await nats.connect(stack.settings.nats_url, **BusAuth.of(stack.settings, "ops").connect_options())
+    nc = await nats.connect(stack.settings.bus.nats_url, **BusAuth.of(stack.settings.bus, "ops").connect_options())
     try:
         return [i async for i in capture.read(nc.jetstream(), stack.subjects,
                                               Selection(request_id=request_id))]
@@ -27,9 +27,9 @@ async def captured(stack, request_id: str) -> list:
 
 
 async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answer(vllm_stack, reference):
-    prefix = vllm_stack.settings.subject_prefix
-    nc = await nats.connect(vllm_stack.settings.nats_url,
-                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
+    prefix = vllm_stack.settings.bus.subject_prefix
+    nc = await nats.connect(vllm_stack.settings.bus.nats_url,
+                            **BusAuth.of(vllm_stack.settings.bus, "ops").connect_options())
     events: list[dict] = []
     done = asyncio.Event()
 
@@ -52,9 +52,9 @@ async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answe
 
 
 async def test_one_generation_for_two_submissions_of_the_same_key(vllm_stack, reference):
-    url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
+    url, prefix = vllm_stack.settings.bus.nats_url, vllm_stack.settings.bus.subject_prefix
     messages = [ChatMessage(**m) for m in DIRECT]
-    auth = BusAuth.of(vllm_stack.settings, "ops")
+    auth = BusAuth.of(vllm_stack.settings.bus, "ops")
     async with await JobClient.connect(url, prefix, auth=auth) as a, \
             await JobClient.connect(url, prefix, auth=auth) as b:
         jobs = [await c.submit(c.request(messages, max_tokens=MAX_TOKENS, temperature=0.0,
@@ -68,8 +68,8 @@ async def test_one_generation_for_two_submissions_of_the_same_key(vllm_stack, re
 
 
 async def test_rerun_of_a_greedy_request_is_identical_and_a_changed_temperature_shows(vllm_stack):
-    url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
-    async with await JobClient.connect(url, prefix, auth=BusAuth.of(vllm_stack.settings, "ops")) as client:
+    url, prefix = vllm_stack.settings.bus.nats_url, vllm_stack.settings.bus.subject_prefix
+    async with await JobClient.connect(url, prefix, auth=BusAuth.of(vllm_stack.settings.bus, "ops")) as client:
         original = await client.generate([ChatMessage(role="user", content="Name three colours.")],
                                          max_tokens=MAX_TOKENS, temperature=0.0)
         items = await captured(vllm_stack, original.request_id)
@@ -81,8 +81,8 @@ async def test_rerun_of_a_greedy_request_is_identical_and_a_changed_temperature_
 
 
 async def test_trace_of_a_real_request_shows_the_kv_transfer(vllm_stack, reference):
-    url, prefix = vllm_stack.settings.nats_url, vllm_stack.settings.subject_prefix
-    async with await JobClient.connect(url, prefix, auth=BusAuth.of(vllm_stack.settings, "ops")) as client:
+    url, prefix = vllm_stack.settings.bus.nats_url, vllm_stack.settings.bus.subject_prefix
+    async with await JobClient.connect(url, prefix, auth=BusAuth.of(vllm_stack.settings.bus, "ops")) as client:
         done = await client.generate([ChatMessage(role="user", content="Where is Lisbon?")],
                                      max_tokens=MAX_TOKENS, temperature=0.0)
     text = trace.render(done.request_id, trace.timeline(await captured(vllm_stack, done.request_id),

@@ -35,15 +35,15 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 async def test_spec_decoding_acceptance_and_kv_capacity_reach_the_metrics(engine_settings):
-    settings = engine_settings.replace(region=REGION, worker_id=f"{engine_settings.worker_id}-specm",
+    settings = engine_settings.replace(region=REGION, worker_id=f"{engine_settings.bus.worker_id}-specm",
                                        engine_step_lock="", spec_method="ngram", metrics_port=0)
     worker = await start_worker(settings, "aggregated")
     try:
         cache = worker.engine._llm.vllm_config.cache_config  # type: ignore[attr-defined]
         assert worker.engine.kv_capacity_tokens == cache.num_gpu_blocks * cache.block_size > 0
         before = await scrape(worker.metrics_port)
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix, region=REGION,
-                                           auth=BusAuth.of(settings, "ops")) as client:
+        async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix, region=REGION,
+                                           auth=BusAuth.of(settings.bus, "ops")) as client:
             result = await client.generate(COPY, max_tokens=60, temperature=0.0, timeout_s=120)
         after = await scrape(worker.metrics_port)
         # with a vLLM engine in this process, the OpenMetrics scrape (the one with exemplars) parses

@@ -65,7 +65,7 @@ def text_of(events: list[tuple[int, dict | None]]) -> str:
 
 
 async def test_an_sse_stream_dropped_mid_answer_resumes_to_the_same_text(vllm_stack, reference):
-    body = {"model": vllm_stack.settings.model_id, "messages": API, "max_tokens": MAX_TOKENS, "temperature": 0,
+    body = {"model": vllm_stack.settings.served.model_id, "messages": API, "max_tokens": MAX_TOKENS, "temperature": 0,
             "stream": True}
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{vllm_stack.api_url}/chat/completions", json=body) as r:

@@ -40,8 +40,8 @@ async def chat(stack: RunningStack, messages, **params):
 async def decode_job_of(stack: RunningStack, messages) -> tuple[DecodeJob, str]:
     """Run a chat and capture the decode job prefill published for it (a core subscriber sees
     what JetStream stores)."""
-    nc = await nats.connect(stack.settings.nats_url, **BusAuth.of(stack.settings, "ops").connect_options())
-    sub = await nc.subscribe(f"{stack.settings.subject_prefix}.decode.>")
+    nc = await nats.connect(stack.settings.bus.nats_url, **BusAuth.of(stack.settings.bus, "ops").connect_options())
+    sub = await nc.subscribe(f"{stack.settings.bus.subject_prefix}.decode.>")
     result = await chat(stack, messages)
     job = decode((await sub.next_msg(timeout=10)).data, DecodeJob)
     await nc.close()
@@ -54,7 +54,7 @@ async def replay_decode(stack: RunningStack, job: DecodeJob, region: str = "loca
     request_id = uuid.uuid4().hex
     reply = stack.subjects.events("probe", request_id)
     job = msgspec.structs.replace(job, request_id=request_id, reply_to=reply)
-    nc = await nats.connect(stack.settings.nats_url, **BusAuth.of(stack.settings, "ops").connect_options())
+    nc = await nats.connect(stack.settings.bus.nats_url, **BusAuth.of(stack.settings.bus, "ops").connect_options())
     sub = await nc.subscribe(reply)
     await nc.jetstream().publish(stack.subjects.decode(region, job.priority), encode(job))
     text = ""
@@ -98,8 +98,8 @@ async def test_evicted_kv_is_recomputed_with_the_same_answer(vllm_stack):
     cold = await chat(vllm_stack, messages)
     warm = await chat(vllm_stack, messages)
     assert warm.text == cold.text and warm.done["usage"]["cached_prompt_tokens"] > 0
-    store = redis.Redis.from_url(vllm_stack.settings.redis_url)
-    deleted = sum(store.delete(k) for k in store.scan_iter(f"{vllm_stack.settings.kv_key_prefix}:blk:*"))
+    store = redis.Redis.from_url(vllm_stack.settings.kv.redis_url)
+    deleted = sum(store.delete(k) for k in store.scan_iter(f"{vllm_stack.settings.kv.kv_key_prefix}:blk:*"))
     assert deleted > 0
     again = await chat(vllm_stack, messages)
     assert again.text == cold.text
@@ -109,7 +109,7 @@ async def test_evicted_kv_is_recomputed_with_the_same_answer(vllm_stack):
 async def test_decode_recomputes_when_the_handles_blocks_are_gone(vllm_stack):
     job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                  {"role": "user", "content": "Describe a cat."}])
-    redis.Redis.from_url(vllm_stack.settings.redis_url).delete(*job.kv.keys)
+    redis.Redis.from_url(vllm_stack.settings.kv.redis_url).delete(*job.kv.keys)
     replayed, final = await replay_decode(vllm_stack, job)
     first_token_text = text[: len(text) - len(replayed)]
     assert first_token_text and first_token_text + replayed == text  # same answer from token 1 on
@@ -120,7 +120,7 @@ async def test_decode_recomputes_when_the_handles_blocks_are_gone(vllm_stack):
 async def test_decode_really_uses_the_loaded_kv(vllm_stack):
     job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                  {"role": "user", "content": "Describe a dog."}])
-    store = redis.Redis.from_url(vllm_stack.settings.redis_url)
+    store = redis.Redis.from_url(vllm_stack.settings.kv.redis_url)
     for key in job.kv.keys:  # same size, wrong numbers: only a reader that uses them notices
         store.set(key, bytes(len(store.get(key))), ex=600)
     replayed, final = await replay_decode(vllm_stack, job)
@@ -153,15 +153,15 @@ async def test_interactive_request_is_served_before_a_batch_backlog(vllm_stack):
 
 
 async def test_client_disconnect_stops_generation_in_the_decode_worker(vllm_stack):
-    nc = await nats.connect(vllm_stack.settings.nats_url,
-                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
+    nc = await nats.connect(vllm_stack.settings.bus.nats_url,
+                            **BusAuth.of(vllm_stack.settings.bus, "ops").connect_options())
     beats: list[Heartbeat] = []
 
     async def on_beat(msg) -> None:
         beats.append(decode(msg.data, Heartbeat))
 
     await nc.subscribe(vllm_stack.subjects.heartbeat("local", "decode"), cb=on_beat)
-    events = await nc.subscribe(f"{vllm_stack.settings.subject_prefix}.evt.>")
+    events = await nc.subscribe(f"{vllm_stack.settings.bus.subject_prefix}.evt.>")
     await asyncio.sleep(1.5)
     cancelled_before = beats[-1].cancelled
     client = await EdgeClient.connect(vllm_stack.url)
@@ -190,8 +190,8 @@ async def test_client_disconnect_stops_generation_in_the_decode_worker(vllm_stac
 
 
 async def test_answers_report_their_cost_and_workers_advertise_budgets_from_the_engine(vllm_stack):
-    nc = await nats.connect(vllm_stack.settings.nats_url,
-                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
+    nc = await nats.connect(vllm_stack.settings.bus.nats_url,
+                            **BusAuth.of(vllm_stack.settings.bus, "ops").connect_options())
     beats: dict[str, Heartbeat] = {}
 
     async def on_beat(msg) -> None:
@@ -203,7 +203,7 @@ async def test_answers_report_their_cost_and_workers_advertise_budgets_from_the_
     assert result.error is None, result.error
     cost = result.done["cost"]
     assert cost["prefill_gpu_s"] > 0 and cost["decode_gpu_s"] > 0
-    price = vllm_stack.settings.gpu_price_per_hour / 3600
+    price = vllm_stack.settings.worker.gpu_price_per_hour / 3600
     assert cost["usd"] == pytest.approx((cost["prefill_gpu_s"] + cost["decode_gpu_s"]) * price, rel=1e-3)
     # a request alone on its workers is charged their whole time on it, no more
     assert cost["decode_gpu_s"] <= result.done["timings"]["decode_ms"] / 1000 + 0.5
@@ -214,8 +214,8 @@ async def test_answers_report_their_cost_and_workers_advertise_budgets_from_the_
     decode_beat, prefill_beat = beats["decode"], beats["prefill"]
     await nc.close()
     # decode's budget is vLLM's KV cache in tokens: whole 32-token blocks, more than one context
-    assert decode_beat.budget_tokens % 32 == 0 and decode_beat.budget_tokens > vllm_stack.settings.max_model_len
-    assert prefill_beat.budget_tokens == vllm_stack.settings.prefill_token_budget
+    assert decode_beat.budget_tokens % 32 == 0 and decode_beat.budget_tokens > vllm_stack.settings.served.max_model_len
+    assert prefill_beat.budget_tokens == vllm_stack.settings.worker.prefill_token_budget
     assert decode_beat.rate_tokens_s > 0  # measured from the jobs served
 
 
@@ -235,7 +235,7 @@ async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vl
     """A second decode worker, in its own region, speculating with a draft model (the bundled
     model drafts for itself: no smaller one ships here) continues a captured job."""
     settings = vllm_stack.settings.replace(region="draft", spec_method="draft",
-                                           spec_draft_model=str(vllm_stack.settings.model_dir),
+                                           spec_draft_model=vllm_stack.settings.served.model,
                                            worker_id="draft-decode")
     log = tmp_path / "draft-decode.log"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "decode"], env=child_environment(settings),
@@ -243,7 +243,7 @@ async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vl
     try:
         job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                      {"role": "user", "content": "Describe a horse."}])
-        nc = await nats.connect(settings.nats_url, **BusAuth.of(settings, "ops").connect_options())
+        nc = await nats.connect(settings.bus.nats_url, **BusAuth.of(settings.bus, "ops").connect_options())
         beats = await nc.subscribe(vllm_stack.subjects.heartbeat("draft", "decode"))
         await beats.next_msg(timeout=300)  # the draft worker is up
         await nc.close()

@@ -32,21 +32,21 @@ TOKENS = 120
 
 @pytest.fixture(scope="module")
 def spare_decode(vllm_stack):
-    settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.worker_id}-spare")
+    settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.bus.worker_id}-spare")
     proc = spawn_worker(vllm_stack, settings, "decode")
     try:
         wait_for_heartbeat(settings, "decode")
-        yield settings.worker_id, proc
+        yield settings.bus.worker_id, proc
     finally:
         kill_group(proc)
 
 
 async def busy_decode_worker(vllm_stack) -> str:
     """The worker id of the decode worker generating right now (from its heartbeat)."""
-    nc = await nats.connect(vllm_stack.settings.nats_url,
-                            **BusAuth.of(vllm_stack.settings, "ops").connect_options())
+    nc = await nats.connect(vllm_stack.settings.bus.nats_url,
+                            **BusAuth.of(vllm_stack.settings.bus, "ops").connect_options())
     try:
-        sub = await nc.subscribe(vllm_stack.subjects.heartbeat(vllm_stack.settings.region, "decode"))
+        sub = await nc.subscribe(vllm_stack.subjects.heartbeat(vllm_stack.settings.bus.region, "decode"))
         while True:
             beat = decode((await sub.next_msg(timeout=30)).data, Heartbeat)
             if beat.active:
@@ -84,10 +84,10 @@ async def test_a_sigkilled_decode_worker_hands_its_answer_to_a_spare_with_no_tok
 async def test_a_sigtermed_decode_worker_finishes_its_answer_then_exits(vllm_stack, spare_decode):
     """What a deploy does: the worker stops taking work, finishes what it holds within
     GROKSTACK_DRAIN_TIMEOUT_S, and exits 0; meanwhile a running spare takes the new work."""
-    procs = {vllm_stack.settings.worker_id: vllm_stack.procs["decode"], spare_decode[0]: spare_decode[1]}
-    settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.worker_id}-spare2")
+    procs = {vllm_stack.settings.bus.worker_id: vllm_stack.procs["decode"], spare_decode[0]: spare_decode[1]}
+    settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.bus.worker_id}-spare2")
     # the stack's teardown stops it: it may be the last decode worker the next test has
-    procs[settings.worker_id] = vllm_stack.procs["decode-spare2"] = spawn_worker(vllm_stack, settings, "decode")
+    procs[settings.bus.worker_id] = vllm_stack.procs["decode-spare2"] = spawn_worker(vllm_stack, settings, "decode")
     await asyncio.to_thread(wait_for_heartbeat, settings, "decode")
     async with await EdgeClient.connect(vllm_stack.url) as client:
         uninterrupted = await client.complete(STORY, max_tokens=TOKENS, temperature=0)
@@ -104,7 +104,7 @@ async def test_a_sigtermed_decode_worker_finishes_its_answer_then_exits(vllm_sta
     assert [t["seq"] for t in tokens] == list(range(len(tokens)))
     assert "".join(t["text"] for t in tokens) == uninterrupted.text
     try:
-        assert stopped.wait(vllm_stack.settings.drain_timeout_s + 60) == 0
+        assert stopped.wait(vllm_stack.settings.worker.drain_timeout_s + 60) == 0
     except subprocess.TimeoutExpired:
         raise AssertionError("the worker did not exit after its drain") from None
 

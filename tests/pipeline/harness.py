@@ -30,7 +30,7 @@ class Stack:
 
     @property
     def subjects(self) -> Subjects:
-        return Subjects(self.settings.subject_prefix)
+        return self.settings.bus.subjects
 
 
 @asynccontextmanager
@@ -50,7 +50,7 @@ async def running_stack(settings: Settings, prefill: Engine, decode: Engine) -> 
 @asynccontextmanager
 async def another_edge(settings: Settings, name: str = "b") -> AsyncIterator[RunningEdge]:
     """One more edge node on the same bus, with its own edge id and ports."""
-    edge = await start_edge(settings.replace(worker_id=f"{settings.worker_id}-{name}"))
+    edge = await start_edge(settings.replace(worker_id=f"{settings.bus.worker_id}-{name}"))
     try:
         yield edge
     finally:
@@ -76,12 +76,12 @@ async def crash(edge: RunningEdge) -> None:
 
 def ops(settings: Settings) -> BusAuth:
     """The login of the operator role, which tests use to watch and poke the bus."""
-    return BusAuth.of(settings, "ops")
+    return BusAuth.of(settings.bus, "ops")
 
 
 @asynccontextmanager
 async def bus_client(settings: Settings, role: str = "ops") -> AsyncIterator[nats.NATS]:
-    nc = await connect_as(settings, role, f"test-{role}")
+    nc = await connect_as(settings.bus, role, f"test-{role}")
     try:
         yield nc
     finally:

@@ -133,9 +133,9 @@ async def test_a_tenant_over_its_tokens_per_minute_is_refused_and_others_are_not
 
 
 async def test_a_worker_holds_no_more_than_its_token_budget(settings):
-    store = BlockStore(settings.redis_url, 60)
-    prefill = FakeEngine("prefill", store=store, key_prefix=settings.kv_key_prefix)
-    decode = CountingEngine("decode", token_delay_s=0.02, store=store, key_prefix=settings.kv_key_prefix,
+    store = BlockStore(settings.kv.redis_url, 60)
+    prefill = FakeEngine("prefill", store=store, key_prefix=settings.kv.kv_key_prefix)
+    decode = CountingEngine("decode", token_delay_s=0.02, store=store, key_prefix=settings.kv.kv_key_prefix,
                             max_model_len=1000)
     # Each job here costs 127 tokens: its prompt "<|user|>job N\n<|assistant|>" (27 byte tokens)
     # + max_tokens 100. The worker takes another only while the largest job (1000) still fits:

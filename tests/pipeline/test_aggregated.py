@@ -14,7 +14,7 @@ from tests.pipeline.test_chat_flow import expected
 
 
 async def test_an_aggregated_worker_alone_serves_websocket_and_openai_clients(settings):
-    engine = FakeEngine("aggregated", store=BlockStore(settings.redis_url, 60), key_prefix=settings.kv_key_prefix)
+    engine = FakeEngine("aggregated", store=BlockStore(settings.kv.redis_url, 60), key_prefix=settings.kv.kv_key_prefix)
     worker = await start_worker(settings, "aggregated", engine)
     edge = await start_edge(settings)
     try:

@@ -7,7 +7,6 @@ import json
 import nats
 import pytest
 
-from bus.subjects import Subjects
 from edge.client import EdgeClient
 from tests.pipeline.harness import ops, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
@@ -38,13 +37,13 @@ BAD_FRAMES = [
 
 
 async def last_seq(nc, settings) -> int:
-    info = await nc.jetstream().stream_info(Subjects(settings.subject_prefix).stream("req"))
+    info = await nc.jetstream().stream_info(settings.bus.subjects.stream("req"))
     return info.state.last_seq
 
 
 async def test_each_bad_frame_gets_a_named_error_and_nothing_is_published(settings):
     async with running_stack(settings, *engines(settings)) as stack:
-        nc = await nats.connect(settings.nats_url, **ops(settings).connect_options())
+        nc = await nats.connect(settings.bus.nats_url, **ops(settings).connect_options())
         before = await last_seq(nc, settings)
         async with await EdgeClient.connect(stack.url) as client:
             for raw, code, words in BAD_FRAMES:

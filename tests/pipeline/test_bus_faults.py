@@ -28,7 +28,7 @@ async def dead_letter_of(js, subjects: Subjects, kind: str) -> DeadLetter | None
 
 
 async def test_undecodable_bus_message_is_dead_lettered_once_and_the_worker_goes_on(settings):
-    subjects = Subjects(settings.subject_prefix)
+    subjects = settings.bus.subjects
     async with running_stack(settings, *engines(settings)) as stack, bus_client(settings) as nc:
         js = nc.jetstream()
         await js.publish(subjects.request("local", "standard"), b"\x00\xffnot json")
@@ -42,7 +42,7 @@ async def test_undecodable_bus_message_is_dead_lettered_once_and_the_worker_goes
 
 
 async def test_invalid_job_with_a_reply_subject_gets_an_error_event_and_a_dead_letter(settings):
-    subjects = Subjects(settings.subject_prefix)
+    subjects = settings.bus.subjects
     reply = subjects.events("probe", "job1")
     async with running_stack(settings, *engines(settings)), bus_client(settings) as nc:
         events = await nc.subscribe(reply)
@@ -65,7 +65,7 @@ class ExplodingEngine(FakeEngine):
 
 
 async def test_failing_job_is_retried_then_dead_lettered_while_others_are_served(settings):
-    subjects = Subjects(settings.subject_prefix)
+    subjects = settings.bus.subjects
     async with running_stack(settings, ExplodingEngine("prefill"), FakeEngine("decode")) as stack, \
             bus_client(settings) as nc:
         async with await EdgeClient.connect(stack.url) as client:
@@ -75,7 +75,7 @@ async def test_failing_job_is_retried_then_dead_lettered_while_others_are_served
             result = await asyncio.wait_for(failing, 30)
         assert result.error["code"] == "internal" and "3 times" in result.error["message"]
         record = await eventually(lambda: dead_letter_of(nc.jetstream(), subjects, "req"))
-        assert record.deliveries == settings.max_deliver and "engine blew up" in record.reason
+        assert record.deliveries == settings.bus.max_deliver and "engine blew up" in record.reason
 
 
 async def test_interactive_request_overtakes_a_batch_backlog(settings):
@@ -104,7 +104,7 @@ async def test_client_disconnect_cancels_generation_in_the_decode_worker_after_t
     decode_engine = FakeEngine("decode", token_delay_s=0.05)
     async with running_stack(settings, FakeEngine("prefill"), decode_engine) as stack, \
             bus_client(settings) as nc:
-        events = await nc.subscribe(f"{settings.subject_prefix}.evt.>")
+        events = await nc.subscribe(f"{settings.bus.subject_prefix}.evt.>")
         client = await EdgeClient.connect(stack.url)
         long_question = "tell me everything " * 10
         stream = client.stream([{"role": "user", "content": long_question}], max_tokens=500)
@@ -157,11 +157,11 @@ async def test_kv_handle_carries_the_prompt_and_a_second_turn_reuses_it(settings
 
 
 async def test_decode_recomputes_when_the_handle_names_missing_blocks(settings):
-    subjects = Subjects(settings.subject_prefix)
+    subjects = settings.bus.subjects
     engine = FakeEngine("decode")
     prompt = engine.render_chat([ChatMessage("user", "recompute me, please, now")])
     reply = reply_for(bytes(prompt))
-    keys = prompt_block_keys(settings.kv_key_prefix, LAYOUT, prompt, BLOCK, len(prompt) // BLOCK)
+    keys = prompt_block_keys(settings.kv.kv_key_prefix, LAYOUT, prompt, BLOCK, len(prompt) // BLOCK)
     handle = KvHandle(model_id="fake", layout=LAYOUT, block_size=BLOCK, keys=keys,
                       num_tokens=len(keys) * BLOCK, content_hash=keys[-1])
     stats = PrefillStats(worker_id="probe", queue_ms=1, prefill_ms=2, cached_tokens=0, done_at=time.time())
@@ -186,7 +186,7 @@ async def test_decode_recomputes_when_the_handle_names_missing_blocks(settings):
 
 def engine_with_store(settings):
     from kv_store.block_store import BlockStore
-    return FakeEngine("decode", store=BlockStore(settings.redis_url, 60), key_prefix=settings.kv_key_prefix)
+    return FakeEngine("decode", store=BlockStore(settings.kv.redis_url, 60), key_prefix=settings.kv.kv_key_prefix)
 
 
 def encode_back(event: dict) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
 import pytest
@@ -21,7 +20,8 @@ from tests.pipeline.test_chat_flow import engines, expected
 
 
 async def run_jobs(settings, jobs: list[dict]) -> list:
-    async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
+    async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
+                                       auth=ops(settings)) as client:
         results = []
         for job in jobs:
             content = job.pop("content")
@@ -32,7 +32,7 @@ async def run_jobs(settings, jobs: list[dict]) -> list:
 
 async def read(settings, **selection) -> list:
     async with bus_client(settings) as nc:
-        return [i async for i in capture.read(nc.jetstream(), Subjects(settings.subject_prefix),
+        return [i async for i in capture.read(nc.jetstream(), settings.bus.subjects,
                                               Selection(**selection))]
 
 
@@ -59,7 +59,7 @@ async def test_capture_holds_each_hop_in_order_and_filters_are_exact(settings):
 
     conv = await read(settings, conversation_id="c1")
     assert {i.request_id for i in conv} == {a, c}
-    batch = await read(settings, subject=f"{settings.subject_prefix}.req.*.batch")
+    batch = await read(settings, subject=f"{settings.bus.subject_prefix}.req.*.batch")
     assert [(i.kind, i.request_id) for i in batch] == [("chat_request", b)]
 
     assert {i.request_id for i in await read(settings, since=boundary)} == {c}
@@ -73,9 +73,9 @@ async def test_capture_holds_each_hop_in_order_and_filters_are_exact(settings):
 
 async def _record_cancels(settings, gaps: list[float]) -> list:
     """Cancels published with known gaps between them: captured traffic with a known pace."""
-    subjects = Subjects(settings.subject_prefix)
+    subjects = settings.bus.subjects
     async with bus_client(settings) as nc:
-        await ensure_streams(nc.jetstream(), settings, subjects)
+        await ensure_streams(nc.jetstream(), settings.bus, subjects)
         for n, gap in enumerate([0.0, *gaps]):
             await asyncio.sleep(gap)
             await nc.publish(subjects.cancel("local"), encode(Cancel(request_id=f"r{n}", reason="x")))
@@ -100,7 +100,7 @@ async def _sleep_jitter() -> float:
 
 async def test_replay_keeps_order_and_pace_and_stays_in_the_sandbox(settings):
     items = await _record_cancels(settings, [0.25, 0.1, 0.4])
-    live, sandbox = Subjects(settings.subject_prefix), Subjects(settings.subject_prefix + "sb")
+    live, sandbox = settings.bus.subjects, Subjects(settings.bus.subject_prefix + "sb")
     arrivals: list[tuple[float, str]] = []
     on_live: list[str] = []
     async with bus_client(settings) as nc:
@@ -144,21 +144,21 @@ def test_a_replayed_request_answers_into_the_sandbox():
 
 
 async def test_capture_retention_is_enforced_by_the_server(settings):
-    by_age = dataclasses.replace(settings, capture_max_age_s=1.0)
+    by_age = settings.replace(capture_max_age_s=1.0)
     await _record_cancels(by_age, [0.0, 0.0])
     async with bus_client(settings) as nc:
         js = nc.jetstream()
-        stream = Subjects(settings.subject_prefix).stream("capture")
+        stream = settings.bus.subjects.stream("capture")
         emptied = await eventually(lambda: _messages(js, stream, 0), timeout=10)
         assert emptied, "the server kept traffic older than max_age"
 
 
 async def test_capture_size_limit_drops_the_oldest(settings):
-    small = dataclasses.replace(settings, capture_max_mb=1)
-    subjects = Subjects(settings.subject_prefix)
+    small = settings.replace(capture_max_mb=1)
+    subjects = settings.bus.subjects
     async with bus_client(settings) as nc:
         js = nc.jetstream()
-        await ensure_streams(js, small, subjects)
+        await ensure_streams(js, small.bus, subjects)
         for n in range(30):  # 30 events of 100 kB into a 1 MB capture
             await nc.publish(subjects.events("e1", f"r{n}"), b"x" * 100_000)
         await nc.flush()
@@ -180,7 +180,8 @@ async def test_rerun_diff_is_identical_for_the_same_request_and_shows_a_changed_
     async with running_stack(settings, *engines(settings)):
         [done] = await run_jobs(settings, [{"content": "tell me about the bus"}])
         items = await read(settings, request_id=done.request_id)
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
+        async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
+                                       auth=ops(settings)) as client:
             same = [r async for r in replay.rerun(client, items, {})]
             changed = [r async for r in replay.rerun(client, items, {"max_tokens": 5})]
     assert len(same) == 1 and same[0].identical, same[0].report()

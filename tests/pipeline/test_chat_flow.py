@@ -11,9 +11,9 @@ from tests.pipeline.harness import running_stack
 
 
 def engines(settings, delay: float = 0.0):
-    store = BlockStore(settings.redis_url, 60)
-    return (FakeEngine("prefill", store=store, key_prefix=settings.kv_key_prefix),
-            FakeEngine("decode", token_delay_s=delay, store=store, key_prefix=settings.kv_key_prefix))
+    store = BlockStore(settings.kv.redis_url, 60)
+    return (FakeEngine("prefill", store=store, key_prefix=settings.kv.kv_key_prefix),
+            FakeEngine("decode", token_delay_s=delay, store=store, key_prefix=settings.kv.kv_key_prefix))
 
 
 def expected(content: str) -> str:

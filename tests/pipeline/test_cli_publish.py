@@ -16,8 +16,8 @@ GROKSTACK = str(Path(sys.executable).parent / "grokstack")
 
 
 async def grokstack(settings, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    env = {**os.environ, "NATS_URL": settings.nats_url, "GROKSTACK_NATS_CREDENTIALS": settings.nats_credentials,
-           "GROKSTACK_SUBJECT_PREFIX": settings.subject_prefix, "GROKSTACK_LOG_LEVEL": "warning"}
+    env = {**os.environ, "NATS_URL": settings.bus.nats_url, "GROKSTACK_NATS_CREDENTIALS": settings.bus.nats_credentials,
+           "GROKSTACK_SUBJECT_PREFIX": settings.bus.subject_prefix, "GROKSTACK_LOG_LEVEL": "warning"}
     proc = await asyncio.create_subprocess_exec(GROKSTACK, *args, env=env,
                                                 stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
@@ -84,7 +84,7 @@ async def test_replay_and_trace_commands(settings, tmp_path):
         code, rerun, err = await grokstack(settings, "replay", "--request", "traced-1", "--rerun")
         assert code == 0 and "identical" in rerun, (rerun, err)
         code, _, err = await grokstack(settings, "replay", "--request", "traced-1", "--republish",
-                                       "--to-prefix", settings.subject_prefix)
+                                       "--to-prefix", settings.bus.subject_prefix)
         assert code == 2 and "--live" in err
     text = lines.splitlines()
     assert "request traced-1" in text[0] and "final traced-1" in text[-1]

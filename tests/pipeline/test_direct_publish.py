@@ -41,7 +41,7 @@ async def collect(nc, subject: str, until_final: bool = True, timeout: float = 1
 
 
 async def test_a_raw_nats_client_publishing_json_gets_its_tokens(settings):
-    prefix = settings.subject_prefix
+    prefix = settings.bus.subject_prefix
     async with running_stack(settings, *engines(settings)):
         async with bus_client(settings) as nc:
             events, done, _ = await collect(nc, f"{prefix}.evt.rawclient.job1")
@@ -58,7 +58,7 @@ async def test_a_raw_nats_client_publishing_json_gets_its_tokens(settings):
 
 
 async def test_a_malformed_direct_publish_gets_an_error_event_and_a_dead_letter(settings):
-    prefix = settings.subject_prefix
+    prefix = settings.bus.subject_prefix
     bad = raw_job(prefix, "bad1", "hi", sampling={"max_tokens": 0})
     async with running_stack(settings, *engines(settings)):
         async with bus_client(settings) as nc:
@@ -68,7 +68,7 @@ async def test_a_malformed_direct_publish_gets_an_error_event_and_a_dead_letter(
             await asyncio.wait_for(done.wait(), 10)
             dead = await js.get_last_msg(f"{prefix.upper()}_DLQ", f"{prefix}.dlq.req")
             # ...and a good job right after it is served as usual
-            async with await JobClient.connect(settings.nats_url, prefix, auth=ops(settings)) as client:
+            async with await JobClient.connect(settings.bus.nats_url, prefix, auth=ops(settings)) as client:
                 ok = await client.generate([ChatMessage(role="user", content="still fine")],
                                            max_tokens=50, temperature=0.0)
     assert events == [{"type": "error", "v": 1, "request_id": "bad1", "seq": 0,
@@ -82,7 +82,7 @@ async def test_a_malformed_direct_publish_gets_an_error_event_and_a_dead_letter(
 
 
 async def test_reply_to_must_be_the_requests_own_event_subject(settings):
-    prefix = settings.subject_prefix
+    prefix = settings.bus.subject_prefix
     stray = raw_job(prefix, "r2", "hi", reply_to=f"{prefix}.evt.rawclient.someone-else")
     async with running_stack(settings, *engines(settings)):
         async with bus_client(settings) as nc:
@@ -102,7 +102,8 @@ async def _last_dead_letter(js, prefix: str) -> DeadLetter | None:
 
 async def test_job_client_streams_events_and_waits_for_the_whole_text(settings):
     async with running_stack(settings, *engines(settings, delay=0.002)):
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
+        async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
+                                       auth=ops(settings)) as client:
             job = await client.submit(client.request([ChatMessage(role="user", content="one")],
                                                      max_tokens=80, temperature=0.0))
             seqs = [event.seq async for event in job]
@@ -117,8 +118,10 @@ async def test_job_client_streams_events_and_waits_for_the_whole_text(settings):
 async def test_the_same_idempotency_key_runs_once_and_both_callers_get_the_result(settings):
     prefill, decode_engine = engines(settings, delay=0.01)
     async with running_stack(settings, prefill, decode_engine) as stack:
-        async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as a, \
-                await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as b:
+        async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
+                                       auth=ops(settings)) as a, \
+                await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
+                                       auth=ops(settings)) as b:
             messages = [ChatMessage(role="user", content="only once please")]
             first = await a.submit(a.request(messages, max_tokens=60, idempotency_key="order-42"))
             second = await b.submit(b.request(messages, max_tokens=60, idempotency_key="order-42"))
@@ -134,6 +137,7 @@ async def test_the_same_idempotency_key_runs_once_and_both_callers_get_the_resul
 
 
 async def test_an_idempotency_key_that_is_not_a_valid_id_is_refused_before_publishing(settings):
-    async with await JobClient.connect(settings.nats_url, settings.subject_prefix, auth=ops(settings)) as client:
+    async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
+                                       auth=ops(settings)) as client:
         with pytest.raises(ValueError, match="request id .has space. must be"):
             client.request([ChatMessage(role="user", content="x")], idempotency_key="has space")

@@ -14,17 +14,16 @@ from bus.codec import decode, decode_event, encode
 from bus.exhausted import ExhaustedJobs
 from bus.jetstream import ensure_streams, ensure_work_consumers
 from bus.messages import ChatMessage, ChatRequest, DeadLetter, ErrorEvent, SamplingSpec, TokenEvent
-from bus.subjects import Subjects
 from tests.pipeline.harness import eventually, ops
 
 
 async def test_a_job_no_worker_survives_is_dead_lettered_and_its_client_told(settings):
     settings = settings.replace(ack_wait_s=1.0, max_deliver=2)
-    subjects = Subjects(settings.subject_prefix)
-    nc = await nats.connect(settings.nats_url, **ops(settings).connect_options())
+    subjects = settings.bus.subjects
+    nc = await nats.connect(settings.bus.nats_url, **ops(settings).connect_options())
     js = nc.jetstream()
-    await ensure_streams(js, settings, subjects)
-    await ensure_work_consumers(js, settings, subjects, "req")
+    await ensure_streams(js, settings.bus, subjects)
+    await ensure_work_consumers(js, settings.bus, subjects, "req")
     watcher = ExhaustedJobs(nc, subjects, "req", "watcher")
     await watcher.start()
     try:
@@ -34,12 +33,12 @@ async def test_a_job_no_worker_survives_is_dead_lettered_and_its_client_told(set
         # the client already got two tokens from an earlier stage
         for seq in (0, 1):
             await nc.publish(reply_to, encode(TokenEvent(request_id=request_id, seq=seq, text="x", token_ids=[1])))
-        job = ChatRequest(request_id=request_id, region=settings.region, priority="standard",
+        job = ChatRequest(request_id=request_id, region=settings.bus.region, priority="standard",
                           messages=[ChatMessage(role="user", content="I crash every worker")],
                           sampling=SamplingSpec(max_tokens=4), reply_to=reply_to)
-        ack = await js.publish(subjects.request(settings.region, "standard"), encode(job))
+        ack = await js.publish(subjects.request(settings.bus.region, "standard"), encode(job))
         # two workers take it in turn and die without a word (no ack, no nak)
-        dying = await js.pull_subscribe_bind(subjects.consumer("req", settings.region, "standard"),
+        dying = await js.pull_subscribe_bind(subjects.consumer("req", settings.bus.region, "standard"),
                                              subjects.stream("req"))
         for delivery in (1, 2):
             (msg,) = await dying.fetch(1, timeout=5)

@@ -46,9 +46,9 @@ async def test_one_tenants_kv_is_never_served_to_another(settings, tmp_path):
 async def test_a_decode_job_naming_another_tenants_blocks_recomputes(settings):
     """Even a decode job that reaches the pool with a handle to gold's blocks but tenant bulk
     (a bug, or a forged job) does not load them: the handle is checked against bulk's keys."""
-    store = BlockStore(settings.redis_url, 60)
+    store = BlockStore(settings.kv.redis_url, 60)
     prompt = FakeEngine("decode").render_chat([ChatMessage("user", "whose cache is this, anyway?")])
-    gold_keys = prompt_block_keys(settings.kv_key_prefix, LAYOUT, prompt, BLOCK, len(prompt) // BLOCK, "gold")
+    gold_keys = prompt_block_keys(settings.kv.kv_key_prefix, LAYOUT, prompt, BLOCK, len(prompt) // BLOCK, "gold")
     store.save([(k, b"kv") for k in gold_keys])
     handle = KvHandle(model_id="fake", layout=LAYOUT, block_size=BLOCK, keys=gold_keys,
                       num_tokens=len(gold_keys) * BLOCK, content_hash=gold_keys[-1])

@@ -43,7 +43,7 @@ async def scrape(url: str, accept: str = OPENMETRICS) -> Scrape:
 
 
 def urls(stack) -> tuple[str, str, str]:
-    host = stack.settings.edge_host
+    host = stack.settings.edge.edge_host
     return (f"{stack.edge.api_url.removesuffix('/v1')}/metrics",
             f"http://{host}:{stack.prefill.metrics_port}/metrics",
             f"http://{host}:{stack.decode.metrics_port}/metrics")
@@ -64,7 +64,7 @@ async def test_a_chat_moves_the_edge_and_worker_metrics(settings):
         edge, prefill, decode = await scrape(edge_url), await scrape(prefill_url), await scrape(decode_url)
 
     assert edge.content_type.startswith("application/openmetrics-text")
-    here = {"region": settings.region, "priority": "interactive"}
+    here = {"region": settings.bus.region, "priority": "interactive"}
 
     def moved(now: Scrape, before: Scrape, name: str, **labels: str) -> float:
         return now(name, **labels) - before(name, **labels)
@@ -90,7 +90,7 @@ async def test_a_chat_moves_the_edge_and_worker_metrics(settings):
 
 
 async def test_the_classic_format_without_an_accept_header_and_dead_letters_counted(settings):
-    prefix = settings.subject_prefix
+    prefix = settings.bus.subject_prefix
     async with running_stack(settings, *engines(settings)) as stack:
         edge_url, prefill_url, _ = urls(stack)
         before = await scrape(prefill_url, accept="")

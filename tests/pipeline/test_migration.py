@@ -26,19 +26,19 @@ async def die(running) -> None:
 
 async def test_a_dead_decode_workers_request_continues_on_another_with_no_token_lost_or_repeated(settings):
     settings = settings.replace(ack_wait_s=1.0)
-    store = BlockStore(settings.redis_url, 60)
+    store = BlockStore(settings.kv.redis_url, 60)
 
     def decode_engine() -> FakeEngine:
-        return FakeEngine("decode", token_delay_s=0.05, store=store, key_prefix=settings.kv_key_prefix)
+        return FakeEngine("decode", token_delay_s=0.05, store=store, key_prefix=settings.kv.kv_key_prefix)
     question = "a long answer that will outlive its first decode worker"
-    prefill = FakeEngine("prefill", store=store, key_prefix=settings.kv_key_prefix)
+    prefill = FakeEngine("prefill", store=store, key_prefix=settings.kv.kv_key_prefix)
     async with running_stack(settings, prefill, decode_engine()) as stack, bus_client(settings) as nc:
         published: Counter[int] = Counter()  # event seq -> times it went over the bus
 
         async def count(msg) -> None:
             published[decode_event(msg.data).seq] += 1
-        await nc.subscribe(f"{settings.subject_prefix}.evt.>", cb=count)
-        spare = await start_worker(settings.replace(worker_id=f"{settings.worker_id}-spare"), "decode",
+        await nc.subscribe(f"{settings.bus.subject_prefix}.evt.>", cb=count)
+        spare = await start_worker(settings.replace(worker_id=f"{settings.bus.worker_id}-spare"), "decode",
                                    decode_engine())
         try:
             async with await EdgeClient.connect(stack.url) as client:

@@ -95,12 +95,12 @@ async def test_each_bad_input_gets_its_status_and_an_openai_error_body_and_the_e
                         assert error["param"] == param, (body, error)
             # a body over the limit is refused from its Content-Length, before it is parsed:
             # it is not JSON at all, and the answer is still 413, not 400
-            huge = b"x" * (settings.max_frame_bytes + 1)
+            huge = b"x" * (settings.edge.max_frame_bytes + 1)
             async with http.post(url, data=huge) as r:
                 assert r.status == 413 and (await r.json())["error"]["code"] == "frame_too_large"
 
             async def chunked():  # no Content-Length: the reader stops at the limit
-                for _ in range(settings.max_frame_bytes // 65536 + 2):
+                for _ in range(settings.edge.max_frame_bytes // 65536 + 2):
                     yield b"y" * 65536
             async with http.post(url, data=chunked()) as r:
                 assert r.status == 413

@@ -31,8 +31,8 @@ async def login_as(settings, role: str, errors: list[str]) -> nats.NATS:
     """A connection as `role` that records what the server refuses."""
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
-    return await nats.connect(settings.nats_url, error_cb=on_error,
-                              **BusAuth.of(settings, role).connect_options())
+    return await nats.connect(settings.bus.nats_url, error_cb=on_error,
+                              **BusAuth.of(settings.bus, role).connect_options())
 
 
 async def watch(nc: nats.NATS, *subjects: str) -> list[str]:
@@ -61,10 +61,10 @@ async def refused(errors: list[str], subject: str) -> bool:
 
 
 async def test_an_edge_cannot_publish_decode_jobs_or_token_events(settings):
-    s = Subjects(settings.subject_prefix)
+    s = settings.bus.subjects
     event = encode(TokenEvent(request_id="r1", seq=0, text="forged", token_ids=[1]))
     async with bus_client(settings) as watcher:
-        await ensure_streams(watcher.jetstream(), settings, s)
+        await ensure_streams(watcher.jetstream(), settings.bus, s)
         seen = await watch(watcher, s.stream_subjects("decode"), s.all_events(), s.all_cancels())
         errors: list[str] = []
         edge = await login_as(settings, "edge", errors)
@@ -87,9 +87,9 @@ async def test_an_edge_cannot_publish_decode_jobs_or_token_events(settings):
 
 
 async def test_workers_cannot_publish_what_is_not_theirs(settings):
-    s = Subjects(settings.subject_prefix)
+    s = settings.bus.subjects
     async with bus_client(settings) as watcher:
-        await ensure_streams(watcher.jetstream(), settings, s)
+        await ensure_streams(watcher.jetstream(), settings.bus, s)
         seen = await watch(watcher, s.stream_subjects("req"), s.stream_subjects("decode"), s.all_heartbeats())
         errors: list[str] = []
         decode = await login_as(settings, "decode", errors)
@@ -115,7 +115,7 @@ async def test_workers_cannot_publish_what_is_not_theirs(settings):
 
 
 async def test_a_subscription_outside_the_role_gets_nothing(settings):
-    s = Subjects(settings.subject_prefix)
+    s = settings.bus.subjects
     errors: list[str] = []
     edge = await login_as(settings, "edge", errors)
     try:
@@ -133,20 +133,21 @@ async def test_a_wrong_password_or_no_login_cannot_connect(settings, tmp_path: P
     wrong = tmp_path / "wrong.json"
     save_logins(wrong, {"edge": NatsLogin("edge", "not-the-password")})
     with pytest.raises(BusUnavailable, match="as 'edge'.*[Aa]uthorization"):
-        await connect(settings.nats_url, "test", BusAuth.of(settings.replace(nats_credentials=str(wrong)), "edge"))
+        await connect(settings.bus.nats_url, "test",
+                      BusAuth.of(settings.bus.replace(nats_credentials=str(wrong)), "edge"))
     with pytest.raises(BusUnavailable, match="[Aa]uthorization"):
-        await connect(settings.nats_url, "test")
+        await connect(settings.bus.nats_url, "test")
     # a worker started with it says so and exits
-    result = subprocess.run([sys.executable, "-m", "services.cli", "decode", "--nats-url", settings.nats_url,
-                             "--nats-credentials", str(wrong), "--redis-url", settings.redis_url],
+    result = subprocess.run([sys.executable, "-m", "services.cli", "decode", "--nats-url", settings.bus.nats_url,
+                             "--nats-credentials", str(wrong), "--redis-url", settings.kv.redis_url],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert f"cannot connect to NATS at {settings.nats_url}" in result.stderr
+    assert f"cannot connect to NATS at {settings.bus.nats_url}" in result.stderr
     assert "no NATS login for the role 'decode'" in result.stderr
 
 
 async def test_ops_may_publish_and_read_anything(settings):
-    s = Subjects(settings.subject_prefix)
+    s = settings.bus.subjects
     async with bus_client(settings, "ops") as operator:
         seen = await watch(operator, s.all_events(), s.stream_subjects("decode"), s.all_heartbeats())
         for subject in (s.events("e", "r"), s.decode("local", "batch"), s.heartbeat("local", "decode")):
@@ -157,7 +158,7 @@ async def test_ops_may_publish_and_read_anything(settings):
 async def test_the_stack_serves_on_a_server_that_knows_only_its_prefix(settings, tmp_path: Path):
     """The production table (one prefix, JetStream rights per stream) is enough for the real
     wiring, and keeps an edge from pulling decode jobs."""
-    server = EmbeddedNats(tmp_path / "nats", prefixes=(settings.subject_prefix,))
+    server = EmbeddedNats(tmp_path / "nats", prefixes=(settings.bus.subject_prefix,))
     settings = settings.replace(nats_url=server.start(), nats_credentials=str(server.credentials_file))
     try:
         question = "does the production table let every part do its work"
@@ -184,20 +185,20 @@ async def test_the_stack_serves_on_a_server_that_knows_only_its_prefix(settings,
 
 
 async def test_redis_refuses_clients_without_the_stacks_password(settings):
-    url = urlsplit(settings.redis_url)
+    url = urlsplit(settings.kv.redis_url)
     assert url.username == "grokstack" and url.password
     with socket.create_connection((url.hostname, url.port), timeout=5) as s:
         s.sendall(b"SET stolen 1\r\n")
         assert s.recv(64).startswith(b"-NOAUTH")
         s.sendall(b"AUTH default anything\r\n")
         assert s.recv(64).startswith(b"-WRONGPASS")
-    bad = aioredis.Redis.from_url(settings.redis_url.replace(url.password, "wrong"))
+    bad = aioredis.Redis.from_url(settings.kv.redis_url.replace(url.password, "wrong"))
     with pytest.raises(Exception, match="WRONGPASS|invalid username-password"):
         await bad.ping()
     await bad.aclose()
-    good = aioredis.Redis.from_url(settings.redis_url)
+    good = aioredis.Redis.from_url(settings.kv.redis_url)
     try:
-        assert await good.set(f"{settings.kv_key_prefix}:probe", b"1", ex=10)
+        assert await good.set(f"{settings.kv.kv_key_prefix}:probe", b"1", ex=10)
         with pytest.raises(Exception, match="permission"):
             await good.flushall()  # the stack's user cannot wipe the store
     finally:
@@ -251,14 +252,14 @@ async def test_tls_to_nats_with_the_settings_ca(settings, tmp_path: Path):
                                     nats_tls_ca=str(cert))
         async def up() -> bool:
             try:
-                nc = await connect(url, "tls-test", BusAuth.of(trusting, "edge"))
+                nc = await connect(url, "tls-test", BusAuth.of(trusting.bus, "edge"))
             except BusUnavailable:
                 return False
             await nc.close()
             return True
         assert await eventually(up, 10, 0.2)
         with pytest.raises(BusUnavailable):  # the system's CAs do not know this one
-            await connect(url, "tls-test", BusAuth.of(trusting.replace(nats_tls_ca=""), "edge"))
+            await connect(url, "tls-test", BusAuth.of(trusting.replace(nats_tls_ca="").bus, "edge"))
     finally:
         proc.terminate()
         proc.wait(10)

@@ -15,7 +15,6 @@ from bus.capture import sent_so_far
 from bus.codec import encode
 from bus.jetstream import ensure_streams
 from bus.messages import TokenEvent
-from bus.subjects import Subjects
 from edge.client import EdgeClient
 from services.lab.fake_engine import FakeEngine
 from inference.resend import RecentEvents, resend_after_reconnects
@@ -30,12 +29,12 @@ QUESTION = "an answer long enough to still be running when its worker goes away"
 
 
 def fake(settings, role: str, delay: float = 0.0) -> FakeEngine:
-    return FakeEngine(role, token_delay_s=delay, store=BlockStore(settings.redis_url, 60),
-                      key_prefix=settings.kv_key_prefix)
+    return FakeEngine(role, token_delay_s=delay, store=BlockStore(settings.kv.redis_url, 60),
+                      key_prefix=settings.kv.kv_key_prefix)
 
 
 async def spare(settings, role: str, engine: FakeEngine) -> RunningWorker:
-    return await start_worker(settings.replace(worker_id=f"{settings.worker_id}-{role}-spare"), role, engine)
+    return await start_worker(settings.replace(worker_id=f"{settings.bus.worker_id}-{role}-spare"), role, engine)
 
 
 async def count_tokens(nc, subjects) -> Counter[tuple[str, int]]:
@@ -181,7 +180,7 @@ async def test_events_lost_with_a_dying_broker_are_sent_again_after_the_reconnec
     server = EmbeddedNats(tmp_path / "nats")
     url = server.start()
     settings = settings.replace(nats_url=url, nats_credentials=str(server.credentials_file))
-    subjects = Subjects(settings.subject_prefix)
+    subjects = settings.bus.subjects
     recent = RecentEvents()
     for rid in ("r1", "r2"):
         event = TokenEvent(request_id=rid, seq=0, text="x", token_ids=[120])
@@ -189,7 +188,7 @@ async def test_events_lost_with_a_dying_broker_are_sent_again_after_the_reconnec
     recent.end("r2")  # an answer that just ended: its last events matter most
     try:
         async with bus_client(settings, "ops") as ops, bus_client(settings, "decode") as worker:
-            await ensure_streams(ops.jetstream(), settings, subjects)
+            await ensure_streams(ops.jetstream(), settings.bus, subjects)
             resending = asyncio.create_task(resend_after_reconnects(worker, recent, 0.05))
             server.proc.kill()
             server.proc.wait()

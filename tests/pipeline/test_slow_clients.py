@@ -75,7 +75,7 @@ async def test_an_sse_client_that_stops_reading_is_dropped_while_another_stream_
     decode = BigTokens("decode", token_delay_s=0.01)
     async with running_stack(settings, FakeEngine("prefill"), decode) as stack:
         await ready(stack)
-        host, port = settings.edge_host, stack.edge.api_port
+        host, port = settings.edge.edge_host, stack.edge.api_port
         body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": BIG}]}
         async with never_reading(host, port, http_post(host, port, "/v1/chat/completions", body)):
             await asyncio.sleep(0.5)  # its buffers fill up
@@ -91,7 +91,7 @@ async def test_a_websocket_client_that_stops_reading_is_dropped_while_another_co
     settings = stack_settings(settings)
     decode = BigTokens("decode", token_delay_s=0.01)
     async with running_stack(settings, FakeEngine("prefill"), decode) as stack:
-        host, port = settings.edge_host, stack.edge.port
+        host, port = settings.edge.edge_host, stack.edge.port
         chat = {"type": "chat", "id": "a", "messages": [{"role": "user", "content": BIG}]}
         async with never_reading(host, port, websocket_chat(host, port, chat)):
             await asyncio.sleep(0.5)

@@ -34,4 +34,4 @@ def test_worker_without_any_nats_url_explains_how_to_get_one():
 
 def test_a_region_that_would_break_subject_names_is_refused(nats_url):
     result = run_cli("edge", "--nats-url", nats_url, "--region", "eu.west")
-    assert result.returncode != 0 and "region 'eu.west'" in result.stderr
+    assert result.returncode == 2 and "GROKSTACK_REGION (--region)" in result.stderr and "'eu.west'" in result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from bus.messages import ChatMessage, ChatRequest, FinalEvent, Heartbeat, SamplingSpec, TokenEvent, Usage
-from bus.subjects import Subjects
 from edge.admission import Admission, Refused, TokenBucket, estimate_prompt_tokens, used_tokens
 from edge.queues import QueueWatch
 from edge.tenants import PUBLIC, Tenant
@@ -21,7 +20,7 @@ def beat(worker: str, role: str, rate: float) -> Heartbeat:
 
 
 def watch(prefill_rate: float = 100.0, decode_rate: float = 1000.0) -> QueueWatch:
-    queues = QueueWatch(SETTINGS, js=None, subjects=Subjects())  # type: ignore[arg-type]
+    queues = QueueWatch(SETTINGS.bus, SETTINGS.edge, js=None)  # type: ignore[arg-type]
     queues.on_beat(beat("p1", "prefill", prefill_rate))
     queues.on_beat(beat("d1", "decode", decode_rate))
     return queues
@@ -48,13 +47,13 @@ def test_the_wait_counts_work_at_and_above_the_priority_in_tokens_over_the_pools
 
 
 def test_no_speed_known_means_no_estimate_and_no_refusal():
-    queues = QueueWatch(SETTINGS, js=None, subjects=Subjects())  # type: ignore[arg-type]
+    queues = QueueWatch(SETTINGS.bus, SETTINGS.edge, js=None)  # type: ignore[arg-type]
     queues.published("local", "batch", 100, 100)
     assert queues.wait_s("local", "batch") == 0.0
 
 
 def test_an_aggregated_pool_is_costed_as_one_that_also_decodes():
-    queues = QueueWatch(SETTINGS, js=None, subjects=Subjects())  # type: ignore[arg-type]
+    queues = QueueWatch(SETTINGS.bus, SETTINGS.edge, js=None)  # type: ignore[arg-type]
     queues.on_beat(beat("a1", "aggregated", 50.0))
     queues.published("local", "standard", 100, 100)
     assert queues.role_of("req", "local") == "aggregated"
@@ -63,7 +62,7 @@ def test_an_aggregated_pool_is_costed_as_one_that_also_decodes():
 
 def test_batch_is_refused_first_then_standard_and_interactive_last():
     queues = watch(prefill_rate=100.0)
-    admission = Admission(SETTINGS, queues)
+    admission = Admission(SETTINGS.edge, SETTINGS.priorities, queues)
     queues._pending[("req", "local", "interactive")] = 1
     queues._pending[("req", "local", "standard")] = 5
     queues._pending[("req", "local", "batch")] = 20
@@ -81,7 +80,7 @@ def test_batch_is_refused_first_then_standard_and_interactive_last():
 
 def test_a_refused_request_is_not_counted_as_queued():
     queues = watch(prefill_rate=100.0)
-    admission = Admission(SETTINGS.replace(queue_budget_interactive_s=1), queues)
+    admission = Admission(SETTINGS.edge, SETTINGS.priorities.replace(queue_budget_interactive_s=1), queues)
     queues.costs.add("req", "interactive", 100)
     queues._pending[("req", "local", "interactive")] = 2
     for _ in range(3):
@@ -92,7 +91,7 @@ def test_a_refused_request_is_not_counted_as_queued():
 
 def test_batch_is_degraded_before_it_is_refused():
     queues = watch(prefill_rate=100.0)
-    admission = Admission(SETTINGS, queues)
+    admission = Admission(SETTINGS.edge, SETTINGS.priorities, queues)
     queues.costs.add("req", "batch", 100)
     queues._pending[("req", "local", "batch")] = 12  # 12 s: past half the 20 s budget
     admitted = admission.admit(request("batch", max_tokens=256), PUBLIC)
@@ -107,7 +106,7 @@ def test_batch_is_degraded_before_it_is_refused():
 
 def test_a_budget_of_zero_turns_admission_control_off():
     queues = watch(prefill_rate=1.0)
-    admission = Admission(SETTINGS.replace(queue_budget_batch_s=0), queues)
+    admission = Admission(SETTINGS.edge, SETTINGS.priorities.replace(queue_budget_batch_s=0), queues)
     queues.costs.add("req", "batch", 100)
     queues._pending[("req", "local", "batch")] = 1000
     admission.admit(request("batch"), PUBLIC)
@@ -115,7 +114,7 @@ def test_a_budget_of_zero_turns_admission_control_off():
 
 def test_tenant_tokens_per_minute():
     queues = watch(prefill_rate=1e6)  # no queueing: only the tenant's limit can refuse
-    admission = Admission(SETTINGS, queues)
+    admission = Admission(SETTINGS.edge, SETTINGS.priorities, queues)
     tenant = Tenant(name="acme", tokens_per_minute=600)
     first = admission.admit(request(max_tokens=100, content="x" * 400), tenant)
     assert first.charged_tokens == estimate_prompt_tokens(request().messages) + 100  # 105 + 100

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from bus.work_queue import ServedShares
-from inference.budget import TokenBudget, budget_for, job_cost
+from bus.roles import Role, job_cost
+from inference.budget import TokenBudget, budget_for
 from inference.cost_meter import GpuClock
 from services.settings import Settings
 
@@ -66,9 +67,15 @@ def test_job_costs_and_budgets_per_role():
     assert job_cost("decode", 500, 64) == 564
     assert job_cost("aggregated", 500, 64) == 564
     settings = Settings(prefill_token_budget=8192, decode_token_budget=0)
-    assert budget_for(settings, "prefill", 4, 2048, 23_000).capacity == 8192
-    assert budget_for(settings, "decode", 16, 2048, 23_000).capacity == 23_000  # the engine's KV cache
-    assert budget_for(settings.replace(decode_token_budget=5000), "decode", 16, 2048, 23_000).capacity == 5000
+    worker, priorities = settings.worker, settings.priorities
+    assert budget_for(worker, priorities, Role.PREFILL, 4, 2048, 23_000).capacity == 8192
+    assert budget_for(worker, priorities, Role.DECODE, 16, 2048, 23_000).capacity == 23_000  # the engine's KV cache
+    assert budget_for(worker, priorities, Role.AGGREGATED, 16, 2048, 23_000).capacity == 23_000
+    assert budget_for(worker.replace(decode_token_budget=5000), priorities, Role.DECODE, 16, 2048,
+                      23_000).capacity == 5000
+    # the caps come from the priority table
+    assert budget_for(worker, priorities.replace(max_share_batch=0.3), Role.DECODE, 16, 2048,
+                      23_000).caps == {"interactive": 1.0, "standard": 0.8, "batch": 0.3}
 
 
 def test_strict_priority_order_while_every_priority_has_its_share():
@@ -129,7 +136,7 @@ def test_a_long_prompt_pays_more_of_a_prefill_batch():
 
 
 def test_cost_is_priced_per_pool():
-    clock = GpuClock(usd_per_gpu_s=Settings(gpu_price_per_hour=3.6, gpus_per_worker=2).gpu_price_per_hour * 2 / 3600)
+    clock = GpuClock.of(Settings(gpu_price_per_hour=3.6, gpus_per_worker=2).worker)
     cost = clock.price(prefill_gpu_s=1.0, decode_gpu_s=10.0)
     assert cost.usd == round(11.0 * 0.002, 9)
     cost = clock.price(prefill_gpu_s=1.0, decode_gpu_s=10.0, prefill_usd=0.5)  # the prefill pool's own price

@@ -1,38 +1,46 @@
 from bus.messages import ChatMessage, SamplingSpec
 from services.lab.fake_engine import FakeEngine
+from inference.pools import DIRECT, pool_named
 from inference.profiles import PROFILES, engine_args, kv_transfer_config, speculative_config
+from services.processes import engine_setup
 from services.settings import Settings
 
 S = Settings(redis_url="redis://r:1/0")
+SETUP = engine_setup(S)
+PREFILL, DECODE, AGGREGATED = (pool_named(name) for name in ("prefill", "decode", "aggregated"))
+
+
+def spec_with(**changes):
+    return S.spec.replace(**changes)
 
 
 def test_cpu_profile_is_float32_eager_and_speculates_on_decode_only_when_asked():
     cpu = PROFILES["cpu"]
     assert (cpu.dtype, cpu.enforce_eager) == ("float32", True)
-    assert speculative_config(S, cpu, "decode") is None  # auto: off on CPU (see profiles.py)
-    decode = speculative_config(S.replace(spec_method="ngram"), cpu, "decode")
+    assert speculative_config(S.spec, cpu, DECODE) is None  # auto: off on CPU (see profiles.py)
+    decode = speculative_config(spec_with(spec_method="ngram"), cpu, DECODE)
     assert decode["method"] == "ngram" and decode["num_speculative_tokens"] == 5
     # speculation stops above spec_max_batch sequences
     assert decode["num_speculative_tokens_per_batch_size"] == [[1, 1, 5], [2, 4096, 0]]
-    assert speculative_config(S, cpu, "prefill") is None
-    assert speculative_config(S.replace(spec_method="off"), cpu, "decode") is None
+    assert speculative_config(S.spec, cpu, PREFILL) is None
+    assert speculative_config(spec_with(spec_method="off"), cpu, DECODE) is None
 
 
 def test_draft_model_mode_is_selectable():
-    spec = speculative_config(S.replace(spec_method="draft", spec_draft_model="/d"), PROFILES["cpu"], "decode")
+    spec = speculative_config(spec_with(spec_method="draft", spec_draft_model="/d"), PROFILES["cpu"], DECODE)
     assert spec["method"] == "draft_model" and spec["model"] == "/d"
 
 
 def test_roles_get_their_kv_connector_role():
-    assert kv_transfer_config(S, "prefill")["kv_role"] == "kv_both"
-    assert kv_transfer_config(S, "decode")["kv_role"] == "kv_consumer"
-    assert kv_transfer_config(S, "direct") is None
-    extra = kv_transfer_config(S, "decode")["kv_connector_extra_config"]
+    assert kv_transfer_config(SETUP, PREFILL)["kv_role"] == "kv_both"
+    assert kv_transfer_config(SETUP, DECODE)["kv_role"] == "kv_consumer"
+    assert kv_transfer_config(SETUP, DIRECT) is None
+    extra = kv_transfer_config(SETUP, DECODE)["kv_connector_extra_config"]
     assert extra["redis_url"] == "redis://r:1/0"
 
 
 def test_gpu_profile_is_bf16_and_compiled():
-    args = engine_args(S, PROFILES["gpu"], "direct")
+    args = engine_args(SETUP, PROFILES["gpu"], DIRECT)
     assert args["dtype"] == "bfloat16" and args["enforce_eager"] is False
     assert "gpu_memory_utilization" in args
 
@@ -49,6 +57,6 @@ async def test_fake_engine_continues_from_prompt_plus_first_token():
 
 def test_aggregated_engines_save_and_load_kv_and_speculate_only_when_asked():
     cpu = PROFILES["cpu"]
-    assert speculative_config(S.replace(spec_method="ngram"), cpu, "aggregated")["method"] == "ngram"
-    assert speculative_config(S, PROFILES["gpu"], "aggregated")["method"] == "ngram"
-    assert kv_transfer_config(S, "aggregated")["kv_role"] == "kv_both"
+    assert speculative_config(spec_with(spec_method="ngram"), cpu, AGGREGATED)["method"] == "ngram"
+    assert speculative_config(S.spec, PROFILES["gpu"], AGGREGATED)["method"] == "ngram"
+    assert kv_transfer_config(SETUP, AGGREGATED)["kv_role"] == "kv_both"

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from bus.codec import BadMessage, decode, decode_event, encode, reply_route
 from bus.messages import AnyMessage, ChatMessage, ChatRequest, SamplingSpec
 from edge.openai_wire import parse_request
-from edge.protocol import FrameError, Limits, parse_frame
+from edge.config import EdgeConfig
+from edge.protocol import FrameError, parse_frame
 
-LIMITS = Limits(max_frame_bytes=4096, max_messages=8, max_prompt_chars=2000, max_tokens_limit=512,
+LIMITS = EdgeConfig(max_frame_bytes=4096, max_messages=8, max_prompt_chars=2000, max_tokens_limit=512,
                 default_max_tokens=64)
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bus.subjects import PRIORITIES, Subjects
+from bus.priorities import PRIORITIES
+from bus.subjects import Subjects
 from services.settings import ENV, Settings
 
 K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
@@ -83,7 +84,7 @@ def test_trigger_metadata_is_strings_and_lag_thresholds_are_integers():
 
 
 def test_wait_triggers_query_the_gauge_the_edges_export_for_this_region():
-    from services import metrics
+    from edge import metrics
     config = _config()
     for so, _ in _scaled_objects():
         waits = [t for t in so["spec"]["triggers"] if t["type"] == "prometheus"]
@@ -102,7 +103,7 @@ def test_wait_triggers_query_the_gauge_the_edges_export_for_this_region():
 def test_workers_get_longer_to_stop_than_they_take_to_drain(role):
     deployment = _of("Deployment")[f"grokstack-{role}"]
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    drain = max(Settings().drain_timeout_s, float(_config().get(ENV["drain_timeout_s"], 0)))
+    drain = max(Settings().worker.drain_timeout_s, float(_config().get(ENV["drain_timeout_s"], 0)))
     assert grace > drain
     # and the autoscaler removes at most one worker per grace period, so drains do not pile up
     [so] = [so for so, d in _scaled_objects() if d is deployment]

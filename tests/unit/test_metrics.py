@@ -10,13 +10,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from services.metrics import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from bus.messages import (ChatMessage, ChatRequest, Cost, ErrorEvent, FinalEvent, KvTransfer, PrefillStats,
                           SamplingSpec, Timings, TokenEvent, Usage)
 from edge.live import LiveRequest
-from services import metrics
+from bus import metrics as bus_metrics
+from edge import metrics as edge_metrics
+from inference import metrics as worker_metrics
+from services import telemetry
+from services.telemetry import REGISTRY
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "grokstack.json"
 
@@ -42,8 +45,8 @@ def region() -> str:
 
 def test_a_frame_of_n_tokens_after_a_gap_counts_n_gaps_of_a_nth():
     r, d = region(), Delta()
-    metrics.observe_token_gap(r, "standard", 0.3, 3, "req-1")
-    metrics.observe_token_gap(r, "standard", 0.05, 0, "req-1")  # a frame without token ids: one gap
+    edge_metrics.observe_token_gap(r, "standard", 0.3, 3, "req-1")
+    edge_metrics.observe_token_gap(r, "standard", 0.05, 0, "req-1")  # a frame without token ids: one gap
     name = "grokstack_inter_token_latency_seconds"
     assert d(f"{name}_count", region=r, priority="standard") == 4
     assert d(f"{name}_sum", region=r, priority="standard") == pytest.approx(0.35)
@@ -52,18 +55,18 @@ def test_a_frame_of_n_tokens_after_a_gap_counts_n_gaps_of_a_nth():
 
 def test_histograms_carry_the_request_id_as_an_exemplar_in_openmetrics_only():
     r = region()
-    metrics.observe_first_token(r, "interactive", 0.42, "req-exemplar-1")
-    body, content_type = metrics.exposition("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    edge_metrics.observe_first_token(r, "interactive", 0.42, "req-exemplar-1")
+    body, content_type = telemetry.exposition("application/openmetrics-text; version=1.0.0; charset=utf-8")
     assert content_type.startswith("application/openmetrics-text")
     lines = [line for line in body.decode().splitlines() if f'region="{r}"' in line and "_bucket" in line]
     assert any('# {request_id="req-exemplar-1"} 0.42' in line and 'le="0.5"' in line for line in lines), lines
-    classic, classic_type = metrics.exposition("text/plain")
+    classic, classic_type = telemetry.exposition("text/plain")
     assert classic_type.startswith("text/plain") and b"req-exemplar-1" not in classic
-    assert metrics.exposition("")[1].startswith("text/plain")  # no Accept header: the classic format
+    assert telemetry.exposition("")[1].startswith("text/plain")  # no Accept header: the classic format
 
 
 def test_a_worker_metrics_server_negotiates_the_format():
-    port = metrics.serve_metrics("127.0.0.1", 0)
+    port = telemetry.serve_metrics("127.0.0.1", 0)
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         plain = urllib.request.urlopen(url, timeout=5)
@@ -74,7 +77,7 @@ def test_a_worker_metrics_server_negotiates_the_format():
         assert om.headers["Content-Type"].startswith("application/openmetrics-text")
         assert om.read().rstrip().endswith(b"# EOF")
     finally:
-        metrics.stop_serving(port)
+        telemetry.stop_serving(port)
 
 
 def stats(**kw) -> PrefillStats:
@@ -94,7 +97,7 @@ def final(**kw) -> FinalEvent:
 
 def test_prefill_books_its_stage():
     d = Delta()
-    metrics.observe_prefill("batch", "req-p", stats(), 100, usd=0.0002)
+    worker_metrics.observe_prefill("batch", "req-p", stats(), 100, usd=0.0002)
     assert d("grokstack_request_queue_time_seconds_count", stage="prefill", priority="batch") == 1
     assert d("grokstack_request_queue_time_seconds_sum", stage="prefill", priority="batch") == pytest.approx(0.03)
     assert d("grokstack_request_prefill_time_seconds_sum", priority="batch") == pytest.approx(0.2)
@@ -109,7 +112,7 @@ def test_prefill_books_its_stage():
 
 def test_decode_books_only_its_own_stage_and_share_of_the_cost():
     d = Delta()
-    metrics.observe_final("decode", "batch", final())
+    worker_metrics.observe_final("decode", "batch", final())
     assert d("grokstack_request_queue_time_seconds_sum", stage="decode", priority="batch") == pytest.approx(0.012)
     assert d("grokstack_request_queue_time_seconds_count", stage="prefill", priority="batch") == 0
     assert d("grokstack_generation_tokens_total", role="decode") == 8
@@ -125,7 +128,7 @@ def test_decode_books_only_its_own_stage_and_share_of_the_cost():
 
 def test_a_decode_recompute_counts_the_handle_as_missed():
     d = Delta()
-    metrics.observe_final("decode", "standard", final(kv=KvTransfer(recomputed=True, reason="evicted")),
+    worker_metrics.observe_final("decode", "standard", final(kv=KvTransfer(recomputed=True, reason="evicted")),
                           handle_tokens=96)
     assert d("grokstack_kv_recomputes_total") == 1
     assert d("grokstack_kv_cache_query_tokens_total", stage="decode") == 96
@@ -134,7 +137,7 @@ def test_a_decode_recompute_counts_the_handle_as_missed():
 
 def test_an_aggregated_worker_books_both_stages():
     d = Delta()
-    metrics.observe_final("aggregated", "interactive", final(kv=KvTransfer(bytes_written=2048, write_ms=1.0)))
+    worker_metrics.observe_final("aggregated", "interactive", final(kv=KvTransfer(bytes_written=2048, write_ms=1.0)))
     assert d("grokstack_request_queue_time_seconds_count", stage="prefill", priority="interactive") == 1
     assert d("grokstack_request_queue_time_seconds_count", stage="decode", priority="interactive") == 0
     assert d("grokstack_request_prefill_time_seconds_count", priority="interactive") == 1
@@ -148,11 +151,11 @@ def test_an_aggregated_worker_books_both_stages():
 
 def test_worker_gauges_and_counters():
     d = Delta()
-    metrics.observe_job("decode", "served")
-    metrics.add_busy_seconds("decode", 1.5)
-    metrics.set_worker_budget("decode", 8192, 1000)
-    metrics.count_dead_letter("req")
-    metrics.observe_refused("overloaded", "batch")
+    worker_metrics.observe_job("decode", "served")
+    worker_metrics.add_busy_seconds("decode", 1.5)
+    worker_metrics.set_worker_budget("decode", 8192, 1000)
+    bus_metrics.count_dead_letter("req")
+    edge_metrics.observe_refused("overloaded", "batch")
     assert d("grokstack_jobs_total", role="decode", outcome="served") == 1
     assert d("grokstack_worker_busy_seconds_total", role="decode") == 1.5
     assert value("grokstack_worker_budget_tokens", role="decode") == 8192
@@ -160,8 +163,8 @@ def test_worker_gauges_and_counters():
     assert d("grokstack_dead_letters_total", kind="req") == 1
     assert d("grokstack_requests_refused_total", priority="batch", reason="overloaded") == 1
     r = region()
-    metrics.set_queue_depth("req", r, "batch", 7)
-    metrics.set_queue_wait(r, "batch", 2.5)
+    edge_metrics.set_queue_depth("req", r, "batch", 7)
+    edge_metrics.set_queue_wait(r, "batch", 2.5)
     assert value("grokstack_queue_depth", kind="req", region=r, priority="batch") == 7
     assert value("grokstack_queue_wait_estimate_seconds", region=r, priority="batch") == 2.5
 
@@ -249,9 +252,9 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 
 
 def defined_samples() -> set[str]:
-    """Every sample name the metrics of services/metrics.py expose."""
+    """Every sample name the metrics the packages declare expose."""
     names: set[str] = set()
-    for attr in vars(metrics).values():
+    for attr in [a for module in (bus_metrics, edge_metrics, worker_metrics) for a in vars(module).values()]:
         if isinstance(attr, MetricWrapperBase):
             for family in attr.describe():
                 names |= {family.name + suffix for suffix in SUFFIXES[family.type]}

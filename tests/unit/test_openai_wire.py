@@ -7,9 +7,10 @@ import pytest
 
 from bus.messages import FinalEvent, TokenEvent, Usage
 from edge.openai_wire import error_body, final_chunks, info_of, param_of, parse_request, token_chunk
-from edge.protocol import FrameError, Limits, UsageFrame
+from edge.config import EdgeConfig
+from edge.protocol import FrameError, UsageFrame
 
-LIMITS = Limits(max_frame_bytes=4096, max_messages=8, max_prompt_chars=1000, max_tokens_limit=512,
+LIMITS = EdgeConfig(max_frame_bytes=4096, max_messages=8, max_prompt_chars=1000, max_tokens_limit=512,
                 default_max_tokens=64)
 
 

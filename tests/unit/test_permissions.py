@@ -159,20 +159,21 @@ def test_a_process_takes_its_own_login_before_its_roles(tmp_path: Path):
     save_logins(path, {"edge": NatsLogin("edge", "a"), "edge:e1": NatsLogin("edge-e1", "b"),
                        "ops": NatsLogin(creds="/etc/ops.creds")})
     settings = Settings(nats_credentials=str(path))
-    assert BusAuth.of(settings, "edge").login.user == "edge"
-    assert BusAuth.of(settings.replace(worker_id="e1"), "edge").login.user == "edge-e1"
-    assert BusAuth.of(settings, "ops").connect_options() == {"user_credentials": "/etc/ops.creds"}
-    assert BusAuth.of(settings, "edge").connect_options() == {"user": "edge", "password": "a"}
+    assert BusAuth.of(settings.bus, "edge").login.user == "edge"
+    assert BusAuth.of(settings.replace(worker_id="e1").bus, "edge").login.user == "edge-e1"
+    assert BusAuth.of(settings.bus, "ops").connect_options() == {"user_credentials": "/etc/ops.creds"}
+    assert BusAuth.of(settings.bus, "edge").connect_options() == {"user": "edge", "password": "a"}
     with pytest.raises(CredentialsError, match="no NATS login for the role 'decode'"):
-        BusAuth.of(settings, "decode")
+        BusAuth.of(settings.bus, "decode")
 
 
 def test_without_a_credentials_file_a_process_connects_without_a_login(tmp_path: Path):
     settings = Settings(data_dir=tmp_path)
-    assert settings.nats_credentials_file is None and BusAuth.of(settings, "edge").login is None
+    assert settings.bus.credentials_file is None and BusAuth.of(settings.bus, "edge").login is None
     save_logins(tmp_path / "nats" / "credentials.json", generate_logins())  # what `grokstack up` writes
-    assert settings.nats_credentials_file == tmp_path / "nats" / "credentials.json"
-    assert BusAuth.of(settings, "edge").login.user == "edge"
+    settings = Settings(data_dir=tmp_path)  # a process started after it, in the same directory
+    assert settings.bus.credentials_file == tmp_path / "nats" / "credentials.json"
+    assert BusAuth.of(settings.bus, "edge").login.user == "edge"
 
 
 def test_passwords_in_urls_are_redacted():

@@ -1,6 +1,7 @@
 import pytest
 
-from bus.subjects import PRIORITIES, Subjects, check_token
+from bus.priorities import PRIORITIES
+from bus.subjects import Subjects, check_token
 
 S = Subjects("gs")
 

@@ -1,15 +1,10 @@
-"""Every Prometheus metric of the stack, defined here once, and the small calls that feed them.
+"""The workers' Prometheus metrics: what each stage did. Observed by the prefill, decode and
+aggregated services, the worker shell, and vLLM's per-step scheduler stats through
+inference/vllm_stats.py. One process may hold several workers (the tests do); their metrics are
+told apart by the `role` label. The registry is this package's own; services/telemetry.py serves
+it with the others.
 
-Edges observe what a client sees (edge/live.py, edge/http_api.py and the admission code);
-workers observe what their stage did (the prefill, decode and aggregated services, the worker
-shell, and vLLM's per-step scheduler stats through inference/vllm_stats.py). Everything lives in
-one registry per process: one process may hold an edge and several workers (the tests do), and
-then one scrape shows them all, told apart by their labels.
-
-Latency histograms carry the request id as an exemplar, so a slow bucket on a dashboard leads
-to one request's logs (`request_id` is bound on every log line) and its bus traffic
-(`grokstack trace <request id>`). Exemplars only travel in the OpenMetrics format, which
-`exposition` serves when the scraper asks for it (Prometheus does, with exemplar storage on).
+Latency histograms carry the request id as an exemplar (see edge/metrics.py).
 """
 
 from __future__ import annotations
@@ -17,64 +12,20 @@ from __future__ import annotations
 from functools import partial
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry
 
 from bus.messages import FinalEvent, PrefillStats
+from bus.roles import ROLES, Role
 
-# The stack's own registry, not prometheus_client's default one: vLLM registers its `vllm:*`
-# metrics there, and some of them clash in OpenMetrics (`..._per_pos` and `..._per_pos_total`),
-# which makes a whole OpenMetrics scrape unparseable. Everything the dashboards need is here.
 REGISTRY = CollectorRegistry()
 Counter = partial(prometheus_client.Counter, registry=REGISTRY)
 Gauge = partial(prometheus_client.Gauge, registry=REGISTRY)
 Histogram = partial(prometheus_client.Histogram, registry=REGISTRY)
-# process_start_time_seconds, CPU and memory: `grokstack cost --metrics` takes workers' uptime from it
-prometheus_client.ProcessCollector(registry=REGISTRY)
 
 # Bucket bounds in seconds, spanning what this stack sees on a CPU (slow) and on GPUs (fast).
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
-E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 PREFILL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-
-EDGE = ["region", "priority"]
-
-# ---------------------------------------------------------------------------- edge
-
-TIME_TO_FIRST_TOKEN = Histogram(
-    "grokstack_time_to_first_token_seconds",
-    "Edge: from the request's acceptance (stored in JetStream) to its first token event.",
-    EDGE, buckets=TTFT_BUCKETS)
-INTER_TOKEN_LATENCY = Histogram(
-    "grokstack_inter_token_latency_seconds",
-    "Edge: gap between consecutive tokens; a frame of n tokens after a gap g counts n gaps of g/n.",
-    EDGE, buckets=ITL_BUCKETS)
-E2E_LATENCY = Histogram(
-    "grokstack_e2e_request_latency_seconds",
-    "Edge: from acceptance to the last event; outcome is the finish reason or the error code.",
-    [*EDGE, "outcome"], buckets=E2E_BUCKETS)
-ACTIVE_STREAMS = Gauge(
-    "grokstack_active_streams", "Edge: requests in flight on this edge (accepted, not yet finished).")
-EDGE_PROMPT_TOKENS = Counter(
-    "grokstack_edge_prompt_tokens_total", "Edge: prompt tokens of finished requests (final event usage).", EDGE)
-EDGE_GENERATION_TOKENS = Counter(
-    "grokstack_edge_generation_tokens_total",
-    "Edge: completion tokens of finished requests (final event usage).", EDGE)
-REQUESTS_REFUSED = Counter(
-    "grokstack_requests_refused_total",
-    "Edge: requests refused at admission, by reason (overloaded, rate_limited, too_many_requests, unavailable).",
-    ["priority", "reason"])
-QUEUE_DEPTH = Gauge(
-    "grokstack_queue_depth", "Edge: jobs waiting in a work queue (kind req or decode), as the edge last read it.",
-    ["kind", "region", "priority"])
-QUEUE_WAIT_ESTIMATE = Gauge(
-    "grokstack_queue_wait_estimate_seconds",
-    "Edge: estimated wait of a new request of this priority (admission control's input).", EDGE)
-
-# ---------------------------------------------------------------------------- workers
 
 QUEUE_TIME = Histogram(
     "grokstack_request_queue_time_seconds",
@@ -109,8 +60,6 @@ SPEC_ACCEPTED_TOKENS = Counter(
     ["role"])
 KV_CACHE_USAGE = Gauge(
     "grokstack_kv_cache_usage_ratio", "Worker: share of the engine's KV cache blocks in use (vLLM).", ["role"])
-DEAD_LETTERS = Counter(
-    "grokstack_dead_letters_total", "Messages dead-lettered, by work kind (req, decode).", ["kind"])
 GPU_SECONDS = Counter(
     "grokstack_gpu_seconds_total", "Worker: accelerator-seconds attributed to requests (their share of batches).",
     ["role"])
@@ -132,52 +81,6 @@ def _ex(request_id: str) -> dict[str, str] | None:
     return {"request_id": request_id} if request_id else None
 
 
-# ---------------------------------------------------------------------------- edge calls
-
-def observe_first_token(region: str, priority: str, seconds: float, request_id: str = "") -> None:
-    TIME_TO_FIRST_TOKEN.labels(region, priority).observe(seconds, _ex(request_id))
-
-
-def observe_token_gap(region: str, priority: str, gap_s: float, tokens: int, request_id: str = "") -> None:
-    """A frame of `tokens` tokens arrived `gap_s` after the previous one: that many gaps of
-    gap_s / tokens, so a worker that batches tokens into frames reads the same as one that doesn't."""
-    n = max(1, tokens)
-    child = INTER_TOKEN_LATENCY.labels(region, priority)
-    for _ in range(n):
-        child.observe(gap_s / n, _ex(request_id))
-
-
-def observe_request_end(region: str, priority: str, seconds: float, outcome: str, request_id: str = "",
-                        prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-    E2E_LATENCY.labels(region, priority, outcome).observe(seconds, _ex(request_id))
-    if prompt_tokens:
-        EDGE_PROMPT_TOKENS.labels(region, priority).inc(prompt_tokens)
-    if completion_tokens:
-        EDGE_GENERATION_TOKENS.labels(region, priority).inc(completion_tokens)
-
-
-def stream_started() -> None:
-    ACTIVE_STREAMS.inc()
-
-
-def stream_ended() -> None:
-    ACTIVE_STREAMS.dec()
-
-
-def observe_refused(reason: str, priority: str) -> None:
-    REQUESTS_REFUSED.labels(priority, reason).inc()
-
-
-def set_queue_depth(kind: str, region: str, priority: str, depth: int) -> None:
-    QUEUE_DEPTH.labels(kind, region, priority).set(depth)
-
-
-def set_queue_wait(region: str, priority: str, seconds: float) -> None:
-    QUEUE_WAIT_ESTIMATE.labels(region, priority).set(seconds)
-
-
-# ---------------------------------------------------------------------------- worker calls
-
 def observe_prefill(priority: str, request_id: str, stats: PrefillStats, prompt_tokens: int,
                     usd: float = 0.0) -> None:
     """A prefill worker published the decode job of one request."""
@@ -191,14 +94,14 @@ def observe_prefill(priority: str, request_id: str, stats: PrefillStats, prompt_
     _cost("prefill", stats.gpu_s, usd)
 
 
-def observe_final(role: str, priority: str, event: FinalEvent, handle_tokens: int | None = None) -> None:
-    """A decode or aggregated worker finished a request. A decode worker counts only its own
-    stage (prefill counted the rest in observe_prefill); an aggregated worker counts both.
+def observe_final(role: Role, priority: str, event: FinalEvent, handle_tokens: int | None = None) -> None:
+    """A decode or aggregated worker finished a request. A worker counts the stages it serves: a
+    decode worker only its own (prefill counted the rest in observe_prefill), an aggregated both.
 
     `handle_tokens` is what the decode job's KV handle named; without it, what was loaded (or,
     when decode recomputed, the whole prompt) stands for it."""
     ex, kv, timings = _ex(event.request_id), event.kv, event.timings
-    if role == "decode":
+    if "prefill" not in ROLES[role].stages:
         QUEUE_TIME.labels("decode", priority).observe(timings.decode_queue_ms / 1000, ex)
         named = handle_tokens if handle_tokens is not None else (
             event.usage.prompt_tokens if kv.recomputed else kv.loaded_tokens)
@@ -254,35 +157,3 @@ def observe_engine_step(role: str, kv_cache_usage: float, drafts: int = 0, draft
         SPEC_DRAFTS.labels(role).inc(drafts)
         SPEC_DRAFT_TOKENS.labels(role).inc(draft_tokens)
         SPEC_ACCEPTED_TOKENS.labels(role).inc(accepted_tokens)
-
-
-def count_dead_letter(kind: str) -> None:
-    DEAD_LETTERS.labels(kind).inc()
-
-
-# ---------------------------------------------------------------------------- exposition
-
-def exposition(accept: str) -> tuple[bytes, str]:
-    """The registry in the format the scraper's Accept header asks for: OpenMetrics (with
-    exemplars) for `application/openmetrics-text`, else the classic text format."""
-    encoder, content_type = choose_encoder(accept)
-    return encoder(REGISTRY), content_type
-
-
-_servers: dict[int, object] = {}
-
-
-def serve_metrics(host: str, port: int) -> int:
-    """Serve /metrics from a thread of this worker process (0: a free port); returns the port.
-    prometheus_client's server negotiates the format as `exposition` does."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    bound = int(server.server_port)
-    _servers[bound] = server
-    return bound
-
-
-def stop_serving(port: int) -> None:
-    server = _servers.pop(port, None)
-    if server is not None:
-        server.shutdown()  # type: ignore[attr-defined]
-        server.server_close()  # type: ignore[attr-defined]

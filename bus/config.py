@@ -1,0 +1,53 @@
+"""The bus's settings: where NATS is, who this process is on it, leases and stream bounds."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from bus.section import Count, Section, Seconds, SubjectToken
+from bus.subjects import Subjects
+
+
+class BusConfig(Section):
+    """Where NATS is, who this process is on it, and the bounds of the JetStream streams."""
+
+    nats_url: str = ""  # "" means: `grokstack up` starts an embedded server
+    # JSON file of NATS logins per role (bus/credentials.py); "" means the one the embedded server
+    # writes, <data_dir>/nats/credentials.json, when it exists (services/settings.py fills it in).
+    nats_credentials: str = ""
+    # TLS to NATS: a CA to trust (else the system's, for tls:// URLs), and a client certificate
+    # and key when the server asks for one (mutual TLS).
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    subject_prefix: SubjectToken = "gs"
+    region: SubjectToken = "local"
+    worker_id: str = ""  # this process's name on the bus (heartbeats, edge id); "" means host-pid
+    heartbeat_s: Seconds = 2.0
+    # The lease on a job: a worker renews it 6 times per period while it works on the job, and
+    # JetStream hands the job to another worker once it lapses. It is how fast a dead worker's
+    # requests move on, so keep it short; renewals are tiny messages.
+    ack_wait_s: Seconds = 0.6
+    max_deliver: Count = 5  # deliveries of one job before it is dead-lettered
+    request_ttl_s: Seconds = 600.0  # queued requests older than this are dropped by the server
+    # Publishing a request whose id (Nats-Msg-Id) was seen within this window stores it once:
+    # the idempotency window of direct publishes. At most request_ttl_s.
+    dedupe_window_s: Seconds = 600.0
+    work_stream_mb: Count = 1024  # bound of each work-queue stream
+    dead_letter_stream_mb: Count = 256
+    capture_max_age_s: Seconds = 24 * 3600.0  # GS_CAPTURE drops traffic older than this
+    capture_max_mb: Count = 2048  # ...and the oldest beyond this size
+
+    @property
+    def credentials_file(self) -> Path | None:
+        return Path(self.nats_credentials) if self.nats_credentials else None
+
+    @property
+    def worker_name(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.subject_prefix)

@@ -1,0 +1,16 @@
+"""The bus's own Prometheus metrics. Each package declares its metrics in its own registry
+(edge/metrics.py, inference/metrics.py); services/telemetry.py serves them all from one."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+REGISTRY = CollectorRegistry()
+
+DEAD_LETTERS = Counter(
+    "grokstack_dead_letters_total", "Messages dead-lettered, by work kind (req, decode).", ["kind"],
+    registry=REGISTRY)
+
+
+def count_dead_letter(kind: str) -> None:
+    DEAD_LETTERS.labels(kind).inc()

@@ -1,0 +1,37 @@
+"""The edge node's settings: where it listens, what it accepts from a client, how long it keeps
+requests for them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from bus.section import Count, Port, Section, Seconds
+
+
+class EdgeConfig(Section):
+    edge_host: str = "127.0.0.1"
+    edge_port: Port = 8765  # websocket chat and the chat page
+    api_port: Port = 8000  # OpenAI-compatible HTTP API (same host)
+    # JSON file of tenants and their API keys' SHA-256 hashes (`grokstack apikey`); "" means no
+    # authentication: every caller is tenant "public" with every priority.
+    api_keys_file: str = ""
+    # What a client may send (edge/protocol.py checks every frame and body against these).
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024  # a websocket frame or an HTTP body
+    max_messages: Count = 256
+    max_prompt_chars: Count = 64 * 1024
+    max_tokens_limit: Count = 1024
+    default_max_tokens: Count = 256
+    max_inflight_per_connection: Count = 8
+    max_inflight_per_edge: Count = 256  # beyond it new requests get 429 / too_many_requests
+    # A request whose client disconnected is kept running this long for it to come back and
+    # resume; then it is cancelled through the pipeline.
+    resume_grace_s: Seconds = 10.0
+    resume_retention_s: Seconds = 120.0  # a finished request's events stay resumable this long
+    request_timeout_s: Seconds = 300.0
+    send_timeout_s: Seconds = 10.0
+    # Before refusing batch requests (bus/priorities.py budgets), their max_tokens is capped to
+    # this once the batch wait passes half its budget (0: no degradation).
+    degraded_batch_max_tokens: Annotated[int, Field(ge=0)] = 64
+    queue_poll_s: Seconds = 0.5  # how often an edge reads the work queues' depth

@@ -1,0 +1,103 @@
+"""The edge's Prometheus metrics: what a client sees. Observed by edge/live.py (latencies and
+tokens), the admission code (refusals, queue estimates) and the doors.
+
+Latency histograms carry the request id as an exemplar, so a slow bucket on a dashboard leads
+to one request's logs (`request_id` is bound on every log line) and its bus traffic
+(`grokstack trace <request id>`). Exemplars only travel in the OpenMetrics format, which
+services/telemetry.py serves when the scraper asks for it. The registry is this package's own;
+services/telemetry.py serves it with the others.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import prometheus_client
+from prometheus_client import CollectorRegistry
+
+REGISTRY = CollectorRegistry()
+Counter = partial(prometheus_client.Counter, registry=REGISTRY)
+Gauge = partial(prometheus_client.Gauge, registry=REGISTRY)
+Histogram = partial(prometheus_client.Histogram, registry=REGISTRY)
+
+# Bucket bounds in seconds, spanning what this stack sees on a CPU (slow) and on GPUs (fast).
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
+
+EDGE = ["region", "priority"]
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "grokstack_time_to_first_token_seconds",
+    "Edge: from the request's acceptance (stored in JetStream) to its first token event.",
+    EDGE, buckets=TTFT_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram(
+    "grokstack_inter_token_latency_seconds",
+    "Edge: gap between consecutive tokens; a frame of n tokens after a gap g counts n gaps of g/n.",
+    EDGE, buckets=ITL_BUCKETS)
+E2E_LATENCY = Histogram(
+    "grokstack_e2e_request_latency_seconds",
+    "Edge: from acceptance to the last event; outcome is the finish reason or the error code.",
+    [*EDGE, "outcome"], buckets=E2E_BUCKETS)
+ACTIVE_STREAMS = Gauge(
+    "grokstack_active_streams", "Edge: requests in flight on this edge (accepted, not yet finished).")
+EDGE_PROMPT_TOKENS = Counter(
+    "grokstack_edge_prompt_tokens_total", "Edge: prompt tokens of finished requests (final event usage).", EDGE)
+EDGE_GENERATION_TOKENS = Counter(
+    "grokstack_edge_generation_tokens_total",
+    "Edge: completion tokens of finished requests (final event usage).", EDGE)
+REQUESTS_REFUSED = Counter(
+    "grokstack_requests_refused_total",
+    "Edge: requests refused at admission, by reason (overloaded, rate_limited, too_many_requests, unavailable).",
+    ["priority", "reason"])
+QUEUE_DEPTH = Gauge(
+    "grokstack_queue_depth", "Edge: jobs waiting in a work queue (kind req or decode), as the edge last read it.",
+    ["kind", "region", "priority"])
+QUEUE_WAIT_ESTIMATE = Gauge(
+    "grokstack_queue_wait_estimate_seconds",
+    "Edge: estimated wait of a new request of this priority (admission control's input).", EDGE)
+
+def _ex(request_id: str) -> dict[str, str] | None:
+    return {"request_id": request_id} if request_id else None
+
+
+def observe_first_token(region: str, priority: str, seconds: float, request_id: str = "") -> None:
+    TIME_TO_FIRST_TOKEN.labels(region, priority).observe(seconds, _ex(request_id))
+
+
+def observe_token_gap(region: str, priority: str, gap_s: float, tokens: int, request_id: str = "") -> None:
+    """A frame of `tokens` tokens arrived `gap_s` after the previous one: that many gaps of
+    gap_s / tokens, so a worker that batches tokens into frames reads the same as one that doesn't."""
+    n = max(1, tokens)
+    child = INTER_TOKEN_LATENCY.labels(region, priority)
+    for _ in range(n):
+        child.observe(gap_s / n, _ex(request_id))
+
+
+def observe_request_end(region: str, priority: str, seconds: float, outcome: str, request_id: str = "",
+                        prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    E2E_LATENCY.labels(region, priority, outcome).observe(seconds, _ex(request_id))
+    if prompt_tokens:
+        EDGE_PROMPT_TOKENS.labels(region, priority).inc(prompt_tokens)
+    if completion_tokens:
+        EDGE_GENERATION_TOKENS.labels(region, priority).inc(completion_tokens)
+
+
+def stream_started() -> None:
+    ACTIVE_STREAMS.inc()
+
+
+def stream_ended() -> None:
+    ACTIVE_STREAMS.dec()
+
+
+def observe_refused(reason: str, priority: str) -> None:
+    REQUESTS_REFUSED.labels(priority, reason).inc()
+
+
+def set_queue_depth(kind: str, region: str, priority: str, depth: int) -> None:
+    QUEUE_DEPTH.labels(kind, region, priority).set(depth)
+
+
+def set_queue_wait(region: str, priority: str, seconds: float) -> None:
+    QUEUE_WAIT_ESTIMATE.labels(region, priority).set(seconds)

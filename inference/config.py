@@ -1,0 +1,91 @@
+"""The workers' settings: which model, how its engine runs, speculation, and the worker around it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from bus.section import Count, Port, Section, Seconds
+from kv_store.config import KvConfig
+
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelConfig(Section):
+    """The weights every engine of the stack loads, and the id clients know them by."""
+
+    model: str = ""  # an HF model folder; "" means the bundled model (services/settings.py fills it in)
+    served_model_name: str = ""  # the model id clients see; "" means the folder name
+    max_model_len: Annotated[int, Field(ge=16)] = 2048
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+
+class EngineConfig(Section):
+    """How the engine (vLLM) runs on this machine (inference/profiles.py)."""
+
+    engine_profile: Literal["cpu", "gpu", "auto"] = "auto"  # auto: gpu when CUDA is available
+    block_size: Annotated[int, Field(ge=0)] = 0  # KV block size in tokens; 0 means the profile's default
+    kv_cache_gib: Count = 1  # CPU profile: KV cache space per engine, whole GiB
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85  # GPU profile
+    prefill_slots: Count = 4  # prompts a prefill engine works on at once
+    decode_slots: Count = 16  # sequences a decode (or aggregated) engine batches at once
+    # A lock file shared by the engines of one machine so they take turns per forward pass
+    # instead of fighting over the same cores; `grokstack up` sets it for the CPU profile.
+    engine_step_lock: str = ""
+    # Added to this process's nice value (a lower CPU priority). On a shared CPU `grokstack up`
+    # gives the decode worker +5 so prompt processing goes first, as vLLM's own scheduler
+    # prefers prefills within one engine.
+    cpu_nice: Annotated[int, Field(ge=0, le=19)] = 0
+
+
+class SpecConfig(Section):
+    """Speculative decoding in the decoding engines (inference/profiles.py)."""
+
+    spec_method: Literal["ngram", "draft", "off", "auto"] = "auto"  # auto: the profile's default
+    spec_tokens: Count = 5
+    spec_ngram_min: Count = 2
+    spec_ngram_max: Count = 4
+    spec_draft_model: str = ""  # HF folder of the draft model for spec_method=draft
+    spec_max_batch: Count = 1  # speculate only while at most this many sequences decode
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SpecConfig":
+        if self.spec_ngram_min > self.spec_ngram_max:
+            raise ValueError(f"spec_ngram_min ({self.spec_ngram_min}) must not exceed spec_ngram_max "
+                             f"({self.spec_ngram_max})")
+        if self.spec_method == "draft" and not self.spec_draft_model:
+            raise ValueError("spec_method=draft needs spec_draft_model (an HF folder)")
+        return self
+
+
+class WorkerConfig(Section):
+    """The pool worker around an engine: how much work it takes, how it stops, what it costs."""
+
+    # Token budgets (inference/budget.py): a worker pulls a job only while it has room for the
+    # largest job there can be, so vLLM's continuous batch stays full but never over-full.
+    # Prefill counts prompt tokens to compute (cached ones excluded); decode counts KV tokens
+    # (prompt + max_tokens) and 0 means the engine's whole KV cache.
+    prefill_token_budget: Count = 8192
+    decode_token_budget: Annotated[int, Field(ge=0)] = 0
+    drain_timeout_s: Seconds = 20.0  # on SIGTERM, running jobs get this long to finish
+    gpu_price_per_hour: Annotated[float, Field(ge=0.0)] = 3.0  # dollars per accelerator-hour
+    gpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0  # accelerators each worker's engine occupies
+    metrics_port: Port = 0  # /metrics (and health) of a worker process; 0: a free port, logged
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """What an engine is built from, composed from the sections that concern it (as vLLM's
+    VllmConfig composes its own): the model, the engine, speculation, and the KV store its
+    connector talks to. Not a section of its own: services/ composes it from the settings."""
+    served: ModelConfig
+    engine: EngineConfig
+    spec: SpecConfig
+    kv: KvConfig
+    cache_root: Path  # where vLLM keeps its caches (VLLM_CACHE_ROOT), inside the data directory

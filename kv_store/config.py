@@ -1,0 +1,17 @@
+"""The KV store's settings: where Redis is, and how KV blocks are named and kept there."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from bus.section import Section, SubjectToken
+
+
+class KvConfig(Section):
+    # redis://user:password@host:6379/0, rediss:// for TLS (rediss://user:password@host:6380/0?
+    # ssl_ca_certs=ca.pem); "" means: `grokstack up` starts an embedded server
+    redis_url: str = ""
+    kv_ttl_s: Annotated[int, Field(ge=1)] = 3600  # a block's lifetime since it was last written or read
+    kv_key_prefix: SubjectToken = "gskv"

@@ -1,8 +1,10 @@
 """The bus contract as an AsyncAPI 3.0 document, generated from the code that defines it.
 
-Addresses come from `bus.subjects.Subjects` (called with placeholder tokens) and payload
-schemas from the msgspec Structs of `bus.messages`, so the document cannot say something the
-code does not do. The checked-in copy (`bus/asyncapi.json`) is compared with a fresh one by the
+The channels and who sends, receives or pulls each (the operations, `<role>.<action>.<channel>`)
+come from the table of `bus.topology`, which the NATS permissions are generated from too; the
+addresses from `bus.subjects.Subjects` (called with placeholder tokens) and the payload schemas
+from the msgspec Structs of `bus.messages`, so the document cannot say something the code does
+not do. The checked-in copy (`bus/asyncapi.json`) is compared with a fresh one by the
 test suite: change a message or a subject and the test tells you to regenerate it with
 `grokstack asyncapi --write`.
 
@@ -20,14 +22,18 @@ import msgspec
 
 from bus import messages as m
 from bus.priorities import PRIORITIES
-from bus.roles import WORKER_ROLES
 from bus.subjects import Subjects
+from bus.topology import CHANNELS, OPERATIONS, Action, Channel, Tokens, roles_that, work_kinds
 
 CHECKED_IN = Path(__file__).with_name("asyncapi.json")
 
-# Placeholder tokens that pass subject validation, swapped for AsyncAPI parameters afterwards.
-_PARAMS = {"PREFIXX": "prefix", "REGIONX": "region", "PRIORITYX": "priority", "CLIENTX": "client",
-           "REQUESTX": "request_id", "ROLEX": "role", "KINDX": "kind"}
+# Placeholder tokens that pass subject validation, swapped for AsyncAPI parameters afterwards;
+# in this order, so a stream name (`PREFIXX_KINDX`) becomes one parameter, not two.
+_PARAMS = {"PREFIXX_KINDX": "stream", "PREFIXX": "prefix", "REGIONX": "region", "PRIORITYX": "priority",
+           "CLIENTX": "client", "REQUESTX": "request_id", "ROLEX": "role", "KINDX": "kind",
+           "CONSUMERX": "consumer"}
+_PLACEHOLDERS = Tokens(region="REGIONX", priority="PRIORITYX", client="CLIENTX", request_id="REQUESTX",
+                       role="ROLEX", kind="KINDX", consumer="CONSUMERX")
 _PARAM_DOCS = {
     "prefix": {"description": "subject prefix of one deployment (GROKSTACK_SUBJECT_PREFIX)",
                "default": "gs"},
@@ -36,9 +42,16 @@ _PARAM_DOCS = {
     "priority": {"enum": list(PRIORITIES), "description": "served highest first"},
     "client": {"description": "id of the edge node or client that waits for the events"},
     "request_id": {"description": "the request's id, 1-64 of A-Z a-z 0-9 _ -"},
-    "role": {"enum": [str(r) for r in WORKER_ROLES], "description": "the worker's role (bus/roles.py)"},
-    "kind": {"enum": ["req", "decode"], "description": "what the work stream holds"},
+    "role": {"enum": [str(r) for r in roles_that("send", "heartbeats")],
+             "description": "the worker's role (bus/roles.py)"},
+    "kind": {"enum": list(work_kinds()), "description": "what the work stream holds"},
+    "stream": {"description": "the work stream: the prefix in capitals, then _REQ or _DECODE",
+               "examples": [Subjects().stream(kind) for kind in work_kinds()]},
+    "consumer": {"description": "the work consumer, <kind>-<region>-<priority>",
+                 "examples": [Subjects().consumer("req", "local", "interactive")]},
 }
+# AsyncAPI knows two actions: a pull from a work queue is a way to receive.
+_ACTIONS: dict[Action, str] = {"send": "send", "receive": "receive", "pull": "receive"}
 
 _HEADERS = {"type": "object", "properties": {"Nats-Msg-Id": {
     "type": "string", "description": "set it to the request_id: a second publish of the same id "
@@ -51,74 +64,38 @@ def _address(subject: str) -> str:
     return subject
 
 
-def _channels(s: Subjects) -> dict[str, dict[str, Any]]:
-    named = Subjects()  # stream names as they are with the default prefix
-    def channel(address: str, refs: list[type], description: str, headers: bool = False) -> dict:
-        address = _address(address)
-        names = [p[1:-1] for p in address.split(".") if p.startswith("{")]
-        return {"address": address, "description": description,
-                "parameters": {n: _PARAM_DOCS[n] for n in names},
-                "messages": {t.__name__: {"$ref": f"#/components/messages/{t.__name__}"} for t in refs}}
-
-    return {
-        "requests": channel(s.request("REGIONX", "PRIORITYX"), [m.ChatRequest],  # type: ignore[arg-type]
-                            "Chat requests for the prefill pool, in the JetStream work queue "
-                            f"{named.stream('req')}: an accepted request survives a worker's death."),
-        "decodeJobs": channel(s.decode("REGIONX", "PRIORITYX"), [m.DecodeJob],  # type: ignore[arg-type]
-                              f"Prefill -> decode hand-over with the KV handle (work queue {named.stream('decode')})."),
-        "events": channel(s.events("CLIENTX", "REQUESTX"), [m.TokenEvent, m.FinalEvent, m.ErrorEvent],
-                          "Token events of one request, numbered by seq from 0; then one final or "
-                          "error event. The request's reply_to must be exactly this subject."),
-        "cancels": channel(s.cancel("REGIONX"), [m.Cancel], "Stop a request wherever it is."),
-        "heartbeats": channel(s.heartbeat("REGIONX", "ROLEX"), [m.Heartbeat],
-                              "Each worker, every GROKSTACK_HEARTBEAT_S seconds."),
-        "deadLetters": channel(s.dead_letter("KINDX"), [m.DeadLetter],
-                               f"What could not be served and why (stream {named.stream('dlq')})."),
-        "captureCopies": channel(_capture_copy(s), [m.ChatRequest, m.DecodeJob],
-                                 f"Full copies of the work messages, kept with the events and cancels "
-                                 f"in {named.stream('capture')} for replay and tracing. Read only."),
-    }
-
-
-def _capture_copy(s: Subjects) -> str:
-    return s.capture_copies("KINDX")[:-1] + "REGIONX.PRIORITYX"  # type: ignore[arg-type]
-
-
-_OPERATIONS = [
-    ("submitRequest", "send", "requests", "A client (edge, JobClient or any NATS client) submits a job."),
-    ("receiveEvents", "receive", "events", "The client reads its job's tokens and outcome."),
-    ("cancelRequest", "send", "cancels", "A client gives up on a job."),
-    ("serveRequests", "receive", "requests", "Prefill workers take requests by priority."),
-    ("handOverDecodeJob", "send", "decodeJobs", "Prefill publishes the decode job."),
-    ("serveDecodeJobs", "receive", "decodeJobs", "Decode workers take decode jobs by priority."),
-    ("streamEvents", "send", "events", "Workers publish token, final and error events."),
-    ("beat", "send", "heartbeats", "Workers announce they are alive."),
-    ("recordDeadLetter", "send", "deadLetters", "Workers record a message they cannot serve."),
-]
+def _channel(channel: Channel) -> dict[str, Any]:
+    address = _address(channel.address(Subjects("PREFIXX"), _PLACEHOLDERS))
+    names = [p[1:-1] for p in address.split(".") if p.startswith("{")]
+    return {"address": address, "description": channel.description,
+            "parameters": {n: _PARAM_DOCS[n] for n in names},
+            "messages": {t.__name__: {"$ref": f"#/components/messages/{t.__name__}"} for t in channel.messages}}
 
 
 def document() -> dict[str, Any]:
-    s = Subjects("PREFIXX")
-    types = [m.ChatRequest, m.DecodeJob, m.TokenEvent, m.FinalEvent, m.ErrorEvent, m.Cancel,
-             m.Heartbeat, m.DeadLetter]
+    types = list(dict.fromkeys(t for c in CHANNELS for t in c.messages))
+    # what goes into a work queue is deduplicated by its Nats-Msg-Id
+    deduplicated = {t for c in CHANNELS if c.work is not None for t in c.messages}
     _, schemas = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     return {
         "asyncapi": "3.0.0",
         "info": {"title": "grokstack bus", "version": str(m.SCHEMA_VERSION),
-                 "description": "Every subject and message of the grokstack bus. Payloads are "
-                                "JSON objects tagged by `type`, with schema version `v`."},
+                 "description": "Every subject and message of the grokstack bus, and which role sends and "
+                                "receives each (operations are named <role>.<action>.<channel>; a pull takes "
+                                "jobs from a JetStream work queue). Payloads are JSON objects tagged by "
+                                "`type`, with schema version `v`."},
         "defaultContentType": "application/json",
         "servers": {"nats": {"host": "localhost:4222", "protocol": "nats",
                              "description": "NATS with JetStream (NATS_URL)"}},
-        "channels": _channels(s),
-        "operations": {name: {"action": action, "channel": {"$ref": f"#/channels/{channel}"},
-                              "summary": summary}
-                       for name, action, channel, summary in _OPERATIONS},
+        "channels": {c.name: _channel(c) for c in CHANNELS},
+        "operations": {op.name: {"action": _ACTIONS[op.action], "channel": {"$ref": f"#/channels/{op.channel}"},
+                                 "summary": op.summary}
+                       for op in OPERATIONS},
         "components": {
             "messages": {t.__name__: {
                 "name": t.__struct_config__.tag, "contentType": "application/json",
                 "payload": {"$ref": f"#/components/schemas/{t.__name__}"},
-                **({"headers": _HEADERS} if t in (m.ChatRequest, m.DecodeJob) else {})}
+                **({"headers": _HEADERS} if t in deduplicated else {})}
                 for t in types},
             "schemas": schemas,
         },

@@ -1,19 +1,22 @@
 """Who may do what on the bus: the NATS subject permissions of each role, and the nats-server
 `authorization` block that enforces them.
 
-Pure functions of a `Subjects` (so of the prefix): nothing here talks to a server. The embedded
-server (services/embedded.py), which `grokstack up` and the tests run, and a production server
-(rendered by `grokstack nats-auth`, see infra/README.md) enforce the same table:
+Pure functions of a `Subjects` (so of the prefix): nothing here talks to a server. What each role
+does is the table of bus/topology.py (the same one the AsyncAPI document is written from); this
+module says what that means on a NATS server:
 
-  edge        publishes requests and cancels; reads its own token events, heartbeats and queue depths
-  prefill     pulls and acks requests; publishes decode jobs, events, heartbeats, dead letters
-  decode      pulls and acks decode jobs; publishes events, heartbeats, dead letters
-  aggregated  pulls and acks requests; publishes events, heartbeats, dead letters
-  ops         everything: `grokstack publish/replay/trace`, JobClient, chaos tools, tests
+  send a channel          publish to its addresses (the role's own only, for an `own` use)
+  receive a channel       subscribe to them
+  pull a channel          the JetStream API of its work queue: declare durable consumers, pull,
+                          ack, delete a job nobody could finish (`take_work`)
+  declare streams         create or update every stream (any process may be the first to start)
+  read capture            short-lived consumers on the capture stream (`read_stream`)
+  replies                 JetStream's answers on `_INBOX.>`
+  queue depths            the work consumers' info (an edge's admission control)
+  everything              `>` (ops)
 
-Every role also declares the streams (any process may be the first to start), reads the capture
-stream through its own short-lived consumers (resume after an edge failover, decode migration,
-the last event of an exhausted job), and gets JetStream's answers on `_INBOX.>`.
+The embedded server (services/embedded.py), which `grokstack up` and the tests run, and a
+production server (rendered by `grokstack nats-auth`, see infra/README.md) enforce the same table.
 
 A server that serves one prefix gets that prefix's table, with JetStream API rights per stream
 (an edge cannot pull decode jobs). A server that serves many prefixes at once (tests use one per
@@ -27,10 +30,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from bus.roles import ROLES, Role
 from bus.subjects import ANY, Subjects, WorkKind
+from bus.topology import Action, Capability, Channel, Owner, capabilities_of, uses_of, work_kinds
 
 INBOXES = "_INBOX.>"  # nats-py's replies: JetStream API answers, publish acks, pulled messages
 _API = "$JS.API"
@@ -77,36 +81,56 @@ def take_work(subjects: Subjects, kind: WorkKind) -> list[str]:
             f"{_API}.STREAM.MSG.DELETE.{stream}"]
 
 
+_EVERYTHING = Permissions(publish=(">",), subscribe=(">",))
+
+# What each capability of bus/topology.py takes on the server.
+_GRANTED: dict[Capability, Callable[[Subjects], Permissions]] = {
+    "everything": lambda s: _EVERYTHING,
+    "declare streams": lambda s: Permissions(publish=tuple(declare_streams(s)), subscribe=()),
+    "read capture": lambda s: Permissions(publish=tuple(read_stream(s.stream("capture"))), subscribe=()),
+    "replies": lambda s: Permissions(publish=(), subscribe=(INBOXES,)),
+    "queue depths": lambda s: Permissions(
+        publish=tuple(f"{_API}.CONSUMER.INFO.{s.stream(kind)}.*" for kind in work_kinds()), subscribe=()),
+}
+
+
+def _pull(subjects: Subjects, channel: Channel, owner: str | None) -> Permissions:
+    assert channel.work is not None  # bus/topology.py lets only work queues be pulled
+    return Permissions(publish=tuple(take_work(subjects, channel.work)), subscribe=())
+
+
+# What each action on a channel takes on the server, given whose addresses (None: all of them).
+_DOES: dict[Action, Callable[[Subjects, Channel, str | None], Permissions]] = {
+    "send": lambda s, channel, owner: Permissions(publish=(channel.pattern(s, owner),), subscribe=()),
+    "receive": lambda s, channel, owner: Permissions(publish=(), subscribe=(channel.pattern(s, owner),)),
+    "pull": _pull,
+}
+
+
+def _owners(role: Role, edge_id: str | None) -> dict[Owner, str | None]:
+    """Whose addresses a login's `own` uses cover: its role's, its edge's (None: the shared edge
+    login, any edge's), the kind of work it pulls."""
+    return {"role": str(role), "client": None if edge_id == ANY else edge_id, "kind": ROLES[role].pulls}
+
+
 def permissions(role: str, subjects: Subjects, edge_id: str | None = None) -> Permissions:
     """The subjects `role` may publish and subscribe to under `subjects`' prefix. `edge_id` limits
     an edge to its own events (`<prefix>.evt.<edge_id>.*`); None lets it read any edge's (one
     shared user for all edges)."""
     role = check_role(role)
-    if role == Role.OPS:
-        return Permissions(publish=(">",), subscribe=(">",))
-    capture = subjects.stream("capture")
-    publish = [*declare_streams(subjects), *read_stream(capture)]
-    subscribe = [INBOXES]
-    if role == Role.EDGE:
-        publish += [subjects.stream_subjects("req"), subjects.all_cancels(),
-                    # the work queues' depth, for admission control (edge/queues.py)
-                    *(f"{_API}.CONSUMER.INFO.{subjects.stream(kind)}.*" for kind in ("req", "decode"))]
-        events = subjects.all_events() if edge_id is None or edge_id == ANY else subjects.events_of_edge(edge_id)
-        subscribe += [events, subjects.all_heartbeats()]
-    else:
-        kind = ROLES[role].pulls
-        assert kind is not None
-        publish += [*take_work(subjects, kind), subjects.all_events(),
-                    subjects.heartbeats_of_role(role), subjects.dead_letters()]
-        if role == Role.PREFILL:
-            publish.append(subjects.stream_subjects("decode"))
-        subscribe += [subjects.doorbells_of(kind), subjects.all_cancels(),
-                      subjects.max_deliveries_advisories(kind)]
-    return Permissions(publish=_unique(publish), subscribe=_unique(subscribe))
+    rights = [_GRANTED[capability](subjects) for capability in capabilities_of(role)]
+    if _EVERYTHING in rights:
+        return _EVERYTHING  # anything else would only repeat it
+    owners = _owners(role, edge_id)
+    for channel, use in uses_of(role):
+        owner = owners[channel.owned_by] if use.own and channel.owned_by else None
+        rights.append(_DOES[use.action](subjects, channel, owner))
+    return merged(*rights)
 
 
 def merged(*parts: Permissions) -> Permissions:
-    """One user's permissions over several prefixes (a live prefix and its sandbox)."""
+    """One user's permissions from parts: a role's capabilities and uses of channels, or its
+    permissions over several prefixes (a live prefix and its sandbox)."""
     return Permissions(publish=_unique(p for part in parts for p in part.publish),
                        subscribe=_unique(s for part in parts for s in part.subscribe))
 

@@ -18,14 +18,16 @@ from nats.js import JetStreamContext
 
 from bus.codec import decode
 from bus.subjects import Subjects
-from bus.messages import ChatRequest, Cost, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from bus.messages import ChatRequest, Cost, TokenEvent
 from bus.roles import Role, job_cost
 from inference import metrics
 from inference.decode import EngineAborted
 from inference.engine import Engine
+from inference.final import DecodeStage, PromptStage, final_event
 from inference.prefill import prompt_of, prompt_renderer, queue_ms
 from inference.worker import Emitter, Job
-from kv_store.keys import kv_params
+from kv_store.keys import kv_request
+from kv_store.records import TransferRecord
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.aggregated")
@@ -60,7 +62,7 @@ class AggregatedService:
         prefill_gpu_s = 0.0
         async for chunk in self.engine.generate(req.request_id, prompt, req.sampling,
                                                 max_tokens=req.sampling.max_tokens,
-                                                kv=kv_params(req.request_id, req.tenant)):
+                                                kv=kv_request(req.request_id, req.tenant)):
             if chunk.token_ids or chunk.text:
                 if not first_at and clock:
                     prefill_gpu_s = clock.seconds(req.request_id)
@@ -73,19 +75,17 @@ class AggregatedService:
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")
         done = time.perf_counter()
-        record = await self.transfers.read(req.request_id) if self.transfers else {}
+        record = await self.transfers.read(req.request_id) if self.transfers else TransferRecord()
         prefill_ms = ((first_at or done) - t0) * 1000
         cost = clock.price(prefill_gpu_s, job.gpu_seconds() - prefill_gpu_s) if clock else Cost()
         log.info("served", prompt_tokens=len(prompt), cached_tokens=cached, completion_tokens=completion,
                  prefill_ms=round(prefill_ms, 1), gpu_s=round(cost.prefill_gpu_s + cost.decode_gpu_s, 6))
-        final = FinalEvent(
-            request_id=req.request_id, seq=emit.next_seq(), finish_reason=finish or "stop",
-            usage=Usage(prompt_tokens=len(prompt), cached_prompt_tokens=cached, completion_tokens=completion),
-            timings=Timings(queue_ms=queue_ms(job), prefill_ms=prefill_ms,
-                            decode_ms=(done - (first_at or done)) * 1000),
-            kv=KvTransfer(bytes_written=int(record.get("save_bytes", 0)), write_ms=record.get("save_ms", 0.0),
-                          bytes_read=int(record.get("load_bytes", 0)), read_ms=record.get("load_ms", 0.0),
-                          loaded_tokens=cached),
-            cost=cost)
+        # One engine did both stages: what it found cached, it loaded (from its cache or Redis).
+        final = final_event(
+            req.request_id, emit.next_seq(), finish or "stop", completion,
+            prompt=PromptStage(tokens=len(prompt), cached_tokens=cached, queue_ms=queue_ms(job),
+                               prefill_ms=prefill_ms, written=record.save),
+            cost=cost, decode=DecodeStage(decode_ms=(done - (first_at or done)) * 1000, loaded_tokens=cached,
+                                          read=record.load))
         await emit.emit(final)
         metrics.observe_final(self.role, req.priority, final)

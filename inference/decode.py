@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import time
 
-import msgspec
 import structlog
 
 from nats.js import JetStreamContext
 
 from bus.capture import sent_so_far
 from bus.codec import decode
-from bus.messages import Cost, DecodeJob, FinalEvent, KvTransfer, Timings, TokenEvent, Usage
+from bus.messages import Cost, DecodeJob, FinalEvent, TokenEvent
 from bus.subjects import Subjects
 from bus.roles import Role, job_cost
 from inference import metrics
 from inference.engine import Engine
+from inference.final import DecodeStage, PromptStage, final_event
 from inference.worker import Emitter, Job
-from kv_store.keys import kv_params
+from kv_store.keys import kv_request
+from kv_store.records import KvRequest, TransferRecord
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.decode")
@@ -52,14 +53,12 @@ class DecodeService:
     def cost(self, job: DecodeJob) -> int:
         return job_cost(self.role, len(job.prompt_token_ids), job.sampling.max_tokens)
 
-    def _kv_params(self, job: DecodeJob) -> dict:
-        params = kv_params(job.request_id, job.tenant)
-        if job.kv is not None:
-            if job.kv.model_id != self.engine.model_id:
-                log.warning("kv handle from another model, recomputing", handle_model=job.kv.model_id)
-            else:
-                params["handle"] = msgspec.structs.asdict(job.kv)
-        return params
+    def _kv_request(self, job: DecodeJob) -> KvRequest:
+        handle = job.kv
+        if handle is not None and handle.model_id != self.engine.model_id:
+            log.warning("kv handle from another model, recomputing", handle_model=handle.model_id)
+            handle = None
+        return kv_request(job.request_id, job.tenant, handle)
 
     async def _already_sent(self, job: Job[DecodeJob], emit: Emitter) -> list[int] | None:
         """On a redelivery: the tokens this stage already sent (emit then continues after them),
@@ -90,7 +89,7 @@ class DecodeService:
         else:
             async for chunk in self.engine.generate(
                     j.request_id, [*j.prompt_token_ids, j.first_token_id, *sent], j.sampling,
-                    max_tokens=j.sampling.max_tokens - completion, kv=self._kv_params(j)):
+                    max_tokens=j.sampling.max_tokens - completion, kv=self._kv_request(j)):
                 if chunk.token_ids or chunk.text:
                     if job.deliveries > 1 and completion == 1 + len(sent):
                         log.info("migrated job's first new token",
@@ -99,38 +98,29 @@ class DecodeService:
                     await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
                                                text=chunk.text, token_ids=chunk.token_ids))
                 finish, report = chunk.finish_reason, chunk.kv
-                loaded = int((report or {}).get("loaded_tokens", chunk.cached_tokens))
+                loaded = report.loaded_tokens if report is not None else chunk.cached_tokens
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")
         final = await self._final(job, emit.next_seq(), finish or "stop", completion, loaded,
-                                  report or {}, time.perf_counter() - t0)
+                                  report.load_reason if report is not None else "", time.perf_counter() - t0)
         await emit.emit(final)
         metrics.observe_final(self.role, j.priority, final, handle_tokens=j.kv.num_tokens if j.kv else 0)
 
     async def _final(self, job: Job[DecodeJob], seq: int, finish: str, completion: int,
-                     loaded: int, report: dict, seconds: float) -> FinalEvent:
+                     loaded: int, load_reason: str, seconds: float) -> FinalEvent:
         j = job.body
-        record = await self.transfers.read(j.request_id) if self.transfers else {}
+        record = await self.transfers.read(j.request_id) if self.transfers else TransferRecord()
         if j.kv is not None:  # blocks evicted between lookup and load were recomputed by vLLM
-            loaded = max(0, loaded - int(record.get("load_failed", 0)) * j.kv.block_size)
+            loaded = max(0, loaded - record.load.failed * j.kv.block_size)
         wanted = j.kv.num_tokens if j.kv else 0
         recomputed = loaded < wanted
         # A migrated job pays for this worker's part; the dead worker's time was not recorded.
         cost = job.clock.price(j.prefill.gpu_s, job.gpu_seconds(), j.prefill.usd) if job.clock else Cost()
         log.info("decoded", completion_tokens=completion, kv_loaded_tokens=loaded,
-                 recomputed=recomputed, reason=report.get("load_reason", ""), decode_gpu_s=cost.decode_gpu_s,
-                 usd=cost.usd)
-        return FinalEvent(
-            request_id=j.request_id, seq=seq, finish_reason=finish,
-            usage=Usage(prompt_tokens=len(j.prompt_token_ids),
-                        cached_prompt_tokens=0 if recomputed else j.prefill.cached_tokens,
-                        completion_tokens=completion),
-            timings=Timings(queue_ms=j.prefill.queue_ms, prefill_ms=j.prefill.prefill_ms,
-                            decode_queue_ms=max(0.0, (job.received_at - j.prefill.done_at) * 1000),
-                            decode_ms=seconds * 1000),
-            kv=KvTransfer(bytes_written=j.prefill.kv_bytes_written, write_ms=j.prefill.kv_write_ms,
-                          bytes_read=int(record.get("load_bytes", 0)),
-                          read_ms=record.get("load_ms", 0.0), loaded_tokens=loaded,
-                          recomputed=recomputed,
-                          reason=report.get("load_reason", "") if recomputed else ""),
-            cost=cost)
+                 recomputed=recomputed, reason=load_reason, decode_gpu_s=cost.decode_gpu_s, usd=cost.usd)
+        return final_event(
+            j.request_id, seq, finish, completion, prompt=PromptStage.of(len(j.prompt_token_ids), j.prefill),
+            cost=cost, decode=DecodeStage(
+                decode_ms=seconds * 1000, loaded_tokens=loaded, read=record.load,
+                queue_ms=max(0.0, (job.received_at - j.prefill.done_at) * 1000),
+                recomputed=recomputed, reason=load_reason))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import AsyncIterator, Protocol, Sequence
 
 from bus.messages import ChatMessage, SamplingSpec
+from kv_store.records import KvReport, KvRequest
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class EngineChunk:
     finish_reason: str | None = None  # set on the last chunk: stop | length | abort
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was loaded, not computed
-    kv: dict[str, Any] | None = None  # the KV connector's report, on the last chunk
+    kv: KvReport | None = None  # the KV connector's report, on the last chunk (None without one)
 
 
 class Engine(Protocol):
@@ -32,5 +33,6 @@ class Engine(Protocol):
         """The model's chat template applied to `messages`, ready for the assistant's turn."""
 
     def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                 max_tokens: int, kv: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
-        """Stream the completion. Cancelling the consuming task aborts the request."""
+                 max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:
+        """Stream the completion, telling the KV connector `kv`. Cancelling the consuming task
+        aborts the request."""

@@ -10,14 +10,15 @@ import structlog
 from nats.js import JetStreamContext
 
 from bus.codec import decode, encode
-from bus.messages import (ChatMessage, ChatRequest, Cost, DecodeJob, FinalEvent, KvHandle, KvTransfer, PrefillStats,
-                          Timings, TokenEvent, Usage)
+from bus.messages import ChatMessage, ChatRequest, Cost, DecodeJob, PrefillStats, TokenEvent
 from bus.subjects import Subjects
 from bus.roles import Role, job_cost
 from inference import metrics
 from inference.engine import Engine
+from inference.final import PromptStage, final_event
 from inference.worker import Emitter, Job, JobRefused
-from kv_store.keys import kv_params
+from kv_store.keys import kv_request
+from kv_store.records import TransferRecord
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.prefill")
@@ -82,19 +83,18 @@ class PrefillService:
         token_ids: list[int] = []
         text, finish, cached, report = "", None, 0, None
         async for chunk in self.engine.generate(req.request_id, prompt, req.sampling, max_tokens=1,
-                                                kv=kv_params(req.request_id, req.tenant)):
+                                                kv=kv_request(req.request_id, req.tenant)):
             token_ids += chunk.token_ids
             text += chunk.text
             finish, cached, report = chunk.finish_reason, chunk.cached_tokens, chunk.kv
         prefill_ms = (time.perf_counter() - t0) * 1000
         await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(), text=text,
                                    token_ids=token_ids))
-        record = await self.transfers.read(req.request_id) if self.transfers else {}
+        record = await self.transfers.read(req.request_id) if self.transfers else TransferRecord()
         gpu_s = job.gpu_seconds()
         stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms(job), prefill_ms=prefill_ms,
                              cached_tokens=cached, done_at=time.time(),
-                             kv_bytes_written=int(record.get("save_bytes", 0)),
-                             kv_write_ms=record.get("save_ms", 0.0), gpu_s=round(gpu_s, 6),
+                             kv_bytes_written=record.save.bytes, kv_write_ms=record.save.ms, gpu_s=round(gpu_s, 6),
                              usd=job.clock.usd(gpu_s) if job.clock else 0.0)
         log.info("prefilled", prompt_tokens=len(prompt), cached_tokens=cached,
                  prefill_ms=round(prefill_ms, 1), kv_bytes_written=stats.kv_bytes_written,
@@ -103,13 +103,12 @@ class PrefillService:
         if finish != "length" or req.sampling.max_tokens == 1 or not token_ids:
             await self._finish(req, emit, len(prompt), stats, finish or "stop")
             return
-        handle = (report or {}).get("handle")
         await self.js.publish(
             self.subjects.decode(req.region, req.priority),
             encode(DecodeJob(
                 request_id=req.request_id, region=req.region, priority=req.priority,
                 reply_to=req.reply_to, prompt_token_ids=prompt, first_token_id=token_ids[-1],
-                sampling=req.sampling, prefill=stats, kv=KvHandle(**handle) if handle else None,
+                sampling=req.sampling, prefill=stats, kv=report.handle if report else None,
                 conversation_id=req.conversation_id, created_at=req.created_at,
                 deadline=req.deadline, tenant=req.tenant)),
             # A redelivered request (this worker died after publishing) is deduplicated here.
@@ -118,10 +117,6 @@ class PrefillService:
     async def _finish(self, req: ChatRequest, emit: Emitter, prompt_tokens: int,
                       stats: PrefillStats, finish: str) -> None:
         """The first token already ended the answer: no decode stage."""
-        await emit.emit(FinalEvent(
-            request_id=req.request_id, seq=emit.next_seq(), finish_reason=finish,
-            usage=Usage(prompt_tokens=prompt_tokens, cached_prompt_tokens=stats.cached_tokens,
-                        completion_tokens=1),
-            timings=Timings(queue_ms=stats.queue_ms, prefill_ms=stats.prefill_ms),
-            kv=KvTransfer(bytes_written=stats.kv_bytes_written, write_ms=stats.kv_write_ms),
-            cost=Cost(prefill_gpu_s=stats.gpu_s, usd=stats.usd)))
+        await emit.emit(final_event(req.request_id, emit.next_seq(), finish, completion_tokens=1,
+                                    prompt=PromptStage.of(prompt_tokens, stats),
+                                    cost=Cost(prefill_gpu_s=stats.gpu_s, usd=stats.usd)))

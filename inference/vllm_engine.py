@@ -13,6 +13,7 @@ from inference.config import EngineSetup
 from inference.engine import EngineChunk
 from inference.pools import Pool
 from inference.profiles import apply_vllm_environment, engine_args, resolve_profile
+from kv_store.records import KvRequest, report_from_params, request_to_params
 
 log = structlog.get_logger("grokstack.engine")
 
@@ -68,15 +69,16 @@ class VllmEngine:
         return self._tokenizer.decode(token_ids)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       max_tokens: int, kv: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
+                       max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # vLLM hands kv_transfer_params between its processes as plain dicts, both ways.
         params = SamplingParams(
             max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             stop=list(sampling.stop) or None, seed=sampling.seed,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={"kv_transfer_params": kv} if kv is not None else None)
+            extra_args={"kv_transfer_params": request_to_params(kv)} if kv is not None else None)
         # AsyncLLM aborts the request in the engine when this generator is cancelled.
         async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params,
                                             request_id=request_id):
@@ -88,4 +90,4 @@ class VllmEngine:
                 finish_reason=completion.finish_reason if out.finished else None,
                 prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                 cached_tokens=out.num_cached_tokens or 0,
-                kv=out.kv_transfer_params if out.finished else None)
+                kv=report_from_params(out.kv_transfer_params) if out.finished else None)

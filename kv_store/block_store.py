@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import redis
 
+from kv_store.records import TransferKind, TransferStats
+
 log = logging.getLogger("grokstack.kv_store")
-
-
-@dataclass
-class TransferStats:
-    blocks: int = 0
-    bytes: int = 0
-    ms: float = 0.0
-    failed: int = 0
 
 
 class BlockStore:
@@ -72,8 +65,9 @@ class BlockStore:
             return TransferStats(failed=len(items), ms=(time.perf_counter() - t0) * 1000)
         return TransferStats(len(items), sum(len(b) for _, b in items), (time.perf_counter() - t0) * 1000)
 
-    def record(self, stats_key: str, kind: str, stats: TransferStats) -> None:
-        """Add `stats` to the request's transfer record (read by the worker that owns it)."""
+    def record(self, stats_key: str, kind: TransferKind, stats: TransferStats) -> None:
+        """Add `stats` to the request's transfer record: one hash field per counter, `<kind>_<counter>`
+        (the worker that owns the request reads it back with `records.record_from_hash`)."""
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hincrby(stats_key, f"{kind}_blocks", stats.blocks)

@@ -4,13 +4,16 @@ Loaded by module path (`kv_connector_module_path="kv_store.connector"`). One ins
 the scheduler side (decides what to load and save, in the EngineCore process) and one per
 worker (moves the bytes, in the model worker process).
 
+- A request tells the connector who it is in its `kv_transfer_params` (a `KvRequest`, see
+  `kv_store/records.py`), and a finished request's `kv_transfer_params` carry the connector's
+  `KvReport` back; vLLM moves both between its processes as plain dicts.
 - Producer roles (`kv_producer`, `kv_both`: the prefill pool) save every full block of each
-  prompt under `block_key(prefix, layout, chained hash of the tokens)`, and return the handle
-  of those blocks in the finished request's `kv_transfer_params["handle"]`.
+  prompt under `block_key(prefix, layout, chained hash of the tokens)`, and report the handle
+  of those blocks when the request finishes.
 - Consumer roles (`kv_consumer`, `kv_both`) load the longest run of a prompt's full blocks that
-  Redis holds. A request may carry a handle (`kv_transfer_params["handle"]`, the decode path):
-  then only the handle's keys are used, and only if they match the request's own tokens and
-  this engine's layout; anything else is recomputed.
+  Redis holds. A request may carry a handle (the decode path): then only the handle's keys are
+  used, and only if they match the request's own tokens and this engine's layout; anything
+  else is recomputed.
 - Loads and saves are synchronous within the engine step. A block that cannot be loaded is
   reported to vLLM, which recomputes it (`kv_load_failure_policy="recompute"`).
 - With `step_lock` set, engines sharing this machine's cores take turns per forward pass
@@ -33,8 +36,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from bus.messages import KvHandle
 from kv_store.block_store import BlockStore
 from kv_store.keys import layout_fingerprint, model_identity, prompt_block_keys, transfer_stats_key
+from kv_store.records import KvReport, report_to_params, request_from_params
 from kv_store.step_lock import StepLock
 
 if TYPE_CHECKING:
@@ -117,39 +122,32 @@ class RedisKVConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def _params(self, request: "Request") -> dict[str, Any]:
-        return request.kv_transfer_params or {}
-
-    def _our_id(self, request: "Request") -> str:
-        return str(self._params(request).get("request_id") or request.request_id)
-
     def _plan(self, request: "Request", num_computed_tokens: int) -> _LoadPlan:
         plan = self._plans.get(request.request_id)
         if plan is not None:
             return plan
+        kv = request_from_params(request.kv_transfer_params, request.request_id)
         prompt = list(request.prompt_token_ids or [])
         keys = prompt_block_keys(self._key_prefix, self._layout, prompt, self._block_size,
-                                 len(prompt) // self._block_size,
-                                 str(self._params(request).get("namespace") or ""))
+                                 len(prompt) // self._block_size, kv.namespace)
         # At least one prompt token must be computed to sample from, so the last block of a
         # prompt that ends on a block boundary is never loaded.
         loadable = min(len(keys), max(0, len(prompt) - 1) // self._block_size)
         candidates, reason = keys[:loadable], ""
-        handle = self._params(request).get("handle")
-        if handle is not None:
-            candidates, reason = self._check_handle(handle, keys[:loadable])
+        if kv.handle is not None:
+            candidates, reason = self._check_handle(kv.handle, keys[:loadable])
         present = self._store.present_prefix(candidates) if self._can_load else 0
         if present < len(candidates) and not reason:
             reason = f"{len(candidates) - present} of {len(candidates)} blocks missing from the store"
-        plan = _LoadPlan(self._our_id(request), keys, num_computed_tokens // self._block_size,
+        plan = _LoadPlan(kv.request_id or request.request_id, keys, num_computed_tokens // self._block_size,
                          present, reason)
         self._plans[request.request_id] = plan
         return plan
 
-    def _check_handle(self, handle: dict[str, Any], own_keys: list[str]) -> tuple[list[str], str]:
-        if handle.get("layout") != self._layout or handle.get("block_size") != self._block_size:
+    def _check_handle(self, handle: KvHandle, own_keys: list[str]) -> tuple[list[str], str]:
+        if handle.layout != self._layout or handle.block_size != self._block_size:
             return [], "handle was written by an engine with another KV layout"
-        keys = list(handle.get("keys") or [])[: len(own_keys)]
+        keys = list(handle.keys)[: len(own_keys)]
         if keys != own_keys[: len(keys)]:
             return [], "handle keys do not match the request's tokens"
         return keys, ""
@@ -212,20 +210,14 @@ class RedisKVConnector(KVConnectorBase_V1):
         self._saving.pop(request.request_id, None)
         if plan is None:
             return False, None
-        result: dict[str, Any] = {
-            "loaded_tokens": max(0, plan.present - plan.first_block) * self._block_size,
-            "load_reason": plan.reason,
-        }
+        handle = None
         if self._can_save and plan.keys:
-            result["handle"] = {
-                "model_id": self._model_id,
-                "layout": self._layout,
-                "block_size": self._block_size,
-                "keys": plan.keys,
-                "num_tokens": len(plan.keys) * self._block_size,
-                "content_hash": plan.keys[-1].rsplit(":", 1)[-1],
-            }
-        return False, result
+            handle = KvHandle(model_id=self._model_id, layout=self._layout, block_size=self._block_size,
+                              keys=plan.keys, num_tokens=len(plan.keys) * self._block_size,
+                              content_hash=plan.keys[-1].rsplit(":", 1)[-1])
+        report = KvReport(loaded_tokens=max(0, plan.present - plan.first_block) * self._block_size,
+                          load_reason=plan.reason, handle=handle)
+        return False, report_to_params(report)
 
     # ------------------------------------------------------------------ worker side
 

@@ -15,6 +15,9 @@ from array import array
 from pathlib import Path
 from typing import Sequence
 
+from bus.messages import KvHandle
+from kv_store.records import KvRequest
+
 
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
@@ -47,9 +50,10 @@ def kv_namespace(tenant: str | None) -> str:
     return tenant or ""
 
 
-def kv_params(request_id: str, tenant: str | None) -> dict:
-    """What a request tells the KV connector: its id (for transfer records) and namespace."""
-    return {"request_id": request_id, "namespace": kv_namespace(tenant)}
+def kv_request(request_id: str, tenant: str | None, handle: KvHandle | None = None) -> KvRequest:
+    """What a request tells the KV connector: its id (for transfer records), its tenant's
+    namespace and, on the decode path, the handle of the prompt's blocks."""
+    return KvRequest(request_id=request_id, namespace=kv_namespace(tenant), handle=handle)
 
 
 def block_hashes(layout: str, token_ids: Sequence[int], block_size: int, num_blocks: int,

@@ -6,6 +6,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from kv_store.keys import transfer_stats_key
+from kv_store.records import TransferRecord, record_from_hash
 
 log = structlog.get_logger("grokstack.kv_store")
 
@@ -18,14 +19,14 @@ class TransferRecords:
     async def ping(self) -> None:
         await self._redis.ping()
 
-    async def read(self, request_id: str) -> dict[str, float]:
-        """{'save_bytes': ..., 'save_ms': ..., 'load_bytes': ..., ...}; empty when unknown."""
+    async def read(self, request_id: str) -> TransferRecord:
+        """The request's transfers so far; an empty record when there is none or it is unreadable."""
         try:
             raw = await self._redis.hgetall(transfer_stats_key(self._key_prefix, request_id))
+            return record_from_hash(raw)
         except Exception as exc:  # accounting must never fail a request
             log.warning("kv transfer record unreadable", error=str(exc))
-            return {}
-        return {k.decode(): float(v) for k, v in raw.items()}
+            return TransferRecord()
 
     async def close(self) -> None:
         await self._redis.aclose()

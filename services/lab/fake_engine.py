@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-from typing import Any, AsyncIterator, Sequence
+from typing import AsyncIterator, Sequence
 
-from bus.messages import ChatMessage, SamplingSpec
+from bus.messages import ChatMessage, KvHandle, SamplingSpec
 from inference.engine import EngineChunk
 from inference.pools import pool_named
 from kv_store.block_store import BlockStore
 from kv_store.keys import prompt_block_keys
+from kv_store.records import KvReport, KvRequest
 
 ASSISTANT = b"<|assistant|>"
 BLOCK = 16
@@ -57,7 +58,7 @@ class FakeEngine:
         return bytes(token_ids).decode("utf-8", "replace")
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       max_tokens: int, kv: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
+                       max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:
         self.started += 1
         prompt = bytes(prompt_token_ids)
         head, _, already = prompt.rpartition(ASSISTANT)
@@ -78,21 +79,20 @@ class FakeEngine:
         finish = "length" if len(reply) > max_tokens else "stop"
         yield EngineChunk([], decoder.decode(b"", final=True), finish, len(prompt_token_ids), loaded, report)
 
-    def _kv(self, tokens: list[int], kv: dict[str, Any] | None) -> tuple[int, dict[str, Any] | None]:
+    def _kv(self, tokens: list[int], kv: KvRequest | None) -> tuple[int, KvReport | None]:
         if self.store is None or kv is None:
             return 0, None
-        keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK,
-                                 str(kv.get("namespace") or ""))
+        keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK, kv.namespace)
         if self.pool.kv_role == "kv_both":  # load earlier turns, save this one
             loadable = (len(tokens) - 1) // BLOCK
             loaded = self.store.present_prefix(keys[:loadable]) * BLOCK
             self.store.save([(k, b"kv") for k in keys])
-            handle = {"model_id": self.model_id, "layout": LAYOUT, "block_size": BLOCK, "keys": keys,
-                      "num_tokens": len(keys) * BLOCK, "content_hash": keys[-1] if keys else ""}
-            return loaded, {"handle": handle, "loaded_tokens": loaded}
-        handle_keys = list((kv.get("handle") or {}).get("keys") or [])
+            handle = KvHandle(model_id=self.model_id, layout=LAYOUT, block_size=BLOCK, keys=keys,
+                              num_tokens=len(keys) * BLOCK, content_hash=keys[-1] if keys else "")
+            return loaded, KvReport(loaded_tokens=loaded, load_reason="", handle=handle)
+        handle_keys = list(kv.handle.keys) if kv.handle is not None else []
         valid = handle_keys == keys[:len(handle_keys)]
         loaded = self.store.present_prefix(handle_keys) * BLOCK if valid else 0
         if valid and loaded < len(handle_keys) * BLOCK:
             loaded = 0  # the fake recomputes everything on any miss
-        return loaded, {"loaded_tokens": loaded}
+        return loaded, KvReport(loaded_tokens=loaded, load_reason="")

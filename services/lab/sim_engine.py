@@ -18,7 +18,7 @@ import asyncio
 import codecs
 import itertools
 import math
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from bus.messages import SamplingSpec
 from inference.engine import EngineChunk
@@ -26,6 +26,7 @@ from services.lab.fake_engine import ASSISTANT, FakeEngine, reply_for
 from services.lab.sim_batcher import Batcher, Clock
 from services.lab.sim_calibration import Calibration
 from kv_store.block_store import BlockStore
+from kv_store.records import KvRequest
 
 FILLER = (b" Queues form when work arrives faster than it is served; a steady stream hides it, a "
           b"burst shows it. Admission control keeps the urgent fast and asks the rest to come back"
@@ -56,7 +57,7 @@ class SimEngine(FakeEngine):
         await self.batcher.stop()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       max_tokens: int, kv: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
+                       max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:
         self.started += 1
         head, _, already = bytes(prompt_token_ids).rpartition(ASSISTANT)
         reply = answer(head + ASSISTANT, len(already) + max_tokens)[len(already):]

@@ -10,6 +10,8 @@ import asyncio
 import pytest
 
 from bus.messages import ChatMessage, SamplingSpec
+from kv_store.keys import kv_request
+from kv_store.records import KvRequest
 from services.lab.sim_batcher import VirtualClock
 from services.lab.sim_calibration import BATCH, DEFAULT, Calibration
 from services.lab.sim_engine import SimEngine
@@ -23,7 +25,7 @@ def engine(role: str = "direct", max_num_seqs: int = 16, **kw) -> tuple[SimEngin
     return SimEngine(role, kw.pop("calibration", CAL), max_num_seqs, clock=clock, **kw), clock
 
 
-async def run(eng: SimEngine, prompt: list[int], max_tokens: int, kv: dict | None = None) -> list[int]:
+async def run(eng: SimEngine, prompt: list[int], max_tokens: int, kv: KvRequest | None = None) -> list[int]:
     out: list[int] = []
     async for chunk in eng.generate("r", prompt, SAMPLING, max_tokens, kv):
         out += chunk.token_ids
@@ -130,18 +132,17 @@ async def test_a_migrated_decode_continues_with_the_same_tokens():
     pre, _ = engine("prefill", store=store)
     dec, _ = engine("decode", store=store)
     p = prompt("Tell me about queues, please", pre)
-    kv = {"request_id": "r", "namespace": "t"}
     first, report = [], None
-    async for chunk in pre.generate("r", p, SAMPLING, 1, kv):
+    async for chunk in pre.generate("r", p, SAMPLING, 1, kv_request("r", "t")):
         first += chunk.token_ids
         report = chunk.kv or report
-    kv["handle"] = report["handle"]
+    kv = kv_request("r", "t", report.handle)
     whole = await run(dec, p + first, 80, kv)
     resumed = await run(dec, p + first + whole[:30], 50, kv)  # another worker, after 30 sent tokens
     assert resumed == whole[30:]
     assert first + whole == await run(engine()[0], p, 81)  # the same as one engine alone
     # the decode computed only what the KV handle did not cover
-    covered = len(report["handle"]["keys"]) * 16
+    covered = len(report.handle.keys) * 16
     assert covered > 0 and dec.batcher.steps[0].prefill_tokens == len(p) + 1 - covered
 
 

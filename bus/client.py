@@ -1,36 +1,44 @@
-"""Publishing generation jobs straight onto the bus, for services and batch jobs.
+"""The one client of the bus for whoever submits jobs and follows their events: back-end services,
+the CLI, and the edge (edge/gateway.py builds on it).
 
-    async with JobClient.connect("nats://...") as client:
+    async with await JobClient.connect("nats://...") as client:
         job = await client.submit(client.request([ChatMessage(role="user", content="Hi")]))
         async for event in job:          # TokenEvent ... then FinalEvent or ErrorEvent
             ...
         result = await client.generate([...], max_tokens=64)   # or wait for the whole text
 
 Services import this instead of building subjects and payloads themselves. A job's events come
-to `<prefix>.evt.<client>.<request_id>`; this client listens there once for all its jobs.
+to `<prefix>.evt.<client>.<request_id>`; this client listens there once for all its jobs, and puts
+each job's events back in order (bus/ordering.py): a gap is filled from the capture stream, where
+every event is stored, and so is whatever was published while the connection was down (after a
+reconnect every open job looks in the capture). Events of a request nobody here waits for (the
+caller went away, or the process restarted) make it cancel the work.
 
 Idempotency: the idempotency key is the request id, sent as `Nats-Msg-Id`. The request stream
 stores a second publish of the same id within its dedupe window once, and says so in its ack;
-the second caller then reads the first job's events from the capture stream, from the start, so
-both callers get the same result from one generation.
+the second caller then follows the first job's events (`attach`): what the capture stream holds,
+then what comes next, so both callers get the same result from one generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import msgspec
+import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy
 
+from bus.capture import EventHistory, event_history
 from bus.codec import BadMessage, decode, decode_event, encode
 from bus.credentials import BusAuth
-from bus.jetstream import connect
+from bus.jetstream import connect, reconnects
 from bus.messages import (
     Cancel,
     ChatMessage,
@@ -46,6 +54,14 @@ from bus.messages import (
 from bus.ordering import RequestStream
 from bus.priorities import Priority
 from bus.subjects import Subjects
+
+log = structlog.get_logger("grokstack.bus")
+
+GAP_TIMEOUT_S = 5.0
+# Publishers flush what they buffered when they reconnect too, maybe after this client: look twice.
+REFILL_AFTER_RECONNECT_S = (1.0, 3.0)
+CAPTURE_READERS = 8  # capture look-ups at once after a reconnect
+REMEMBERED = 10_000  # ids of requests this client stopped following (not to cancel them twice)
 
 
 class JobRejected(RuntimeError):
@@ -68,17 +84,23 @@ class JobResult:
 
 
 class Job:
-    """One submitted job: iterate over its events, in order, exactly once each."""
+    """One submitted (or attached) job: its events in order, exactly once each."""
 
     def __init__(self, client: "JobClient", request_id: str, region: str, stream: RequestStream,
-                 joined: bool, timeout_s: float) -> None:
+                 joined: bool, timeout_s: float, history: EventHistory | None = None) -> None:
         self.client = client
         self.request_id = request_id
         self.region = region
         self.joined = joined
+        self.history = history  # what the capture held when an attached job was joined
         self._stream = stream
         self._timeout_s = timeout_s
         self._done = False
+
+    async def next(self, timeout: float) -> Event:
+        """The next event in order (a gap the capture cannot fill is a retryable stream_gap error);
+        asyncio.TimeoutError when none comes within `timeout`."""
+        return await self._stream.next(timeout)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         deadline = time.monotonic() + self._timeout_s
@@ -91,7 +113,7 @@ class Job:
                 self._done = isinstance(event, (FinalEvent, ErrorEvent))
                 yield event
         finally:
-            await self.client._forget(self.request_id)
+            self.client.forget(self.request_id)
 
     async def result(self) -> JobResult:
         out = JobResult(request_id=self.request_id, joined=self.joined)
@@ -121,13 +143,16 @@ class JobClient:
         self.client_id = client_id
         self._own_connection = own_connection
         self._streams: dict[str, RequestStream] = {}
+        self._attached: dict[str, Subscription] = {}  # request id -> its events, to any client
+        self._forgotten: OrderedDict[str, None] = OrderedDict()  # ids we stopped following
         self._subs: list[Subscription] = []
-        self._attached: dict[str, Subscription] = {}  # request id -> its capture reader
+        self._background: set[asyncio.Task] = set()
+        self._capture_readers = asyncio.Semaphore(CAPTURE_READERS)
 
     @classmethod
     async def connect(cls, url: str, prefix: str = "gs", region: str = "local",
                       client_id: str | None = None, auth: BusAuth | None = None) -> "JobClient":
-        """`auth`: the login to use, e.g. `BusAuth.of(settings, "ops")` (bus/credentials.py)."""
+        """`auth`: the login to use, e.g. `BusAuth.of(bus_config, "ops")` (bus/credentials.py)."""
         client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         nc = await connect(url, name=f"grokstack-{client_id}", auth=auth)
         return await cls.over(nc, prefix, region, client_id, own_connection=True)
@@ -141,11 +166,18 @@ class JobClient:
                      own_connection)
         client._subs.append(await nc.subscribe(client.subjects.events_of_edge(client.client_id),
                                                cb=client._on_event))
+        client._spawn(client._refill_after_reconnects())
         return client
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for sub in [*self._subs, *self._attached.values()]:
-            await sub.unsubscribe()
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is already closed
+                pass
         self._subs.clear()
         self._attached.clear()
         if self._own_connection:
@@ -165,16 +197,25 @@ class JobClient:
                 region: str | None = None, conversation_id: str | None = None,
                 idempotency_key: str | None = None, timeout_s: float = 300.0) -> ChatRequest:
         """A validated ChatRequest; the idempotency key, when given, is the request id."""
-        request_id = idempotency_key or uuid.uuid4().hex
+        sampling = SamplingSpec(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                stop=stop or [], seed=seed)
+        return self.new_request(messages, sampling, priority, region=region, conversation_id=conversation_id,
+                                request_id=idempotency_key, timeout_s=timeout_s)
+
+    def new_request(self, messages: list[ChatMessage], sampling: SamplingSpec, priority: Priority, *,
+                    region: str | None = None, conversation_id: str | None = None,
+                    request_id: str | None = None, timeout_s: float = 300.0,
+                    tenant: str | None = None) -> ChatRequest:
+        """The request this client would publish: a new id (unless given), its events' subject,
+        and a deadline. Checked against the wire schema, so a bad value fails here and not in a
+        worker (ValueError)."""
+        request_id = request_id or uuid.uuid4().hex
         now = time.time()
         fields = dict(
-            request_id=request_id, region=region or self.region, priority=priority,
-            messages=messages,
-            sampling=SamplingSpec(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  stop=stop or [], seed=seed),
-            reply_to=self.subjects.events(self.client_id, request_id),
-            conversation_id=conversation_id, created_at=now, deadline=now + timeout_s)
-        try:  # through the wire schema, so a bad value fails here and not in a worker
+            request_id=request_id, region=region or self.region, priority=priority, messages=messages,
+            sampling=sampling, reply_to=self.subjects.events(self.client_id, request_id),
+            conversation_id=conversation_id, created_at=now, deadline=now + timeout_s, tenant=tenant)
+        try:
             return decode(encode(ChatRequest(**fields)), ChatRequest)  # type: ignore[arg-type]
         except (BadMessage, ValueError) as exc:
             raise ValueError(f"invalid job: {exc}") from None
@@ -182,7 +223,8 @@ class JobClient:
     # ------------------------------------------------------------------ jobs
 
     async def submit(self, request: ChatRequest, timeout_s: float = 300.0) -> Job:
-        stream = RequestStream(request.request_id, gap_timeout_s=5.0)
+        """Publish the request (JobRejected when the bus does not take it) and follow its events."""
+        stream = self._new_stream(request.request_id)
         self._streams[request.request_id] = stream  # before publishing: events may come fast
         try:
             ack = await self.js.publish(
@@ -195,8 +237,7 @@ class JobClient:
         if ack.duplicate:  # someone published this id before: follow that job's events
             self._streams.pop(request.request_id, None)
             return await self.attach(request, timeout_s)
-        return Job(self, request.request_id, request.region, stream, joined=False,
-                   timeout_s=timeout_s)
+        return Job(self, request.request_id, request.region, stream, joined=False, timeout_s=timeout_s)
 
     async def generate(self, messages: list[ChatMessage], **options: object) -> JobResult:
         timeout_s = float(options.get("timeout_s", 300.0))  # type: ignore[arg-type]
@@ -204,43 +245,112 @@ class JobClient:
         return await job.result()
 
     async def attach(self, request: ChatRequest | str, timeout_s: float = 300.0) -> Job:
-        """Follow a job published earlier (by anyone) from its first event, through the
-        capture stream: what already happened, then what happens next."""
+        """Follow a job published earlier (by anyone, to any client) from its first event: what the
+        capture stream holds, then what comes next (`Job.history` is what the capture held)."""
         request_id = request if isinstance(request, str) else request.request_id
-        stream = RequestStream(request_id, gap_timeout_s=5.0)
-
-        async def on_captured(msg: Msg) -> None:
-            try:
-                stream.deliver(decode_event(msg.data))
-            except BadMessage:
-                pass
-
-        sub = await self.js.subscribe(
-            self.subjects.events_of_request(request_id), stream=self.subjects.stream("capture"),
-            ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=on_captured)
-        self._attached[request_id] = sub
+        stream = self._new_stream(request_id)
         self._streams[request_id] = stream
+        self._attached[request_id] = await self.nc.subscribe(
+            self.subjects.events_of_request(request_id), cb=self._on_attached_event)
+        await self.nc.flush()  # subscribed before the capture is read: no gap between the two
+        try:
+            history = await event_history(self.js, self.subjects, request_id)
+        except Exception as exc:  # the capture is down: the live events still come
+            log.warning("capture not readable", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
+            history = EventHistory({}, None, None)
+        for event in history.from_seq(0):
+            stream.deliver(event)
         region = self.region if isinstance(request, str) else request.region
-        return Job(self, request_id, region, stream, joined=True, timeout_s=timeout_s)
+        return Job(self, request_id, region, stream, joined=True, timeout_s=timeout_s, history=history)
+
+    def following(self) -> set[str]:
+        """The requests whose events this client routes now (a leak shows here)."""
+        return set(self._streams) | set(self._attached)
+
+    def forget(self, request_id: str) -> None:
+        """Stop following a request (its job ended, or nobody waits for it any more)."""
+        self._streams.pop(request_id, None)
+        self._remember(request_id)
+        sub = self._attached.pop(request_id, None)
+        if sub is not None:
+            self._spawn(sub.unsubscribe())
 
     async def cancel(self, request_id: str, region: str | None = None,
                      reason: str = "client_cancelled") -> None:
-        await self.nc.publish(self.subjects.cancel(region or self.region),
-                              encode(Cancel(request_id=request_id, reason=reason)))
+        """Stop the request wherever it runs (every worker of its region hears it)."""
+        self.forget(request_id)
+        try:
+            await self.nc.publish(self.subjects.cancel(region or self.region),
+                                  encode(Cancel(request_id=request_id, reason=reason)))
+        except Exception as exc:
+            log.warning("cancel not published", request_id=request_id, error=str(exc))
 
     # ------------------------------------------------------------------ inbound
 
     async def _on_event(self, msg: Msg) -> None:
         try:
             event = decode_event(msg.data)
-        except BadMessage:
+        except BadMessage as exc:
+            log.warning("dropped malformed event", subject=msg.subject, reason=exc.reason)
             return
         stream = self._streams.get(event.request_id)
         if stream is not None:  # both paths may deliver one event: the stream drops repeats
             stream.deliver(event)
+        elif event.request_id not in self._forgotten and not isinstance(event, ErrorEvent):
+            # Nobody here waits for it (the caller went away, or this process restarted): stop the work.
+            await self.cancel(event.request_id, reason="no_listener")
 
-    async def _forget(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        sub = self._attached.pop(request_id, None)
-        if sub is not None:
-            await sub.unsubscribe()
+    async def _on_attached_event(self, msg: Msg) -> None:
+        """Events of attached jobs; unlike our own, one nobody waits for is not ours to stop."""
+        try:
+            event = decode_event(msg.data)
+        except BadMessage:
+            return
+        stream = self._streams.get(event.request_id)
+        if stream is not None:
+            stream.deliver(event)
+
+    # ------------------------------------------------------------------ the capture
+
+    def _new_stream(self, request_id: str) -> RequestStream:
+        return RequestStream(request_id, gap_timeout_s=GAP_TIMEOUT_S, refill=self._captured_from)
+
+    async def _captured_from(self, request_id: str, first_seq: int) -> list[Event]:
+        async with self._capture_readers:
+            try:
+                history = await event_history(self.js, self.subjects, request_id)
+            except Exception as exc:  # the capture is down too: the gap stays a gap
+                log.warning("capture not readable", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
+                return []
+        found = history.from_seq(first_seq)
+        if found:
+            log.info("missed events read from the capture", request_id=request_id, first_seq=first_seq,
+                     found=len(found))
+        return found
+
+    async def _refill_after_reconnects(self) -> None:
+        """What was published while we were away is gone from the subscription, not the capture."""
+        async for _ in reconnects(self.nc, 0.25):
+            self._spawn(self._refill_open_streams())
+
+    async def _refill_open_streams(self) -> None:
+        for delay in REFILL_AFTER_RECONNECT_S:
+            await asyncio.sleep(delay)
+            streams = list(self._streams.values())
+            log.info("reading events missed during the reconnect from the capture", requests=len(streams))
+            await asyncio.gather(*(s.fill_from_capture() for s in streams), return_exceptions=True)
+
+    def _remember(self, request_id: str) -> None:
+        self._forgotten[request_id] = None
+        while len(self._forgotten) > REMEMBERED:
+            self._forgotten.popitem(last=False)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # e.g. unsubscribing when closed
+            log.debug("background bus task failed", error=repr(task.exception()))

@@ -21,12 +21,13 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from bus.messages import FinalEvent, SamplingSpec, TokenEvent
-from bus.priorities import PRIORITIES
+from bus.log_context import request_context
+from bus.messages import FinalEvent, TokenEvent
 from bus.subjects import check_token
-from edge.admission import Admission, Refused, retry_after_header
-from edge.gateway import SubmitFailed
-from edge.live import LiveRequest, LiveRequests, Overloaded
+from edge.admission import retry_after_header
+from edge.config import EdgeConfig
+from edge.intake import Intake, Refusal
+from edge.live import LiveRequest, LiveRequests
 from edge.openai_wire import (
     Model,
     ModelList,
@@ -39,11 +40,8 @@ from edge.openai_wire import (
     parse_request,
     token_chunk,
 )
-from edge.protocol import FrameError, stop_list, usage_frame
+from edge.protocol import FrameError, usage_frame
 from edge.tenants import ApiKeys, AuthError, Tenant
-from edge import metrics
-from bus.log_context import request_context
-from edge.config import EdgeConfig
 
 log = structlog.get_logger("grokstack.api")
 
@@ -84,12 +82,12 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 class OpenAIApi:
-    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, admission: Admission,
+    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, intake: Intake,
                  scrape: Scrape) -> None:
         self.config = config
         self.scrape_metrics = scrape
         self.live = live
-        self.admission = admission
+        self.intake = intake
         self.gateway = live.gateway
         self.keys = keys
         self._runner: web.AppRunner | None = None
@@ -156,36 +154,23 @@ class OpenAIApi:
         if body.model not in self.gateway.models():
             raise ApiError("model_not_found", f"the model {body.model!r} does not exist; GET /v1/models lists "
                            "the models served", "model")
-        priority = frame.priority or request.headers.get(PRIORITY_HEADER) or tenant.default_priority
-        region = body.region or request.headers.get(REGION_HEADER) or self.gateway.region
-        self._check_route(tenant, priority, region)
-        sampling = SamplingSpec(max_tokens=frame.max_tokens or self.config.default_max_tokens,
-                                temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame),
-                                seed=frame.seed)
-        bus_request = self.gateway.new_request(list(frame.messages), sampling, priority,  # type: ignore[arg-type]
-                                               frame.conversation_id, region, tenant=tenant.name)
-        with request_context(bus_request.request_id, region, priority, tenant=tenant.name, api="openai"):
-            try:
-                admitted = self.admission.admit(bus_request, tenant)
-            except Refused as exc:
-                log.info("request refused", code=exc.code, retry_after_s=exc.retry_after_s)
-                raise ApiError(exc.code, exc.message, retry_after_s=retry_after_header(exc.retry_after_s)) from None
-            try:
-                live = await self.live.start(admitted.request, tenant.name)
-            except SubmitFailed as exc:
-                metrics.observe_refused("unavailable", priority)
-                raise ApiError("unavailable", str(exc), retry_after_s=1) from None
-            self.admission.track(live, admitted)
-            live.api_model = body.model
-            live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            log.info("request accepted", stream=body.stream, max_tokens=admitted.request.sampling.max_tokens,
-                     degraded=admitted.degraded_max_tokens is not None)
-            # A batch request's max_tokens capped under load says so (edge/admission.py).
-            headers = ({DEGRADED_HEADER: str(admitted.degraded_max_tokens)}
-                       if admitted.degraded_max_tokens is not None else {})
-            if body.stream:
-                return await self._stream(request, live, -1, headers)
-            return await self._complete(live, headers)
+        # The routing headers stand in for the body's fields (the intake checks whatever they say).
+        chat = msgspec.structs.replace(frame, priority=frame.priority or request.headers.get(PRIORITY_HEADER),
+                                       region=frame.region or request.headers.get(REGION_HEADER))
+        try:
+            async with self.intake.accept(chat, tenant, api="openai", stream=body.stream) as accepted:
+                live = accepted.live
+                live.api_model = body.model
+                live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                # A batch request's max_tokens capped under load says so (edge/admission.py).
+                headers = ({DEGRADED_HEADER: str(accepted.degraded_max_tokens)}
+                           if accepted.degraded_max_tokens is not None else {})
+                if body.stream:
+                    return await self._stream(request, live, -1, headers)
+                return await self._complete(live, headers)
+        except Refusal as refusal:
+            retry = retry_after_header(refusal.retry_after_s) if refusal.retry_after_s is not None else 0
+            raise ApiError(refusal.code, refusal.message, refusal.param, retry) from None
 
     async def resume(self, request: web.Request) -> web.StreamResponse:
         tenant = self._tenant(request)
@@ -214,28 +199,6 @@ class OpenAIApi:
             return self.keys.tenant_for(request.headers.get("Authorization"))
         except AuthError as exc:
             raise ApiError("unauthorized", str(exc)) from None
-
-    def _check_route(self, tenant: Tenant, priority: str, region: str) -> None:
-        if priority not in PRIORITIES:
-            raise ApiError("invalid_request", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}",
-                           "priority")
-        if priority not in tenant.priorities:
-            raise ApiError("forbidden", f"tenant {tenant.name!r} may not use priority {priority!r}; allowed: "
-                           f"{', '.join(tenant.priorities)}", "priority")
-        try:
-            check_token(region, "region")
-        except ValueError as exc:
-            raise ApiError("invalid_request", str(exc), "region") from None
-        try:
-            self.live.check_capacity(tenant.name, tenant.max_concurrent)
-        except Overloaded as exc:
-            metrics.observe_refused("too_many_requests", priority)
-            raise ApiError("too_many_requests", f"{exc}; retry shortly", retry_after_s=1) from None
-        down = [role for role, up in self.gateway.workers_alive(region).items() if not up]
-        if down:
-            metrics.observe_refused("unavailable", priority)
-            raise ApiError("unavailable", f"no {' or '.join(down)} worker of region {region!r} is alive",
-                           retry_after_s=2)
 
     async def _complete(self, live: LiveRequest, headers: dict[str, str] | None = None) -> web.Response:
         parts: list[str] = []

@@ -25,7 +25,7 @@ from typing import AsyncIterator
 import structlog
 
 from bus.messages import ChatRequest, ErrorEvent, Event, FinalEvent, TokenEvent
-from bus.ordering import RequestStream
+from bus.client import Job
 from edge.gateway import Gateway
 from edge import metrics
 from edge.config import EdgeConfig
@@ -127,10 +127,10 @@ class LiveRequests:
                              "its limit")
 
     async def start(self, request: ChatRequest, tenant: str) -> LiveRequest:
-        """Publish the request and start collecting its events. Raises SubmitFailed."""
-        stream = await self.gateway.submit(request)
+        """Publish the request and start collecting its events. Raises JobRejected."""
+        job = await self.gateway.client.submit(request, self.config.request_timeout_s)
         live = LiveRequest(request, tenant)
-        self._track(live, stream)
+        self._track(live, job)
         return live
 
     async def resumable(self, request_id: str, tenant: str) -> LiveRequest | None:
@@ -169,7 +169,7 @@ class LiveRequests:
         live.end("cancelled", CANCEL_MESSAGES.get(reason, f"cancelled: {reason}"))
         if live._pump is not None:
             live._pump.cancel()
-        await self.gateway.cancel(live.request_id, reason, live.request.region)
+        await self.gateway.client.cancel(live.request_id, live.request.region, reason)
 
     async def stop(self) -> None:
         for task in list(self._pumps):
@@ -178,10 +178,10 @@ class LiveRequests:
 
     # ------------------------------------------------------------------ internals
 
-    def _track(self, live: LiveRequest, stream: RequestStream) -> None:
+    def _track(self, live: LiveRequest, job: Job) -> None:
         self._live[live.request_id] = live
         self.per_tenant[live.tenant] += 1
-        task = live._pump = asyncio.create_task(self._pump(live, stream))
+        task = live._pump = asyncio.create_task(self._pump(live, job))
         self._pumps.add(task)
         task.add_done_callback(self._pumps.discard)
         metrics.stream_started()  # in flight until its pump ends (finished, timed out or stopped)
@@ -192,15 +192,15 @@ class LiveRequests:
         found = await self.gateway.adopt(request_id)
         if found is None:
             return
-        request, stream = found
+        request, job = found
         if request.tenant != tenant:
-            self.gateway.forget(request_id)
+            self.gateway.client.forget(request_id)
             return
         # Its clocks run from when it was created, as they did on the edge that accepted it.
         age_s = max(0.0, time.time() - request.created_at) if request.created_at else 0.0
         live = LiveRequest(request, tenant, started=time.monotonic() - age_s, api_model=self.gateway.model_id,
                            timed=False)
-        self._track(live, stream)
+        self._track(live, job)
         log.info("request adopted from the capture", request_id=request_id, reply_to=request.reply_to,
                  age_s=round(age_s, 3))
 
@@ -226,22 +226,22 @@ class LiveRequests:
                      grace_s=self.config.resume_grace_s)
             await self.cancel(live, "client_gone")
 
-    async def _pump(self, live: LiveRequest, stream: RequestStream) -> None:
+    async def _pump(self, live: LiveRequest, job: Job) -> None:
         deadline = live.started + self.config.request_timeout_s
         try:
             while not live.finished:
                 try:
-                    event = await stream.next(timeout=max(0.0, deadline - time.monotonic()))
+                    event = await job.next(timeout=max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     live.end("timeout", f"no answer within {self.config.request_timeout_s:.0f} s",
                              retryable=True)
-                    await self.gateway.cancel(live.request_id, "timeout", live.request.region)
+                    await self.gateway.client.cancel(live.request_id, live.request.region, "timeout")
                     break
                 if isinstance(event, ErrorEvent) and event.code == "stream_gap":
-                    await self.gateway.cancel(live.request_id, "stream_gap", live.request.region)
+                    await self.gateway.client.cancel(live.request_id, live.request.region, "stream_gap")
                 live.append(event)
         finally:
-            self.gateway.forget(live.request_id)
+            self.gateway.client.forget(live.request_id)
             self.per_tenant[live.tenant] -= 1
             if self.per_tenant[live.tenant] <= 0:
                 del self.per_tenant[live.tenant]

@@ -20,10 +20,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from bus.messages import Event, FinalEvent, SamplingSpec, TokenEvent
-from edge.admission import Admission, Admitted, Refused
-from edge.gateway import SubmitFailed
-from edge.live import LiveRequest, LiveRequests, Overloaded
+from bus.messages import Event, FinalEvent, TokenEvent
+from edge.intake import Intake, Refusal
+from edge.live import LiveRequest, LiveRequests
 from edge.protocol import (
     AcceptedFrame,
     CancelFrame,
@@ -36,11 +35,9 @@ from edge.protocol import (
     TokenFrame,
     encode_frame,
     parse_frame,
-    stop_list,
     usage_frame,
 )
 from edge.tenants import ApiKeys, AuthError, Tenant
-from edge import metrics
 from bus.log_context import request_context
 from edge.config import EdgeConfig
 
@@ -60,11 +57,10 @@ class Connection:
     _numbers = itertools.count(1)
 
     def __init__(self, ws: ServerConnection, live: LiveRequests, tenant: Tenant,
-                 config: EdgeConfig, admission: Admission) -> None:
+                 config: EdgeConfig, intake: Intake) -> None:
         self.ws = ws
         self.live = live
-        self.admission = admission
-        self.gateway = live.gateway
+        self.intake = intake
         self.tenant = tenant
         self.config = config
         self.follows: dict[str, asyncio.Task] = {}  # client id -> its task
@@ -134,40 +130,12 @@ class Connection:
 
     async def _chat(self, client_id: str, frame: ChatFrame) -> None:
         try:
-            priority = frame.priority or self.tenant.default_priority
-            if priority not in self.tenant.priorities:
-                await self._error(client_id, "forbidden", f"tenant {self.tenant.name!r} may not use priority "
-                                  f"{priority!r}; allowed: {', '.join(self.tenant.priorities)}")
-                return
-            try:
-                self.live.check_capacity(self.tenant.name, self.tenant.max_concurrent)
-            except Overloaded as exc:
-                metrics.observe_refused("too_many_requests", priority)
-                await self._error(client_id, "too_many_requests", str(exc), True, 1.0)
-                return
-            sampling = SamplingSpec(
-                max_tokens=frame.max_tokens or self.config.default_max_tokens,
-                temperature=frame.temperature, top_p=frame.top_p, stop=stop_list(frame), seed=frame.seed)
-            request = self.gateway.new_request(list(frame.messages), sampling, priority, frame.conversation_id,
-                                               frame.region, tenant=self.tenant.name)
-            with request_context(request.request_id, request.region, request.priority,
-                                 connection=self.number, tenant=self.tenant.name):
-                try:
-                    admitted = self.admission.admit(request, self.tenant)
-                    live = await self.live.start(admitted.request, self.tenant.name)
-                except Refused as exc:
-                    log.info("request refused", code=exc.code, retry_after_s=exc.retry_after_s)
-                    await self._error(client_id, exc.code, exc.message, True, exc.retry_after_s)
-                    return
-                except SubmitFailed as exc:
-                    metrics.observe_refused("unavailable", priority)
-                    log.warning("request not accepted", error=str(exc))
-                    await self._error(client_id, "unavailable", str(exc), True, 1.0)
-                    return
-                self.admission.track(live, admitted)
-                log.info("request accepted", max_tokens=admitted.request.sampling.max_tokens,
-                         degraded=admitted.degraded_max_tokens is not None)
-                await self._follow(client_id, live, -1, resumed=False, admitted=admitted)
+            async with self.intake.accept(frame, self.tenant, connection=self.number) as accepted:
+                await self._follow(client_id, accepted.live, -1, resumed=False,
+                                   degraded_max_tokens=accepted.degraded_max_tokens)
+        except Refusal as refusal:
+            await self._error(client_id, refusal.code, refusal.message, refusal.retry_after_s is not None,
+                              refusal.retry_after_s)
         finally:
             self._forget(client_id)
 
@@ -191,13 +159,13 @@ class Connection:
             self._forget(client_id)
 
     async def _follow(self, client_id: str, live: LiveRequest, after_seq: int, resumed: bool,
-                      admitted: Admitted | None = None) -> None:
+                      degraded_max_tokens: int | None = None) -> None:
         self.following[client_id] = live
         if client_id in self.cancel_asked:
             await self.live.cancel(live, "client_cancelled")
         try:
             await self.send(AcceptedFrame(id=client_id, request_id=live.request_id, resumed=resumed,
-                                          max_tokens=admitted.degraded_max_tokens if admitted else None))
+                                          max_tokens=degraded_max_tokens))
             async for event in self.live.follow(live, after_seq):
                 await self.send(self._frame(client_id, live, event))
         except ClientTooSlow:
@@ -220,10 +188,10 @@ class Connection:
 
 
 class EdgeServer:
-    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, admission: Admission) -> None:
+    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, intake: Intake) -> None:
         self.config = config
         self.live = live
-        self.admission = admission
+        self.intake = intake
         self.gateway = live.gateway
         self.keys = keys
         self.server: Server | None = None
@@ -247,7 +215,7 @@ class EdgeServer:
 
     async def _connection(self, ws: ServerConnection) -> None:
         tenant = self._tenant(ws.request)  # checked in _http already; cannot fail here
-        await Connection(ws, self.live, tenant, self.config, self.admission).run()
+        await Connection(ws, self.live, tenant, self.config, self.intake).run()
 
     def _tenant(self, request: Request | None) -> Tenant:
         """From `Authorization: Bearer <key>`, or `?api_key=` (browsers cannot set headers on a

@@ -16,6 +16,7 @@ from bus.section import redact_url
 from edge.admission import Admission
 from edge.gateway import Gateway
 from edge.http_api import OpenAIApi
+from edge.intake import Intake
 from edge.live import LiveRequests
 from edge.server import EdgeServer
 from edge.tenants import ApiKeys
@@ -101,9 +102,9 @@ async def start_edge(settings: Settings) -> RunningEdge:
     gateway = Gateway(settings.bus, config, nc, settings.served.model_id)
     await gateway.start()
     live = LiveRequests(config, gateway)
-    admission = Admission(config, settings.priorities, gateway.queues)
-    server = EdgeServer(config, live, keys, admission)
-    api = OpenAIApi(config, live, keys, admission, telemetry.exposition)
+    intake = Intake(config, gateway, live, Admission(config, settings.priorities, gateway.queues))
+    server = EdgeServer(config, live, keys, intake)
+    api = OpenAIApi(config, live, keys, intake, telemetry.exposition)
     return RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())
 
 

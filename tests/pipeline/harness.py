@@ -39,6 +39,9 @@ async def running_stack(settings: Settings, prefill: Engine, decode: Engine) -> 
     decode_worker = await start_worker(settings, "decode", decode)
     edge = await start_edge(settings)
     stack = Stack(settings, edge, prefill_worker, decode_worker)
+    # Ready as an orchestrator would see it: the edge has heard both workers (it refuses a region
+    # without live workers, as `grokstack up` waits for /readyz).
+    await eventually(lambda: all(edge.gateway.workers_alive().values()), timeout=10)
     try:
         yield stack
     finally:
@@ -51,6 +54,7 @@ async def running_stack(settings: Settings, prefill: Engine, decode: Engine) -> 
 async def another_edge(settings: Settings, name: str = "b") -> AsyncIterator[RunningEdge]:
     """One more edge node on the same bus, with its own edge id and ports."""
     edge = await start_edge(settings.replace(worker_id=f"{settings.bus.worker_id}-{name}"))
+    await eventually(lambda: all(edge.gateway.workers_alive().values()), timeout=10)
     try:
         yield edge
     finally:

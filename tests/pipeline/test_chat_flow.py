@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from nats.js.errors import NotFoundError
+
 from edge.client import EdgeClient
 from services.lab.fake_engine import FakeEngine, reply_for
 from kv_store.block_store import BlockStore
-from tests.pipeline.harness import running_stack
+from tests.pipeline.harness import bus_client, running_stack
 
 
 def engines(settings, delay: float = 0.0):
@@ -43,3 +46,26 @@ async def test_several_requests_in_flight_on_one_connection(settings):
                 client.complete([{"role": "user", "content": c}], max_tokens=200) for c in contents))
     assert [r.text for r in results] == [expected(c) for c in contents]
     assert all(r.done and r.done["finish_reason"] == "stop" for r in results)
+
+
+async def test_a_websocket_chat_for_a_region_nobody_serves_is_refused_at_once(settings):
+    """The websocket door checks the region as the HTTP door does (edge/intake.py): an error frame
+    straight away, nothing published, and the connection goes on serving."""
+    async with running_stack(settings, *engines(settings)) as stack, bus_client(settings) as nc:
+        async with await EdgeClient.connect(stack.url) as client:
+            # a guard against waiting for the request's timeout (300 s), not a speed measurement
+            frames = await asyncio.wait_for(_frames(client, "where is everyone", region="mars"), 30)
+            assert [f["type"] for f in frames] == ["error"]
+            error = frames[0]
+            assert error["code"] == "unavailable" and "mars" in error["message"]
+            assert error["retryable"] is True and error["retry_after_s"] > 0
+            frames = await _frames(client, "and here?")
+            assert frames[-1]["type"] == "done" and "".join(
+                f["text"] for f in frames if f["type"] == "token") == expected("and here?")
+        with pytest.raises(NotFoundError):  # no request for that region was ever put on the bus
+            await nc.jetstream().get_last_msg(stack.subjects.stream("req"),
+                                              stack.subjects.request("mars", "interactive"))
+
+
+async def _frames(client: EdgeClient, content: str, **params) -> list[dict]:
+    return [f async for f in client.stream([{"role": "user", "content": content}], max_tokens=100, **params)]

@@ -12,7 +12,7 @@ import websockets
 
 from bus.codec import BadMessage
 from bus.codec import decode_event as real_decode_event
-from edge import gateway as gateway_module
+from bus import client as client_module
 from edge.client import EdgeClient
 from edge.tenants import add_key
 from services.lab.fake_engine import FakeEngine
@@ -136,7 +136,7 @@ async def test_events_lost_on_the_way_are_read_from_the_capture(settings, monkey
             raise BadMessage("lost on the way (test)")  # the edge drops it, as if never received
         return event
 
-    monkeypatch.setattr(gateway_module, "decode_event", lossy_decode_event)
+    monkeypatch.setattr(client_module, "decode_event", lossy_decode_event)
     question = "some of my tokens go missing"
     async with running_stack(settings, *slow_engines(0.01)) as stack:
         async with await EdgeClient.connect(stack.url) as client:

@@ -93,7 +93,7 @@ async def test_mutated_frames_and_bodies_get_clear_errors_and_the_edge_keeps_ser
         # Nothing of the bad input stays behind (no leak): no request still in flight, no event
         # stream or subscription held for one, no job left in a worker.
         live = stack.edge.live
-        await eventually(lambda: not stack.edge.gateway._streams and not stack.decode.worker._active)
-        assert not stack.edge.gateway._streams and not stack.edge.gateway._adopted
+        await eventually(lambda: not stack.edge.gateway.client.following() and not stack.decode.worker._active)
+        assert not stack.edge.gateway.client.following()
         assert [r for r in live._live.values() if not r.finished] == []
         assert not stack.prefill.worker._active and not stack.decode.worker._active

@@ -34,6 +34,7 @@ run: install model
 	$(BIN)/grokstack up --log-format console
 
 test: install model browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-fast: install

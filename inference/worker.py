@@ -170,6 +170,7 @@ class PoolWorker:
         self._recent = RecentEvents()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
+        self.serving = False  # pulling work (its /readyz), from the puller's start to the drain
 
     @property
     def renewal_s(self) -> float:
@@ -187,9 +188,11 @@ class PoolWorker:
         resends = asyncio.create_task(resend_after_reconnects(self.nc, self._recent, self.renewal_s))
         log.info("worker serving", role=self.service.role, region=self.bus.region,
                  slots=self.slots, worker_id=self.bus.worker_name)
+        self.serving = True
         try:
             await self._pull_loop()
         finally:
+            self.serving = False
             heartbeats.cancel()
             resends.cancel()
             await self._puller.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 from bus.credentials import generate_logins, load_logins, save_logins, write_private
 from bus.permissions import authorization_block, role_users
 from bus.subjects import Subjects
+from services.supervisor import spawn, stop_group
 
 
 def free_port() -> int:
@@ -93,10 +93,8 @@ class EmbeddedNats:
             f"max_payload: {self.max_payload_mb}MB\n"
             f'jetstream {{ store_dir: "{self.workdir / "jetstream"}", max_file_store: 64GB, '
             f"max_memory_store: 512MB }}\n" + self._authorization())
-        log = open(self.workdir / "nats-server.log", "ab")
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = spawn([nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
+                          log=self.workdir / "nats-server.log", append=True)
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -151,12 +149,11 @@ class EmbeddedRedis:
         conf = self._config()
         for _ in range(5):  # a port picked free can be taken before the server binds it
             port = self.port or free_port()
-            log = open(self.workdir / "redis-server.log", "ab")
-            self.proc = subprocess.Popen(
+            self.proc = spawn(
                 [redis_server_binary(), str(conf), "--port", str(port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
                  "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                log=self.workdir / "redis-server.log", append=True)
             if self._wait_ready(port, timeout):
                 self.url = f"redis://{self.USER}:{self._password()}@127.0.0.1:{port}/0"
                 return self.url
@@ -185,12 +182,7 @@ class EmbeddedRedis:
         self.proc = None
 
 
-def _stop(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+def _stop(proc: subprocess.Popen | None, grace_s: float = 5.0) -> None:
+    """SIGTERM (a server saves and says goodbye), then SIGKILL after `grace_s`."""
+    if proc is not None:
+        stop_group(proc, grace_s)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from dataclasses import dataclass
+from typing import Sequence
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -125,7 +126,20 @@ class RunningWorker:
     engine: Engine
     worker: PoolWorker
     task: asyncio.Task
-    metrics_port: int = 0  # where this worker's /metrics is served
+    metrics_port: int = 0  # where this worker's /metrics, /healthz and /readyz are served
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: the process is up and connected to NATS."""
+        ok = self.nc.is_connected
+        return ok, f"{self.role} {self.worker.bus.worker_name}: {'ok' if ok else 'nats disconnected'}\n"
+
+    def readiness(self) -> tuple[bool, str]:
+        """/readyz: its engine has started (nothing is served before) and it is pulling work: its
+        pull loop runs (it ends as the worker starts draining) and NATS is connected."""
+        pulling = self.worker.serving and not self.task.done()
+        ok = pulling and self.nc.is_connected
+        return ok, (f"{self.role} {self.worker.bus.worker_name}: pulling={'yes' if pulling else 'no'} "
+                    f"nats={'up' if self.nc.is_connected else 'down'}\n")
 
     async def stop(self, grace_s: float) -> None:
         log.info("worker stopping", role=self.role)
@@ -138,6 +152,15 @@ class RunningWorker:
         await self.engine.shutdown()
         telemetry.stop_serving(self.metrics_port)
         log.info("worker stopped", role=self.role)
+
+
+def health_checks(workers: Sequence[RunningWorker]) -> dict[str, telemetry.HealthCheck]:
+    """/healthz and /readyz of a process holding `workers` (one, or a simulated fleet's many):
+    OK when every worker is, with a line per worker."""
+    def every(answers: list[tuple[bool, str]]) -> tuple[bool, str]:
+        return all(ok for ok, _ in answers), "".join(body for _, body in answers)
+    return {"/healthz": lambda: every([w.health() for w in workers]),
+            "/readyz": lambda: every([w.readiness() for w in workers])}
 
 
 def engine_setup(settings: Settings) -> EngineSetup:
@@ -176,24 +199,29 @@ async def start_worker(settings: Settings, role: Role | str, engine: Engine | No
                         engine.kv_capacity_tokens)
     log.info("token budget", role=role, capacity_tokens=budget.capacity, slots=slots, max_job_tokens=budget.max_job)
     worker = PoolWorker(bus, settings.worker, settings.priorities, nc, service, engine.model_id, slots, budget)
-    port = _serve_metrics(settings, role)
-    return RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()), port)
+    running = RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()))
+    running.metrics_port = serve_endpoints(settings, [running])
+    return running
 
 
-def _serve_metrics(settings: Settings, role: Role) -> int:
-    """Each worker process serves Prometheus metrics on a port of its own (edges use their API port)."""
+def serve_endpoints(settings: Settings, workers: Sequence[RunningWorker]) -> int:
+    """/metrics, /healthz and /readyz of a worker process on its own port (edges use their API
+    port), `settings.worker.metrics_port` (0: a free one); returns the port."""
     host, port = settings.edge.edge_host, settings.worker.metrics_port
     try:
-        bound = telemetry.serve_metrics(host, port)
+        bound = telemetry.serve_metrics(host, port, health_checks(workers))
     except OSError as exc:
         raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc}") from None
-    log.info(f"metrics at http://{host}:{bound}/metrics", role=role)
+    log.info(f"metrics at http://{host}:{bound}/metrics", role=",".join(sorted({str(w.role) for w in workers})),
+             health=f"http://{host}:{bound}/readyz")
     return bound
 
 
 async def run_worker(settings: Settings, role: Role | str) -> None:
-    stop = _stop_event()
+    # Until it serves, a worker holds no work, so SIGTERM ends it at once (the default action):
+    # its engine's start blocks this loop for a minute, and a stop would otherwise wait for it.
     running = await start_worker(settings, role)
+    stop = _stop_event()  # from here on SIGTERM drains (before the pull loop's first step)
     await asyncio.wait({running.task, asyncio.create_task(stop.wait())},
                        return_when=asyncio.FIRST_COMPLETED)
     await running.stop(settings.worker.drain_timeout_s)

@@ -6,13 +6,19 @@ clash in OpenMetrics, which makes a whole OpenMetrics scrape unparseable). This 
 collects theirs, plus the process collector (`process_start_time_seconds`, CPU and memory:
 `grokstack cost --metrics` takes workers' uptime from it). One process may hold an edge and
 several workers (the tests do); one scrape then shows them all, told apart by their labels.
+A worker process serves its /healthz and /readyz beside /metrics (`serve_metrics`' checks).
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+from typing import Callable, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
 import prometheus_client
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from bus import metrics as bus_metrics
 from edge import metrics as edge_metrics
@@ -31,13 +37,44 @@ def exposition(accept: str) -> tuple[bytes, str]:
     return encoder(REGISTRY), content_type
 
 
-_servers: dict[int, object] = {}
+# A health check answers (ok, body): 200 or 503 with the body, as the edge's /healthz and /readyz do.
+HealthCheck = Callable[[], tuple[bool, str]]
+
+_servers: dict[int, WSGIServer] = {}
 
 
-def serve_metrics(host: str, port: int) -> int:
-    """Serve /metrics from a thread of this worker process (0: a free port); returns the port.
-    prometheus_client's server negotiates the format as `exposition` does."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes and probes come every few seconds: not worth a line each."""
+
+
+def _app(checks: Mapping[str, HealthCheck]):
+    """/metrics as prometheus_client serves it (any other path too, as its own server does), and
+    each of `checks` at its path."""
+    metrics = make_wsgi_app(REGISTRY)
+
+    def app(environ, start_response):
+        check = checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics(environ, start_response)
+        try:
+            ok, body = check()
+        except Exception as exc:  # a check that fails says no, with the reason
+            ok, body = False, f"{type(exc).__name__}: {exc}\n"
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8")])
+        return [body.encode()]
+    return app
+
+
+def serve_metrics(host: str, port: int, checks: Mapping[str, HealthCheck] | None = None) -> int:
+    """Serve /metrics, and the health `checks` by path (e.g. /healthz, /readyz), from a thread of
+    this process (0: a free port); returns the port. /metrics negotiates the format as
+    `exposition` does. A thread, not the event loop: a scrape must not wait for a busy loop."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(host, port, _app(checks or {}), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name=f"metrics-{server.server_port}", daemon=True).start()
     bound = int(server.server_port)
     _servers[bound] = server
     return bound
@@ -46,5 +83,5 @@ def serve_metrics(host: str, port: int) -> int:
 def stop_serving(port: int) -> None:
     server = _servers.pop(port, None)
     if server is not None:
-        server.shutdown()  # type: ignore[attr-defined]
-        server.server_close()  # type: ignore[attr-defined]
+        server.shutdown()
+        server.server_close()

@@ -9,13 +9,8 @@ serving_mode=aggregated, one aggregated worker (prefill and decode in one engine
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -26,18 +21,15 @@ from bus.section import redact_url
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
-from services.settings import ENV, Settings, environment_of
+from services.settings import ENV, Settings
+from services.supervisor import StartFailed, Stopped, Supervisor, child_environment, local_url, stop_on_signals
+
+__all__ = ["child_environment", "metrics_ports", "role_environment", "run_up"]
 
 log = structlog.get_logger("grokstack.up")
 
 SERVING_ROLES = {"disaggregated": (Role.PREFILL, Role.DECODE, Role.EDGE), "aggregated": (Role.AGGREGATED, Role.EDGE)}
-
-
-def child_environment(settings: Settings) -> dict[str, str]:
-    """The supervisor's effective settings, handed down the one way processes read them."""
-    env = {**os.environ, **environment_of(settings)}
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console readable
-    return env
+START_TIMEOUT_S = 900.0  # engines load in about a minute here; a cold cache or a big model takes longer
 
 
 def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict[str, str]:
@@ -73,115 +65,89 @@ def stack_memory_gib(root_pids: list[int]) -> float:
     return total / 1024**3
 
 
-def wait_ready(settings: Settings, children: dict[str, subprocess.Popen], stop: threading.Event,
-               timeout: float = 900.0) -> bool:
-    url = f"http://{settings.edge.edge_host}:{settings.edge.edge_port}/readyz"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        for role, proc in children.items():
-            if proc.poll() is not None:
-                log.error("process exited during start", role=role, code=proc.returncode)
-                return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        stop.wait(0.5)
-    return False
+def ready_url(settings: Settings, role: str, ports: dict[str, int]) -> str:
+    """Where a process of the stack says it serves: a worker's /readyz on its metrics port (its
+    engine has started and it pulls work), the edge's on its websocket port (a prefill and a
+    decode worker, or an aggregated one, sent a heartbeat)."""
+    port = settings.edge.edge_port if role == Role.EDGE else ports[role]
+    return local_url(settings.edge.edge_host, port, "/readyz")
 
 
 def run_up(settings: Settings) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    """Until SIGINT or SIGTERM (0), or until a process exits (1); then everything it started is
+    stopped, newest first."""
+    with stop_on_signals():
+        try:
+            with Supervisor() as supervisor:
+                return _serve(settings, supervisor)
+        except Stopped:
+            return 0
+        except StartFailed as exc:
+            log.error("the stack did not start", reason=str(exc))
+            return 1
+        finally:
+            log.info("stack stopped")
+
+
+def _serve(settings: Settings, supervisor: Supervisor) -> int:
+    """Start everything, say where it is, and watch it until a signal or a process's exit."""
     servers: list[EmbeddedNats | EmbeddedRedis] = []
-    children: dict[str, subprocess.Popen] = {}
-    try:
-        if not settings.bus.nats_url:
-            nats = EmbeddedNats(settings.stack.data_dir / "nats")
-            servers.append(nats)
-            # Every process logs in with its role's login from the file the server wrote.
-            settings = settings.replace(nats_url=nats.start(),
-                                        nats_credentials=str(nats.credentials_file.resolve()))
-            log.info("embedded nats-server started", url=settings.bus.nats_url,
-                     credentials=settings.bus.nats_credentials)
-        if not settings.kv.redis_url:
-            redis = EmbeddedRedis(settings.stack.data_dir / "redis", maxmemory=settings.stack.redis_maxmemory)
-            servers.append(redis)
-            settings = settings.replace(redis_url=redis.start())
-            log.info("embedded redis-compatible server started", url=redact_url(settings.kv.redis_url))
-        if settings.uses_bundled_model:
-            ensure_bundled_model(Path(settings.served.model))
-        roles = SERVING_ROLES[settings.stack.serving_mode]
-        if (not settings.engine.engine_step_lock and settings.stack.serving_mode == "disaggregated"
-                and resolve_profile(settings.engine).name == "cpu"):
-            # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
-            lock = (settings.stack.data_dir / "engine-step.lock").resolve()
-            settings = settings.replace(engine_step_lock=str(lock))
-        env = child_environment(settings)
-        ports = metrics_ports(settings, roles)
-        for role in roles:
-            role_env = role_environment(env, settings, role)
-            if role in ports:
-                role_env = {**role_env, ENV["metrics_port"]: str(ports[role])}
-            children[role] = subprocess.Popen([sys.executable, "-m", "services.cli", str(role)], env=role_env,
-                                              start_new_session=True)
-        log.info("starting workers (the engines take about a minute to load)")
-        if not wait_ready(settings, children, stop):
-            return 0 if stop.is_set() else 1
-        edge = settings.edge
-        url = f"ws://{edge.edge_host}:{edge.edge_port}"
-        cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
-        gib = stack_memory_gib([c.pid for c in children.values()] + [s.proc.pid for s in servers if s.proc])
-        api = f"http://{edge.edge_host}:{edge.api_port}/v1"
-        print(f"\ngrokstack is up: {url}\n"
-              f"  chat in a browser:   http://{edge.edge_host}:{edge.edge_port}/\n"
-              f"  chat in a terminal:  {cli} chat --url {url}\n"
-              f"  OpenAI-compatible:   {api}  (e.g. OPENAI_BASE_URL={api} with any OpenAI SDK; "
-              f"model {settings.served.model_id})\n"
-              f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
-              f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
-              f"  jobs straight onto the bus: NATS_URL={settings.bus.nats_url} "
-              f"{_credentials_hint(settings)}{cli} publish \"Hello!\"\n"
-              f"  Prometheus metrics:  {metrics_urls(settings, ports)}\n"
-              f"  resident memory of the stack: {gib:.1f} GiB\n"
-              f"  Ctrl-C stops everything.\n", flush=True)
-        while not stop.is_set():
-            for role, proc in children.items():
-                if proc.poll() is not None:
-                    log.error("process exited; stopping the stack", role=role, code=proc.returncode)
-                    return 1
-            stop.wait(1.0)
-        return 0
-    finally:
-        stop_children(children, settings.worker.drain_timeout_s + 15)
-        for server in reversed(servers):
-            server.stop()
-        log.info("stack stopped")
+    if not settings.bus.nats_url:
+        nats = EmbeddedNats(settings.stack.data_dir / "nats")
+        servers.append(nats)
+        supervisor.adopt("nats-server", nats.stop)
+        # Every process logs in with its role's login from the file the server wrote.
+        settings = settings.replace(nats_url=nats.start(), nats_credentials=str(nats.credentials_file.resolve()))
+        log.info("embedded nats-server started", url=settings.bus.nats_url, credentials=settings.bus.nats_credentials)
+    if not settings.kv.redis_url:
+        redis = EmbeddedRedis(settings.stack.data_dir / "redis", maxmemory=settings.stack.redis_maxmemory)
+        servers.append(redis)
+        supervisor.adopt("redis-server", redis.stop)
+        settings = settings.replace(redis_url=redis.start())
+        log.info("embedded redis-compatible server started", url=redact_url(settings.kv.redis_url))
+    if settings.uses_bundled_model:
+        ensure_bundled_model(Path(settings.served.model))
+    roles = SERVING_ROLES[settings.stack.serving_mode]
+    if (not settings.engine.engine_step_lock and settings.stack.serving_mode == "disaggregated"
+            and resolve_profile(settings.engine).name == "cpu"):
+        # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
+        lock = (settings.stack.data_dir / "engine-step.lock").resolve()
+        settings = settings.replace(engine_step_lock=str(lock))
+    env = child_environment(settings)
+    ports = metrics_ports(settings, roles)
+    for role in roles:
+        role_env = role_environment(env, settings, role)
+        if role in ports:
+            role_env = {**role_env, ENV["metrics_port"]: str(ports[role])}
+        # Their output goes to this console, as a one-machine stack's should.
+        supervisor.start(str(role), [sys.executable, "-m", "services.cli", str(role)], env=role_env,
+                         ready_url=ready_url(settings, role, ports), grace_s=settings.worker.drain_timeout_s + 15)
+    log.info("starting workers (the engines take about a minute to load)")
+    supervisor.wait_ready(START_TIMEOUT_S)
+    edge = settings.edge
+    url = f"ws://{edge.edge_host}:{edge.edge_port}"
+    cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
+    gib = stack_memory_gib([c.pid for c in supervisor.children()] + [s.proc.pid for s in servers if s.proc])
+    api = f"http://{edge.edge_host}:{edge.api_port}/v1"
+    print(f"\ngrokstack is up: {url}\n"
+          f"  chat in a browser:   http://{edge.edge_host}:{edge.edge_port}/\n"
+          f"  chat in a terminal:  {cli} chat --url {url}\n"
+          f"  OpenAI-compatible:   {api}  (e.g. OPENAI_BASE_URL={api} with any OpenAI SDK; "
+          f"model {settings.served.model_id})\n"
+          f"  any websocket client: send {{\"type\": \"chat\", \"messages\": "
+          f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}\n"
+          f"  jobs straight onto the bus: NATS_URL={settings.bus.nats_url} "
+          f"{_credentials_hint(settings)}{cli} publish \"Hello!\"\n"
+          f"  Prometheus metrics:  {metrics_urls(settings, ports)}\n"
+          f"  resident memory of the stack: {gib:.1f} GiB\n"
+          f"  Ctrl-C stops everything.\n", flush=True)
+    while True:
+        for child in supervisor.exited():
+            log.error("process exited; stopping the stack", role=child.name, code=child.proc.returncode)
+            return 1
+        time.sleep(1.0)
 
 
 def _credentials_hint(settings: Settings) -> str:
     path = settings.bus.credentials_file
     return f"{ENV['nats_credentials']}={os.path.relpath(path)} " if path else ""
-
-
-def stop_children(children: dict[str, subprocess.Popen], grace: float) -> None:
-    """SIGTERM every process, wait up to `grace` for all, then SIGKILL each one's process group
-    (engines run in child processes of their worker)."""
-    for proc in children.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for role, proc in children.items():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("process did not stop in time; killing it", role=role)
-        # Engines run in child processes of their worker: take the whole group down.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()

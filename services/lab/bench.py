@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import time
 
 from bus.messages import ChatMessage, SamplingSpec
 from edge.client import EdgeClient
-from services.lab.common import PROMPTS, Phase, RssSampler, Sample, breakdown, drive, messages_for, probe, start_stack
+from services.lab.common import (PROMPTS, Phase, RssSampler, Sample, breakdown, drive, log_file, messages_for, probe,
+                                 start_stack)
 from services.settings import Settings
+from services.supervisor import Supervisor, stop_on_signals
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="edge URL of a running stack; default: start one")
@@ -142,27 +143,24 @@ def report(direct: Phase | None, stack: Phase, args: argparse.Namespace) -> str:
 
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
-    if args.calibrate:
-        from services.lab.calibrate import run_calibrate
-        return await run_calibrate(settings, args)
-    if args.spike:
-        from services.lab.spike_bench import run_spike
-        return await run_spike(settings, args)
-    if args.target:
-        from services.lab.openai_bench import run_targets
-        return await run_targets(settings, args)
-    direct = None if args.skip_direct else await direct_phase(settings, args)
-    proc = None
-    if args.url:
-        url, pids = args.url, []
-    else:
-        proc, url = start_stack(settings)
-        pids = [proc.pid]
-    try:
-        stack = await stack_phase(url, args, pids)
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(120)
+    # SIGTERM and SIGINT stop whatever the bench started (services/supervisor.py)
+    with stop_on_signals():
+        if args.calibrate:
+            from services.lab.calibrate import run_calibrate
+            return await run_calibrate(settings, args)
+        if args.spike:
+            from services.lab.spike_bench import run_spike
+            return await run_spike(settings, args)
+        if args.target:
+            from services.lab.openai_bench import run_targets
+            return await run_targets(settings, args)
+        direct = None if args.skip_direct else await direct_phase(settings, args)
+        with Supervisor() as supervisor:
+            if args.url:
+                url, pids = args.url, []
+            else:
+                started = start_stack(supervisor, settings, log_file(settings, "stack"))
+                url, pids = started.url, [started.child.pid]
+            stack = await stack_phase(url, args, pids)
     print(report(direct, stack, args))
     return 0

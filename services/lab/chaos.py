@@ -28,6 +28,7 @@ from edge.client import EdgeClient
 from services.lab.common import quantile
 from services.lab.chaos_cluster import Cluster
 from services.settings import Settings
+from services.supervisor import Stopped, stop_on_signals
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -229,14 +230,16 @@ def run_chaos(settings: Settings, args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="grokstack-chaos-"))
     cluster = Cluster(settings, workdir, args.prefill_workers, args.decode_workers, random.Random(args.seed),
                       args.replace_after)
-    try:
-        print(f"starting the stack (logs in {workdir}) ...", flush=True)
-        cluster.start()
-        ok = asyncio.run(drill(args, cluster))
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        cluster.stop()
+    # SIGTERM or SIGINT, during the start or the drill: everything it started is stopped
+    with stop_on_signals():
+        try:
+            print(f"starting the stack (logs in {workdir}) ...", flush=True)
+            cluster.start()
+            ok = asyncio.run(drill(args, cluster))
+        except Stopped as exc:
+            return exc.code
+        finally:
+            cluster.stop()
     print(f"logs: {workdir}", flush=True)
     return 0 if ok else 1
 

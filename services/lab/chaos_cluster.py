@@ -1,27 +1,30 @@
 """The processes a chaos drill runs and breaks: its own embedded servers, an edge, and workers,
-each a separate process with its own log, killed for real and replaced as an orchestrator would."""
+each a separate process with its own log, killed for real and replaced as an orchestrator would.
+
+A process is ready when its health endpoint says so (a worker's /readyz on its metrics port, the
+edge's /readyz), never from its log; the logs are read only for what happened (migrated answers).
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
 from services.settings import ENV, Settings
-from services.up import child_environment, role_environment
+from services.supervisor import StartFailed, Supervisor, child_environment, kill_group
+from services.up import role_environment
 
 DOWN_S = 1.0  # how long a killed server stays down before it is started again
+START_TIMEOUT_S = 900.0  # engines start in about a minute each; three start at once on 2 cores
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class Cluster:
@@ -33,12 +36,14 @@ class Cluster:
         self.rng = rng
         self.nats = EmbeddedNats(workdir / "nats")
         self.redis = EmbeddedRedis(workdir / "redis", maxmemory=settings.stack.redis_maxmemory)
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.supervisor = Supervisor()
         self._numbers = itertools.count(1)
         # A replacement comes this long after a kill, as a new pod is scheduled and started;
         # started at once here, its engine start would take the cores the survivors need.
         self.replace_after_s = replace_after_s
         self._replacements: list[threading.Timer] = []
+        self._lock = threading.Lock()  # replacements start from timer threads
+        self._stopped = False
 
     @property
     def edge_url(self) -> str:
@@ -47,14 +52,19 @@ class Cluster:
     # ------------------------------------------------------------------ start and stop
 
     def start(self) -> None:
+        self.supervisor.adopt("nats-server", self.nats.stop)
         nats_url = self.nats.start()
         self.nats.port = int(nats_url.rsplit(":", 1)[1])  # restarts come back on the same port
+        self.supervisor.adopt("redis-server", self.redis.stop)
         redis_url = self.redis.start()
         self.redis.port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        # The report reads the decode workers' "continuing a migrated job" lines (info): their
+        # logs keep info lines whatever --log-level the drill's own console was given.
+        level = min(self.settings.stack.log_level, "info", key=LOG_LEVELS.index)
         s = self.settings.replace(
             nats_url=nats_url, redis_url=redis_url, edge_port=free_port(), api_port=free_port(),
             nats_credentials=str(getattr(self.nats, "credentials_file", "") or ""),
-            subject_prefix="chaos", kv_key_prefix="chaoskv", log_format="json")
+            subject_prefix="chaos", kv_key_prefix="chaoskv", log_format="json", log_level=level)
         if s.uses_bundled_model:
             ensure_bundled_model(Path(s.served.model))
         if not s.engine.engine_step_lock and resolve_profile(s.engine).name == "cpu":
@@ -64,56 +74,42 @@ class Cluster:
         for role, n in self.sizes.items():
             for _ in range(n):
                 self.spawn(role)
-        self._wait(lambda: all(self.ready(name) for name in list(self.procs)), 900, "the workers to start")
-        self._wait(self._edge_ready, 60, "the edge to be ready")
+        try:
+            self.supervisor.wait_ready(START_TIMEOUT_S)
+        except StartFailed as exc:
+            raise SystemExit(f"chaos: the stack did not start: {exc}; logs in {self.workdir}") from None
 
     def stop(self) -> None:
-        for timer in self._replacements:
-            timer.cancel()
-        for proc in list(self.procs.values()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.worker.drain_timeout_s + 15
-        for proc in list(self.procs.values()):
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _kill_group(proc)
-        self.redis.stop()
-        self.nats.stop()
+        """Everything, newest first: replacements due are cancelled, the processes stopped, then
+        the servers."""
+        with self._lock:
+            self._stopped = True
+            for timer in self._replacements:
+                timer.cancel()
+        self.supervisor.stop_all()
 
     # ------------------------------------------------------------------ processes
 
     def spawn(self, role: str) -> str:
+        """Start a process of `role` (edge, prefill or decode) with a log of its own."""
         name = role if role == "edge" else f"{role}-{next(self._numbers)}"
         env = role_environment(child_environment(self.settings), self.settings, role)
         env[ENV["worker_id"]] = f"chaos-{name}"
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", role], env=env,
-            stdout=open(self.workdir / f"{name}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        if role == "edge":
+            ready = f"http://127.0.0.1:{self.settings.edge.api_port}/readyz"
+        else:  # each worker answers /readyz on a port of its own
+            port = free_port()
+            env[ENV["metrics_port"]] = str(port)
+            ready = f"http://127.0.0.1:{port}/readyz"
+        self.supervisor.start(name, [sys.executable, "-m", "services.cli", role], env=env,
+                              log=self.workdir / f"{name}.log", ready_url=ready,
+                              grace_s=self.settings.worker.drain_timeout_s + 15)
         return name
 
-    def ready(self, name: str) -> bool:
-        if name == "edge":
-            return self.procs[name].poll() is None
-        log = self.workdir / f"{name}.log"
-        return self.procs[name].poll() is None and log.exists() and "worker serving" in log.read_text(errors="replace")
-
-    def _edge_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.edge.api_port}/readyz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def _wait(self, check, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            dead = [n for n, p in list(self.procs.items()) if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise SystemExit(f"chaos: gave up waiting for {what} (exited: {dead}); logs in {self.workdir}")
-            time.sleep(0.5)
+    def _replace(self, role: str) -> None:
+        with self._lock:
+            if not self._stopped:
+                self.spawn(role)
 
     # ------------------------------------------------------------------ faults
 
@@ -122,23 +118,25 @@ class Cluster:
         if kind in ("decode", "prefill"):
             return self._kill_worker(kind)
         server = {"nats": self.nats, "redis": self.redis}[kind]
-        server.proc.kill()  # as a crash: no goodbye to the clients, no final save
-        server.proc.wait()
+        kill_group(server.proc)  # as a crash: no goodbye to the clients, no final save
         time.sleep(DOWN_S)
         server.start()
         return f"{kind}-server, down {DOWN_S:.0f} s"
 
     def _kill_worker(self, role: str) -> str:
-        alive = [n for n in list(self.procs) if n.startswith(role + "-") and self.ready(n)]
+        alive = [c.name for c in self.supervisor.children() if c.name.startswith(role + "-") and c.ready()]
         # A decode worker dies only while a spare runs: the drill measures migration, not cold starts.
         if len(alive) < (2 if role == "decode" else 1):
             return ""
         victim = self.rng.choice(alive)
-        _kill_group(self.procs.pop(victim))
-        timer = threading.Timer(self.replace_after_s, self.spawn, [role])
+        self.supervisor.kill(victim)
+        timer = threading.Timer(self.replace_after_s, self._replace, [role])
         timer.daemon = True
-        timer.start()
-        self._replacements.append(timer)
+        with self._lock:
+            if self._stopped:
+                return f"{victim} SIGKILLed"
+            timer.start()
+            self._replacements.append(timer)
         return f"{victim} SIGKILLed, a replacement starts in {self.replace_after_s:.0f} s"
 
     def migrated_requests(self) -> set[str]:
@@ -152,11 +150,3 @@ class Cluster:
                     except (ValueError, KeyError):
                         pass
         return found
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()

@@ -1,23 +1,24 @@
 """What the lab's benchmarks and drills share: the prompts, the samples and phases they measure,
-quantiles, the load driver, the stack's time breakdown, and a resident-memory sampler."""
+quantiles, the load driver, the stack's time breakdown, a resident-memory sampler, and the stack
+(`grokstack up`) started under a supervisor."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from services.embedded import free_port
-from services.settings import Settings
+from services.settings import ENV, Settings
+from services.supervisor import Child, StartFailed, Supervisor, child_environment, local_host
 
 PROMPTS = [
     "What is the capital of France?",
@@ -134,24 +135,52 @@ class RssSampler:
         self._thread.join()
 
 
-def start_stack(settings: Settings) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, GROKSTACK_EDGE_PORT=str(port), GROKSTACK_API_PORT=str(free_port()),
-               GROKSTACK_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env,
-                            stdout=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the stack failed to start (run `grokstack up` to see why)")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc, f"ws://127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(1)
-    raise SystemExit("the stack did not become ready in time")
+def log_file(settings: Settings, name: str) -> Path:
+    """Where a process a lab command starts writes its output: <data dir>/bench-<name>.log."""
+    settings.stack.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings.stack.data_dir / f"bench-{name}.log"
+
+
+@dataclass
+class StartedStack:
+    """`grokstack up` started by a lab command, and where its edge listens."""
+    child: Child
+    host: str
+    edge_port: int
+    api_port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.edge_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}/v1"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}/metrics"
+
+
+def start_stack(supervisor: Supervisor, settings: Settings, log: Path, api_port: int = 0) -> StartedStack:
+    """`grokstack up` with these settings (its edge logging warnings only), as a child of
+    `supervisor`, once its edge answers /readyz on the API port (which the edge binds last). The
+    edge's ports are free ones, the API's `api_port` when given (it must be free)."""
+    host = local_host(settings.edge.edge_host)
+    if api_port:
+        with socket.socket() as s:
+            if s.connect_ex((host, api_port)) == 0:
+                raise SystemExit(f"something already listens on {host}:{api_port}: stop it or set GROKSTACK_API_PORT")
+    edge_port, api_port = free_port(), api_port or free_port()
+    env = child_environment(settings) | {ENV["edge_port"]: str(edge_port), ENV["api_port"]: str(api_port),
+                                         ENV["log_level"]: "warning"}
+    child = supervisor.start("grokstack up", [sys.executable, "-m", "services.cli", "up"], env=env, log=log,
+                             ready_url=f"http://{host}:{api_port}/readyz", grace_s=120)
+    try:
+        supervisor.wait_ready(900, [child.name])
+    except StartFailed as exc:
+        raise SystemExit(f"the stack failed to start: {exc}") from None
+    return StartedStack(child, host, edge_port, api_port)
 
 
 def breakdown(label: str, done: list[dict[str, Any]]) -> list[str]:

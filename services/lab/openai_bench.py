@@ -15,24 +15,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import psutil
-
-from services.lab.common import PROMPTS, Phase, RssSampler, Sample, breakdown, drive, messages_for, probe
 from services.embedded import free_port
+from services.lab.common import (PROMPTS, Phase, RssSampler, Sample, breakdown, drive, log_file, messages_for, probe,
+                                 start_stack)
 from services.settings import Settings
+from services.supervisor import Stopped, Supervisor
 
 # stack: as GROKSTACK_SERVING_MODE says; stack:<mode> picks the serving mode (see Settings)
 KEYWORDS = ("stack", "stack:aggregated", "stack:disaggregated", "vllm")
@@ -65,73 +60,9 @@ def label_for(target: str) -> str:
 
 # --- processes this command starts and stops ---
 
-def _log_file(settings: Settings, name: str) -> Path:
-    settings.stack.data_dir.mkdir(parents=True, exist_ok=True)
-    return settings.stack.data_dir / f"bench-{name}.log"
-
-
-def _wait_http(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 900.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited during start with code {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{what} was not ready at {url} after {timeout:.0f} s; see {log}")
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def stop_group(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
-    """`sig` to the process group, then SIGKILL for whatever is still alive after `grace_s`."""
-    try:
-        others = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        others = []
-    deadline = time.monotonic() + grace_s
-    _killpg(proc.pid, sig)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    _, alive = psutil.wait_procs(others, timeout=max(0.1, deadline - time.monotonic()))
-    if proc.poll() is None or alive:
-        _killpg(proc.pid, signal.SIGKILL)
-        for p in alive:  # also those that left the group
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(10)
-        psutil.wait_procs(alive, timeout=10)
-
-
-def _start_and_wait(argv: list[str], env: dict[str, str], log: Path, ready_url: str, what: str,
-                    stop_signal: int, stop_grace_s: float) -> subprocess.Popen:
-    """Start a process group logging to `log`; wait until `ready_url` answers 200 (stopped again
-    if it never does)."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_http(ready_url, proc, what, log)
-    except BaseException:
-        stop_group(proc, stop_signal, stop_grace_s)
-        raise
-    return proc
-
-
-def start_vllm(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
-    """vLLM's own OpenAI server, same model folder and engine profile (dtype, eager, VLLM_* env)."""
+def start_vllm(supervisor: Supervisor, settings: Settings) -> tuple[str, Path]:
+    """vLLM's own OpenAI server, same model folder and engine profile (dtype, eager, VLLM_* env),
+    as a child of `supervisor`, once its /health answers; its API base URL and its log."""
     from inference.profiles import resolve_profile, vllm_environment
     from services.processes import engine_setup
     if settings.uses_bundled_model:
@@ -149,26 +80,11 @@ def start_vllm(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
     argv += ["--enforce-eager"] if profile.enforce_eager else []
     if profile.name == "gpu":
         argv += ["--gpu-memory-utilization", str(settings.engine.gpu_memory_utilization)]
-    log = _log_file(settings, "vllm")
-    proc = _start_and_wait(argv, env, log, f"http://127.0.0.1:{port}/health", "vLLM's OpenAI server",
-                           signal.SIGTERM, 30)
-    return proc, f"http://127.0.0.1:{port}/v1", log
-
-
-def start_stack_api(settings: Settings) -> tuple[subprocess.Popen, str, Path]:
-    """`grokstack up` with this command's settings; its OpenAI API at http://<edge_host>:<api_port>/v1."""
-    from services.up import child_environment
-    api_port = settings.edge.api_port
-    host = "127.0.0.1" if settings.edge.edge_host in ("", "0.0.0.0", "::") else settings.edge.edge_host
-    with socket.socket() as s:
-        if s.connect_ex((host, api_port)) == 0:
-            raise SystemExit(f"something already listens on {host}:{api_port}: stop it or set GROKSTACK_API_PORT")
-    env = child_environment(settings) | {"GROKSTACK_EDGE_PORT": str(free_port()),
-                                         "GROKSTACK_API_PORT": str(api_port), "GROKSTACK_LOG_LEVEL": "warning"}
-    log = _log_file(settings, f"stack-{settings.stack.serving_mode}")
-    proc = _start_and_wait([sys.executable, "-m", "services.cli", "up"], env, log,
-                           f"http://{host}:{api_port}/readyz", "the stack (grokstack up)", signal.SIGINT, 120)
-    return proc, f"http://{host}:{api_port}/v1", log
+    log = log_file(settings, "vllm")
+    supervisor.start("vLLM's OpenAI server", argv, env=env, log=log, ready_url=f"http://127.0.0.1:{port}/health",
+                     grace_s=30)
+    supervisor.wait_ready(900)
+    return f"http://127.0.0.1:{port}/v1", log
 
 
 # --- measuring one target ---
@@ -244,21 +160,19 @@ async def openai_phase(label: str, url: str, settings: Settings, args: argparse.
 
 
 async def run_target(target: str, settings: Settings, args: argparse.Namespace) -> TargetPhase:
-    proc = None
-    if target == "vllm":
-        proc, url, log = start_vllm(settings)
-    elif target.startswith("stack"):
-        mode = target.partition(":")[2] or settings.stack.serving_mode
-        proc, url, log = start_stack_api(settings.replace(serving_mode=mode))
-    else:
-        url = target
-    if proc is not None:
-        print(f"{target}: up at {url} (log {log}); measuring", file=sys.stderr, flush=True)
-    try:
-        return await openai_phase(label_for(target), url, settings, args, [proc.pid] if proc else [])
-    finally:
-        if proc is not None:
-            stop_group(proc, signal.SIGTERM if target == "vllm" else signal.SIGINT, 30 if target == "vllm" else 120)
+    with Supervisor() as supervisor:  # what it starts is stopped before the next target starts
+        if target == "vllm":
+            url, log = start_vllm(supervisor, settings)
+        elif target.startswith("stack"):
+            mode = target.partition(":")[2] or settings.stack.serving_mode
+            log = log_file(settings, f"stack-{mode}")
+            url = start_stack(supervisor, settings.replace(serving_mode=mode), log, settings.edge.api_port).api_url
+        else:
+            url = target
+        pids = [child.pid for child in supervisor.children()]
+        if pids:
+            print(f"{target}: up at {url} (log {log}); measuring", file=sys.stderr, flush=True)
+        return await openai_phase(label_for(target), url, settings, args, pids)
 
 
 # --- the report ---
@@ -333,6 +247,8 @@ async def run_targets(settings: Settings, args: argparse.Namespace) -> int:
     for target in parse_targets(args.target):
         try:
             phases.append(await run_target(target, settings, args))
+        except Stopped:
+            raise
         except (SystemExit, Exception) as exc:  # noqa: BLE001 - report it and go on with the next target
             failed.append(f"{label_for(target)}: FAILED, not measured: {exc}")
             print(failed[-1], file=sys.stderr, flush=True)

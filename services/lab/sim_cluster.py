@@ -7,7 +7,9 @@ workers of a role share one host process (asyncio; a simulated engine mostly sle
 client and the edge keep a core of their own.
 
 `python -m services.lab.sim_cluster --role decode --count 16 --calibration FILE` is that host process;
-it reads its settings from the environment like every other process of the stack.
+it reads its settings from the environment like every other process of the stack, and answers
+/readyz on its metrics port (GROKSTACK_METRICS_PORT) once all its workers are ready, which is how
+the cluster knows it has started.
 """
 
 from __future__ import annotations
@@ -15,18 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from services.lab.sim_calibration import Calibration
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
-from services.settings import Settings
-from services.up import child_environment, stop_children
+from services.settings import ENV, Settings
+from services.supervisor import StartFailed, Supervisor, child_environment
 
-READY = "sim workers serving"
 # No worker is killed in this drill, so the lease only costs CPU: renewals of hundreds of running
 # jobs six times per lease, and idle polls as often, would take the core the simulation needs.
 LEASE_S = 3.0
@@ -45,19 +43,32 @@ class SimCluster:
         self.calibration_file = calibration_file
         self.nats = EmbeddedNats(workdir / "nats")
         self.redis = EmbeddedRedis(workdir / "redis", maxmemory="512mb")
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.supervisor = Supervisor()
 
     @property
     def edge_url(self) -> str:
         return f"ws://127.0.0.1:{self.settings.edge.edge_port}"
 
-    @property
-    def pids(self) -> list[int]:
-        servers = [s.proc.pid for s in (self.nats, self.redis) if s.proc]
-        return [p.pid for p in self.procs.values()] + servers
+    def processes(self) -> dict[str, int]:
+        """Its processes by name: the host of each role's workers, the edge and the servers."""
+        hosts = {f"{c.name} host" if c.name in self.sizes else c.name: c.pid for c in self.supervisor.children()}
+        servers = {name: s.proc.pid for name, s in (("nats", self.nats), ("redis", self.redis)) if s.proc}
+        return hosts | servers
 
     def start(self, timeout: float = 120.0) -> None:
+        try:
+            self._start(timeout)
+        except StartFailed as exc:
+            self.stop()
+            raise SystemExit(f"the simulated cluster did not start: {exc}; logs in {self.workdir}") from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        self.supervisor.adopt("nats-server", self.nats.stop)
         nats_url = self.nats.start()
+        self.supervisor.adopt("redis-server", self.redis.stop)
         self.settings = self.settings.replace(
             nats_url=nats_url, redis_url=self.redis.start(), nats_credentials=str(self.nats.credentials_file),
             edge_port=free_port(), api_port=free_port(), subject_prefix="spike", kv_key_prefix="spikekv",
@@ -69,47 +80,29 @@ class SimCluster:
             args = ["--role", role, "--count", str(count)]
             if self.calibration_file:
                 args += ["--calibration", str(self.calibration_file)]
-            self._spawn(role, [sys.executable, "-m", "services.lab.sim_cluster", *args], env)
-        self._spawn("edge", [sys.executable, "-m", "services.cli", "edge"], env)
-        self._wait(timeout)
-
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.procs[name] = subprocess.Popen(argv, env=env, stdout=open(self.workdir / f"{name}.log", "ab"),
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def _ready(self) -> bool:
-        hosts = all(READY in (self.workdir / f"{role}.log").read_text(errors="replace") for role in self.sizes)
-        if not hosts:
-            return False
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.edge.edge_port}/readyz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def _wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the simulated cluster did not start (exited: {dead}); logs in {self.workdir}")
-            time.sleep(0.2)
+            port = free_port()  # the host answers /readyz there once all its workers serve
+            self.supervisor.start(role, [sys.executable, "-m", "services.lab.sim_cluster", *args],
+                                  env=env | {ENV["metrics_port"]: str(port)}, log=self.workdir / f"{role}.log",
+                                  ready_url=f"http://127.0.0.1:{port}/readyz", grace_s=20)
+        self.supervisor.start("edge", [sys.executable, "-m", "services.cli", "edge"], env=env,
+                              log=self.workdir / "edge.log", grace_s=20,
+                              ready_url=f"http://127.0.0.1:{self.settings.edge.edge_port}/readyz")
+        self.supervisor.wait_ready(timeout)
 
     def stop(self) -> None:
-        stop_children(self.procs, 20)
-        self.redis.stop()
-        self.nats.stop()
+        self.supervisor.stop_all()
 
 
 # ---------------------------------------------------------------------- the worker host process
 
 async def host(settings: Settings, role: str, count: int, calibration: Calibration) -> None:
-    """`count` workers of `role`, each with its own SimEngine, until SIGTERM."""
+    """`count` workers of `role`, each with its own SimEngine, until SIGTERM. The process answers
+    /readyz on its metrics port when every one of its workers is ready."""
     from services.lab.sim_engine import SimEngine
     from kv_store.block_store import BlockStore
     from inference.pools import pool_named
-    from services.processes import start_worker
+    from services import telemetry
+    from services.processes import serve_endpoints, start_worker
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -122,10 +115,13 @@ async def host(settings: Settings, role: str, count: int, calibration: Calibrati
                            key_prefix=settings.kv.kv_key_prefix, model_id=f"sim-{settings.served.model_id}",
                            max_model_len=settings.served.max_model_len)
         name = f"{settings.bus.worker_name}-{role}-{i + 1}"
-        workers.append(await start_worker(settings.replace(worker_id=name), role, engine))
-    print(f"{READY}: {count} {role} workers, {calibration.describe()}", flush=True)
+        # each worker's own endpoints on a free port; the host's, for them all, on the given one
+        workers.append(await start_worker(settings.replace(worker_id=name, metrics_port=0), role, engine))
+    port = serve_endpoints(settings, workers)
+    print(f"sim workers serving: {count} {role} workers, {calibration.describe()}", flush=True)
     await stop.wait()
     await asyncio.gather(*(w.stop(settings.worker.drain_timeout_s) for w in workers))
+    telemetry.stop_serving(port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from services.lab.sim_calibration import Calibration, calibration_file
-from services.lab.common import PROMPTS, start_stack
+from services.lab.common import PROMPTS, StartedStack, log_file, start_stack
+from services.lab.sim_cluster import SimCluster
 from services.settings import Settings
+from services.supervisor import Supervisor
 from services.lab.spike_client import Outcome, drive, schedule
 from services.lab.spike_report import PRIORITIES, as_json, goal, render, table
 from services.lab.spike_watch import CpuUse, EdgeWaits
@@ -155,7 +153,9 @@ class Backend:
 
     def __init__(self, settings: Settings, args: argparse.Namespace, cal: Calibration, cal_file: Path | None):
         self.settings, self.args, self.cal, self.cal_file = settings, args, cal, cal_file
-        self.cluster = self.proc = None
+        self.supervisor = Supervisor()  # the real stack's `grokstack up`
+        self.stack: StartedStack | None = None
+        self.cluster: SimCluster | None = None
         self.workdir: Path | None = None
 
     def start(self) -> tuple[str, str]:
@@ -164,12 +164,12 @@ class Backend:
         if a.url:
             return a.url, f"engine {a.engine}: the running stack at {a.url} (not started here)"
         if a.engine == "real":
-            self.proc, url = start_stack(self.settings)
+            self.stack = start_stack(self.supervisor, self.settings, log_file(self.settings, "stack-spike"))
             workers = ("1 aggregated worker" if self.settings.stack.serving_mode == "aggregated"
                        else "1 prefill + 1 decode worker sharing the cores")
-            return url, (f"engine real: vLLM ({self.settings.served.model_id}, CPU) through `grokstack up`, {workers}, "
-                         f"one edge, embedded NATS and Redis, on this machine")
-        from services.lab.sim_cluster import SimCluster
+            return self.stack.url, (
+                f"engine real: vLLM ({self.settings.served.model_id}, CPU) through `grokstack up`, {workers}, "
+                f"one edge, embedded NATS and Redis, on this machine")
         self.workdir = Path(tempfile.mkdtemp(prefix="grokstack-spike-"))
         self.cluster = SimCluster(self.settings, self.workdir, a.prefill_workers, a.decode_workers, self.cal_file)
         self.cluster.start()
@@ -183,27 +183,22 @@ class Backend:
 
     def processes(self) -> dict[str, int]:
         """Named process trees whose CPU the report shows, besides this one (the client)."""
-        pids: dict[str, int] = {}
-        if self.proc is not None:
-            pids["stack (grokstack up)"] = self.proc.pid
+        if self.stack is not None:
+            return {"stack (grokstack up)": self.stack.child.pid}
         if self.cluster is not None:
-            pids |= {f"{n} host" if n in ("prefill", "decode") else n: p.pid for n, p in self.cluster.procs.items()}
-            pids |= {"nats": self.cluster.nats.proc.pid, "redis": self.cluster.redis.proc.pid}
-        return pids
+            return self.cluster.processes()
+        return {}
 
     def metrics_url(self) -> str | None:
         """The edge's Prometheus endpoint, on its API port, when this backend knows it."""
         if self.cluster is not None:
             return f"http://127.0.0.1:{self.cluster.settings.edge.api_port}/metrics"
-        if self.proc is not None:  # start_stack chose the port and handed it down in the environment
-            port = psutil.Process(self.proc.pid).environ().get("GROKSTACK_API_PORT")
-            return f"http://127.0.0.1:{port}/metrics" if port else None
+        if self.stack is not None:
+            return self.stack.metrics_url
         return None
 
     def stop(self, keep_logs: bool) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(120)
+        self.supervisor.stop_all()
         if self.cluster is not None:
             self.cluster.stop()
             if keep_logs:
@@ -245,9 +240,10 @@ async def run_spike(settings: Settings, args: argparse.Namespace) -> int:
     cal = Calibration.load(cal_file)
     plan = make_plan(settings, args, cal)
     backend = Backend(settings, args, cal, cal_file if cal_file.exists() else None)
-    url, what = backend.start()
-    lost = 0
+    lost, started = 0, False
     try:
+        url, what = backend.start()
+        started = True
         print(header(what, plan, url, settings, args), flush=True)
         outcomes, cpu, waits = await load(backend, url, plan, settings, args)
         cells = table(outcomes)
@@ -264,5 +260,5 @@ async def run_spike(settings: Settings, args: argparse.Namespace) -> int:
                 "machine_busy": cpu.machine_busy, "edge_wait_peaks_s": {p: waits.peaks(p) for p in PRIORITIES},
                 **as_json(cells, verdict)}, indent=2, default=str) + "\n")
     finally:
-        backend.stop(keep_logs=lost > 0)
+        backend.stop(keep_logs=lost > 0 or not started)
     return 1 if lost else 0

@@ -7,12 +7,8 @@ plain vLLM engine in this process, which is shut down before the stack's two eng
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +17,8 @@ import pytest
 from bus.messages import ChatMessage, SamplingSpec
 from bus.subjects import Subjects
 from services.embedded import free_port
-from services.settings import Settings
-from services.up import child_environment
+from services.settings import ENV, Settings
+from services.supervisor import Supervisor, child_environment, kill_group as kill_process_group
 from tests.conftest import REPO, unique_prefix
 
 SHORT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -49,6 +45,7 @@ class RunningStack:
     url: str
     procs: dict[str, subprocess.Popen]
     logs: Path
+    supervisor: Supervisor  # started the processes; stops them all at the end of the session
 
     @property
     def subjects(self) -> Subjects:
@@ -96,50 +93,35 @@ def reference(engine_settings: Settings) -> dict[str, Reference]:
 
 @pytest.fixture(scope="session")
 def vllm_stack(reference, engine_settings: Settings, tmp_path_factory) -> RunningStack:
+    """Prefill, decode and edge processes, ready when each one's health endpoint says so (the
+    workers' /readyz on their metrics ports, the edge's /readyz); stopped, newest first, at the end
+    with every worker tests added through `spawn_worker`."""
     logs = tmp_path_factory.mktemp("stack-logs")
     env = child_environment(engine_settings)
-    procs = {}
-    for role in ("prefill", "decode", "edge"):
-        procs[role] = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", role], env=env, cwd=REPO,
-            stdout=open(logs / f"{role}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{engine_settings.edge.edge_port}/readyz"
-    deadline = time.monotonic() + 600
+    supervisor = Supervisor()
     try:
-        while True:
-            dead = {r: p.returncode for r, p in procs.items() if p.poll() is not None}
-            if dead:
-                raise RuntimeError(f"stack process exited: {dead}; logs in {logs}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"stack not ready in time; logs in {logs}")
-            time.sleep(1)
-        yield RunningStack(engine_settings, f"ws://127.0.0.1:{engine_settings.edge.edge_port}", procs, logs)
+        for role in ("prefill", "decode", "edge"):
+            if role == "edge":
+                role_env, port = env, engine_settings.edge.edge_port
+            else:  # each worker answers /readyz on a metrics port of its own
+                port = free_port()
+                role_env = {**env, ENV["metrics_port"]: str(port)}
+            supervisor.start(role, [sys.executable, "-m", "services.cli", role], env=role_env, cwd=REPO,
+                             log=logs / f"{role}.log", ready_url=f"http://127.0.0.1:{port}/readyz", grace_s=60)
+        supervisor.wait_ready(600)  # a RuntimeError naming the process and its log if one exits or is late
+        procs = {child.name: child.proc for child in supervisor.children()}
+        yield RunningStack(engine_settings, f"ws://127.0.0.1:{engine_settings.edge.edge_port}", procs, logs,
+                           supervisor)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        supervisor.stop_all()
 
 
 def spawn_worker(stack: RunningStack, settings: Settings, role: str) -> subprocess.Popen:
-    """One more worker process beside the stack's, logging to `<logs>/<worker id>.log`."""
-    log = stack.logs / f"{settings.bus.worker_id}.log"
-    return subprocess.Popen([sys.executable, "-m", "services.cli", role], env=child_environment(settings),
-                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    """One more worker process beside the stack's, logging to `<logs>/<worker id>.log`; the
+    stack's teardown stops it if the test did not."""
+    return stack.supervisor.start(settings.bus.worker_id, [sys.executable, "-m", "services.cli", role],
+                                  env=child_environment(settings), cwd=REPO,
+                                  log=stack.logs / f"{settings.bus.worker_id}.log", grace_s=60).proc
 
 
 def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> None:
@@ -163,8 +145,4 @@ def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> N
 
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a worker and its engine process."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
+    kill_process_group(proc)

@@ -6,9 +6,26 @@ from __future__ import annotations
 
 import json
 
+import psutil
+
 from services.cli import build_parser, settings_from
 from services.lab.spike_bench import run_spike
 from services.lab.spike_report import PRIORITIES
+from services.supervisor import KEEPER
+
+
+def running_children() -> set[psutil.Process]:
+    """This process's descendants still running, but the supervisor's keeper (it lives as long as
+    this process, and kills nothing unless this process dies without stopping its children)."""
+    running = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and KEEPER not in p.cmdline():
+                running.add(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
 
 CELL_KEYS = {"offered", "served", "refused", "retry_after_p50_s", "degraded", "lost", "retried",
              "ttft_p50_s", "ttft_p99_s"}
@@ -21,8 +38,11 @@ async def test_the_sim_spike_bench_reports_every_priority_and_phase_and_loses_no
         "--spike-x", "5", "--prefill-workers", "2", "--decode-workers", "3", "--drain-s", "60",
         "--interactive-tokens", "8", "--standard-tokens", "16", "--batch-tokens", "24",
         "--json", str(report), "--log-level", "warning"])
+    before = running_children()
     code = await run_spike(settings_from(args), args)
     out = capsys.readouterr().out
+    # its servers, edge and worker hosts are stopped (a process of it would be a child of this one)
+    assert running_children() <= before, [p.cmdline() for p in running_children() - before]
 
     assert code == 0, out
     assert "engine sim: SIMULATED fleet of 2 prefill + 3 decode workers" in out

@@ -134,3 +134,12 @@ def test_the_edge_is_probed_scraped_and_served_on_its_api_and_websocket_ports():
     service = _of("Service")["grokstack-edge"]
     assert service["spec"]["selector"] == edge["spec"]["selector"]["matchLabels"]
     assert {p["port"] for p in service["spec"]["ports"]} == {api, ws}
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_workers_are_probed_on_their_health_endpoints(role):
+    """Ready once the engine runs and it pulls work (/readyz), alive while connected (/healthz):
+    the endpoints each worker serves beside /metrics (tests/pipeline/test_health.py)."""
+    container = _container(_of("Deployment")[f"grokstack-{role}"])
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe

@@ -11,8 +11,9 @@ Services import this instead of building subjects and payloads themselves. A job
 to `<prefix>.evt.<client>.<request_id>`; this client listens there once for all its jobs, and puts
 each job's events back in order (bus/ordering.py): a gap is filled from the capture stream, where
 every event is stored, and so is whatever was published while the connection was down (after a
-reconnect every open job looks in the capture). Events of a request nobody here waits for (the
-caller went away, or the process restarted) make it cancel the work.
+reconnect every open job looks in the capture). An edge also cancels the work of a request
+nobody here waits for (`cancel_unrouted`: its client went away, or the edge restarted); a
+back-end service does not, so that one restarting under the same client id can attach again.
 
 Idempotency: the idempotency key is the request id, sent as `Nats-Msg-Id`. The request stream
 stores a second publish of the same id within its dedupe window once, and says so in its ack;
@@ -135,8 +136,9 @@ class Job:
 
 class JobClient:
     def __init__(self, nc: NATS, subjects: Subjects, region: str, client_id: str,
-                 own_connection: bool) -> None:
+                 own_connection: bool, cancel_unrouted: bool = False) -> None:
         self.nc = nc
+        self.cancel_unrouted = cancel_unrouted
         self.js = nc.jetstream()
         self.subjects = subjects
         self.region = region
@@ -159,11 +161,12 @@ class JobClient:
 
     @classmethod
     async def over(cls, nc: NATS, prefix: str = "gs", region: str = "local",
-                   client_id: str | None = None, own_connection: bool = False) -> "JobClient":
+                   client_id: str | None = None, own_connection: bool = False,
+                   cancel_unrouted: bool = False) -> "JobClient":
         """A client on a connection the caller already has (and keeps)."""
         client = cls(nc, Subjects(prefix), region,
                      msgspec.convert(client_id or f"client-{uuid.uuid4().hex[:12]}", Id),
-                     own_connection)
+                     own_connection, cancel_unrouted)
         client._subs.append(await nc.subscribe(client.subjects.events_of_edge(client.client_id),
                                                cb=client._on_event))
         client._spawn(client._refill_after_reconnects())
@@ -296,8 +299,9 @@ class JobClient:
         stream = self._streams.get(event.request_id)
         if stream is not None:  # both paths may deliver one event: the stream drops repeats
             stream.deliver(event)
-        elif event.request_id not in self._forgotten and not isinstance(event, ErrorEvent):
-            # Nobody here waits for it (the caller went away, or this process restarted): stop the work.
+        elif (self.cancel_unrouted and event.request_id not in self._forgotten
+              and not isinstance(event, ErrorEvent)):
+            # Nobody here waits for it (the client went away, or this edge restarted): stop the work.
             await self.cancel(event.request_id, reason="no_listener")
 
     async def _on_attached_event(self, msg: Msg) -> None:

@@ -22,10 +22,9 @@ from typing import Any
 
 from bus.config import BusConfig
 from bus.roles import ROLES, Role
-from bus.section import redact_url
 
-__all__ = ["BusAuth", "CredentialsError", "NatsLogin", "generate_logins", "load_logins", "redact_url",
-           "save_logins", "tls_context", "write_private"]
+__all__ = ["BusAuth", "CredentialsError", "NatsLogin", "generate_logins", "load_logins", "save_logins",
+           "tls_context", "write_private"]
 
 
 class CredentialsError(RuntimeError):

@@ -8,6 +8,8 @@ bus/work_queue.py). The policy of a priority is one row of `PriorityConfig.table
                   hold together, so more urgent work arriving in a spike finds room at once
   min_share       the share of the work served lately it is guaranteed while it has work queued,
                   so outside a spike it is not starved by a steady stream of more urgent work
+  degrades        past half its budget, its max_tokens is capped before it is refused (batch:
+                  shorter answers for the least urgent work keep more of it accepted)
 
 The edge's admission reads the budgets; workers read the shares.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bus.section import Section
 
@@ -34,6 +36,7 @@ class PriorityPolicy:
     queue_budget_s: float
     max_share: float
     min_share: float
+    degrades: bool = False
 
 
 class PriorityConfig(Section):
@@ -54,8 +57,18 @@ class PriorityConfig(Section):
             "standard": PriorityPolicy("standard", self.queue_budget_standard_s, self.max_share_standard,
                                        self.min_share_standard),
             "batch": PriorityPolicy("batch", self.queue_budget_batch_s, self.max_share_batch,
-                                    self.min_share_batch),
+                                    self.min_share_batch, degrades=True),
         }
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PriorityConfig":
+        # max shares are cumulative: batch alone may not hold more than standard and batch together
+        if self.max_share_batch > self.max_share_standard:
+            raise ValueError(f"max_share_batch ({self.max_share_batch}) must not exceed max_share_standard "
+                             f"({self.max_share_standard})")
+        if self.min_share_standard + self.min_share_batch > 1:
+            raise ValueError("min_share_standard + min_share_batch must not exceed 1")
+        return self
 
 
 def at_or_above(priority: Priority) -> tuple[Priority, ...]:

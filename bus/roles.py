@@ -44,14 +44,14 @@ class RoleSpec:
 
 
 ROLES: dict[Role, RoleSpec] = {spec.role: spec for spec in (
-    RoleSpec(Role.EDGE, "publishes requests and cancels; reads its token events, heartbeats, queue depths"),
-    RoleSpec(Role.PREFILL, "computes prompts: pulls requests, publishes decode jobs and first tokens",
+    RoleSpec(Role.EDGE, "takes clients' requests (publishes requests and cancels, reads its events and heartbeats)"),
+    RoleSpec(Role.PREFILL, "computes prompts (pulls requests, publishes decode jobs and first tokens)",
              pulls="req", stages=("prefill",)),
-    RoleSpec(Role.DECODE, "generates answers: pulls decode jobs, publishes token events",
+    RoleSpec(Role.DECODE, "generates answers (pulls decode jobs, publishes token events)",
              pulls="decode", stages=("decode",), holds_answer=True),
-    RoleSpec(Role.AGGREGATED, "one engine prefills and decodes: pulls requests, publishes token events",
+    RoleSpec(Role.AGGREGATED, "prefills and decodes in one engine (pulls requests, publishes token events)",
              pulls="req", stages=("prefill", "decode"), holds_answer=True),
-    RoleSpec(Role.OPS, "operators and back-end services: publish jobs, replay, trace, everything"),
+    RoleSpec(Role.OPS, "operates the bus: back-end services' jobs, replay, trace (may do everything)"),
 )}
 
 WORKER_ROLES: tuple[Role, ...] = tuple(r for r, spec in ROLES.items() if spec.is_worker)

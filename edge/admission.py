@@ -115,7 +115,8 @@ class Admission:
     def __init__(self, config: EdgeConfig, priorities: PriorityConfig, queues: QueueWatch) -> None:
         self.config = config
         self.queues = queues
-        self.budgets = {p: policy.queue_budget_s for p, policy in priorities.table().items()}
+        self.policies = priorities.table()
+        self.budgets = {p: policy.queue_budget_s for p, policy in self.policies.items()}
         self._buckets: dict[str, TokenBucket] = {}
         self.scale = PromptScale()
 
@@ -148,7 +149,7 @@ class Admission:
 
     def _degrade(self, request: ChatRequest, wait: float, budget: float) -> tuple[ChatRequest, int | None]:
         cap = self.config.degraded_batch_max_tokens
-        if (request.priority != "batch" or not cap or not budget or wait <= budget / 2
+        if (not self.policies[request.priority].degrades or not cap or not budget or wait <= budget / 2
                 or request.sampling.max_tokens <= cap):
             return request, None
         sampling = msgspec.structs.replace(request.sampling, max_tokens=cap)
@@ -157,8 +158,7 @@ class Admission:
     def track(self, live: LiveRequest, admitted: Admitted) -> None:
         """When the request ends: learn its real prompt size, and give the tenant back what the
         answer did not use."""
-        if live._pump is not None:
-            live._pump.add_done_callback(lambda _: self.finished(live.tenant, admitted, live.events))
+        live.when_ended(lambda: self.finished(live.tenant, admitted, live.events))
 
     def finished(self, tenant: str, admitted: Admitted, events: list[Event]) -> None:
         final = next((e for e in reversed(events) if isinstance(e, FinalEvent)), None)

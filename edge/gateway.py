@@ -28,7 +28,7 @@ from bus.codec import BadMessage, decode
 from bus.config import BusConfig
 from bus.jetstream import ensure_streams
 from bus.messages import ChatRequest, Heartbeat
-from bus.roles import ROLES, STAGES, Role, Stage
+from bus.roles import STAGES, Role, Stage, roles_serving
 from edge.config import EdgeConfig
 from edge.queues import QueueWatch
 
@@ -59,7 +59,9 @@ class Gateway:
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.bus, self.subjects)
-        self.client = await JobClient.over(self.nc, self.bus.subject_prefix, self.region, self.edge_id)
+        # Events nobody here waits for mean a client gone, or an edge restarted: stop that work.
+        self.client = await JobClient.over(self.nc, self.bus.subject_prefix, self.region, self.edge_id,
+                                           cancel_unrouted=True)
         await self.nc.subscribe(self.subjects.all_heartbeats(), cb=self._on_beat)
         task = asyncio.create_task(self.queues.run())
         self._background.add(task)
@@ -114,7 +116,7 @@ class Gateway:
         region = region or self.region
         horizon = self._horizon()
         alive = {role for (r, role), at in self._last_beat.items() if r == region and at >= horizon}
-        return {stage: any(stage in ROLES[role].stages for role in alive) for stage in STAGES}
+        return {stage: any(role in alive for role in roles_serving(stage)) for stage in STAGES}
 
     def health(self) -> tuple[bool, str]:
         ok = self.nc.is_connected

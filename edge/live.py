@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import structlog
 
@@ -97,6 +97,11 @@ class LiveRequest:
         """Finish with an error event of our own (timeout, cancel), numbered in sequence."""
         self.append(ErrorEvent(request_id=self.request_id, seq=len(self.events), code=code,
                                message=message, retryable=retryable))
+
+    def when_ended(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the request's events stop coming (finished, timed out or stopped)."""
+        if self._pump is not None:
+            self._pump.add_done_callback(lambda _: callback())
 
     async def changed(self) -> None:
         await self._changed.wait()

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from bus.config import BusConfig
 from bus.messages import Heartbeat
 from bus.roles import ROLES, Role, job_cost, roles_pulling
-from bus.priorities import PRIORITIES, Priority
+from bus.priorities import PRIORITIES, Priority, at_or_above
 from bus.subjects import WorkKind
 from edge import metrics
 from edge.config import EdgeConfig
@@ -140,7 +140,7 @@ class QueueWatch:
     def queued_tokens(self, kind: WorkKind, region: str, priority: Priority) -> float:
         """Tokens of work that would be served before a new request of `priority`. Requests still
         waiting for prefill will all need decoding too: the decode pool's work ahead counts them."""
-        ahead = PRIORITIES[:PRIORITIES.index(priority) + 1]
+        ahead = at_or_above(priority)
         upstream: tuple[WorkKind, ...] = ("req", "decode") if kind == "decode" else ("req",)
         return sum(self.depth(k, region, p) * self.costs.of(kind, p) for p in ahead for k in upstream)
 

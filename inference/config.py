@@ -41,7 +41,7 @@ class EngineConfig(Section):
     # Added to this process's nice value (a lower CPU priority). On a shared CPU `grokstack up`
     # gives the decode worker +5 so prompt processing goes first, as vLLM's own scheduler
     # prefers prefills within one engine.
-    cpu_nice: Annotated[int, Field(ge=0, le=19)] = 0
+    cpu_nice: Annotated[int, Field(ge=-20, le=19)] = 0
 
 
 class SpecConfig(Section):

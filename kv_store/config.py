@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from bus.section import Section, SubjectToken
+from bus.section import Section
 
 
 class KvConfig(Section):
@@ -14,4 +14,5 @@ class KvConfig(Section):
     # ssl_ca_certs=ca.pem); "" means: `grokstack up` starts an embedded server
     redis_url: str = ""
     kv_ttl_s: Annotated[int, Field(ge=1)] = 3600  # a block's lifetime since it was last written or read
-    kv_key_prefix: SubjectToken = "gskv"
+    # The first part of every key (`<prefix>:blk:...`); a Redis ACL can confine the stack to it.
+    kv_key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "gskv"

@@ -7,6 +7,9 @@ import asyncio
 import sys
 from pathlib import Path
 
+from bus.priorities import PRIORITIES
+from bus.roles import ROLES
+from inference.pools import POOLS
 from services import logs
 from services.settings import ENV, SECTIONS, Settings, SettingsError, describe, from_env
 
@@ -14,9 +17,9 @@ from services.settings import ENV, SECTIONS, Settings, SettingsError, describe, 
 PROCESS = ["bus", "priorities", "served", "stack"]
 WORKER = PROCESS + ["kv", "engine", "spec", "worker"]
 FLAGS = {
-    "up": list(SECTIONS), "edge": PROCESS + ["edge"], "prefill": WORKER, "decode": WORKER, "aggregated": WORKER,
+    "up": list(SECTIONS), "edge": PROCESS + ["edge"], **{pool.name: WORKER for pool in POOLS.values()},
     "bench": WORKER + ["edge"], "publish": ["bus", "stack"], "replay": ["bus", "stack"], "trace": ["bus", "stack"],
-    "apikey": ["edge"], "chaos": ["served", "engine", "spec", "worker", "edge", "stack"],
+    "apikey": ["edge"], "chaos": ["served", "kv", "engine", "spec", "worker", "edge", "stack"],
     "cost": ["worker"], "model": ["served", "stack"],
 }
 
@@ -47,17 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("up", "run the whole stack on this machine (embedded NATS and Redis unless "
                   "NATS_URL/REDIS_URL are set); Ctrl-C stops it")
-    command("edge", "run an edge node (websocket chat, the chat page, the OpenAI-compatible API)",
-)
-    command("prefill", "run a prefill worker")
-    command("decode", "run a decode worker")
-    command("aggregated", "run an aggregated worker: one engine prefills and decodes (no KV hand-off)",
-)
+    command("edge", "run an edge node (websocket chat, the chat page, the OpenAI-compatible API)")
+    for pool in POOLS.values():  # a command per worker pool (inference/pools.py)
+        command(pool.name, f"run one {pool.name} worker, which {ROLES[pool.role].summary}")
 
     chat = sub.add_parser("chat", help="chat with the stack in the terminal",
                           description="chat with the stack in the terminal")
     chat.add_argument("--url", default=None, help="edge websocket URL (default ws://127.0.0.1:<edge port>)")
-    chat.add_argument("--priority", default="interactive", choices=["interactive", "standard", "batch"])
+    chat.add_argument("--priority", default=PRIORITIES[0], choices=PRIORITIES)
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--system", default=None, help="a system message for the conversation")
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     apikey = command("apikey", "make an API key for a tenant: prints the key once and stores only its "
                                "hash in the keys file (GROKSTACK_API_KEYS_FILE)")
     apikey.add_argument("--tenant", required=True)
-    apikey.add_argument("--priority", action="append", default=[], choices=["interactive", "standard", "batch"],
+    apikey.add_argument("--priority", action="append", default=[], choices=PRIORITIES,
                         help="a priority the tenant may use (repeat; default: all, or the tenant's current)")
     apikey.add_argument("--max-concurrent", type=int, default=0,
                         help="requests in flight at once per edge (default 64, or the tenant's current)")
@@ -221,7 +221,7 @@ def run_process(settings: Settings, args: argparse.Namespace) -> int:
 
 RUNS = {"up": run_up, "model": run_model, "chaos": run_chaos, "bench": run_bench,
         **{c: run_client_command for c in CLIENT_COMMANDS},
-        **{c: run_process for c in ("edge", "prefill", "decode", "aggregated")}}
+        **{c: run_process for c in ("edge", *(pool.name for pool in POOLS.values()))}}
 COMMANDS = {"settings": list_settings, "asyncapi": asyncapi, "nats-auth": nats_auth, "chat": chat}
 
 

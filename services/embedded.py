@@ -62,7 +62,7 @@ class EmbeddedNats:
     By default it serves any subject prefix (tests take one each, replays a sandbox beside the
     live one), so its permissions are those of `Subjects.any_prefix()`; given `prefixes`, only
     theirs, as a production server (bus/permissions.py). Clients log in with the role logins in
-    `credentials_file` (Settings.nats_credentials)."""
+    `credentials_file` (BusConfig.nats_credentials)."""
 
     def __init__(self, workdir: Path, port: int = -1, max_payload_mb: int = 8,
                  prefixes: tuple[str, ...] = ()) -> None:

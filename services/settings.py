@@ -13,19 +13,20 @@ in inference/profiles.py).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bus.config import BusConfig
 from bus.priorities import PriorityConfig
-from bus.section import Section, redact_url
+from bus.section import Section
 from edge.config import EdgeConfig
 from inference.config import BUNDLED_MODEL_NAME, EngineConfig, ModelConfig, SpecConfig, WorkerConfig
 from kv_store.config import KvConfig
 
-__all__ = ["ENV", "Settings", "SettingsError", "StackConfig", "describe", "from_env", "redact_url"]
+__all__ = ["ENV", "Settings", "SettingsError", "StackConfig", "describe", "from_env"]
 
 
 class StackConfig(Section):
@@ -40,6 +41,11 @@ class StackConfig(Section):
     redis_maxmemory: Annotated[str, Field(pattern=r"^[0-9]+[kmgKMG]?[bB]?$")] = "2gb"  # embedded server only
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "console"] = "json"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value  # INFO, as logging spells it, too
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -102,7 +108,7 @@ class Settings(BaseModel):
         if not self.served.model:
             bundled = str(bundled_model_dir(self.stack.data_dir))
             object.__setattr__(self, "served", self.served.replace(model=bundled))
-        embedded = self.stack.data_dir / "nats" / "credentials.json"
+        embedded = embedded_logins(self.stack.data_dir)
         if not self.bus.nats_credentials and embedded.exists():
             object.__setattr__(self, "bus", self.bus.replace(nats_credentials=str(embedded)))
         return self
@@ -120,6 +126,12 @@ class Settings(BaseModel):
                 merged[SECTION_OF[key]][key] = value
             else:
                 raise ValueError(f"unknown setting {key!r}")
+        if changes.get("data_dir") is not None:  # what was filled in from the old one follows it
+            if self.uses_bundled_model and changes.get("model") is None:
+                merged["served"]["model"] = ""
+            if (merged["bus"]["nats_credentials"] == str(embedded_logins(self.stack.data_dir))
+                    and changes.get("nats_credentials") is None):
+                merged["bus"]["nats_credentials"] = ""
         return Settings.model_validate(merged)
 
     def _sections(self) -> list[tuple[str, Section]]:
@@ -134,14 +146,20 @@ def bundled_model_dir(data_dir: Path) -> Path:
     return data_dir / "models" / BUNDLED_MODEL_NAME
 
 
+def embedded_logins(data_dir: Path) -> Path:
+    """Where the embedded nats-server of `grokstack up` writes the role logins (services/embedded.py)."""
+    return data_dir / "nats" / "credentials.json"
+
+
 def _explain(exc: ValidationError, given: Mapping[str, object]) -> str:
     """One line per bad value, named by its environment variable (and flag)."""
     lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
         name = next((part for part in reversed(loc) if part in SECTION_OF), None)
-        if name is None:  # a check across fields of a section
-            lines.append(f"{' '.join(loc) or 'settings'}: {error['msg']}")
+        if name is None:  # a check across fields of a section: name the variables it speaks of
+            message = re.sub(r"\b[a-z_]+\b", lambda m: ENV.get(m.group(0), m.group(0)), error["msg"])
+            lines.append(f"{' '.join(loc) or 'settings'}: {message}")
             continue
         shown = f" (got {given[name]!r})" if name in given else ""
         lines.append(f"{ENV[name]} (--{name.replace('_', '-')}): {error['msg']}{shown}")

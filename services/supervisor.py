@@ -11,8 +11,9 @@
   group (and any descendant that left the group). SIGTERM to the whole group would also reach the
   worker's engine, which aborts its requests at once (vLLM's engine core does on SIGTERM) instead
   of letting the worker drain them. Killing a child SIGKILLs its group at once, as a crash.
-- Nothing is left behind. `stop_all` stops everything in reverse order of starting, each gone
-  before the next (workers drain through the servers started before them). `stop_on_signals`
+- Nothing is left behind. `stop_all` stops everything in reverse order of starting: children
+  started one after another stop together (each drains within its own grace), and are gone before
+  what was started before them (workers drain through the servers started first). `stop_on_signals`
   turns SIGTERM and SIGINT into an exception in the main thread, so every finally block runs.
   Every child gets the Linux parent-death signal (SIGKILL), and a keeper process SIGKILLs the
   groups a supervisor leaves when it dies: a SIGKILLed supervisor runs no code, and the
@@ -357,28 +358,39 @@ class Supervisor:
             logger.warning("process did not stop in time; killed its group", child=child.name, grace_s=child.grace_s)
 
     def stop_all(self) -> None:
-        """Everything started or adopted here, newest first, each gone before the next stops."""
+        """Everything started or adopted here, newest first. The children started one after another
+        stop together (each drains within its own grace, as one SIGTERM to all of them would let
+        them), and all of them are gone before what was adopted before them (the servers they
+        drain through) stops."""
         global _stopping
         _stopping += 1
-        failure: Exception | None = None
+        failures: list[Exception] = []
         try:
-            while True:
-                with self._lock:
-                    if not self._started:
-                        break
-                    item = self._started.pop()
+            while batch := self._pop_batch():
                 try:
-                    if isinstance(item, Child):
-                        self._stop_child(item)
+                    if isinstance(batch[0], _Adopted):
+                        batch[0].stop()
                     else:
-                        item.stop()
+                        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+                            list(pool.map(self._stop_child, batch))  # type: ignore[arg-type]
                 except Exception as exc:  # stop the rest all the same; raise once they are stopped
-                    logger.error("could not stop", child=item.name, error=f"{type(exc).__name__}: {exc}")
-                    failure = failure or exc
+                    logger.error("could not stop", children=[item.name for item in batch],
+                                 error=f"{type(exc).__name__}: {exc}")
+                    failures.append(exc)
         finally:
             _stopping -= 1
-        if failure is not None:
-            raise failure
+        if failures:
+            raise failures[0]
+
+    def _pop_batch(self) -> list[Child | _Adopted]:
+        """The newest item, with the children started just before it when it is a child."""
+        with self._lock:
+            if not self._started:
+                return []
+            batch = [self._started.pop()]
+            while isinstance(batch[0], Child) and self._started and isinstance(self._started[-1], Child):
+                batch.append(self._started.pop())
+            return batch
 
 
 @contextmanager

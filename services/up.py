@@ -24,7 +24,7 @@ from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
 from services.settings import ENV, Settings
 from services.supervisor import StartFailed, Stopped, Supervisor, child_environment, local_url, stop_on_signals
 
-__all__ = ["child_environment", "metrics_ports", "role_environment", "run_up"]
+__all__ = ["metrics_ports", "role_environment", "run_up"]
 
 log = structlog.get_logger("grokstack.up")
 
@@ -33,7 +33,7 @@ START_TIMEOUT_S = 900.0  # engines load in about a minute here; a cold cache or 
 
 
 def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict[str, str]:
-    """On a shared CPU, decode yields the cores to prefill (see Settings.cpu_nice)."""
+    """On a shared CPU, decode yields the cores to prefill (see EngineConfig.cpu_nice)."""
     if role == Role.DECODE and settings.engine.engine_step_lock and settings.engine.cpu_nice == 0:
         return {**env, ENV["cpu_nice"]: "5"}
     return env

@@ -8,7 +8,7 @@ cores. Both use temperature 0, so both generate the same tokens. Each phase firs
 short prompts one at a time (TTFT with nothing queued), then the concurrent load.
 
 With --target (several times), the same load runs instead against OpenAI-compatible endpoints one
-after the other, this stack's and vLLM's own server among them: see services/openai_bench.py.
+after the other, this stack's and vLLM's own server among them: see services/lab/openai_bench.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`grokstack bench --calibrate`: measure the real engine, write the simulated engine's timing.
 
 One vLLM engine in this process (the decode profile's batch limit, no KV connector), nothing
-else running. Three figures fix the sim's linear step model (inference/sim_calibration.py):
+else running. Three figures fix the sim's linear step model (services/lab/sim_calibration.py):
   - the step time with one sequence decoding: the median gap between its tokens;
   - the step time with 16 decoding together: the median gap while all 16 are decoding (after
     the last one's first token, before the first one finishes);

@@ -12,7 +12,7 @@ work (utilization), so
 where the decode rate is the aggregate over the batch and, with speculative decoding, is multiplied
 by the expected tokens per verification step (Leviathan et al. 2023) over the verification
 overhead. Throughput is given by flags, or measured from a running stack's Prometheus metrics
-(services/cost_metrics.py).
+(services/lab/cost_metrics.py).
 """
 
 from __future__ import annotations

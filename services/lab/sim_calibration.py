@@ -1,10 +1,10 @@
-"""The timing model of the simulated engine (inference/sim_engine.py), fitted to vLLM measured here.
+"""The timing model of the simulated engine (services/lab/sim_engine.py), fitted to vLLM measured here.
 
 One engine step costs  base + per_seq x (sequences in the step) + per_prefill_token x (prompt
 tokens computed in the step), and gives one token to every sequence in it. Three measurements of
 the real engine fix the three constants: the step time with one sequence decoding, with 16, and a
 512-token prompt prefilled alone. `grokstack bench --calibrate` measures them and writes them as
-JSON (services/calibrate.py); `Calibration.load` reads that file, or falls back to DEFAULT.
+JSON (services/lab/calibrate.py); `Calibration.load` reads that file, or falls back to DEFAULT.
 """
 
 from __future__ import annotations

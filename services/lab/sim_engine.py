@@ -3,8 +3,8 @@
 Same interface and text contract as FakeEngine (tokens are UTF-8 bytes; the answer is a fixed
 function of the conversation, so a decode that continues from prompt + first token + the tokens
 already sent produces exactly the rest; the KV contract with a BlockStore), but every token
-comes out of a continuous-batching step loop (inference/sim_batcher.py) whose step times are
-calibrated on the real engine (inference/sim_calibration.py). Answers never end early: after
+comes out of a continuous-batching step loop (services/lab/sim_batcher.py) whose step times are
+calibrated on the real engine (services/lab/sim_calibration.py). Answers never end early: after
 the echo they go on through a fixed text, so every request runs to its max_tokens, as a real
 model's long answers do.
 

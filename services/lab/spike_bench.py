@@ -1,11 +1,11 @@
 """`grokstack bench --spike`: a steady load, a burst of --spike-x times it, steady again.
 
 Open-loop Poisson arrivals with a mix of priorities, each with its own max_tokens, over websocket
-connections to an edge (services/spike_client.py); per priority and phase it prints what was
+connections to an edge (services/lab/spike_client.py); per priority and phase it prints what was
 offered, served, refused (with the retry-after the edge gave), degraded and lost, and TTFT
-(services/spike_report.py). Two backends, and the report says which one ran:
+(services/lab/spike_report.py). Two backends, and the report says which one ran:
 
-  --engine sim   a simulated fleet (services/sim_cluster.py): embedded NATS and Redis, one edge,
+  --engine sim   a simulated fleet (services/lab/sim_cluster.py): embedded NATS and Redis, one edge,
                  --prefill-workers and --decode-workers real workers whose engines are SimEngines
                  with vLLM's step times measured on this machine (`grokstack bench --calibrate`).
                  Queueing at fleet scale on 2 cores; the rates default to 35% of the fleet's
@@ -35,7 +35,8 @@ from services.lab.sim_cluster import SimCluster
 from services.settings import Settings
 from services.supervisor import Supervisor
 from services.lab.spike_client import Outcome, drive, schedule
-from services.lab.spike_report import PRIORITIES, as_json, goal, render, table
+from bus.priorities import PRIORITIES
+from services.lab.spike_report import as_json, goal, render, table
 from services.lab.spike_watch import CpuUse, EdgeWaits
 
 # README's measurement of the disaggregated stack at 8 chats: 34.5 tokens/s on 2 cores, about

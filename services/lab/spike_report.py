@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from bus.priorities import PRIORITIES
 from services.lab.common import quantile
 from services.lab.spike_client import PHASES, Outcome
 
-PRIORITIES = ("interactive", "standard", "batch")
 GOAL_RATIO = 2.0
 FEW = 5  # a p99 from fewer served requests than this is only their maximum
 

@@ -18,7 +18,7 @@ from bus.messages import ChatMessage, SamplingSpec
 from bus.subjects import Subjects
 from services.embedded import free_port
 from services.settings import ENV, Settings
-from services.supervisor import Supervisor, child_environment, kill_group as kill_process_group
+from services.supervisor import Supervisor, child_environment
 from tests.conftest import REPO, unique_prefix
 
 SHORT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -141,8 +141,3 @@ def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> N
         finally:
             await nc.close()
     asyncio.run(wait())
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a worker and its engine process."""
-    kill_process_group(proc)

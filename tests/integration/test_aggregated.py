@@ -7,7 +7,8 @@ import openai
 import pytest
 
 from edge.client import EdgeClient
-from tests.integration.conftest import API, MAX_TOKENS, kill_group, spawn_worker, wait_for_heartbeat
+from services.supervisor import kill_group
+from tests.integration.conftest import API, MAX_TOKENS, spawn_worker, wait_for_heartbeat
 
 pytestmark = pytest.mark.engine
 REGION = "agg"  # its own region, so the disaggregated workers never take these requests

@@ -69,4 +69,4 @@ async def test_spec_decoding_acceptance_and_kv_capacity_reach_the_metrics(engine
     assert accepted / drafted > 0.3  # a copy: most drafts are right
     assert ("grokstack_kv_cache_usage_ratio", frozenset({("role", "aggregated")})) in after
     assert moved("grokstack_generation_tokens_total", role="aggregated") == result.usage.completion_tokens
-    assert not any(name.startswith("vllm") for name, _ in after)  # its own registry: see services/metrics.py
+    assert not any(name.startswith("vllm") for name, _ in after)  # their own registries: services/telemetry.py

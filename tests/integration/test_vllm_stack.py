@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import uuid
 
 import msgspec
@@ -20,9 +16,7 @@ from bus.codec import decode, encode
 from bus.credentials import BusAuth
 from bus.messages import DecodeJob, Heartbeat
 from edge.client import EdgeClient
-from services.up import child_environment
-from tests.conftest import REPO
-from tests.integration.conftest import LONG, MAX_TOKENS, SHORT, RunningStack
+from tests.integration.conftest import LONG, MAX_TOKENS, SHORT, RunningStack, spawn_worker
 
 pytestmark = pytest.mark.engine
 
@@ -237,9 +231,8 @@ async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vl
     settings = vllm_stack.settings.replace(region="draft", spec_method="draft",
                                            spec_draft_model=vllm_stack.settings.served.model,
                                            worker_id="draft-decode")
-    log = tmp_path / "draft-decode.log"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "decode"], env=child_environment(settings),
-                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    spawn_worker(vllm_stack, settings, "decode")
+    log = vllm_stack.logs / f"{settings.bus.worker_id}.log"
     try:
         job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                      {"role": "user", "content": "Describe a horse."}])
@@ -252,6 +245,4 @@ async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vl
         assert final["kv"]["loaded_tokens"] == job.kv.num_tokens and not final["kv"]["recomputed"]
         assert '"speculative": "draft_model"' in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        vllm_stack.supervisor.stop(settings.bus.worker_id)

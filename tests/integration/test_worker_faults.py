@@ -22,7 +22,8 @@ from bus.credentials import BusAuth
 from bus.messages import Heartbeat
 from edge.client import EdgeClient
 from services.embedded import EmbeddedRedis
-from tests.integration.conftest import kill_group, spawn_worker, wait_for_heartbeat
+from services.supervisor import kill_group
+from tests.integration.conftest import spawn_worker, wait_for_heartbeat
 from tests.integration.test_vllm_stack import chat, unique_system
 
 pytestmark = pytest.mark.engine

@@ -10,7 +10,7 @@ import psutil
 
 from services.cli import build_parser, settings_from
 from services.lab.spike_bench import run_spike
-from services.lab.spike_report import PRIORITIES
+from bus.priorities import PRIORITIES
 from services.supervisor import KEEPER
 
 

@@ -13,11 +13,14 @@ import websockets
 from bus.codec import BadMessage
 from bus.codec import decode_event as real_decode_event
 from bus import client as client_module
+from bus.capture import event_history
+from bus.client import JobClient
 from edge.client import EdgeClient
 from edge.tenants import add_key
 from services.lab.fake_engine import FakeEngine
 from services.embedded import EmbeddedNats, free_port
-from tests.pipeline.harness import another_edge, crash, eventually, running_stack
+from tests.pipeline.harness import another_edge, bus_client, crash, eventually, ops, running_stack
+from tests.pipeline.test_direct_publish import raw_job
 from tests.pipeline.test_chat_flow import engines, expected
 from tests.pipeline.test_openai_api import content_of, read_sse
 from tests.pipeline.test_ws_resume import frames_until_end
@@ -166,3 +169,24 @@ async def test_a_nats_server_restart_mid_answer_loses_no_token(settings, tmp_pat
         server.stop()
     assert frames[-1]["type"] == "done", frames[-1]
     assert_whole_answer_once([f for f in frames if f["type"] == "token"], question)
+
+
+async def test_work_whose_edge_does_not_know_it_is_cancelled_but_a_services_is_not(settings):
+    """An edge that hears events of a request nobody there waits for (its client left, or the edge
+    restarted) cancels the work; a back-end JobClient does not (it may attach again after a restart)."""
+    async with running_stack(settings, FakeEngine("prefill"), FakeEngine("decode", token_delay_s=0.05)) as stack, \
+            bus_client(settings) as nc, \
+            await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix, client_id="some-service",
+                                    auth=ops(settings)):
+        js, subjects = nc.jetstream(), stack.subjects
+        for client_id, rid in ((stack.edge.gateway.edge_id, "orphan-of-the-edge"),
+                               ("some-service", "orphan-of-a-service")):
+            job = raw_job(settings.bus.subject_prefix, rid, "nobody waits for me " * 3, priority="interactive",
+                          reply_to=subjects.events(client_id, rid), sampling={"max_tokens": 60})
+            await js.publish(subjects.request("local", "interactive"), json.dumps(job).encode())
+
+        async def ended_with(rid: str, what: str) -> bool:  # as the capture recorded what workers sent
+            events = (await event_history(js, subjects, rid)).from_seq(0)
+            return bool(events) and getattr(events[-1], "code", events[-1].__struct_config__.tag) == what
+        assert await eventually(lambda: ended_with("orphan-of-the-edge", "cancelled"), timeout=20)
+        assert await eventually(lambda: ended_with("orphan-of-a-service", "final"), timeout=20)

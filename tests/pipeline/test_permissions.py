@@ -239,14 +239,14 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 async def test_tls_to_nats_with_the_settings_ca(settings, tmp_path: Path):
     """infra/nats/secure.conf's tls block, reached with GROKSTACK_NATS_TLS_CA."""
     from services.embedded import free_port, nats_server_binary
+    from services.supervisor import Supervisor
 
     cert, key = _self_signed(tmp_path)
     port = free_port()
     conf = tmp_path / "nats.conf"
     conf.write_text(f'listen: 127.0.0.1:{port}\ntls {{ cert_file: "{cert}", key_file: "{key}" }}\n')
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
+    with Supervisor() as supervisor:
+        supervisor.start("nats-tls", [nats_server_binary(), "-c", str(conf)], log=tmp_path / "nats-tls.log")
         url = f"tls://127.0.0.1:{port}"
         trusting = settings.replace(nats_url=url, nats_credentials="", data_dir=tmp_path,
                                     nats_tls_ca=str(cert))
@@ -260,6 +260,3 @@ async def test_tls_to_nats_with_the_settings_ca(settings, tmp_path: Path):
         assert await eventually(up, 10, 0.2)
         with pytest.raises(BusUnavailable):  # the system's CAs do not know this one
             await connect(url, "tls-test", BusAuth.of(trusting.replace(nats_tls_ca="").bus, "edge"))
-    finally:
-        proc.terminate()
-        proc.wait(10)

@@ -138,8 +138,9 @@ def test_the_edge_is_probed_scraped_and_served_on_its_api_and_websocket_ports():
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_workers_are_probed_on_their_health_endpoints(role):
-    """Ready once the engine runs and it pulls work (/readyz), alive while connected (/healthz):
-    the endpoints each worker serves beside /metrics (tests/pipeline/test_health.py)."""
+    """Ready once the engine runs and it pulls work (/readyz, which each worker serves beside /metrics:
+    tests/pipeline/test_health.py); alive while the process answers at all (a NATS outage must not
+    restart every worker and make it reload its model)."""
     container = _container(_of("Deployment")[f"grokstack-{role}"])
-    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/metrics")):
         assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe

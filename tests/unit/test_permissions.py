@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from bus.capture import subject_matches
+from bus.section import redact_url
 from bus.credentials import (
     BusAuth,
     CredentialsError,
     NatsLogin,
     generate_logins,
     load_logins,
-    redact_url,
     save_logins,
 )
 from bus.permissions import (

@@ -41,9 +41,9 @@ def test_a_bad_value_names_the_variable_and_what_it_allows(variable, value, says
 
 
 def test_checks_across_fields_of_a_section():
-    with pytest.raises(SettingsError, match="spec_ngram_min"):
+    with pytest.raises(SettingsError, match="GROKSTACK_SPEC_NGRAM_MIN"):
         from_env({"GROKSTACK_SPEC_NGRAM_MIN": "5", "GROKSTACK_SPEC_NGRAM_MAX": "3"})
-    with pytest.raises(SettingsError, match="spec_draft_model"):
+    with pytest.raises(SettingsError, match="GROKSTACK_SPEC_METHOD=draft needs GROKSTACK_SPEC_DRAFT_MODEL"):
         from_env({"GROKSTACK_SPEC_METHOD": "draft"})
 
 
@@ -92,6 +92,9 @@ def test_bundled_model_lives_in_the_data_dir():
     assert s.served.model_id == "SmolLM2-135M-Instruct"
     own = Settings(model="/m/llama", served_model_name="")
     assert own.served.model_id == "llama" and not own.uses_bundled_model
+    moved = s.replace(data_dir=Path("/e"))  # the bundled model follows the data directory
+    assert Path(moved.served.model) == Path("/e/models/SmolLM2-135M-Instruct") and moved.uses_bundled_model
+    assert own.replace(data_dir=Path("/e")).served.model == "/m/llama"
 
 
 def test_passwords_stay_out_of_the_repr():
@@ -103,3 +106,16 @@ def test_passwords_stay_out_of_the_repr():
 def test_the_environment_handed_down_loads_back_to_the_same_settings():
     s = Settings(edge_port=1234, spec_method="ngram", data_dir=Path("/d"), region="eu")
     assert from_env(environment_of(s)) == s
+
+
+def test_the_priority_table_is_consistent():
+    with pytest.raises(SettingsError, match="GROKSTACK_MAX_SHARE_BATCH .* must not exceed GROKSTACK_MAX_SHARE_STAN"):
+        from_env({"GROKSTACK_MAX_SHARE_BATCH": "0.9", "GROKSTACK_MAX_SHARE_STANDARD": "0.6"})
+    with pytest.raises(SettingsError, match="GROKSTACK_MIN_SHARE_STANDARD"):
+        from_env({"GROKSTACK_MIN_SHARE_STANDARD": "0.7", "GROKSTACK_MIN_SHARE_BATCH": "0.5"})
+    table = Settings().priorities.table()
+    assert [p.degrades for p in table.values()] == [False, False, True]  # only batch is capped first
+
+
+def test_log_levels_are_taken_in_either_case():
+    assert from_env({"GROKSTACK_LOG_LEVEL": "WARNING"}).stack.log_level == "warning"

@@ -214,6 +214,28 @@ def test_everything_stops_in_reverse_order_of_starting_adopted_things_too(child)
     assert not worker.running and supervisor.children() == []
 
 
+def test_children_started_together_stop_together_each_within_its_grace(child, tmp_path):
+    """`grokstack up`'s workers drain at the same time, as one SIGTERM to all would let them, not
+    one grace after another."""
+    supervisor = Supervisor()
+    ports = [free_port(), free_port()]
+    slow = [supervisor.start(name, child("--ignore-term", "--port", str(port)), grace_s=60,
+                             ready_url=f"http://127.0.0.1:{port}/")
+            for name, port in zip(("prefill", "decode"), ports, strict=True)]
+    supervisor.wait_ready(30)  # serving: their SIGTERM handler is in place
+    stopping = threading.Thread(target=supervisor.stop_all)
+    stopping.start()
+    marks = [tmp_path / f"term-{c.pid}" for c in slow]
+    deadline = time.monotonic() + 15  # a guard: stopped one after another, the second waits 60 s
+    while not all(m.exists() for m in marks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    both_asked = all(m.exists() for m in marks)
+    for c in slow:  # end their grace now: they ignore SIGTERM
+        os.kill(c.pid, signal.SIGKILL)
+    stopping.join()
+    assert both_asked
+
+
 def test_a_child_started_from_a_short_lived_thread_outlives_the_thread(child):
     """The parent-death signal follows the thread that forked a child: chaos starts replacements
     from timer threads, which end at once."""

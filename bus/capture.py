@@ -1,18 +1,22 @@
 """Reading captured bus traffic back: what went over the bus, in order, decoded with the schemas.
 
-Everything comes from the server's streams (GS_CAPTURE and the dead letters in GS_DLQ) through
+Everything comes from a region's streams (GS_CAPTURE_<region> and the dead letters in
+GS_DLQ_<region>) through
 short-lived consumers that ack nothing and leave nothing behind. The time window and the
 sequence range are applied by the server (where the consumer starts); the other filters here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import AsyncIterator, Literal
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -59,9 +63,9 @@ class Selection:
     subject: str | None = None  # a NATS filter on original subjects, e.g. `gs.req.*.batch`
     since: float | None = None  # unix seconds
     until: float | None = None
-    first_seq: int | None = None  # GS_CAPTURE sequence range, inclusive
+    first_seq: int | None = None  # the capture stream's sequence range, inclusive
     last_seq: int | None = None
-    dead_letters: bool = True  # merge GS_DLQ records in (they have their own sequence)
+    dead_letters: bool = True  # merge GS_DLQ records in (GS_DLQ_<region>, with its own sequence)
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -132,11 +136,12 @@ def _captured(source: Literal["capture", "dlq"], seq: int, stamp: datetime, subj
                     error=error)
 
 
-async def read(js: JetStreamContext, subjects: Subjects, selection: Selection) -> AsyncIterator[Captured]:
-    """Everything captured that the selection names, in the order the server stored it."""
-    sources = [read_stream(js, subjects.stream("capture"), subjects, "capture", selection)]
+async def read(js: JetStreamContext, subjects: Subjects, region: str,
+               selection: Selection) -> AsyncIterator[Captured]:
+    """Everything a region captured that the selection names, in the order the server stored it."""
+    sources = [read_stream(js, subjects.stream("capture", region), subjects, "capture", selection)]
     if selection.dead_letters and selection.first_seq is None and selection.last_seq is None:
-        sources.append(read_stream(js, subjects.stream("dlq"), subjects, "dlq", selection))
+        sources.append(read_stream(js, subjects.stream("dlq", region), subjects, "dlq", selection))
     matcher = _Matcher(selection)
     async for item in _merge_by_time(sources):
         if matcher(item):
@@ -201,14 +206,14 @@ class SentSoFar:
         return out, seq
 
 
-async def captured_on(js: JetStreamContext, subjects: Subjects, filter_subject: str,
+async def captured_on(js: JetStreamContext, subjects: Subjects, region: str, filter_subject: str,
                       since: float | None = None) -> AsyncIterator[Msg]:
-    """The capture's messages on `filter_subject` (stored since `since`, or all), oldest first,
+    """A region's captured messages on `filter_subject` (stored since `since`, or all), oldest first,
     up to the last one stored when reading began. Close it (`aclosing`) when leaving early."""
     start = _start(Selection(since=since), "capture")
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
                             filter_subject=filter_subject, **start)
-    sub = await js.pull_subscribe(filter_subject, stream=subjects.stream("capture"), config=config)
+    sub = await js.pull_subscribe(filter_subject, stream=subjects.stream("capture", region), config=config)
     try:
         if (await sub.consumer_info()).num_pending == 0:
             return  # nothing captured: no need to wait for a fetch to time out
@@ -225,13 +230,16 @@ async def captured_on(js: JetStreamContext, subjects: Subjects, filter_subject: 
         await sub.unsubscribe()
 
 
-async def sent_so_far(js: JetStreamContext, subjects: Subjects, reply_to: str) -> SentSoFar:
-    """Every event captured on one request's event subject, read to the last one stored."""
+async def sent_so_far(js: JetStreamContext, subjects: Subjects, reply_to: str, attempt: int = 0) -> SentSoFar:
+    """Every event of one attempt captured on one request's event subject (in the capture of the
+    subject's region), read to the last one stored."""
     sent = SentSoFar({}, False, 0)
-    async for msg in captured_on(js, subjects, reply_to):
+    async for msg in captured_on(js, subjects, subjects.event_region(reply_to), reply_to):
         try:
             event = decode(msg.data, Event)  # type: ignore[arg-type]
         except BadMessage:
+            continue
+        if event.attempt != attempt:
             continue
         if isinstance(event, TokenEvent):
             sent.token_ids[event.seq] = list(event.token_ids)
@@ -242,21 +250,78 @@ async def sent_so_far(js: JetStreamContext, subjects: Subjects, reply_to: str) -
     return sent
 
 
+LOOKUP_TIMEOUT_S = 1.0  # a capture in a region cut off from here does not answer: give up soon
+
+
+async def latest_attempt(nc: NATS, subjects: Subjects, reply_to: str, patience_s: float = 2.0) -> int | None:
+    """The attempt of the last event captured on a request's event subject, in the capture of the
+    subject's region: this server's JetStream when it holds that capture; else the region's own
+    JetStream domain (named after the region, services/nats_config.py), asked for `patience_s`
+    (a region that just came back is still joining the others), then this server's mirror of it
+    (which may lag). None when there is none, or no answer."""
+    region = subjects.event_region(reply_to)
+    stream = subjects.stream("capture", region)
+    here = nc.jetstream(timeout=LOOKUP_TIMEOUT_S)
+    try:
+        mirrored = (await here.stream_info(stream)).config.mirror is not None
+        sources = [nc.jetstream(domain=region, timeout=LOOKUP_TIMEOUT_S), here] if mirrored else [here]
+    except NotFoundError:
+        sources = [nc.jetstream(domain=region, timeout=LOOKUP_TIMEOUT_S)]
+    except Exception:  # this server's JetStream does not answer either
+        return None
+    give_up = time.monotonic() + patience_s
+    for js in sources:
+        while True:
+            try:
+                last = await js.get_last_msg(stream, reply_to)
+                break
+            except NotFoundError as exc:
+                if "stream" in str(exc).lower():
+                    last = None
+                    break
+                return None  # the capture holds no event of the request
+            except Exception:  # no answer (cut off, not joined yet), no permission: again, then the next
+                if js is here or time.monotonic() >= give_up:
+                    last = None
+                    break
+                await asyncio.sleep(0.2)
+        if last is None:
+            continue
+        try:
+            return decode(last.data, Event).attempt  # type: ignore[arg-type]
+        except BadMessage:
+            return None
+    return None
+
+
 @dataclass
 class EventHistory:
     """A request's events as the capture stream holds them, by whichever edge or client they
     went to."""
-    events: dict[int, Event]  # event seq -> the event (a repeat keeps the first)
+    events: dict[int, Event]  # event seq -> the event (a repeat keeps the first, a later attempt wins)
     first_stored_at: float | None  # unix seconds the first one was stored; None when none was
     first_stream_seq: int | None  # its sequence in the capture stream
+    region: str = ""  # whose capture stream that is
 
     def from_seq(self, seq: int) -> list[Event]:
         return [self.events[s] for s in sorted(self.events) if s >= seq]
 
+    def merged(self, other: "EventHistory") -> "EventHistory":
+        """Both together (a request's events in several regions' captures): a later attempt wins."""
+        events = dict(self.events)
+        for seq, event in other.events.items():
+            if seq not in events or event.attempt > events[seq].attempt:
+                events[seq] = event
+        firsts = [h for h in (self, other) if h.first_stored_at is not None]
+        first = min(firsts, key=lambda h: h.first_stored_at or 0.0) if firsts else self
+        return EventHistory(events, first.first_stored_at, first.first_stream_seq, first.region)
 
-async def event_history(js: JetStreamContext, subjects: Subjects, request_id: str) -> EventHistory:
-    history = EventHistory({}, None, None)
-    async for msg in captured_on(js, subjects, subjects.events_of_request(request_id)):
+
+async def event_history(js: JetStreamContext, subjects: Subjects, region: str,
+                        request_id: str) -> EventHistory:
+    """A request's events as `region`'s capture holds them (its client's region)."""
+    history = EventHistory({}, None, None, region)
+    async for msg in captured_on(js, subjects, region, subjects.events_of_request(request_id)):
         if history.first_stored_at is None:
             history.first_stored_at = msg.metadata.timestamp.timestamp()
             history.first_stream_seq = msg.metadata.sequence.stream
@@ -264,18 +329,21 @@ async def event_history(js: JetStreamContext, subjects: Subjects, request_id: st
             event = decode(msg.data, Event)  # type: ignore[arg-type]
         except BadMessage:
             continue
-        history.events.setdefault(event.seq, event)
+        held = history.events.get(event.seq)
+        if held is None or event.attempt > held.attempt:  # a repeat keeps the first; a later attempt wins
+            history.events[event.seq] = event
     return history
 
 
-async def find_request(js: JetStreamContext, subjects: Subjects, request_id: str, since: float,
-                       before_stream_seq: int | None = None) -> ChatRequest | None:
-    """The captured copy of a chat request, looked for among the requests stored since `since`
+async def find_request(js: JetStreamContext, subjects: Subjects, region: str, request_id: str,
+                       since: float, before_stream_seq: int | None = None) -> ChatRequest | None:
+    """The captured copy of a chat request, looked for among the requests `region` stored since `since`
     (and before `before_stream_seq`, when its first event is known). Request subjects do not
     name the request, so this reads every request copy of the window: the server filters by
     subject, and a byte search skips decoding the others."""
     needle = request_id.encode()
-    async with aclosing(captured_on(js, subjects, subjects.capture_copies("req"), since)) as copies:
+    copies_of = subjects.capture_copies_of(region, "req")
+    async with aclosing(captured_on(js, subjects, region, copies_of, since)) as copies:
         async for msg in copies:
             if before_stream_seq is not None and msg.metadata.sequence.stream > before_stream_seq:
                 return None

@@ -8,7 +8,7 @@ the CLI, and the edge (edge/gateway.py builds on it).
         result = await client.generate([...], max_tokens=64)   # or wait for the whole text
 
 Services import this instead of building subjects and payloads themselves. A job's events come
-to `<prefix>.evt.<client>.<request_id>`; this client listens there once for all its jobs, and puts
+to `<prefix>.evt.<region>.<client>.<request_id>`; this client listens there once for all its jobs, and puts
 each job's events back in order (bus/ordering.py): a gap is filled from the capture stream, where
 every event is stored, and so is whatever was published while the connection was down (after a
 reconnect every open job looks in the capture). An edge also cancels the work of a request
@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import msgspec
 import structlog
@@ -36,6 +36,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from bus import metrics
 from bus.capture import EventHistory, event_history
 from bus.codec import BadMessage, decode, decode_event, encode
 from bus.credentials import BusAuth
@@ -147,9 +148,16 @@ class JobClient:
         self._streams: dict[str, RequestStream] = {}
         self._attached: dict[str, Subscription] = {}  # request id -> its events, to any client
         self._forgotten: OrderedDict[str, None] = OrderedDict()  # ids we stopped following
+        # request id -> (the region of its superseded attempt, its attempt now), kept after the
+        # request ends: events of an earlier attempt that still come (a region cut off when the
+        # request was taken over, back) are stale, and that region is told again to stop
+        self._superseded: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._subs: list[Subscription] = []
         self._background: set[asyncio.Task] = set()
         self._capture_readers = asyncio.Semaphore(CAPTURE_READERS)
+        # Whose capture streams to read a request's events from: this client's region, and
+        # whichever others this server holds or mirrors (an edge sets it, edge/gateway.py).
+        self.capture_regions: Callable[[], list[str]] = lambda: [self.region]
 
     @classmethod
     async def connect(cls, url: str, prefix: str = "gs", region: str = "local",
@@ -167,7 +175,7 @@ class JobClient:
         client = cls(nc, Subjects(prefix), region,
                      msgspec.convert(client_id or f"client-{uuid.uuid4().hex[:12]}", Id),
                      own_connection, cancel_unrouted)
-        client._subs.append(await nc.subscribe(client.subjects.events_of_edge(client.client_id),
+        client._subs.append(await nc.subscribe(client.subjects.events_of_edge(region, client.client_id),
                                                cb=client._on_event))
         client._spawn(client._refill_after_reconnects())
         return client
@@ -208,7 +216,7 @@ class JobClient:
     def new_request(self, messages: list[ChatMessage], sampling: SamplingSpec, priority: Priority, *,
                     region: str | None = None, conversation_id: str | None = None,
                     request_id: str | None = None, timeout_s: float = 300.0,
-                    tenant: str | None = None) -> ChatRequest:
+                    tenant: str | None = None, route: str = "") -> ChatRequest:
         """The request this client would publish: a new id (unless given), its events' subject,
         and a deadline. Checked against the wire schema, so a bad value fails here and not in a
         worker (ValueError)."""
@@ -216,12 +224,17 @@ class JobClient:
         now = time.time()
         fields = dict(
             request_id=request_id, region=region or self.region, priority=priority, messages=messages,
-            sampling=sampling, reply_to=self.subjects.events(self.client_id, request_id),
-            conversation_id=conversation_id, created_at=now, deadline=now + timeout_s, tenant=tenant)
+            sampling=sampling, reply_to=self.reply_to(request_id),
+            conversation_id=conversation_id, created_at=now, deadline=now + timeout_s, tenant=tenant,
+            route=route)
         try:
             return decode(encode(ChatRequest(**fields)), ChatRequest)  # type: ignore[arg-type]
         except (BadMessage, ValueError) as exc:
             raise ValueError(f"invalid job: {exc}") from None
+
+    def reply_to(self, request_id: str) -> str:
+        """Where this client hears a request's events."""
+        return self.subjects.events(self.region, self.client_id, request_id)
 
     # ------------------------------------------------------------------ jobs
 
@@ -256,11 +269,7 @@ class JobClient:
         self._attached[request_id] = await self.nc.subscribe(
             self.subjects.events_of_request(request_id), cb=self._on_attached_event)
         await self.nc.flush()  # subscribed before the capture is read: no gap between the two
-        try:
-            history = await event_history(self.js, self.subjects, request_id)
-        except Exception as exc:  # the capture is down: the live events still come
-            log.warning("capture not readable", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
-            history = EventHistory({}, None, None)
+        history = await self._history(request_id)
         for event in history.from_seq(0):
             stream.deliver(event)
         region = self.region if isinstance(request, str) else request.region
@@ -282,11 +291,35 @@ class JobClient:
                      reason: str = "client_cancelled") -> None:
         """Stop the request wherever it runs (every worker of its region hears it)."""
         self.forget(request_id)
+        await self.stop_work(request_id, region or self.region, reason)
+
+    async def stop_work(self, request_id: str, region: str, reason: str, below_attempt: int | None = None) -> None:
+        """Tell `region`'s workers to stop the request (only its attempts below `below_attempt`,
+        when given: the request goes on as that one, maybe in the same region)."""
         try:
-            await self.nc.publish(self.subjects.cancel(region or self.region),
-                                  encode(Cancel(request_id=request_id, reason=reason)))
+            await self.nc.publish(self.subjects.cancel(region), encode(Cancel(request_id=request_id, reason=reason,
+                                                                              below_attempt=below_attempt)))
         except Exception as exc:
             log.warning("cancel not published", request_id=request_id, error=str(exc))
+
+    async def take_over(self, job: Job, request: ChatRequest) -> None:
+        """Go on with `job` as `request`, a later attempt in another region (its region stopped
+        answering): published there, followed from its continuation's next seq, events of earlier
+        attempts dropped from now on. JobRejected when the bus does not take it."""
+        assert request.continuation is not None and request.attempt > 0
+        job._stream.supersede(request.attempt, request.continuation.next_seq)
+        self._superseded[request.request_id] = (job.region, request.attempt)
+        while len(self._superseded) > REMEMBERED:
+            self._superseded.popitem(last=False)
+        try:
+            # Its own id per attempt: a region that saw an earlier attempt must not take this one
+            # for a repeat of it.
+            await self.js.publish(self.subjects.request(request.region, request.priority), encode(request),
+                                  timeout=5, headers={"Nats-Msg-Id": f"{request.request_id}.{request.attempt}"})
+        except Exception as exc:
+            raise JobRejected(f"the bus did not accept attempt {request.attempt} of job {request.request_id}: "
+                              f"{type(exc).__name__}: {exc}") from None
+        job.region = request.region
 
     # ------------------------------------------------------------------ inbound
 
@@ -297,6 +330,8 @@ class JobClient:
             log.warning("dropped malformed event", subject=msg.subject, reason=exc.reason)
             return
         stream = self._streams.get(event.request_id)
+        if self._stale(event, stream):
+            return
         if stream is not None:  # both paths may deliver one event: the stream drops repeats
             stream.deliver(event)
         elif (self.cancel_unrouted and event.request_id not in self._forgotten
@@ -311,21 +346,46 @@ class JobClient:
         except BadMessage:
             return
         stream = self._streams.get(event.request_id)
+        if self._stale(event, stream):
+            return
         if stream is not None:
             stream.deliver(event)
+
+    def _stale(self, event: Event, stream: RequestStream | None) -> bool:
+        """An event of a superseded attempt: its region still works on it (its cancel may have
+        been lost while it was cut off). Told again to stop, once; counted here when the request
+        has ended, else by its stream, which drops it."""
+        superseded = self._superseded.get(event.request_id)
+        if superseded is None or event.attempt >= superseded[1]:
+            return False
+        region, attempt = superseded
+        if region:
+            self._superseded[event.request_id] = ("", attempt)
+            self._spawn(self.stop_work(event.request_id, region, "superseded", below_attempt=attempt))
+        if stream is None:
+            metrics.count_stale_event()
+            return True
+        return False
 
     # ------------------------------------------------------------------ the capture
 
     def _new_stream(self, request_id: str) -> RequestStream:
         return RequestStream(request_id, gap_timeout_s=GAP_TIMEOUT_S, refill=self._captured_from)
 
+    async def _history(self, request_id: str) -> EventHistory:
+        """A request's events in every capture this client reads (none readable: none)."""
+        history = EventHistory({}, None, None)
+        for region in self.capture_regions():
+            try:
+                history = history.merged(await event_history(self.js, self.subjects, region, request_id))
+            except Exception as exc:  # that capture is down or absent: the live events still come
+                log.debug("capture not readable", request_id=request_id, region=region,
+                          error=f"{type(exc).__name__}: {exc}")
+        return history
+
     async def _captured_from(self, request_id: str, first_seq: int) -> list[Event]:
         async with self._capture_readers:
-            try:
-                history = await event_history(self.js, self.subjects, request_id)
-            except Exception as exc:  # the capture is down too: the gap stays a gap
-                log.warning("capture not readable", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
-                return []
+            history = await self._history(request_id)
         found = history.from_seq(first_seq)
         if found:
             log.info("missed events read from the capture", request_id=request_id, first_seq=first_seq,

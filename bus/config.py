@@ -37,7 +37,7 @@ class BusConfig(Section):
     dedupe_window_s: Seconds = 600.0
     work_stream_mb: Count = 1024  # bound of each work-queue stream
     dead_letter_stream_mb: Count = 256
-    capture_max_age_s: Seconds = 24 * 3600.0  # GS_CAPTURE drops traffic older than this
+    capture_max_age_s: Seconds = 24 * 3600.0  # the capture streams drop traffic older than this
     capture_max_mb: Count = 2048  # ...and the oldest beyond this size
 
     @property

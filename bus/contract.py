@@ -28,8 +28,8 @@ from bus.topology import CHANNELS, OPERATIONS, Action, Channel, Tokens, roles_th
 CHECKED_IN = Path(__file__).with_name("asyncapi.json")
 
 # Placeholder tokens that pass subject validation, swapped for AsyncAPI parameters afterwards;
-# in this order, so a stream name (`PREFIXX_KINDX`) becomes one parameter, not two.
-_PARAMS = {"PREFIXX_KINDX": "stream", "PREFIXX": "prefix", "REGIONX": "region", "PRIORITYX": "priority",
+# in this order, so a stream name (`PREFIXX_KINDX_REGIONX`) becomes one parameter, not three.
+_PARAMS = {"PREFIXX_KINDX_REGIONX": "stream", "PREFIXX": "prefix", "REGIONX": "region", "PRIORITYX": "priority",
            "CLIENTX": "client", "REQUESTX": "request_id", "ROLEX": "role", "KINDX": "kind",
            "CONSUMERX": "consumer"}
 _PLACEHOLDERS = Tokens(region="REGIONX", priority="PRIORITYX", client="CLIENTX", request_id="REQUESTX",
@@ -37,7 +37,8 @@ _PLACEHOLDERS = Tokens(region="REGIONX", priority="PRIORITYX", client="CLIENTX",
 _PARAM_DOCS = {
     "prefix": {"description": "subject prefix of one deployment (GROKSTACK_SUBJECT_PREFIX)",
                "default": "gs"},
-    "region": {"description": "region of the worker pool that serves the work (GROKSTACK_REGION)",
+    "region": {"description": "a region (GROKSTACK_REGION): of the pool that serves the work, or of "
+                              "the client that waits for the events (whose capture stores them)",
                "default": "local"},
     "priority": {"enum": list(PRIORITIES), "description": "served highest first"},
     "client": {"description": "id of the edge node or client that waits for the events"},
@@ -45,8 +46,9 @@ _PARAM_DOCS = {
     "role": {"enum": [str(r) for r in roles_that("send", "heartbeats")],
              "description": "the worker's role (bus/roles.py)"},
     "kind": {"enum": list(work_kinds()), "description": "what the work stream holds"},
-    "stream": {"description": "the work stream: the prefix in capitals, then _REQ or _DECODE",
-               "examples": [Subjects().stream(kind) for kind in work_kinds()]},
+    "stream": {"description": "a region's work stream: the prefix in capitals, _REQ or _DECODE, "
+                              "then _<region>",
+               "examples": [Subjects().stream(kind, "local") for kind in work_kinds()]},
     "consumer": {"description": "the work consumer, <kind>-<region>-<priority>",
                  "examples": [Subjects().consumer("req", "local", "interactive")]},
 }

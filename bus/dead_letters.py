@@ -17,7 +17,7 @@ log = structlog.get_logger("grokstack.bus")
 MAX_RECORDED_PAYLOAD = 256 * 1024
 
 
-async def dead_letter(js: JetStreamContext, subjects: Subjects, kind: str, subject: str,
+async def dead_letter(js: JetStreamContext, subjects: Subjects, region: str, kind: str, subject: str,
                       data: bytes, reason: str, worker_id: str, deliveries: int = 1) -> None:
     metrics.count_dead_letter(kind)
     payload, encoding = printable_payload(data[:MAX_RECORDED_PAYLOAD])
@@ -26,7 +26,7 @@ async def dead_letter(js: JetStreamContext, subjects: Subjects, kind: str, subje
     record = DeadLetter(subject=subject, reason=reason, payload=payload, encoding=encoding,
                         worker_id=worker_id, deliveries=deliveries, failed_at=time.time())
     try:
-        await js.publish(subjects.dead_letter(kind), encode(record), timeout=5)
+        await js.publish(subjects.dead_letter(region, kind), encode(record), timeout=5)
     except Exception as exc:  # the record is best effort; the log line below always happens
         log.error("dead letter not stored", error=str(exc))
     log.warning("dead-lettered", subject=subject, reason=reason, deliveries=deliveries)

@@ -35,8 +35,9 @@ class MaxDeliveriesAdvisory(msgspec.Struct):
 
 
 class ExhaustedJobs:
-    def __init__(self, nc: NATS, subjects: Subjects, kind: WorkKind, worker_id: str) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, kind: WorkKind, region: str, worker_id: str) -> None:
         self.nc = nc
+        self.region = region
         self.js: JetStreamContext = nc.jetstream()
         self.subjects = subjects
         self.kind = kind
@@ -44,7 +45,7 @@ class ExhaustedJobs:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.subjects.max_deliveries_advisories(self.kind),
+        self._sub = await self.nc.subscribe(self.subjects.max_deliveries_advisories(self.kind, self.region),
                                             queue=f"{self.subjects.prefix}-exhausted-{self.kind}",
                                             cb=self._on_advisory)
 
@@ -65,7 +66,7 @@ class ExhaustedJobs:
         reason = (f"delivered {advisory.deliveries} times and never acknowledged: each worker that "
                   "took it died or stalled before finishing it")
         await self._tell_client(job.data, reason)
-        await dead_letter(self.js, self.subjects, self.kind, job.subject or "", job.data, reason,
+        await dead_letter(self.js, self.subjects, self.region, self.kind, job.subject or "", job.data, reason,
                           self.worker_id, advisory.deliveries)
         try:
             await self.js.delete_msg(advisory.stream, advisory.stream_seq)
@@ -82,9 +83,11 @@ class ExhaustedJobs:
         await self.nc.publish(route.reply_to, encode(event))
 
     async def _next_seq(self, reply_to: str) -> int:
-        """After the last event the client was sent (the capture stream has them all)."""
+        """After the last event the client was sent (the capture of the client's region has them
+        all; in another JetStream domain it is not found, and the error starts at 0)."""
         try:
-            last = await self.js.get_last_msg(self.subjects.stream("capture"), reply_to)
+            capture = self.subjects.stream("capture", self.subjects.event_region(reply_to))
+            last = await self.js.get_last_msg(capture, reply_to)
             return decode_event(last.data).seq + 1
         except (NotFoundError, BadMessage):
             return 0

@@ -20,10 +20,13 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ExternalStream,
     RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -109,10 +112,13 @@ async def connect_as(bus: BusConfig, role: Role | str, name: str) -> NATS:
 
 
 def stream_configs(bus: BusConfig, subjects: Subjects) -> list[StreamConfig]:
+    """The streams of `bus.region`: its own names and subjects (bus/subjects.py), so several
+    regions can share a server, and a region's JetStream never stores another region's traffic."""
+    region = bus.region
     work = [
         StreamConfig(
-            name=subjects.stream(kind),
-            subjects=[subjects.stream_subjects(kind)],
+            name=subjects.stream(kind, region),
+            subjects=[subjects.stream_subjects(kind, region)],
             retention=RetentionPolicy.WORK_QUEUE,  # a message lives until a worker acks it
             storage=StorageType.FILE,  # accepted work survives a broker restart
             max_age=bus.request_ttl_s,
@@ -122,13 +128,13 @@ def stream_configs(bus: BusConfig, subjects: Subjects) -> list[StreamConfig]:
             # idempotency key, is stored (and served) once.
             duplicate_window=min(bus.dedupe_window_s, bus.request_ttl_s),
             # A full copy of every message goes to the capture stream (see below).
-            republish=RePublish(src=subjects.stream_subjects(kind),
-                                dest=subjects.capture_copies(kind), headers_only=False),
+            republish=RePublish(src=subjects.stream_subjects(kind, region),
+                                dest=subjects.capture_copies_in(kind, region), headers_only=False),
         )
         for kind in ("req", "decode")
     ]
     capture = StreamConfig(
-        name=subjects.stream("capture"), subjects=subjects.captured(),
+        name=subjects.stream("capture", region), subjects=subjects.captured(region),
         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
         max_age=bus.capture_max_age_s, max_bytes=bus.capture_max_mb * 1024**2,
         discard=DiscardPolicy.OLD,  # the record makes room; the token path never waits on it
@@ -137,16 +143,34 @@ def stream_configs(bus: BusConfig, subjects: Subjects) -> list[StreamConfig]:
         duplicate_window=min(1.0, bus.capture_max_age_s),
         # A header-only copy of every new work message wakes idle workers without polling:
         # gs.cap.req.<region>.<priority> -> gs.bell.req.<region>.<priority>.
-        republish=RePublish(src=subjects.capture_copies(), dest=subjects.doorbells(),
-                            headers_only=True),
+        republish=RePublish(src=subjects.capture_copies_of(region),
+                            dest=subjects.doorbells_from_copies(region), headers_only=True),
     )
     dead_letters = StreamConfig(
-        name=subjects.stream("dlq"), subjects=[subjects.dead_letters()],
+        name=subjects.stream("dlq", region), subjects=[subjects.dead_letters(region)],
         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
         max_age=7 * 24 * 3600.0, max_bytes=bus.dead_letter_stream_mb * 1024**2,
         discard=DiscardPolicy.OLD,
     )
     return [*work, capture, dead_letters]
+
+
+def mirror_config(bus: BusConfig, subjects: Subjects, region: str, domain: str) -> StreamConfig:
+    """In this region's JetStream, an asynchronous copy of another region's requests and events,
+    under the name of that region's capture stream (so the capture readers of bus/capture.py read
+    it as they read their own): an edge here can find a request whose region died with its edge
+    and go on with it. Decode jobs and cancels stay home; what the region stored after it was cut
+    off is not in it."""
+    keep = [subjects.capture_copies_in("req", region), subjects.region_events(region)]
+    return StreamConfig(
+        name=subjects.stream("capture", region), retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+        max_age=bus.capture_max_age_s, max_bytes=bus.capture_max_mb * 1024**2, discard=DiscardPolicy.OLD,
+        mirror=StreamSource(name=subjects.stream("capture", region), external=ExternalStream(api=f"$JS.{domain}.API"),
+                            subject_transforms=[SubjectTransform(src=s, dest=s) for s in keep]))
+
+
+async def ensure_mirror(js: JetStreamContext, bus: BusConfig, subjects: Subjects, region: str, domain: str) -> None:
+    await _add_or_update(js.add_stream, js.update_stream, mirror_config(bus, subjects, region, domain))
 
 
 async def ensure_streams(js: JetStreamContext, bus: BusConfig, subjects: Subjects) -> None:
@@ -170,7 +194,7 @@ def work_consumer_config(bus: BusConfig, subjects: Subjects, kind: WorkKind,
 
 async def ensure_work_consumers(js: JetStreamContext, bus: BusConfig, subjects: Subjects,
                                 kind: WorkKind) -> None:
-    stream = subjects.stream(kind)
+    stream = subjects.stream(kind, bus.region)
     for priority in PRIORITIES:
         config = work_consumer_config(bus, subjects, kind, priority)
         try:

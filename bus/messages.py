@@ -42,6 +42,14 @@ class SamplingSpec(Struct, frozen=True, forbid_unknown_fields=True):
     seed: int | None = None
 
 
+class Continuation(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a request's answer already holds when another region takes it over (its region died
+    or was cut off mid-answer): the tokens the client was sent, to compute as part of the prompt,
+    and where the events go on. With temperature 0 the continued text equals an uninterrupted run."""
+    token_ids: Annotated[list[TokenId], Meta(max_length=1_000_000)]
+    next_seq: Annotated[int, Meta(ge=0)]  # the seq of the next event
+
+
 class ChatRequest(Message, tag="chat_request"):
     """Edge (or any client publishing directly) -> prefill pool."""
     request_id: Id
@@ -56,6 +64,13 @@ class ChatRequest(Message, tag="chat_request"):
     # The edge's tenant of the client that asked: another edge checks it before letting a
     # client resume the request (edge failover). None when published straight to the bus.
     tenant: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    # Why the edge chose this region (edge/routing.py): home, requested, sticky, overflow or
+    # failover; "" when published straight to the bus.
+    route: Annotated[str, Meta(max_length=16)] = ""
+    # 0, then one more each time an edge takes the request over in another region; every event
+    # carries it, and edges drop events of an attempt they superseded.
+    attempt: Annotated[int, Meta(ge=0)] = 0
+    continuation: Continuation | None = None  # set on attempts after the first
 
 
 class KvHandle(Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,6 +112,11 @@ class DecodeJob(Message, tag="decode_job"):
     # The request's tenant: decode validates the KV handle against this tenant's KV namespace,
     # so a handle naming another tenant's blocks is never loaded (it recomputes instead).
     tenant: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    attempt: Annotated[int, Meta(ge=0)] = 0  # the request's (ChatRequest.attempt)
+    first_seq: Annotated[int, Meta(ge=1)] = 1  # the seq of decode's first event
+    # Leading tokens of the answer inside prompt_token_ids (a continued request's), counted as
+    # completion, not prompt, in the usage.
+    answered_tokens: Annotated[int, Meta(ge=0)] = 0
 
 
 class Usage(Struct, frozen=True, forbid_unknown_fields=True):
@@ -137,6 +157,7 @@ class TokenEvent(Message, tag="token"):
     seq: int
     text: str
     token_ids: list[TokenId]
+    attempt: int = 0  # the request's attempt that sent it (ChatRequest.attempt)
 
 
 class FinalEvent(Message, tag="final"):
@@ -147,6 +168,7 @@ class FinalEvent(Message, tag="final"):
     timings: Timings = Timings()
     kv: KvTransfer = KvTransfer()
     cost: Cost = Cost()
+    attempt: int = 0
 
 
 class ErrorEvent(Message, tag="error"):
@@ -155,6 +177,7 @@ class ErrorEvent(Message, tag="error"):
     code: str
     message: str
     retryable: bool = False
+    attempt: int = 0
 
 
 Event = Union[TokenEvent, FinalEvent, ErrorEvent]
@@ -163,6 +186,9 @@ Event = Union[TokenEvent, FinalEvent, ErrorEvent]
 class Cancel(Message, tag="cancel"):
     request_id: Id
     reason: str
+    # Only attempts below this one (a superseded attempt, while the request goes on as this one,
+    # perhaps in the same region); None: every attempt.
+    below_attempt: Annotated[int, Meta(ge=1)] | None = None
 
 
 class Heartbeat(Message, tag="heartbeat"):
@@ -185,6 +211,30 @@ class Heartbeat(Message, tag="heartbeat"):
     rate_tokens_s: float = 0.0
 
 
+class Echo(Struct, frozen=True, forbid_unknown_fields=True):
+    """A region beat heard, handed back: its sender subtracts `held_s` from the time since it sent
+    it, and has the round trip between the regions without comparing clocks."""
+    sent_at: float  # the heard beat's own sent_at (its sender's clock)
+    held_s: float  # from hearing it to sending this beat (the echoing edge's clock)
+
+
+class RegionBeat(Message, tag="region_beat"):
+    """A region's state, from each edge that sees its workers, several times a second; every edge
+    of every region hears it and routes by it (edge/regions.py)."""
+    region: Id
+    edge_id: Id  # the edge that sent it
+    sent_at: float
+    domain: str = ""  # the region's JetStream domain ("" when none): where its capture is mirrored from
+    model_ids: Annotated[list[str], Meta(max_length=64)] = []
+    workers: dict[Role, int] = {}  # live workers by role
+    free_slots: int = 0
+    queue_wait_s: dict[Priority, float] = {}  # the estimated wait before prefill starts
+    prefill_s: float = 0.0  # recent time a prefill took there (0: none seen yet)
+    draining: bool = False  # takes no new requests; its running ones finish
+    # sending edge id -> the last beat heard from it
+    echoes: Annotated[dict[str, Echo], Meta(max_length=1024)] = {}
+
+
 class DeadLetter(Message, tag="dead_letter"):
     subject: str
     reason: str
@@ -197,7 +247,7 @@ class DeadLetter(Message, tag="dead_letter"):
 
 # Any message of the bus, dispatched on its `type` tag; an unknown tag is an error.
 AnyMessage = Union[ChatRequest, DecodeJob, TokenEvent, FinalEvent, ErrorEvent, Cancel, Heartbeat,
-                   DeadLetter]
+                   RegionBeat, DeadLetter]
 
 
 class ReplyRoute(Struct):

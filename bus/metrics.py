@@ -12,5 +12,15 @@ DEAD_LETTERS = Counter(
     registry=REGISTRY)
 
 
+STALE_EVENTS = Counter(
+    "grokstack_stale_events_total",
+    "Events of a request's superseded attempt (another region took it over) that a listener dropped.",
+    registry=REGISTRY)
+
+
 def count_dead_letter(kind: str) -> None:
     DEAD_LETTERS.labels(kind).inc()
+
+
+def count_stale_event() -> None:
+    STALE_EVENTS.inc()

@@ -5,6 +5,10 @@ lose one: the listener delivers by sequence number, drops duplicates and holds e
 Every event is also stored in the capture stream, so a gap is first filled from there (`refill`);
 only one that the capture cannot fill either becomes an error instead of a wait forever. The
 capture is read only when a gap is seen, never on the normal path.
+
+A request taken over by another region (its region died mid-answer) goes on as a later attempt
+from the next sequence number; from then on, events of earlier attempts are dropped, held or
+late (a region cut off that comes back), so the listener gets every token once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 from collections import deque
 from typing import Awaitable, Callable
 
+from bus import metrics
 from bus.messages import ErrorEvent, Event
 
 # (request id, first missing seq) -> the request's captured events from that seq on
@@ -37,8 +42,24 @@ class RequestStream:
         self._gap_looked_up = False  # the capture was read for the current gap
         self.duplicates = 0
         self.refilled = 0  # events that came from the capture, not the subscription
+        self.attempt = 0  # events of earlier attempts are stale
+        self.stale = 0
+
+    def supersede(self, attempt: int, next_seq: int) -> None:
+        """Attempt `attempt` goes on from `next_seq`: what earlier attempts sent from there on,
+        held here or still coming, is dropped."""
+        self.attempt = attempt
+        self._early.clear()
+        self._ready.clear()
+        self._next_seq = next_seq
 
     def deliver(self, event: Event) -> None:
+        if event.attempt < self.attempt:
+            self.stale += 1
+            metrics.count_stale_event()
+            return
+        if event.attempt > self.attempt:  # another listener took it over (an edge that adopted it)
+            self.supersede(event.attempt, self._next_seq)
         if event.seq < self._next_seq or event.seq in self._early:
             self.duplicates += 1
             return

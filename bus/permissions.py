@@ -22,7 +22,7 @@ A server that serves one prefix gets that prefix's table, with JetStream API rig
 (an edge cannot pull decode jobs). A server that serves many prefixes at once (tests use one per
 test; `grokstack up` may serve a sandbox prefix beside the live one) gets the table of
 `Subjects.any_prefix()`: the same application rules with `*` for the prefix, and for stream
-names, which are one token (`GS_REQ`), so a pattern cannot single out some of them: the JetStream
+names, which are one token (`GS_REQ_eu`), so a pattern cannot single out some of them: the JetStream
 API rights then cover every stream.
 """
 
@@ -56,53 +56,64 @@ def check_role(role: str) -> Role:
         raise ValueError(f"unknown bus role {role!r}: one of {', '.join(ROLES)}") from None
 
 
-def declare_streams(subjects: Subjects) -> list[str]:
-    """Create or update the stack's streams, as every process does at start."""
-    streams = sorted({subjects.stream(k) for k in ("req", "decode", "capture", "dlq")})
+def declare_streams(subjects: Subjects, regions: tuple[str, ...]) -> list[str]:
+    """Create or update the regions' streams, as every process does at start."""
+    streams = sorted({subjects.stream(k, r) for k in ("req", "decode", "capture", "dlq") for r in regions})
     return [f"{_API}.STREAM.NAMES", f"{_API}.INFO"] + [
         f"{_API}.STREAM.{verb}.{stream}" for stream in streams for verb in ("INFO", "CREATE", "UPDATE")]
 
 
 def read_stream(stream: str) -> list[str]:
     """Short-lived consumers on a stream (pull, push or ordered), single messages by sequence or
-    last-by-subject, and acking and flow control for them."""
+    last-by-subject (also from another region's JetStream domain, `$JS.<domain>.API`: a worker
+    asks the client's region whether its job was taken over), and acking and flow control."""
     return [f"{_API}.CONSUMER.CREATE.{stream}", f"{_API}.CONSUMER.CREATE.{stream}.>",
             f"{_API}.CONSUMER.INFO.{stream}.*", f"{_API}.CONSUMER.DELETE.{stream}.*",
             f"{_API}.CONSUMER.MSG.NEXT.{stream}.*", f"{_API}.STREAM.MSG.GET.{stream}",
+            f"$JS.*.API.STREAM.MSG.GET.{stream}",
             f"{_API}.DIRECT.GET.{stream}", f"{_API}.DIRECT.GET.{stream}.>",
             f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
 
 
-def take_work(subjects: Subjects, kind: WorkKind) -> list[str]:
+def take_work(subjects: Subjects, kind: WorkKind, region: str) -> list[str]:
     """Declare the durable work consumers of a kind, pull and ack (or nak, term, in-progress)
     its jobs, and remove a job nobody could finish (bus/exhausted.py)."""
-    stream = subjects.stream(kind)
+    stream = subjects.stream(kind, region)
     return [*read_stream(stream), f"{_API}.CONSUMER.DURABLE.CREATE.{stream}.*",
             f"{_API}.STREAM.MSG.DELETE.{stream}"]
 
 
 _EVERYTHING = Permissions(publish=(">",), subscribe=(">",))
 
-# What each capability of bus/topology.py takes on the server.
-_GRANTED: dict[Capability, Callable[[Subjects], Permissions]] = {
-    "everything": lambda s: _EVERYTHING,
-    "declare streams": lambda s: Permissions(publish=tuple(declare_streams(s)), subscribe=()),
-    "read capture": lambda s: Permissions(publish=tuple(read_stream(s.stream("capture"))), subscribe=()),
-    "replies": lambda s: Permissions(publish=(), subscribe=(INBOXES,)),
-    "queue depths": lambda s: Permissions(
-        publish=tuple(f"{_API}.CONSUMER.INFO.{s.stream(kind)}.*" for kind in work_kinds()), subscribe=()),
+# What each capability of bus/topology.py takes on the server, for the streams of some regions.
+_GRANTED: dict[Capability, Callable[[Subjects, tuple[str, ...]], Permissions]] = {
+    "everything": lambda s, regions: _EVERYTHING,
+    "declare streams": lambda s, regions: Permissions(publish=tuple(declare_streams(s, regions)), subscribe=()),
+    "read capture": lambda s, regions: Permissions(
+        publish=tuple(p for r in regions for p in read_stream(s.stream("capture", r))), subscribe=()),
+    "replies": lambda s, regions: Permissions(publish=(), subscribe=(INBOXES,)),
+    "queue depths": lambda s, regions: Permissions(
+        publish=tuple(f"{_API}.CONSUMER.INFO.{s.stream(kind, r)}.*" for kind in work_kinds() for r in regions),
+        subscribe=()),
 }
 
 
-def _pull(subjects: Subjects, channel: Channel, owner: str | None) -> Permissions:
+def _pull(subjects: Subjects, channel: Channel, owner: str | None, regions: tuple[str, ...]) -> Permissions:
     assert channel.work is not None  # bus/topology.py lets only work queues be pulled
-    return Permissions(publish=tuple(take_work(subjects, channel.work)), subscribe=())
+    return Permissions(publish=tuple(p for r in regions for p in take_work(subjects, channel.work, r)),
+                       subscribe=())
+
+
+def _patterns(subjects: Subjects, channel: Channel, owner: str | None, regions: tuple[str, ...]) -> tuple[str, ...]:
+    return _unique(channel.pattern(subjects, owner, r) for r in regions)
 
 
 # What each action on a channel takes on the server, given whose addresses (None: all of them).
-_DOES: dict[Action, Callable[[Subjects, Channel, str | None], Permissions]] = {
-    "send": lambda s, channel, owner: Permissions(publish=(channel.pattern(s, owner),), subscribe=()),
-    "receive": lambda s, channel, owner: Permissions(publish=(), subscribe=(channel.pattern(s, owner),)),
+_DOES: dict[Action, Callable[[Subjects, Channel, str | None, tuple[str, ...]], Permissions]] = {
+    "send": lambda s, channel, owner, regions: Permissions(
+        publish=_patterns(s, channel, owner, regions), subscribe=()),
+    "receive": lambda s, channel, owner, regions: Permissions(
+        publish=(), subscribe=_patterns(s, channel, owner, regions)),
     "pull": _pull,
 }
 
@@ -113,18 +124,21 @@ def _owners(role: Role, edge_id: str | None) -> dict[Owner, str | None]:
     return {"role": str(role), "client": None if edge_id == ANY else edge_id, "kind": ROLES[role].pulls}
 
 
-def permissions(role: str, subjects: Subjects, edge_id: str | None = None) -> Permissions:
+def permissions(role: str, subjects: Subjects, edge_id: str | None = None,
+                regions: tuple[str, ...] = (ANY,)) -> Permissions:
     """The subjects `role` may publish and subscribe to under `subjects`' prefix. `edge_id` limits
-    an edge to its own events (`<prefix>.evt.<edge_id>.*`); None lets it read any edge's (one
-    shared user for all edges)."""
+    an edge to its own events (`<prefix>.evt.*.<edge_id>.*`); None lets it read any edge's (one
+    shared user for all edges). `regions`: those whose streams the server holds (its own, and
+    the mirrors of others'); ANY, every stream (a stream name is one token, which a pattern
+    cannot narrow to ours)."""
     role = check_role(role)
-    rights = [_GRANTED[capability](subjects) for capability in capabilities_of(role)]
+    rights = [_GRANTED[capability](subjects, regions) for capability in capabilities_of(role)]
     if _EVERYTHING in rights:
         return _EVERYTHING  # anything else would only repeat it
     owners = _owners(role, edge_id)
     for channel, use in uses_of(role):
         owner = owners[channel.owned_by] if use.own and channel.owned_by else None
-        rights.append(_DOES[use.action](subjects, channel, owner))
+        rights.append(_DOES[use.action](subjects, channel, owner, regions))
     return merged(*rights)
 
 
@@ -148,14 +162,16 @@ class User:
         return f"User(name={self.name!r}, password='***')"
 
 
-def role_users(passwords: dict[str, tuple[str, str]], prefixes: Iterable[Subjects]) -> list[User]:
+def role_users(passwords: dict[str, tuple[str, str]], prefixes: Iterable[Subjects],
+               regions: tuple[str, ...] = (ANY,)) -> list[User]:
     """Users for role -> (user name, password) with the role's permissions under every prefix;
     an `edge:<id>` key is an edge confined to its own events (`edge_user_key`)."""
     prefixes = list(prefixes)
     users = []
     for key, (name, password) in passwords.items():
         role, _, edge_id = key.partition(":")
-        users.append(User(name, password, merged(*(permissions(role, s, edge_id or None) for s in prefixes))))
+        users.append(User(name, password, merged(*(permissions(role, s, edge_id or None, regions)
+                                                   for s in prefixes))))
     return users
 
 

@@ -21,12 +21,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from bus.section import Section
+from bus.section import Section, Share
 
 Priority = Literal["interactive", "standard", "batch"]
 PRIORITIES: tuple[Priority, ...] = ("interactive", "standard", "batch")  # highest first
 
-Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Budget = Annotated[float, Field(ge=0.0)]
 
 

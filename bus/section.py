@@ -20,6 +20,7 @@ SubjectToken = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Seconds = Annotated[float, Field(gt=0)]
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0: a free port, picked at start
 Count = Annotated[int, Field(ge=1)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]  # a part of a whole
 
 
 def redact_url(url: str) -> str:

@@ -1,19 +1,22 @@
 """Every NATS subject and JetStream name of the stack, built in one place.
 
-Layout (prefix `gs` by default):
-  gs.req.<region>.<priority>        chat requests        (stream GS_REQ, work queue)
-  gs.decode.<region>.<priority>     decode jobs          (stream GS_DECODE, work queue)
-  gs.cap.<kind>.<region>.<priority> full copies the work streams republish (stream GS_CAPTURE)
-  gs.bell.<kind>.<region>.<priority> header-only copies GS_CAPTURE republishes: wake-up calls
-  gs.evt.<client>.<request_id>      token/final/error events back to the edge or client that
-                                    asked (captured by GS_CAPTURE)
+Layout (prefix `gs` by default); every subject a stream stores names its region, and every
+region has its own streams (`GS_REQ_<region>` ...), so regions share no stream even on one server,
+and a region's streams never pull another region's traffic across the WAN:
+  gs.req.<region>.<priority>        chat requests        (stream GS_REQ_<region>, work queue)
+  gs.decode.<region>.<priority>     decode jobs          (stream GS_DECODE_<region>, work queue)
+  gs.cap.<kind>.<region>.<priority> full copies the work streams republish (GS_CAPTURE_<region>)
+  gs.bell.<kind>.<region>.<priority> header-only copies the capture republishes: wake-up calls
+  gs.evt.<region>.<client>.<request_id>  token/final/error events back to the edge or client
+                                    that asked, in the client's region (captured there)
   gs.cancel.<region>                cancellations, to every worker of a region (captured)
   gs.hb.<region>.<role>             worker heartbeats (not captured)
-  gs.dlq.<kind>                     dead letters          (stream GS_DLQ, kept for inspection)
+  gs.region.<region>                a region's aggregate heartbeat, for every edge (not captured)
+  gs.dlq.<region>.<kind>            dead letters          (stream GS_DLQ_<region>)
 
 Work streams are work queues (a message is deleted once acked), so they cannot be the record of
-what happened; GS_CAPTURE keeps copies of everything for replay and tracing, bounded by age and
-size. A subject may belong to one stream only, hence the copies under `cap`.
+what happened; GS_CAPTURE_<region> keeps copies of everything for replay and tracing, bounded by
+age and size. A subject may belong to one stream only, hence the copies under `cap`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Literal
 from bus.priorities import Priority
 
 WorkKind = Literal["req", "decode"]
+StreamKind = Literal["req", "decode", "dlq", "capture"]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A whole-token wildcard. Only `Subjects.any_prefix()` uses it, to build permission patterns
@@ -72,16 +76,28 @@ class Subjects:
     def doorbell(self, kind: WorkKind, region: str) -> str:
         return f"{self.prefix}.bell.{kind}.{check_token(region, 'region')}.*"
 
-    def stream(self, kind: Literal["req", "decode", "dlq", "capture"]) -> str:
-        if self.is_any_prefix:
-            return ANY  # a stream name is one token: no pattern matches only `*_REQ`
-        return f"{self.prefix.upper().replace('-', '_')}_{kind.upper()}"
+    def stream(self, kind: StreamKind, region: str) -> str:
+        """A region's stream of a kind. With any prefix or any region (ANY), every stream: a
+        stream name is one token, so no pattern matches only `GS_REQ_*`."""
+        if self.is_any_prefix or region == ANY:
+            return ANY
+        return f"{self.prefix.upper().replace('-', '_')}_{kind.upper()}_{check_token(region, 'region')}"
 
-    def stream_subjects(self, kind: WorkKind) -> str:
+    def stream_subjects(self, kind: WorkKind, region: str) -> str:
+        return f"{self.prefix}.{kind}.{check_token(region, 'region')}.>"
+
+    def capture_copies_in(self, kind: WorkKind, region: str) -> str:
+        """Where a region's work stream republishes its messages."""
+        return f"{self.prefix}.cap.{kind}.{check_token(region, 'region')}.>"
+
+    def all_work(self, kind: WorkKind) -> str:
         return f"{self.prefix}.{kind}.>"
 
     def capture_copies(self, kind: WorkKind | None = None) -> str:
         return f"{self.prefix}.cap.{kind}.>" if kind else f"{self.prefix}.cap.>"
+
+    def capture_copies_of(self, region: str, kind: WorkKind | None = None) -> str:
+        return f"{self.prefix}.cap.{kind or '*'}.{check_token(region, 'region')}.*"
 
     def doorbells(self) -> str:
         return f"{self.prefix}.bell.>"
@@ -89,32 +105,49 @@ class Subjects:
     def doorbells_of(self, kind: WorkKind) -> str:
         return f"{self.prefix}.bell.{kind}.>"
 
-    def captured(self) -> list[str]:
-        """Everything GS_CAPTURE stores."""
-        return [self.capture_copies(), self.all_events(), self.all_cancels()]
+    def doorbells_from_copies(self, region: str) -> str:
+        """Where the capture republishes the copies of `capture_copies_of(region)`: the same
+        kind and priority under `bell` (a subject mapping of nats-server)."""
+        return f"{self.prefix}.bell.{{{{wildcard(1)}}}}.{check_token(region, 'region')}.{{{{wildcard(2)}}}}"
+
+    def captured(self, region: str) -> list[str]:
+        """Everything a region's capture stream stores."""
+        return [self.capture_copies_of(region), self.region_events(region), self.cancel(region)]
 
     def consumer(self, kind: WorkKind, region: str, priority: Priority) -> str:
         return f"{kind}-{check_token(region, 'region')}-{priority}"
 
     # --- events back to the edge ---
-    def events(self, edge_id: str, request_id: str) -> str:
-        return f"{self.prefix}.evt.{check_token(edge_id, 'edge id')}.{check_token(request_id, 'request id')}"
+    def events(self, region: str, client: str, request_id: str) -> str:
+        return (f"{self.prefix}.evt.{check_token(region, 'region')}.{check_token(client, 'edge id')}."
+                f"{check_token(request_id, 'request id')}")
 
-    def events_of_edge(self, edge_id: str) -> str:
-        return f"{self.prefix}.evt.{check_token(edge_id, 'edge id')}.*"
+    def events_of_edge(self, region: str, client: str) -> str:
+        return f"{self.prefix}.evt.{check_token(region, 'region')}.{check_token(client, 'edge id')}.*"
+
+    def events_of_client(self, client: str) -> str:
+        """A client's events in any region: a permission pattern."""
+        return f"{self.prefix}.evt.*.{check_token(client, 'edge id')}.*"
 
     def events_of_request(self, request_id: str) -> str:
-        return f"{self.prefix}.evt.*.{check_token(request_id, 'request id')}"
+        return f"{self.prefix}.evt.*.*.{check_token(request_id, 'request id')}"
+
+    def region_events(self, region: str) -> str:
+        return f"{self.prefix}.evt.{check_token(region, 'region')}.>"
 
     def all_events(self) -> str:
         return f"{self.prefix}.evt.>"
 
     def is_event_subject(self, subject: str, request_id: str) -> bool:
-        """Events of a request go to `<prefix>.evt.<client>.<request_id>` and nowhere else, so
-        everything said about one request can be found (and captured) by its id."""
+        """Events of a request go to `<prefix>.evt.<region>.<client>.<request_id>` and nowhere
+        else, so everything said about one request can be found (and captured) by its id."""
         parts = subject.split(".")
-        return (len(parts) == 4 and parts[0] == self.prefix and parts[1] == "evt"
-                and bool(_TOKEN.match(parts[2])) and parts[3] == request_id)
+        return (len(parts) == 5 and parts[0] == self.prefix and parts[1] == "evt"
+                and bool(_TOKEN.match(parts[2])) and bool(_TOKEN.match(parts[3])) and parts[4] == request_id)
+
+    def event_region(self, subject: str) -> str:
+        """The region of an event subject (whose capture stores it)."""
+        return subject.split(".")[2]
 
     # --- captured copies and sandboxes ---
     def original_subject(self, subject: str) -> str:
@@ -147,12 +180,21 @@ class Subjects:
     def heartbeats_of_role(self, role: str) -> str:
         return f"{self.prefix}.hb.*.{check_token(role, 'role')}"
 
-    def max_deliveries_advisories(self, kind: WorkKind) -> str:
+    def region_beat(self, region: str) -> str:
+        return f"{self.prefix}.region.{check_token(region, 'region')}"
+
+    def region_beats(self) -> str:
+        return f"{self.prefix}.region.*"
+
+    def max_deliveries_advisories(self, kind: WorkKind, region: str) -> str:
         """NATS's own advisory when a work message was delivered max_deliver times, unacked."""
-        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream(kind)}.*"
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream(kind, region)}.*"
 
-    def dead_letter(self, kind: str) -> str:
-        return f"{self.prefix}.dlq.{check_token(kind, 'dead-letter kind')}"
+    def dead_letter(self, region: str, kind: str) -> str:
+        return f"{self.prefix}.dlq.{check_token(region, 'region')}.{check_token(kind, 'dead-letter kind')}"
 
-    def dead_letters(self) -> str:
+    def dead_letters(self, region: str) -> str:
+        return f"{self.prefix}.dlq.{check_token(region, 'region')}.*"
+
+    def all_dead_letters(self) -> str:
         return f"{self.prefix}.dlq.>"

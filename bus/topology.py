@@ -27,7 +27,7 @@ from typing import Callable, Literal
 
 from bus import messages as m
 from bus.roles import WORKER_ROLES, Role, roles_pulling
-from bus.subjects import Subjects, WorkKind
+from bus.subjects import ANY, Subjects, WorkKind
 
 Action = Literal["send", "receive", "pull"]
 # The token of an address that says whose it is: a role, a client (an edge or a JobClient) or a
@@ -68,7 +68,8 @@ class Channel:
     everywhere: Callable[[Subjects], str] | None
     uses: tuple[Use, ...]
     owned_by: Owner | None = None
-    own: Callable[[Subjects, str], str] | None = None  # the addresses of one owner
+    # The addresses of one owner in one region (ANY: every region).
+    own: Callable[[Subjects, str, str], str] | None = None
     work: WorkKind | None = None  # the work queue that stores it, which `pull` takes jobs from
 
     def __post_init__(self) -> None:
@@ -80,13 +81,13 @@ class Channel:
             if not use.own and use.action != "pull" and self.everywhere is None:
                 raise ValueError(f"{self.name}: a use of every address needs the `everywhere` pattern")
 
-    def pattern(self, subjects: Subjects, owner: str | None = None) -> str:
-        """The addresses of one owner, or every address (None)."""
+    def pattern(self, subjects: Subjects, owner: str | None = None, region: str = ANY) -> str:
+        """The addresses of one owner in a region, or every address (owner None)."""
         if owner is None:
             assert self.everywhere is not None
             return self.everywhere(subjects)
         assert self.own is not None
-        return self.own(subjects, owner)
+        return self.own(subjects, owner, region)
 
 
 @dataclass(frozen=True)
@@ -114,34 +115,38 @@ def _filled(pattern: str, *tokens: str) -> str:
     return pattern[:-1] + ".".join(tokens)
 
 
-_NAMED = Subjects()  # stream names as they are with the default prefix, for the descriptions
+def _named(kind: str) -> str:
+    """A region's stream as it is named with the default prefix, for the descriptions."""
+    return Subjects().stream(kind, "REGION").replace("REGION", "<region>")  # type: ignore[arg-type]
 CLIENTS = (Role.EDGE, Role.OPS)  # who submits jobs: the edge, and JobClient / `grokstack publish`
 
 CHANNELS: tuple[Channel, ...] = (
     Channel(
         "requests",
         "Chat requests for the prefill pool, in the JetStream work queue "
-        f"{_NAMED.stream('req')}: an accepted request survives a worker's death.",
+        f"{_named('req')}: an accepted request survives a worker's death.",
         (m.ChatRequest,),
         address=lambda s, t: s.request(t.region, t.priority),  # type: ignore[arg-type]
-        everywhere=lambda s: s.stream_subjects("req"), work="req",
+        everywhere=lambda s: s.all_work("req"), work="req",
         uses=(Use("send", CLIENTS, "A client (edge, JobClient or any NATS client) submits a job."),
               Use("pull", roles_pulling("req"), "Workers that prefill take requests by priority."))),
     Channel(
         "decodeJobs",
-        f"Prefill -> decode hand-over with the KV handle (work queue {_NAMED.stream('decode')}).",
+        f"Prefill -> decode hand-over with the KV handle (work queue {_named('decode')}).",
         (m.DecodeJob,),
         address=lambda s, t: s.decode(t.region, t.priority),  # type: ignore[arg-type]
-        everywhere=lambda s: s.stream_subjects("decode"), work="decode",
+        everywhere=lambda s: s.all_work("decode"), work="decode",
         uses=(Use("send", (Role.PREFILL,), "Prefill publishes the decode job."),
               Use("pull", roles_pulling("decode"), "Decode workers take decode jobs by priority."))),
     Channel(
         "events",
         "Token events of one request, numbered by seq from 0; then one final or error event. "
-        "The request's reply_to must be exactly this subject.",
+        "The request's reply_to must be exactly this subject; its region is the client's, whose "
+        "capture stores them, wherever the request is served.",
         (m.TokenEvent, m.FinalEvent, m.ErrorEvent),
-        address=lambda s, t: s.events(t.client, t.request_id),
-        everywhere=lambda s: s.all_events(), owned_by="client", own=lambda s, client: s.events_of_edge(client),
+        address=lambda s, t: s.events(t.region, t.client, t.request_id),
+        everywhere=lambda s: s.all_events(), owned_by="client",
+        own=lambda s, client, region: s.events_of_client(client),
         uses=(Use("send", WORKER_ROLES, "Workers publish token, final and error events."),
               # The shared edge login reads any edge's events, to adopt a request after a failover.
               Use("receive", CLIENTS, "The client reads its job's tokens and outcome.", own=True))),
@@ -158,20 +163,31 @@ CHANNELS: tuple[Channel, ...] = (
         "Each worker, every GROKSTACK_HEARTBEAT_S seconds.",
         (m.Heartbeat,),
         address=lambda s, t: s.heartbeat(t.region, t.role),
-        everywhere=lambda s: s.all_heartbeats(), owned_by="role", own=lambda s, role: s.heartbeats_of_role(role),
+        everywhere=lambda s: s.all_heartbeats(), owned_by="role",
+        own=lambda s, role, region: s.heartbeats_of_role(role),
         uses=(Use("send", WORKER_ROLES, "Workers announce they are alive, each as its own role only.", own=True),
               Use("receive", (Role.EDGE,), "The edge sees which stages of its region are served, and how fast."))),
     Channel(
+        "regionBeats",
+        "Each region's state (live workers, queue waits, draining, model, JetStream domain) from each "
+        "edge that sees its workers, every GROKSTACK_REGION_BEAT_S seconds: how edges choose a region, "
+        "and notice one die.",
+        (m.RegionBeat,),
+        address=lambda s, t: s.region_beat(t.region),
+        everywhere=lambda s: s.region_beats(),
+        uses=(Use("send", (Role.EDGE,), "An edge tells every region what it sees of its own."),
+              Use("receive", (Role.EDGE,), "Every edge hears every region, its own included."))),
+    Channel(
         "deadLetters",
-        f"What could not be served and why (stream {_NAMED.stream('dlq')}, which `grokstack trace` reads).",
+        f"What could not be served and why (stream {_named('dlq')}, which `grokstack trace` reads).",
         (m.DeadLetter,),
-        address=lambda s, t: s.dead_letter(t.kind),
-        everywhere=lambda s: s.dead_letters(),
+        address=lambda s, t: s.dead_letter(t.region, t.kind),
+        everywhere=lambda s: s.all_dead_letters(),
         uses=(Use("send", WORKER_ROLES, "Workers record a message they cannot serve."),)),
     Channel(
         "captureCopies",
         "Full copies of the work messages, kept with the events and cancels in "
-        f"{_NAMED.stream('capture')} for replay and tracing. Read only, through consumers on the stream: "
+        f"{_named('capture')} for replay and tracing. Read only, through consumers on the stream: "
         "by `grokstack replay` and `trace`, and by an edge that adopts another edge's request.",
         (m.ChatRequest, m.DecodeJob),
         address=lambda s, t: _filled(s.capture_copies(t.kind), t.region, t.priority),  # type: ignore[arg-type]
@@ -179,20 +195,22 @@ CHANNELS: tuple[Channel, ...] = (
         uses=()),
     Channel(
         "doorbells",
-        f"Header-only copies {_NAMED.stream('capture')} republishes of each new work message, no "
+        f"Header-only copies {_named('capture')} republishes of each new work message, no "
         "payload: an idle worker sleeps until one rings instead of polling.",
         (),
         address=lambda s, t: _filled(s.doorbell(t.kind, t.region), t.priority),  # type: ignore[arg-type]
-        everywhere=lambda s: s.doorbells(), owned_by="kind", own=lambda s, kind: s.doorbells_of(kind),  # type: ignore[arg-type]
+        everywhere=lambda s: s.doorbells(), owned_by="kind",
+        own=lambda s, kind, region: s.doorbells_of(kind),  # type: ignore[arg-type]
         uses=(Use("receive", WORKER_ROLES, "An idle worker wakes up when work of its kind arrives.", own=True),)),
     Channel(
         "maxDeliveries",
         "NATS's advisory (io.nats.jetstream.advisory.v1.max_deliver) that a work message was delivered "
         "GROKSTACK_MAX_DELIVER times and never acked: its worker died each time.",
         (),
-        address=lambda s, t: _filled(s.max_deliveries_advisories(t.kind), t.consumer),  # type: ignore[arg-type]
+        address=lambda s, t: _filled(s.max_deliveries_advisories(t.kind, t.region), t.consumer),  # type: ignore[arg-type]
         everywhere=None,  # stream names are not under the prefix: ours cannot be told apart by a pattern
-        owned_by="kind", own=lambda s, kind: s.max_deliveries_advisories(kind),  # type: ignore[arg-type]
+        owned_by="kind",
+        own=lambda s, kind, region: s.max_deliveries_advisories(kind, region),  # type: ignore[arg-type]
         uses=(Use("receive", WORKER_ROLES, "Workers dead-letter a job that no worker survived, tell its "
                   "client and delete it (bus/exhausted.py).", own=True),)),
 )

@@ -146,7 +146,7 @@ class PriorityPuller:
         self._region = region
         self._idle_poll_s = idle_poll_s
         self.shares = shares or ServedShares({})
-        stream = subjects.stream(kind)
+        stream = subjects.stream(kind, region)
         self._consumers: dict[Priority, PullConsumer] = {
             p: PullConsumer(nc, stream, subjects.consumer(kind, region, p)) for p in PRIORITIES}
         self._bell = asyncio.Event()

@@ -26,6 +26,7 @@ from bus.messages import ChatMessage, ChatRequest, Event, FinalEvent, TokenEvent
 from bus.priorities import Priority, PriorityConfig
 from edge.live import LiveRequest
 from edge.queues import QueueWatch
+from edge.regions import Regions
 from edge.tenants import Tenant
 from edge import metrics
 from edge.config import EdgeConfig
@@ -112,9 +113,11 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, config: EdgeConfig, priorities: PriorityConfig, queues: QueueWatch) -> None:
+    def __init__(self, config: EdgeConfig, priorities: PriorityConfig, queues: QueueWatch,
+                 regions: Regions) -> None:
         self.config = config
         self.queues = queues
+        self.regions = regions
         self.policies = priorities.table()
         self.budgets = {p: policy.queue_budget_s for p, policy in self.policies.items()}
         self._buckets: dict[str, TokenBucket] = {}
@@ -125,7 +128,7 @@ class Admission:
         priority = request.priority
         estimated = estimate_prompt_tokens(request.messages)
         prompt = self.scale.tokens(estimated)
-        wait = self.queues.wait_s(request.region, priority)
+        wait = self.regions.wait_s(request.region, priority)
         budget = self.budgets[priority]
         if budget and wait > budget:
             raise self._refuse("overloaded", priority, f"the estimated queue wait for {priority} requests is "

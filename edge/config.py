@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from bus.section import Count, Port, Section, Seconds
+from bus.section import Count, Port, Section, Seconds, Share
 
 
 class EdgeConfig(Section):
@@ -35,3 +35,13 @@ class EdgeConfig(Section):
     # this once the batch wait passes half its budget (0: no degradation).
     degraded_batch_max_tokens: Annotated[int, Field(ge=0)] = 64
     queue_poll_s: Seconds = 0.5  # how often an edge reads the work queues' depth
+    # Regions (edge/regions.py, edge/routing.py). Each edge announces the regions whose workers it
+    # sees every region_beat_s; a region not heard from for region_timeout_s is dead.
+    region_beat_s: Seconds = 0.25
+    region_timeout_s: Seconds = 0.75  # three beats missed
+    # A request goes to another region once its home's estimated time to first token passes this
+    # share of the priority's queue budget, and comes home again below overflow_back_share.
+    overflow_share: Share = 0.5
+    overflow_back_share: Share = 0.4
+    region_draining: bool = False  # this edge announces its region as draining: no new requests
+    sticky_conversations: Count = 100_000  # conversations remembered with the region that served them

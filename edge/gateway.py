@@ -4,12 +4,14 @@ adopting a request another edge accepted.
 
 Requests are published, and their events come back in order, through the same `JobClient` that
 back-end services use: events of all requests of this edge arrive on one subscription
-(`gs.evt.<edge>.*`), a gap is filled from the capture stream, and so is whatever was published
+(`gs.evt.<region>.<edge>.*`), a gap is filled from the capture stream, and so is whatever was published
 while the connection was down.
 
 A request another edge accepted (that edge died, or the client reconnected elsewhere) can be
-adopted: its events come from the capture, then from a subscription to `gs.evt.*.<request>`, and
-the request itself (for its tenant and region) from the capture's copy of it.
+adopted: its events come from the capture, then from a subscription to `gs.evt.*.*.<request>`, and
+the request itself (for its tenant and region) from the capture's copy of it. Another region's
+edge can adopt it too: each edge keeps, in its own region's JetStream, a mirror of every other
+region's requests and events (bus/jetstream.py mirror_config), and reads them like its own.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from nats.aio.msg import Msg
 
 from bus.capture import find_request
 from bus.client import Job, JobClient
-from bus.codec import BadMessage, decode
+from bus.codec import BadMessage, decode, encode
 from bus.config import BusConfig
-from bus.jetstream import ensure_streams
-from bus.messages import ChatRequest, Heartbeat
+from bus.jetstream import ensure_mirror, ensure_streams
+from bus.messages import ChatRequest, Heartbeat, RegionBeat
 from bus.roles import STAGES, Role, Stage, roles_serving
 from edge.config import EdgeConfig
 from edge.queues import QueueWatch
+from edge.regions import Regions
 
 log = structlog.get_logger("grokstack.edge")
 
@@ -56,15 +59,22 @@ class Gateway:
         self._models: dict[str, float] = {}  # model id -> last heartbeat naming it
         self._background: set[asyncio.Task] = set()
         self.queues = QueueWatch(bus, config, self.js)
+        self.regions = Regions(self.region, self.edge_id, config, self.queues)
+        self.domain = ""  # this region's JetStream domain, from the server at start
+        self._mirrored: set[str] = set()  # regions whose requests and events are mirrored here
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.bus, self.subjects)
+        self.domain = (await self.js.account_info()).domain or ""
         # Events nobody here waits for mean a client gone, or an edge restarted: stop that work.
         self.client = await JobClient.over(self.nc, self.bus.subject_prefix, self.region, self.edge_id,
                                            cancel_unrouted=True)
+        self.client.capture_regions = self.capture_regions
         await self.nc.subscribe(self.subjects.all_heartbeats(), cb=self._on_beat)
-        task = asyncio.create_task(self.queues.run())
-        self._background.add(task)
+        await self.nc.subscribe(self.subjects.region_beats(), cb=self._on_region_beat)
+        for work in (self.queues.run(), self._beat_regions()):
+            task = asyncio.create_task(work)
+            self._background.add(task)
 
     async def stop(self) -> None:
         self.queues.stop()
@@ -82,14 +92,18 @@ class Gateway:
         client = self.client
         job = await client.attach(request_id, timeout_s=self.config.request_timeout_s)
         history = job.history
-        try:
-            # A request is first stored before its first event, and lives until its deadline.
-            since = ((history.first_stored_at if history else None) or time.time()) - self.config.request_timeout_s
-            request = await find_request(self.js, self.subjects, request_id, since,
-                                         history.first_stream_seq if history else None)
-        except Exception as exc:
-            log.warning("capture not readable", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
-            request = None
+        # A request is first stored before its first event, and lives until its deadline.
+        since = ((history.first_stored_at if history else None) or time.time()) - self.config.request_timeout_s
+        request = None
+        for region in self.capture_regions():
+            before = history.first_stream_seq if history and history.region == region else None
+            try:
+                request = await find_request(self.js, self.subjects, region, request_id, since, before)
+            except Exception as exc:  # that capture is down or absent
+                log.debug("capture not readable", request_id=request_id, region=region,
+                          error=f"{type(exc).__name__}: {exc}")
+            if request is not None:
+                break
         if request is None:
             client.forget(request_id)
             return None
@@ -107,13 +121,56 @@ class Gateway:
         self._last_beat[(beat.region, beat.role)] = now
         self._models[beat.model_id] = now
 
+    def capture_regions(self) -> list[str]:
+        """Regions whose capture this edge reads: its own first, then every other one it heard of
+        (mirrored here, or on this very server when regions share one)."""
+        return [self.region, *(r for r in self.regions.known() if r != self.region)]
+
+    async def _on_region_beat(self, msg: Msg) -> None:
+        try:
+            beat = decode(msg.data, RegionBeat)
+        except BadMessage as exc:
+            log.warning("dropped malformed region beat", subject=msg.subject, reason=exc.reason)
+            return
+        self.regions.on_beat(beat)
+        if beat.domain and beat.domain != self.domain and beat.region not in self._mirrored:
+            self._mirrored.add(beat.region)
+            task = asyncio.create_task(self._mirror(beat.region, beat.domain))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _mirror(self, region: str, domain: str) -> None:
+        try:
+            await ensure_mirror(self.js, self.bus, self.subjects, region, domain)
+            log.info("mirroring another region's requests and events", mirrored_region=region, domain=domain)
+        except Exception as exc:  # tried again at its next beat
+            self._mirrored.discard(region)
+            log.warning("mirror not made", mirrored_region=region, error=f"{type(exc).__name__}: {exc}")
+
+    async def _beat_regions(self) -> None:
+        """Tell every region what this edge sees of the regions whose workers it hears."""
+        while True:
+            await asyncio.sleep(self.config.region_beat_s)
+            try:
+                for beat in self.regions.beats(self.models(), self.domain):
+                    await self.nc.publish(self.subjects.region_beat(beat.region), encode(beat))
+                self.regions.export_metrics()
+            except Exception as exc:  # disconnected: the next beat tries again
+                log.debug("region beat not sent", error=f"{type(exc).__name__}: {exc}")
+
     def _horizon(self) -> float:
         return time.monotonic() - 3 * self.bus.heartbeat_s
 
     def workers_alive(self, region: str | None = None) -> dict[Stage, bool]:
         """For each stage of a request, whether a worker of `region` (default: the edge's) that
-        serves it sent a heartbeat within three heartbeat periods."""
+        serves it is alive: one that sent a heartbeat within three heartbeat periods, for a region
+        whose workers this edge hears; else as the region's beats say (none lately: none alive)."""
         region = region or self.region
+        if region != self.region and region not in self.queues.regions_seen():
+            beat = self.regions.beat(region)
+            fresh = beat is not None and self.regions.heard_within(region, self.config.region_timeout_s)
+            workers = beat.workers if beat is not None and fresh else {}
+            return {stage: any(workers.get(role, 0) > 0 for role in roles_serving(stage)) for stage in STAGES}
         horizon = self._horizon()
         alive = {role for (r, role), at in self._last_beat.items() if r == region and at >= horizon}
         return {stage: any(role in alive for role in roles_serving(stage)) for stage in STAGES}

@@ -48,6 +48,7 @@ log = structlog.get_logger("grokstack.api")
 PRIORITY_HEADER = "X-Grokstack-Priority"
 REGION_HEADER = "X-Grokstack-Region"
 DEGRADED_HEADER = "X-Grokstack-Degraded-Max-Tokens"
+ROUTE_HEADER = "X-Grokstack-Route"  # in responses: why the region in X-Grokstack-Region (edge/routing.py)
 _json = msgspec.json.Encoder()
 # The process's metrics in the format an Accept header asks for (services/telemetry.py serves them).
 Scrape = Callable[[str], tuple[bytes, str]]
@@ -163,8 +164,9 @@ class OpenAIApi:
                 live.api_model = body.model
                 live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 # A batch request's max_tokens capped under load says so (edge/admission.py).
-                headers = ({DEGRADED_HEADER: str(accepted.degraded_max_tokens)}
-                           if accepted.degraded_max_tokens is not None else {})
+                headers = {REGION_HEADER: live.region, ROUTE_HEADER: live.route}
+                if accepted.degraded_max_tokens is not None:
+                    headers[DEGRADED_HEADER] = str(accepted.degraded_max_tokens)
                 if body.stream:
                     return await self._stream(request, live, -1, headers)
                 return await self._complete(live, headers)
@@ -206,7 +208,8 @@ class OpenAIApi:
             if isinstance(event, TokenEvent):
                 parts.append(event.text)
             elif isinstance(event, FinalEvent):
-                info = info_of(live.request_id, event, usage_frame(event, live.ttft_ms, self._elapsed_ms(live)))
+                usage = usage_frame(event, live.ttft_ms, self._elapsed_ms(live), live.region, live.route)
+                info = info_of(live.request_id, event, usage)
                 body = completion(completion_id(live.request_id), int(live.request.created_at), live.api_model,
                                   "".join(parts), event, info)
                 return web.Response(body=_json.encode(body), content_type="application/json",
@@ -227,7 +230,8 @@ class OpenAIApi:
                 if isinstance(event, TokenEvent):
                     await self._send(response, event.seq, token_chunk(cid, created, live.api_model, event))
                 elif isinstance(event, FinalEvent):
-                    info = info_of(live.request_id, event, usage_frame(event, live.ttft_ms, self._elapsed_ms(live)))
+                    usage = usage_frame(event, live.ttft_ms, self._elapsed_ms(live), live.region, live.route)
+                    info = info_of(live.request_id, event, usage)
                     for chunk in final_chunks(cid, created, live.api_model, event, info, live.include_usage):
                         await self._send(response, event.seq, chunk)
                 else:

@@ -11,6 +11,13 @@ client reconnected elsewhere): it is adopted from the capture stream, where the 
 its events are stored, then followed live like one of ours. The request names its tenant; only
 a client of the same tenant may resume it.
 
+A request whose region dies mid-answer (its beats stop, edge/regions.py) is taken over in the
+region edge/routing.py picks: published there as its next attempt, with the tokens the client
+was sent as part of the prompt, going on from the next sequence number. The old region is told
+to stop it (heard if it was only cut off); its late events are dropped (bus/ordering.py). While
+a request waits in a live region's queue, only that region's liveness decides: no "no token yet"
+timeout moves it.
+
 Websocket connections and HTTP/SSE responses are both just followers of a `LiveRequest`.
 """
 
@@ -24,11 +31,14 @@ from typing import AsyncIterator, Callable
 
 import structlog
 
-from bus.messages import ChatRequest, ErrorEvent, Event, FinalEvent, TokenEvent
-from bus.client import Job
+import msgspec
+
+from bus.messages import ChatRequest, Continuation, ErrorEvent, Event, FinalEvent, TokenEvent, Usage
+from bus.client import Job, JobRejected
 from edge.gateway import Gateway
 from edge import metrics
 from edge.config import EdgeConfig
+from edge.routing import Router
 
 log = structlog.get_logger("grokstack.edge")
 
@@ -57,12 +67,24 @@ class LiveRequest:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     api_model: str = ""  # what an OpenAI client asked for, to name it in resumed chunks
     include_usage: bool = False
+    # Adopted from another region's capture (its client's edge died with its region): goes on
+    # here as a later attempt as soon as its captured events are in.
+    orphaned: bool = False
     _grace: asyncio.TimerHandle | None = None
     _pump: asyncio.Task | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def region(self) -> str:
+        """Where it is served."""
+        return self.request.region
+
+    @property
+    def route(self) -> str:
+        return self.request.route
 
     @property
     def ttft_ms(self) -> float:
@@ -109,9 +131,10 @@ class LiveRequest:
 
 
 class LiveRequests:
-    def __init__(self, config: EdgeConfig, gateway: Gateway) -> None:
+    def __init__(self, config: EdgeConfig, gateway: Gateway, router: Router) -> None:
         self.config = config
         self.gateway = gateway
+        self.router = router
         self._live: dict[str, LiveRequest] = {}
         self._pumps: set[asyncio.Task] = set()
         self.per_tenant: Counter[str] = Counter()  # requests in flight (not finished)
@@ -133,8 +156,9 @@ class LiveRequests:
 
     async def start(self, request: ChatRequest, tenant: str) -> LiveRequest:
         """Publish the request and start collecting its events. Raises JobRejected."""
+        started = time.monotonic()  # its clocks include the publish (a round trip, to another region)
         job = await self.gateway.client.submit(request, self.config.request_timeout_s)
-        live = LiveRequest(request, tenant)
+        live = LiveRequest(request, tenant, started=started)
         self._track(live, job)
         return live
 
@@ -205,6 +229,9 @@ class LiveRequests:
         age_s = max(0.0, time.time() - request.created_at) if request.created_at else 0.0
         live = LiveRequest(request, tenant, started=time.monotonic() - age_s, api_model=self.gateway.model_id,
                            timed=False)
+        # Its events went to an edge of another region, gone with it (its client came here):
+        # nobody hears that attempt's events, so it goes on from what the mirror holds.
+        live.orphaned = self.gateway.subjects.event_region(request.reply_to) != self.gateway.region
         self._track(live, job)
         log.info("request adopted from the capture", request_id=request_id, reply_to=request.reply_to,
                  age_s=round(age_s, 3))
@@ -235,9 +262,14 @@ class LiveRequests:
         deadline = live.started + self.config.request_timeout_s
         try:
             while not live.finished:
+                left = deadline - time.monotonic()
                 try:
-                    event = await job.next(timeout=max(0.0, deadline - time.monotonic()))
+                    # Woken twice a beat period to look at the serving region's liveness.
+                    event = await job.next(timeout=max(0.0, min(left, self.config.region_beat_s / 2)))
                 except asyncio.TimeoutError:
+                    if left > self.config.region_beat_s / 2:
+                        await self._take_over_if_dead(live, job)
+                        continue
                     live.end("timeout", f"no answer within {self.config.request_timeout_s:.0f} s",
                              retryable=True)
                     await self.gateway.client.cancel(live.request_id, live.request.region, "timeout")
@@ -253,3 +285,42 @@ class LiveRequests:
             # Kept a while for clients that come back after the end (the answer is still theirs).
             asyncio.get_running_loop().call_later(self.config.resume_retention_s,
                                                   self._live.pop, live.request_id, None)
+
+    async def _take_over_if_dead(self, live: LiveRequest, job: Job) -> None:
+        """The region serving `live` died (or was cut off), or its client's edge did with its own
+        region: go on in the best region alive."""
+        regions, old = self.gateway.regions, live.region
+        if not (regions.dead(old) or live.orphaned):
+            return
+        route = self.router.choose(live.request.priority, live.request.conversation_id)
+        if (route.region == old and not live.orphaned) or not regions.takes_new(route.region, self.router.model_id):
+            return  # nowhere to go yet: look again next beat
+        tokens = [t for e in live.events if isinstance(e, TokenEvent) for t in e.token_ids]
+        next_seq = len(live.events)
+        request = live.request
+        left = request.sampling.max_tokens - len(tokens)
+        if left <= 0:  # the region died between the last token and the final event
+            live.append(FinalEvent(request_id=live.request_id, seq=next_seq, finish_reason="length",
+                                   usage=Usage(prompt_tokens=0, cached_prompt_tokens=0, completion_tokens=len(tokens)),
+                                   attempt=request.attempt))
+            return
+        successor = msgspec.structs.replace(
+            request, region=route.region, route="failover", attempt=request.attempt + 1,
+            continuation=Continuation(token_ids=tokens, next_seq=next_seq), created_at=time.time(),
+            sampling=msgspec.structs.replace(request.sampling, max_tokens=left),
+            reply_to=self.gateway.client.reply_to(live.request_id))  # here, whoever asked first
+        cause = "client_moved" if live.orphaned else "region_dead"
+        detected_s = regions.silent_for(old)
+        try:
+            await self.gateway.client.take_over(job, successor)
+        except JobRejected as exc:
+            log.warning("request not taken over yet", error=str(exc), region=route.region)
+            return
+        live.request = successor
+        live.orphaned = False
+        # heard if the old region was only cut off; only the old attempt: the new one may run there too
+        await self.gateway.client.stop_work(live.request_id, old, "superseded", below_attempt=successor.attempt)
+        metrics.observe_takeover(old, route.region, cause, detected_s)
+        log.info("request taken over by another region", request_id=live.request_id, dead_region=old,
+                 region=route.region, attempt=successor.attempt, tokens_sent=len(tokens), next_seq=next_seq,
+                 cause=cause, detected_after_s=round(detected_s, 3))

@@ -29,7 +29,7 @@ EDGE = ["region", "priority"]
 
 TIME_TO_FIRST_TOKEN = Histogram(
     "grokstack_time_to_first_token_seconds",
-    "Edge: from the request's acceptance (stored in JetStream) to its first token event.",
+    "Edge: from publishing the request (stored in JetStream, in whichever region) to its first token event.",
     EDGE, buckets=TTFT_BUCKETS)
 INTER_TOKEN_LATENCY = Histogram(
     "grokstack_inter_token_latency_seconds",
@@ -37,7 +37,7 @@ INTER_TOKEN_LATENCY = Histogram(
     EDGE, buckets=ITL_BUCKETS)
 E2E_LATENCY = Histogram(
     "grokstack_e2e_request_latency_seconds",
-    "Edge: from acceptance to the last event; outcome is the finish reason or the error code.",
+    "Edge: from publishing the request to its last event; outcome is the finish reason or the error code.",
     [*EDGE, "outcome"], buckets=E2E_BUCKETS)
 ACTIVE_STREAMS = Gauge(
     "grokstack_active_streams", "Edge: requests in flight on this edge (accepted, not yet finished).")
@@ -56,6 +56,28 @@ QUEUE_DEPTH = Gauge(
 QUEUE_WAIT_ESTIMATE = Gauge(
     "grokstack_queue_wait_estimate_seconds",
     "Edge: estimated wait of a new request of this priority (admission control's input).", EDGE)
+
+REQUESTS_ROUTED = Counter(
+    "grokstack_requests_routed_total",
+    "Edge: requests accepted, by the region chosen and why (home, requested, sticky, overflow, failover).",
+    ["region", "reason"])
+REGION_ALIVE = Gauge(
+    "grokstack_region_alive", "Edge: 1 while the region beats and serves every stage, else 0.", ["region"])
+REGION_RTT = Gauge(
+    "grokstack_region_rtt_seconds", "Edge: measured round trip to the region (0: the edge's own).", ["region"])
+TAKEOVERS = Counter(
+    "grokstack_takeovers_total",
+    "Edge: requests taken over by another region: their region died mid-answer (region_dead), or their "
+    "client's edge did and the client resumed here (client_moved).", ["from_region", "to_region", "cause"])
+TAKEOVER_DETECTION = Histogram(
+    "grokstack_takeover_detection_seconds",
+    "Edge: from a dead region's last beat to its request being published elsewhere (region_dead only).",
+    ["from_region"], buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10))
+REGION_TTFT_ESTIMATE = Gauge(
+    "grokstack_region_ttft_estimate_seconds",
+    "Edge: estimated time to first token in the region: round trip + queue wait + prefill (routing's input).",
+    EDGE)
+
 
 def _ex(request_id: str) -> dict[str, str] | None:
     return {"request_id": request_id} if request_id else None
@@ -101,3 +123,20 @@ def set_queue_depth(kind: str, region: str, priority: str, depth: int) -> None:
 
 def set_queue_wait(region: str, priority: str, seconds: float) -> None:
     QUEUE_WAIT_ESTIMATE.labels(region, priority).set(seconds)
+
+
+def observe_takeover(from_region: str, to_region: str, cause: str, detected_s: float) -> None:
+    TAKEOVERS.labels(from_region, to_region, cause).inc()
+    if cause == "region_dead":
+        TAKEOVER_DETECTION.labels(from_region).observe(detected_s)
+
+
+def observe_routed(region: str, reason: str) -> None:
+    REQUESTS_ROUTED.labels(region, reason).inc()
+
+
+def set_region_state(region: str, alive: bool, rtt_s: float, ttft_s: dict[str, float]) -> None:
+    REGION_ALIVE.labels(region).set(1 if alive else 0)
+    REGION_RTT.labels(region).set(rtt_s)
+    for priority, seconds in ttft_s.items():
+        REGION_TTFT_ESTIMATE.labels(region, priority).set(seconds)

@@ -92,6 +92,8 @@ class UsageFrame(Struct):
     completion_tokens: int
     ttft_ms: float
     total_ms: float
+    region: str = ""  # the region that served it
+    route: str = ""  # why that region (edge/routing.py)
 
 
 class AcceptedFrame(Struct, tag="accepted", tag_field="type", omit_defaults=True):
@@ -100,6 +102,8 @@ class AcceptedFrame(Struct, tag="accepted", tag_field="type", omit_defaults=True
     resumed: bool
     # Under load a batch request's max_tokens is capped (edge/admission.py): to this.
     max_tokens: int | None = None
+    region: str | None = None  # the region chosen to serve it
+    route: str | None = None  # why: home, requested, sticky, overflow or failover (edge/routing.py)
 
 
 class TokenFrame(Struct, tag="token", tag_field="type"):
@@ -203,7 +207,8 @@ def stop_list(frame: ChatFrame) -> list[str]:
     return [frame.stop] if isinstance(frame.stop, str) else list(frame.stop)
 
 
-def usage_frame(event: FinalEvent, ttft_ms: float, total_ms: float) -> UsageFrame:
+def usage_frame(event: FinalEvent, ttft_ms: float, total_ms: float, region: str = "",
+                route: str = "") -> UsageFrame:
     u = event.usage
     return UsageFrame(u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, round(ttft_ms, 2),
-                      round(total_ms, 2))
+                      round(total_ms, 2), region, route)

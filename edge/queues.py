@@ -36,11 +36,12 @@ KINDS: tuple[WorkKind, ...] = ("req", "decode")
 
 
 @dataclass
-class WorkerSpeed:
+class WorkerSeen:
     role: Role
     region: str
     rate_tokens_s: float
     seen: float  # monotonic
+    free_slots: int = 0
 
 
 class MeanCost:
@@ -67,14 +68,15 @@ class QueueWatch:
         self.costs = MeanCost()
         self._pending: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)
         self._published: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)  # since the last read
-        self._workers: dict[str, WorkerSpeed] = {}
+        self._workers: dict[tuple[str, Role], WorkerSeen] = {}  # (worker id, role): one process may run two
         self._regions: set[str] = {bus.region}
         self._stopped = False
 
     # ------------------------------------------------------------------ inputs
 
     def on_beat(self, beat: Heartbeat) -> None:
-        self._workers[beat.worker_id] = WorkerSpeed(beat.role, beat.region, beat.rate_tokens_s, time.monotonic())
+        self._workers[(beat.worker_id, beat.role)] = WorkerSeen(
+            beat.role, beat.region, beat.rate_tokens_s, time.monotonic(), max(0, beat.slots - beat.active))
         self._regions.add(beat.region)
 
     def published(self, region: str, priority: Priority, prompt_tokens: int, max_tokens: int) -> None:
@@ -109,7 +111,7 @@ class QueueWatch:
 
     async def _depth(self, kind: WorkKind, region: str, priority: Priority) -> int:
         try:
-            info = await self.js.consumer_info(self.subjects.stream(kind),
+            info = await self.js.consumer_info(self.subjects.stream(kind, region),
                                                self.subjects.consumer(kind, region, priority), timeout=2)
         except Exception as exc:
             if "not found" in str(exc).lower():  # no worker declared it yet: nothing queued
@@ -119,9 +121,24 @@ class QueueWatch:
 
     # ------------------------------------------------------------------ estimates
 
-    def _alive(self) -> list[WorkerSpeed]:
+    def _alive(self) -> list[WorkerSeen]:
         horizon = time.monotonic() - 3 * self.bus.heartbeat_s
         return [w for w in self._workers.values() if w.seen >= horizon]
+
+    def regions_seen(self) -> set[str]:
+        """Regions with a live worker this edge hears (its own server's: worker heartbeats do not
+        cross regions, see services/nats_config.py)."""
+        return {w.region for w in self._alive()}
+
+    def workers(self, region: str) -> dict[Role, int]:
+        counts: dict[Role, int] = defaultdict(int)
+        for w in self._alive():
+            if w.region == region:
+                counts[w.role] += 1
+        return dict(counts)
+
+    def free_slots(self, region: str) -> int:
+        return sum(w.free_slots for w in self._alive() if w.region == region)
 
     def role_of(self, kind: WorkKind, region: str) -> Role:
         """Who serves a kind of work in a region, for what its jobs cost: the first role of the

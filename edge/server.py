@@ -165,7 +165,8 @@ class Connection:
             await self.live.cancel(live, "client_cancelled")
         try:
             await self.send(AcceptedFrame(id=client_id, request_id=live.request_id, resumed=resumed,
-                                          max_tokens=degraded_max_tokens))
+                                          max_tokens=degraded_max_tokens, region=live.region,
+                                          route=live.route or None))
             async for event in self.live.follow(live, after_seq):
                 await self.send(self._frame(client_id, live, event))
         except ClientTooSlow:
@@ -181,8 +182,8 @@ class Connection:
                      cached_prompt_tokens=u.cached_prompt_tokens, ttft_ms=round(live.ttft_ms, 1),
                      total_ms=round(total_ms, 1))
             return DoneFrame(id=client_id, finish_reason=event.finish_reason,
-                             usage=usage_frame(event, live.ttft_ms, total_ms), timings=event.timings, kv=event.kv,
-                             cost=event.cost)
+                             usage=usage_frame(event, live.ttft_ms, total_ms, live.region, live.route),
+                             timings=event.timings, kv=event.kv, cost=event.cost)
         log.info("request failed", code=event.code, reason=event.message)
         return ErrorFrame(id=client_id, code=event.code, message=event.message, retryable=event.retryable)
 

@@ -24,7 +24,7 @@ from inference import metrics
 from inference.decode import EngineAborted
 from inference.engine import Engine
 from inference.final import DecodeStage, PromptStage, final_event
-from inference.prefill import prompt_of, prompt_renderer, queue_ms
+from inference.prefill import answered, first_seq_of, prompt_of, prompt_renderer, queue_ms
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_request
 from kv_store.records import TransferRecord
@@ -47,8 +47,11 @@ class AggregatedService:
     def parse(self, data: bytes) -> ChatRequest:
         return decode(data, ChatRequest)
 
+    def starts_at(self, req: ChatRequest) -> int:
+        return first_seq_of(req)
+
     def cost(self, req: ChatRequest) -> int:
-        return job_cost(self.role, len(self.render(req.messages)), req.sampling.max_tokens)
+        return job_cost(self.role, len(self.render(req.messages)) + answered(req), req.sampling.max_tokens)
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
@@ -82,8 +85,8 @@ class AggregatedService:
                  prefill_ms=round(prefill_ms, 1), gpu_s=round(cost.prefill_gpu_s + cost.decode_gpu_s, 6))
         # One engine did both stages: what it found cached, it loaded (from its cache or Redis).
         final = final_event(
-            req.request_id, emit.next_seq(), finish or "stop", completion,
-            prompt=PromptStage(tokens=len(prompt), cached_tokens=cached, queue_ms=queue_ms(job),
+            req.request_id, emit.next_seq(), finish or "stop", answered(req) + completion,
+            prompt=PromptStage(tokens=len(prompt) - answered(req), cached_tokens=cached, queue_ms=queue_ms(job),
                                prefill_ms=prefill_ms, written=record.save),
             cost=cost, decode=DecodeStage(decode_ms=(done - (first_at or done)) * 1000, loaded_tokens=cached,
                                           read=record.load))

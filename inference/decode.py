@@ -50,6 +50,9 @@ class DecodeService:
     def parse(self, data: bytes) -> DecodeJob:
         return decode(data, DecodeJob)
 
+    def starts_at(self, job: DecodeJob) -> int:
+        return job.first_seq
+
     def cost(self, job: DecodeJob) -> int:
         return job_cost(self.role, len(job.prompt_token_ids), job.sampling.max_tokens)
 
@@ -66,11 +69,11 @@ class DecodeService:
         if job.deliveries <= 1:
             return []
         t0 = time.perf_counter()
-        sent = await sent_so_far(self.js, self.subjects, job.body.reply_to)
+        sent = await sent_so_far(self.js, self.subjects, job.body.reply_to, job.body.attempt)
         if sent.finished:
             log.info("redelivered job was already finished", deliveries=job.deliveries)
             return None
-        tokens, emit.seq = sent.tokens_from(self.first_seq)
+        tokens, emit.seq = sent.tokens_from(job.body.first_seq)
         log.info("continuing a migrated job", deliveries=job.deliveries, tokens_already_sent=len(tokens),
                  next_seq=emit.seq, capture_read_ms=round((time.perf_counter() - t0) * 1000, 1),
                  # about how long ago the dead worker stopped: what the lease cost this answer
@@ -119,7 +122,8 @@ class DecodeService:
         log.info("decoded", completion_tokens=completion, kv_loaded_tokens=loaded,
                  recomputed=recomputed, reason=load_reason, decode_gpu_s=cost.decode_gpu_s, usd=cost.usd)
         return final_event(
-            j.request_id, seq, finish, completion, prompt=PromptStage.of(len(j.prompt_token_ids), j.prefill),
+            j.request_id, seq, finish, j.answered_tokens + completion,
+            prompt=PromptStage.of(len(j.prompt_token_ids) - j.answered_tokens, j.prefill),
             cost=cost, decode=DecodeStage(
                 decode_ms=seconds * 1000, loaded_tokens=loaded, read=record.load,
                 queue_ms=max(0.0, (job.received_at - j.prefill.done_at) * 1000),

@@ -43,10 +43,22 @@ def prompt_renderer(engine: Engine, size: int = 256) -> Render:
 
 
 def prompt_of(render: Render, req: ChatRequest, max_model_len: int) -> list[int]:
-    """The request's prompt tokens, refused when prompt plus max_tokens exceed the context."""
+    """The request's prompt tokens, refused when prompt plus max_tokens exceed the context. A
+    continued request's answer so far is part of it: the engine goes on after it."""
     prompt = render(req.messages)
+    if req.continuation is not None:
+        prompt = [*prompt, *req.continuation.token_ids]
     check_fits(len(prompt), req.sampling.max_tokens, max_model_len)
     return prompt
+
+
+def answered(req: ChatRequest) -> int:
+    """Tokens of the answer a continued request already holds."""
+    return len(req.continuation.token_ids) if req.continuation is not None else 0
+
+
+def first_seq_of(req: ChatRequest) -> int:
+    return req.continuation.next_seq if req.continuation is not None else 0
 
 
 def queue_ms(job: Job[ChatRequest]) -> float:
@@ -72,9 +84,12 @@ class PrefillService:
     def parse(self, data: bytes) -> ChatRequest:
         return decode(data, ChatRequest)
 
+    def starts_at(self, req: ChatRequest) -> int:
+        return first_seq_of(req)
+
     def cost(self, req: ChatRequest) -> int:
         # The whole prompt: which of its blocks are cached is known only once vLLM looked.
-        return job_cost(self.role, len(self.render(req.messages)), req.sampling.max_tokens)
+        return job_cost(self.role, len(self.render(req.messages)) + answered(req), req.sampling.max_tokens)
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
@@ -98,7 +113,7 @@ class PrefillService:
                              usd=job.clock.usd(gpu_s) if job.clock else 0.0)
         log.info("prefilled", prompt_tokens=len(prompt), cached_tokens=cached,
                  prefill_ms=round(prefill_ms, 1), kv_bytes_written=stats.kv_bytes_written,
-                 gpu_s=stats.gpu_s)
+                 gpu_s=stats.gpu_s, attempt=req.attempt)
         metrics.observe_prefill(req.priority, req.request_id, stats, len(prompt), usd=stats.usd)
         if finish != "length" or req.sampling.max_tokens == 1 or not token_ids:
             await self._finish(req, emit, len(prompt), stats, finish or "stop")
@@ -110,13 +125,14 @@ class PrefillService:
                 reply_to=req.reply_to, prompt_token_ids=prompt, first_token_id=token_ids[-1],
                 sampling=req.sampling, prefill=stats, kv=report.handle if report else None,
                 conversation_id=req.conversation_id, created_at=req.created_at,
-                deadline=req.deadline, tenant=req.tenant)),
+                deadline=req.deadline, tenant=req.tenant, attempt=req.attempt,
+                first_seq=first_seq_of(req) + 1, answered_tokens=answered(req))),
             # A redelivered request (this worker died after publishing) is deduplicated here.
-            headers={"Nats-Msg-Id": f"{req.request_id}.decode"}, timeout=5)
+            headers={"Nats-Msg-Id": f"{req.request_id}.decode.{req.attempt}"}, timeout=5)
 
     async def _finish(self, req: ChatRequest, emit: Emitter, prompt_tokens: int,
                       stats: PrefillStats, finish: str) -> None:
         """The first token already ended the answer: no decode stage."""
-        await emit.emit(final_event(req.request_id, emit.next_seq(), finish, completion_tokens=1,
-                                    prompt=PromptStage.of(prompt_tokens, stats),
+        await emit.emit(final_event(req.request_id, emit.next_seq(), finish, completion_tokens=1 + answered(req),
+                                    prompt=PromptStage.of(prompt_tokens - answered(req), stats),
                                     cost=Cost(prefill_gpu_s=stats.gpu_s, usd=stats.usd)))

@@ -17,11 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from bus.capture import latest_attempt
 from bus.codec import BadMessage, encode, reply_route
 from bus.config import BusConfig
 from bus.dead_letters import dead_letter
@@ -40,6 +42,10 @@ from inference.cost_meter import GpuClock
 from inference.resend import RecentEvents, resend_after_reconnects
 
 log = structlog.get_logger("grokstack.worker")
+
+# A job younger than this cannot have been taken over yet (an edge notices a dead region after
+# GROKSTACK_REGION_TIMEOUT_S, 0.75 s by default); an older one is checked first.
+SUPERSEDED_AFTER_S = 0.5
 
 J = TypeVar("J", bound=Any)
 
@@ -72,9 +78,12 @@ class Service(Protocol[J]):
     `Service(engine, js, subjects, transfers, worker_id)`."""
     kind: WorkKind
     role: Role
-    first_seq: int  # the sequence number of the first event this stage publishes
+    first_seq: int  # the sequence number of the first event this stage publishes (first attempt)
 
     def parse(self, data: bytes) -> J: ...
+
+    def starts_at(self, body: J) -> int:
+        """The sequence number of this job's first event (a continued request's goes on)."""
 
     def cost(self, body: J) -> int:
         """Tokens of the worker's budget the job holds (inference/budget.py)."""
@@ -83,17 +92,19 @@ class Service(Protocol[J]):
 
 
 class Emitter:
-    """Publishes events to the subject a request named, numbering them."""
+    """Publishes events to the subject a request named, numbering them and stamping them with the
+    request's attempt."""
 
     def __init__(self, nc: NATS, subjects: Subjects, reply_to: str, request_id: str, seq: int,
-                 recent: RecentEvents | None = None) -> None:
+                 recent: RecentEvents | None = None, attempt: int = 0) -> None:
         if not subjects.is_event_subject(reply_to, request_id):
             raise BadMessage(f"reply_to {reply_to!r} is not this request's event subject "
-                             f"({subjects.prefix}.evt.<client>.{request_id})")
+                             f"({subjects.prefix}.evt.<region>.<client>.{request_id})")
         self._nc = nc
         self.reply_to = reply_to
         self.request_id = request_id
         self.seq = seq
+        self.attempt = attempt
         self._recent = recent  # kept to send again after a reconnect (inference/resend.py)
 
     def next_seq(self) -> int:
@@ -102,6 +113,8 @@ class Emitter:
         return seq
 
     async def emit(self, event: Message) -> None:
+        if self.attempt:
+            event = msgspec.structs.replace(event, attempt=self.attempt)  # type: ignore[type-var]
         data = encode(event)
         if self._recent is not None:
             self._recent.record(self.request_id, self.reply_to, data)
@@ -164,7 +177,7 @@ class PoolWorker:
         self._puller = PriorityPuller(nc, self.subjects, service.kind, bus.region,
                                       idle_poll_s=min(2.0, self.renewal_s), shares=shares)
         self._pulled: list[tuple[Msg, Ticket]] = []
-        self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, bus.worker_name)
+        self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, bus.region, bus.worker_name)
         self._active: dict[asyncio.Task, Msg] = {}
         self._serving: set[str] = set()  # request ids of the jobs running here
         self._recent = RecentEvents()
@@ -314,9 +327,13 @@ class PoolWorker:
         body = job.body
         try:
             emitter = Emitter(self.nc, self.subjects, body.reply_to, body.request_id,
-                              self.service.first_seq, self._recent)
+                              self.service.starts_at(body), self._recent, body.attempt)
         except BadMessage as exc:
             await self._poison(job.msg, exc.reason, job.deliveries)
+            return
+        if await self._superseded(job):
+            metrics.observe_job(self.service.role, "superseded")
+            await job.msg.ack()
             return
         if body.deadline and time.time() > body.deadline:
             await emitter.error("deadline_exceeded", "the request expired before a worker was free",
@@ -327,8 +344,8 @@ class PoolWorker:
         # sequence 1 (an aggregated job re-weighs itself when its prompt is done).
         self.clock.start(body.request_id, 1.0 if ROLES[self.service.role].holds_answer else job.cost_tokens)
         task = asyncio.create_task(self.service.serve(job, emitter))
-        self.cancels.watch(body.request_id, task)
-        if self.cancels.is_cancelled(body.request_id):
+        self.cancels.watch(body.request_id, task, body.attempt)
+        if self.cancels.is_cancelled(body.request_id, body.attempt):
             task.cancel()
         keep_alive = asyncio.create_task(self._keep_alive(job.msg))
         outcome = "failed"
@@ -372,7 +389,7 @@ class PoolWorker:
             self.counters.failed += 1
             log.error("request failed for the last time", error=reason, deliveries=job.deliveries)
             await emitter.error("internal", f"the request failed {job.deliveries} times: {reason}")
-            await dead_letter(self.js, self.subjects, self.service.kind, job.msg.subject,
+            await dead_letter(self.js, self.subjects, self.bus.region, self.service.kind, job.msg.subject,
                               job.msg.data, reason, self.bus.worker_name, job.deliveries)
             await job.msg.term()
         else:
@@ -392,10 +409,24 @@ class PoolWorker:
                 await emitter.error("invalid_request", reason)
             except Exception:  # the record below is what matters
                 pass
-        await dead_letter(self.js, self.subjects, self.service.kind, msg.subject, msg.data,
+        await dead_letter(self.js, self.subjects, self.bus.region, self.service.kind, msg.subject, msg.data,
                           reason, self.bus.worker_name, deliveries)
         if msg.reply:
             await msg.term()
+
+    async def _superseded(self, job: Job) -> bool:
+        """Another region took the request over (this region died or was cut off, and is back):
+        the client's region holds an event of a later attempt. Asked only of a job that waited
+        long enough for that to happen, or came back; unanswerable (the client's region is cut
+        off too), the job is served, and its events are dropped at the edge if they are stale."""
+        body = job.body
+        if job.deliveries <= 1 and time.time() - (body.created_at or time.time()) < SUPERSEDED_AFTER_S:
+            return False
+        latest = await latest_attempt(self.nc, self.subjects, body.reply_to)
+        if latest is not None and latest > body.attempt:
+            log.info("request taken over by another region, dropped", attempt=body.attempt, latest=latest)
+            return True
+        return False
 
     async def _keep_alive(self, msg: Msg) -> None:
         """Renew the job's lease, so a long generation is not redelivered while we live."""

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat with the stack in the terminal",
                           description="chat with the stack in the terminal")
-    chat.add_argument("--url", default=None, help="edge websocket URL (default ws://127.0.0.1:<edge port>)")
+    chat.add_argument("--url", action="append", default=None,
+                      help="an edge websocket URL; repeat it (or give a comma-separated list) to fail over "
+                           "across edges and regions (default ws://127.0.0.1:<edge port>)")
     chat.add_argument("--priority", default=PRIORITIES[0], choices=PRIORITIES)
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
@@ -100,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_chaos_arguments(chaos)
     nats_auth = sub.add_parser("nats-auth", help="print the nats-server authorization block of the "
                                                  "stack's roles and write their logins (production)")
-    from services.nats_auth import add_nats_auth_arguments
+    from services.nats_auth import add_nats_auth_arguments, add_nats_config_arguments
     add_nats_auth_arguments(nats_auth)
+    nats_config = sub.add_parser("nats-config", help="write every nats-server file of several regions "
+                                                     "(JetStream domains, transits, gateways, accounts, TLS)")
+    add_nats_config_arguments(nats_config)
     cost = command("cost", "the $/1M tokens model with the math shown, from given throughput or "
                            "from a running stack's metrics (--metrics URL)")
     from services.lab.cost_command import add_cost_arguments
@@ -171,10 +176,16 @@ def nats_auth(args: argparse.Namespace) -> int:
     return run_nats_auth(args)
 
 
+def nats_config(args: argparse.Namespace) -> int:
+    from services.nats_auth import run_nats_config
+    return run_nats_config(args)
+
+
 def chat(args: argparse.Namespace) -> int:
     from edge.client import chat_repl
-    url = args.url or f"ws://127.0.0.1:{from_env().edge.edge_port}"
-    asyncio.run(chat_repl(url, args.priority, args.max_tokens, args.temperature, args.system))
+    urls = [u.strip() for arg in args.url or [] for u in arg.split(",") if u.strip()] \
+        or [f"ws://127.0.0.1:{from_env().edge.edge_port}"]
+    asyncio.run(chat_repl(urls, args.priority, args.max_tokens, args.temperature, args.system))
     return 0
 
 
@@ -222,7 +233,8 @@ def run_process(settings: Settings, args: argparse.Namespace) -> int:
 RUNS = {"up": run_up, "model": run_model, "chaos": run_chaos, "bench": run_bench,
         **{c: run_client_command for c in CLIENT_COMMANDS},
         **{c: run_process for c in ("edge", *(pool.name for pool in POOLS.values()))}}
-COMMANDS = {"settings": list_settings, "asyncapi": asyncapi, "nats-auth": nats_auth, "chat": chat}
+COMMANDS = {"settings": list_settings, "asyncapi": asyncapi, "nats-auth": nats_auth, "nats-config": nats_config,
+            "chat": chat}
 
 
 def main(argv: list[str] | None = None) -> int:

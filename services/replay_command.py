@@ -57,7 +57,7 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subject", help="a NATS subject filter on original subjects, e.g. 'gs.req.*.batch'")
     g.add_argument("--since", help="start of the time window: 15m, 2h, 1d ago, an ISO time or unix seconds")
     g.add_argument("--until", help="end of the time window (same forms)")
-    g.add_argument("--seq", help="GS_CAPTURE stream sequence range FIRST:LAST (inclusive)")
+    g.add_argument("--seq", help="a sequence range FIRST:LAST (inclusive) of the region's capture stream")
     g.add_argument("--no-dead-letters", action="store_true", help="leave the dead-letter stream out")
 
 
@@ -88,7 +88,7 @@ def selection_from(args: argparse.Namespace) -> Selection:
 async def load(settings: Settings, selection: Selection) -> tuple[object, list[Captured]]:
     nc = await connect_as(settings.bus, "ops", "grokstack-replay")
     items = [item async for item in capture.read(nc.jetstream(), settings.bus.subjects,
-                                                 selection)]
+                                                 settings.bus.region, selection)]
     return nc, items
 
 

@@ -41,6 +41,10 @@ class StackConfig(Section):
     redis_maxmemory: Annotated[str, Field(pattern=r"^[0-9]+[kmgKMG]?[bB]?$")] = "2gb"  # embedded server only
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "console"] = "json"
+    # `grokstack up` with several regions ("eu,us"): each its own JetStream domain, transit
+    # server, Redis, edge and aggregated worker (services/regions.py); "" is one region.
+    regions: Annotated[str, Field(pattern=r"^([A-Za-z0-9_-]{1,64}(,[A-Za-z0-9_-]{1,64})*)?$")] = ""
+    wan_delay_ms: Annotated[float, Field(ge=0, le=10_000)] = 0.0  # added one way between those regions
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -4,6 +4,11 @@ Starts an embedded nats-server and Redis-compatible server unless NATS_URL / RED
 existing ones, prepares the bundled model once, then runs one prefill worker, one decode
 worker and one edge node, each its own process (as they would be on many machines); with
 serving_mode=aggregated, one aggregated worker (prefill and decode in one engine) and the edge.
+
+With `--regions eu,us` (any list), each region gets its own servers (a JetStream domain, a transit
+server, a Redis-compatible server: services/regions.py, with `--wan-delay-ms` between regions), an
+edge and one aggregated worker: several disaggregated pairs would be too many engines for one
+machine's cores.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from bus.section import redact_url
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
+from services.regions import RegionMesh
 from services.settings import ENV, Settings
 from services.supervisor import StartFailed, Stopped, Supervisor, child_environment, local_url, stop_on_signals
 
@@ -90,6 +96,77 @@ def run_up(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, supervisor: Supervisor) -> int:
+    if settings.stack.regions:
+        return _serve_regions(settings, supervisor)
+    return _serve_one(settings, supervisor)
+
+
+def _serve_regions(settings: Settings, supervisor: Supervisor) -> int:
+    """Every region's servers, edge and worker; say where each is; watch them."""
+    names = settings.stack.regions.split(",")
+    mesh = RegionMesh(settings.stack.data_dir / "regions", names, wan_delay_ms=settings.stack.wan_delay_ms,
+                      redis_maxmemory=settings.stack.redis_maxmemory)
+    supervisor.adopt("region servers", mesh.stop)
+    mesh.start()
+    if settings.uses_bundled_model:
+        ensure_bundled_model(Path(settings.served.model))
+    settings = settings.replace(serving_mode="aggregated")
+    if not settings.engine.engine_step_lock and resolve_profile(settings.engine).name == "cpu":
+        # the regions' engines share this machine's cores: let them take turns (kv_store/step_lock.py)
+        settings = settings.replace(engine_step_lock=str((settings.stack.data_dir / "engine-step.lock").resolve()))
+    regional: dict[str, Settings] = {}
+    for region in names:
+        servers = mesh[region]
+        s = settings.replace(nats_url=servers.nats_url, nats_credentials=str(mesh.credentials_file.resolve()),
+                             redis_url=servers.redis_url, region=region, worker_id=f"{region}-1",
+                             edge_port=free_port(), api_port=free_port(), metrics_port=0)
+        _start_processes(s, supervisor, prefix=f"{region}-")
+        regional[region] = s
+        log.info("region started", region=region, nats=s.bus.nats_url)
+    log.info("starting workers (the engines take about a minute to load)")
+    supervisor.wait_ready(START_TIMEOUT_S)
+    cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
+    lines = [f"\ngrokstack is up in {len(names)} regions ({settings.stack.wan_delay_ms:g} ms one way between "
+             f"them; one aggregated worker each, real engines):"]
+    for region, s in regional.items():
+        edge = s.edge
+        url = f"ws://{edge.edge_host}:{edge.edge_port}"
+        lines.append(f"  {region}: chat page http://{edge.edge_host}:{edge.edge_port}/   websocket {url}   "
+                     f"OpenAI http://{edge.edge_host}:{edge.api_port}/v1   NATS {s.bus.nats_url}")
+    first = regional[names[0]].edge
+    others = ",".join(f"ws://{s.edge.edge_host}:{s.edge.edge_port}" for s in regional.values())
+    lines.append(f"  chat that fails over between regions: {cli} chat "
+                 + " ".join(f"--url ws://{s.edge.edge_host}:{s.edge.edge_port}" for s in regional.values()))
+    lines.append(f"  chat page over every region: http://{first.edge_host}:{first.edge_port}/?edges={others}")
+    lines.append("  Ctrl-C stops everything.\n")
+    print("\n".join(lines), flush=True)
+    return _watch(supervisor)
+
+
+def _start_processes(settings: Settings, supervisor: Supervisor, prefix: str = "") -> dict[str, int]:
+    """The serving mode's workers and the edge, each its own process; their metrics ports."""
+    roles = SERVING_ROLES[settings.stack.serving_mode]
+    env = child_environment(settings)
+    ports = metrics_ports(settings, roles)
+    for role in roles:
+        role_env = role_environment(env, settings, role)
+        if role in ports:
+            role_env = {**role_env, ENV["metrics_port"]: str(ports[role])}
+        # Their output goes to this console, as a one-machine stack's should.
+        supervisor.start(f"{prefix}{role}", [sys.executable, "-m", "services.cli", str(role)], env=role_env,
+                         ready_url=ready_url(settings, role, ports), grace_s=settings.worker.drain_timeout_s + 15)
+    return ports
+
+
+def _watch(supervisor: Supervisor) -> int:
+    while True:
+        for child in supervisor.exited():
+            log.error("process exited; stopping the stack", role=child.name, code=child.proc.returncode)
+            return 1
+        time.sleep(1.0)
+
+
+def _serve_one(settings: Settings, supervisor: Supervisor) -> int:
     """Start everything, say where it is, and watch it until a signal or a process's exit."""
     servers: list[EmbeddedNats | EmbeddedRedis] = []
     if not settings.bus.nats_url:
@@ -107,21 +184,12 @@ def _serve(settings: Settings, supervisor: Supervisor) -> int:
         log.info("embedded redis-compatible server started", url=redact_url(settings.kv.redis_url))
     if settings.uses_bundled_model:
         ensure_bundled_model(Path(settings.served.model))
-    roles = SERVING_ROLES[settings.stack.serving_mode]
     if (not settings.engine.engine_step_lock and settings.stack.serving_mode == "disaggregated"
             and resolve_profile(settings.engine).name == "cpu"):
         # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
         lock = (settings.stack.data_dir / "engine-step.lock").resolve()
         settings = settings.replace(engine_step_lock=str(lock))
-    env = child_environment(settings)
-    ports = metrics_ports(settings, roles)
-    for role in roles:
-        role_env = role_environment(env, settings, role)
-        if role in ports:
-            role_env = {**role_env, ENV["metrics_port"]: str(ports[role])}
-        # Their output goes to this console, as a one-machine stack's should.
-        supervisor.start(str(role), [sys.executable, "-m", "services.cli", str(role)], env=role_env,
-                         ready_url=ready_url(settings, role, ports), grace_s=settings.worker.drain_timeout_s + 15)
+    ports = _start_processes(settings, supervisor)
     log.info("starting workers (the engines take about a minute to load)")
     supervisor.wait_ready(START_TIMEOUT_S)
     edge = settings.edge
@@ -141,11 +209,7 @@ def _serve(settings: Settings, supervisor: Supervisor) -> int:
           f"  Prometheus metrics:  {metrics_urls(settings, ports)}\n"
           f"  resident memory of the stack: {gib:.1f} GiB\n"
           f"  Ctrl-C stops everything.\n", flush=True)
-    while True:
-        for child in supervisor.exited():
-            log.error("process exited; stopping the stack", role=child.name, code=child.proc.returncode)
-            return 1
-        time.sleep(1.0)
+    return _watch(supervisor)
 
 
 def _credentials_hint(settings: Settings) -> str:

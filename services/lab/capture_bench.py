@@ -23,13 +23,15 @@ from bus.credentials import load_logins
 from bus.subjects import Subjects
 from services.embedded import EmbeddedNats
 
+REGION = "local"
+
 
 async def measure(url: str, prefix: str, events: int, capture: bool, rate: float,
                   login: dict | None = None) -> dict[str, float]:
     subjects = Subjects(prefix)
     pub, sub = await nats.connect(url, **(login or {})), await nats.connect(url, **(login or {}))
     if capture:
-        await ensure_streams(pub.jetstream(), BusConfig(subject_prefix=prefix), subjects)
+        await ensure_streams(pub.jetstream(), BusConfig(subject_prefix=prefix, region=REGION), subjects)
     latencies: list[float] = []
     done = asyncio.Event()
 
@@ -38,12 +40,12 @@ async def measure(url: str, prefix: str, events: int, capture: bool, rate: float
         if len(latencies) == events:
             done.set()
 
-    await sub.subscribe(subjects.events_of_edge("bench"), cb=on_event)
+    await sub.subscribe(subjects.events_of_edge(REGION, "bench"), cb=on_event)
     await sub.flush()
     payload = encode(TokenEvent(request_id="r1", seq=0, text=" token", token_ids=[1234]))
     start = time.perf_counter()
     for n in range(events):
-        await pub.publish(subjects.events("bench", f"r{n % 64}"), payload,
+        await pub.publish(subjects.events(REGION, "bench", f"r{n % 64}"), payload,
                           headers={"t": repr(time.perf_counter())})
         if rate:  # a steady stream, as from decode workers
             await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
@@ -53,7 +55,7 @@ async def measure(url: str, prefix: str, events: int, capture: bool, rate: float
     elapsed = time.perf_counter() - start
     stored = 0
     if capture:
-        stored = (await pub.jetstream().stream_info(subjects.stream("capture"))).state.messages
+        stored = (await pub.jetstream().stream_info(subjects.stream("capture", REGION))).state.messages
     await pub.close()
     await sub.close()
     latencies.sort()
@@ -81,7 +83,7 @@ def report(title: str, plain: dict[str, float], captured: dict[str, float], even
     print(f"{'':<12}{'no capture':>14}{'captured':>14}{'ratio':>8}")
     for key in ("events/s", "p50 ms", "p99 ms"):
         print(f"{key:<12}{plain[key]:>14.3f}{captured[key]:>14.3f}{captured[key] / plain[key]:>8.2f}")
-    print(f"stored by GS_CAPTURE: {int(captured['stored'])} of {events}\n")
+    print(f"stored by GS_CAPTURE_{REGION}: {int(captured['stored'])} of {events}\n")
 
 
 if __name__ == "__main__":

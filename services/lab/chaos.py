@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.client import EdgeClient
-from services.lab.common import quantile
+from services.lab.common import quantile, run_drill
+from services.lab.common import token_faults as common_token_faults
 from services.lab.chaos_cluster import Cluster
+from services.lab.chaos_regions import add_region_chaos_arguments, run_region_chaos
 from services.settings import Settings
-from services.supervisor import Stopped, stop_on_signals
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -55,6 +56,7 @@ def add_chaos_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds from killing a worker to starting its replacement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="", help="keep servers' data and logs here (default: a temp dir)")
+    add_region_chaos_arguments(parser)
 
 
 @dataclass
@@ -164,11 +166,7 @@ def migration_delays(outcomes: list[Outcome], migrated: set[str], faults: list[F
 
 
 def token_faults(o: Outcome) -> tuple[int, int]:
-    """(duplicated, missing) tokens as the client saw them."""
-    duplicated = len(o.token_seqs) - len(set(o.token_seqs))
-    expected = o.completion_tokens if o.status == "completed" else (max(o.token_seqs) + 1 if o.token_seqs else 0)
-    missing = len(set(range(expected)) - set(o.token_seqs))
-    return duplicated, missing
+    return common_token_faults(o.token_seqs, o.status == "completed", o.completion_tokens)
 
 
 def report(args: argparse.Namespace, outcomes: list[Outcome], refs: dict[int, str], faults: list[Fault],
@@ -227,21 +225,12 @@ async def drill(args: argparse.Namespace, cluster: Cluster) -> bool:
 
 
 def run_chaos(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.stack.regions:  # whole regions die and come back, with simulated engines
+        return run_region_chaos(settings, args)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="grokstack-chaos-"))
     cluster = Cluster(settings, workdir, args.prefill_workers, args.decode_workers, random.Random(args.seed),
                       args.replace_after)
-    # SIGTERM or SIGINT, during the start or the drill: everything it started is stopped
-    with stop_on_signals():
-        try:
-            print(f"starting the stack (logs in {workdir}) ...", flush=True)
-            cluster.start()
-            ok = asyncio.run(drill(args, cluster))
-        except Stopped as exc:
-            return exc.code
-        finally:
-            cluster.stop()
-    print(f"logs: {workdir}", flush=True)
-    return 0 if ok else 1
+    return run_drill(cluster, workdir, "starting the stack", lambda: drill(args, cluster))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,13 +12,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable, Protocol
 
 import psutil
 
 from services.embedded import free_port
 from services.settings import ENV, Settings
-from services.supervisor import Child, StartFailed, Supervisor, child_environment, local_host
+from services.supervisor import Child, StartFailed, Stopped, Supervisor, child_environment, local_host, stop_on_signals
 
 PROMPTS = [
     "What is the capital of France?",
@@ -209,3 +209,33 @@ def breakdown(label: str, done: list[dict[str, Any]]) -> list[str]:
         f" write {sum(kv('write_ms')):.0f} ms and read {sum(kv('read_ms')):.0f} ms in total;"
         f" {sum(1 for r in kv('recomputed') if r)} of {len(done)} requests recomputed their prompt",
     ]
+
+
+def run_drill(cluster: "Drilled", workdir: Path, starting: str, drill: Callable[[], Awaitable[bool]]) -> int:
+    """Start `cluster`, run `drill` on it, stop everything it started (also on SIGTERM or SIGINT,
+    during the start or the drill): 0 when the drill passed, 1 when not."""
+    with stop_on_signals():
+        try:
+            print(f"{starting} (logs in {workdir}) ...", flush=True)
+            cluster.start()
+            ok = asyncio.run(drill())
+        except Stopped as exc:
+            return exc.code
+        finally:
+            cluster.stop()
+    print(f"logs: {workdir}", flush=True)
+    return 0 if ok else 1
+
+
+class Drilled(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def token_faults(token_seqs: list[int], completed: bool, completion_tokens: int) -> tuple[int, int]:
+    """(duplicated, missing) tokens of one answer as its client saw them: the sequence numbers it
+    got, against the final usage's count (or, unfinished, up to the last one it got)."""
+    duplicated = len(token_seqs) - len(set(token_seqs))
+    expected = completion_tokens if completed else (max(token_seqs) + 1 if token_seqs else 0)
+    return duplicated, len(set(range(expected)) - set(token_seqs))

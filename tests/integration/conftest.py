@@ -124,8 +124,9 @@ def spawn_worker(stack: RunningStack, settings: Settings, role: str) -> subproce
                                   log=stack.logs / f"{settings.bus.worker_id}.log", grace_s=60).proc
 
 
-def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> None:
-    """Until the worker `settings.bus.worker_id` says it serves (its engine has started)."""
+def wait_for_heartbeat(settings: Settings, role: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until the worker `settings.bus.worker_id` says it serves (its engine has started); at once
+    a RuntimeError if its process `proc` exits first."""
     import nats
 
     from bus.codec import decode
@@ -136,8 +137,19 @@ def wait_for_heartbeat(settings: Settings, role: str, timeout: float = 600) -> N
         nc = await nats.connect(settings.bus.nats_url, **BusAuth.of(settings.bus, "ops").connect_options())
         try:
             sub = await nc.subscribe(settings.bus.subjects.heartbeat(settings.bus.region, role))
-            while decode((await sub.next_msg(timeout=timeout)).data, Heartbeat).worker_id != settings.bus.worker_id:
-                pass
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {role} worker {settings.bus.worker_id} exited ({proc.returncode}) "
+                                       "before it served")
+                try:
+                    beat = decode((await sub.next_msg(timeout=1.0)).data, Heartbeat)
+                except nats.errors.TimeoutError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    continue
+                if beat.worker_id == settings.bus.worker_id:
+                    return
         finally:
             await nc.close()
     asyncio.run(wait())

@@ -190,7 +190,8 @@ async def run_scenario(stack, page: Page, frames: Frames) -> None:
     resume = frames.sockets[1]["sent"][0]
     assert resume == {"type": "resume", "id": chat["id"], "request_id": request_id, "last_seq": seq_at_drop}
     after = [f for f in frames.sockets[1]["received"] if f.get("id") == chat["id"]]
-    assert after[0] == {"type": "accepted", "id": chat["id"], "request_id": request_id, "resumed": True}
+    assert after[0] == {"type": "accepted", "id": chat["id"], "request_id": request_id, "resumed": True,
+                        "region": stack.settings.bus.region, "route": "home"}
     seqs = [f["seq"] for f in after if f["type"] == "token"]
     assert seqs == list(range(seq_at_drop + 1, seq_at_drop + 1 + len(seqs))), "a token repeated or missing"
     assert after[-1]["type"] == "done"

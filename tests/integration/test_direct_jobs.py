@@ -20,7 +20,7 @@ from tests.integration.conftest import DIRECT, MAX_TOKENS
 async def captured(stack, request_id: str) -> list:
     nc = await nats.connect(stack.settings.bus.nats_url, **BusAuth.of(stack.settings.bus, "ops").connect_options())
     try:
-        return [i async for i in capture.read(nc.jetstream(), stack.subjects,
+        return [i async for i in capture.read(nc.jetstream(), stack.subjects, stack.settings.bus.region,
                                               Selection(request_id=request_id))]
     finally:
         await nc.drain()
@@ -38,11 +38,11 @@ async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answe
         if events[-1]["type"] != "token":
             done.set()
 
-    await nc.subscribe(f"{prefix}.evt.my-service.raw-1", cb=on_event)
+    await nc.subscribe(f"{prefix}.evt.local.my-service.raw-1", cb=on_event)
     job = {"type": "chat_request", "v": 1, "request_id": "raw-1", "region": "local",
            "priority": "standard", "messages": DIRECT,
            "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
-           "reply_to": f"{prefix}.evt.my-service.raw-1"}
+           "reply_to": f"{prefix}.evt.local.my-service.raw-1"}
     await nc.jetstream().publish(f"{prefix}.req.local.standard", json.dumps(job).encode(),
                                  headers={"Nats-Msg-Id": "raw-1"})
     await asyncio.wait_for(done.wait(), 120)

@@ -46,7 +46,7 @@ async def decode_job_of(stack: RunningStack, messages) -> tuple[DecodeJob, str]:
 async def replay_decode(stack: RunningStack, job: DecodeJob, region: str = "local") -> tuple[str, dict]:
     """Publish `job` again under a new id and collect what the decode pool of `region` streams back."""
     request_id = uuid.uuid4().hex
-    reply = stack.subjects.events("probe", request_id)
+    reply = stack.subjects.events(stack.settings.bus.region, "probe", request_id)
     job = msgspec.structs.replace(job, request_id=request_id, reply_to=reply)
     nc = await nats.connect(stack.settings.bus.nats_url, **BusAuth.of(stack.settings.bus, "ops").connect_options())
     sub = await nc.subscribe(reply)

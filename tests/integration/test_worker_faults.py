@@ -36,7 +36,7 @@ def spare_decode(vllm_stack):
     settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.bus.worker_id}-spare")
     proc = spawn_worker(vllm_stack, settings, "decode")
     try:
-        wait_for_heartbeat(settings, "decode")
+        wait_for_heartbeat(settings, "decode", proc)
         yield settings.bus.worker_id, proc
     finally:
         kill_group(proc)
@@ -89,7 +89,7 @@ async def test_a_sigtermed_decode_worker_finishes_its_answer_then_exits(vllm_sta
     settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.bus.worker_id}-spare2")
     # the stack's teardown stops it: it may be the last decode worker the next test has
     procs[settings.bus.worker_id] = vllm_stack.procs["decode-spare2"] = spawn_worker(vllm_stack, settings, "decode")
-    await asyncio.to_thread(wait_for_heartbeat, settings, "decode")
+    await asyncio.to_thread(wait_for_heartbeat, settings, "decode", procs[settings.bus.worker_id])
     async with await EdgeClient.connect(vllm_stack.url) as client:
         uninterrupted = await client.complete(STORY, max_tokens=TOKENS, temperature=0)
         frames, stopped = [], None

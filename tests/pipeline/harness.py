@@ -45,7 +45,8 @@ async def running_stack(settings: Settings, prefill: Engine, decode: Engine) -> 
     try:
         yield stack
     finally:
-        await edge.stop()
+        if not edge.nc.is_closed:  # a crashed one has nothing left to stop
+            await edge.stop()
         await prefill_worker.stop(1.0)
         await decode_worker.stop(1.0)
 
@@ -76,6 +77,20 @@ async def crash(edge: RunningEdge) -> None:
     await edge.api.stop()
     await edge.live.stop()
     await edge.gateway.stop()
+
+
+async def crash_worker(worker: RunningWorker) -> None:
+    """Stop a worker the way a killed process looks from outside: its connection drops, its jobs
+    stop mid-answer, nothing is acknowledged or said."""
+    await worker.nc.close()
+    for task in [worker.task, *worker.worker._active]:
+        task.cancel()
+    await asyncio.gather(worker.task, *worker.worker._active, return_exceptions=True)
+
+
+async def crash_stack(stack: Stack) -> None:
+    """Every process of a stack killed at once (with its region's servers: services/regions.py)."""
+    await asyncio.gather(crash(stack.edge), crash_worker(stack.prefill), crash_worker(stack.decode))
 
 
 def ops(settings: Settings) -> BusAuth:

@@ -37,7 +37,7 @@ BAD_FRAMES = [
 
 
 async def last_seq(nc, settings) -> int:
-    info = await nc.jetstream().stream_info(settings.bus.subjects.stream("req"))
+    info = await nc.jetstream().stream_info(settings.bus.subjects.stream("req", settings.bus.region))
     return info.state.last_seq
 
 

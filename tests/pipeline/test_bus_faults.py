@@ -21,7 +21,7 @@ from tests.pipeline.test_chat_flow import engines, expected
 
 async def dead_letter_of(js, subjects: Subjects, kind: str) -> DeadLetter | None:
     try:
-        raw = await js.get_last_msg(subjects.stream("dlq"), subjects.dead_letter(kind))
+        raw = await js.get_last_msg(subjects.stream("dlq", "local"), subjects.dead_letter("local", kind))
     except Exception:
         return None
     return decode(raw.data, DeadLetter)
@@ -34,7 +34,7 @@ async def test_undecodable_bus_message_is_dead_lettered_once_and_the_worker_goes
         await js.publish(subjects.request("local", "standard"), b"\x00\xffnot json")
         record = await eventually(lambda: dead_letter_of(js, subjects, "req"))
         assert record and "JSON" in record.reason and record.encoding == "base64"
-        info = await js.consumer_info(subjects.stream("req"), subjects.consumer("req", "local", "standard"))
+        info = await js.consumer_info(subjects.stream("req", "local"), subjects.consumer("req", "local", "standard"))
         assert info.num_ack_pending == 0 and info.num_redelivered == 0 and info.num_pending == 0
         async with await EdgeClient.connect(stack.url) as client:
             result = await client.complete([{"role": "user", "content": "after poison"}], priority="standard")
@@ -43,7 +43,7 @@ async def test_undecodable_bus_message_is_dead_lettered_once_and_the_worker_goes
 
 async def test_invalid_job_with_a_reply_subject_gets_an_error_event_and_a_dead_letter(settings):
     subjects = settings.bus.subjects
-    reply = subjects.events("probe", "job1")
+    reply = subjects.events("local", "probe", "job1")
     async with running_stack(settings, *engines(settings)), bus_client(settings) as nc:
         events = await nc.subscribe(reply)
         bad = {"type": "chat_request", "request_id": "job1", "region": "local", "reply_to": reply}
@@ -166,7 +166,7 @@ async def test_decode_recomputes_when_the_handle_names_missing_blocks(settings):
                       num_tokens=len(keys) * BLOCK, content_hash=keys[-1])
     stats = PrefillStats(worker_id="probe", queue_ms=1, prefill_ms=2, cached_tokens=0, done_at=time.time())
     job = DecodeJob(request_id="rc1", region="local", priority="interactive",
-                    reply_to=subjects.events("probe", "rc1"), prompt_token_ids=prompt,
+                    reply_to=subjects.events("local", "probe", "rc1"), prompt_token_ids=prompt,
                     first_token_id=reply[0], sampling=SamplingSpec(max_tokens=200), prefill=stats, kv=handle)
     async with running_stack(settings, FakeEngine("prefill"), engine_with_store(settings)), \
             bus_client(settings) as nc:

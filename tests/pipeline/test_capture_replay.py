@@ -33,7 +33,7 @@ async def run_jobs(settings, jobs: list[dict]) -> list:
 async def read(settings, **selection) -> list:
     async with bus_client(settings) as nc:
         return [i async for i in capture.read(nc.jetstream(), settings.bus.subjects,
-                                              Selection(**selection))]
+                                              settings.bus.region, Selection(**selection))]
 
 
 async def test_capture_holds_each_hop_in_order_and_filters_are_exact(settings):
@@ -135,12 +135,12 @@ def test_a_replayed_request_answers_into_the_sandbox():
     req = ChatRequest(request_id="r1", region="eu", priority="batch",
                       messages=[ChatMessage(role="user", content="x")],
                       sampling=SamplingSpec(max_tokens=3),
-                      reply_to="gs.evt.edge1.r1")
+                      reply_to="gs.evt.eu.edge1.r1")
     item = capture.Captured(source="capture", seq=1, time=0.0, subject="gs.req.eu.batch",
                             data=encode(req), message=req)
     subject, payload = replay.retargeted(item, live, sandbox)
     assert subject == "sandbox.req.eu.batch"
-    assert b'"reply_to":"sandbox.evt.edge1.r1"' in payload
+    assert b'"reply_to":"sandbox.evt.eu.edge1.r1"' in payload
 
 
 async def test_capture_retention_is_enforced_by_the_server(settings):
@@ -148,7 +148,7 @@ async def test_capture_retention_is_enforced_by_the_server(settings):
     await _record_cancels(by_age, [0.0, 0.0])
     async with bus_client(settings) as nc:
         js = nc.jetstream()
-        stream = settings.bus.subjects.stream("capture")
+        stream = settings.bus.subjects.stream("capture", settings.bus.region)
         emptied = await eventually(lambda: _messages(js, stream, 0), timeout=10)
         assert emptied, "the server kept traffic older than max_age"
 
@@ -160,9 +160,9 @@ async def test_capture_size_limit_drops_the_oldest(settings):
         js = nc.jetstream()
         await ensure_streams(js, small.bus, subjects)
         for n in range(30):  # 30 events of 100 kB into a 1 MB capture
-            await nc.publish(subjects.events("e1", f"r{n}"), b"x" * 100_000)
+            await nc.publish(subjects.events("local", "e1", f"r{n}"), b"x" * 100_000)
         await nc.flush()
-        stream = subjects.stream("capture")
+        stream = subjects.stream("capture", "local")
         await eventually(lambda: _last_seq(js, stream, 30))
         state = (await js.stream_info(stream)).state
     assert state.bytes <= 1024**2 and state.last_seq == 30 and state.first_seq > 20

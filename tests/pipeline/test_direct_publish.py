@@ -21,7 +21,7 @@ def raw_job(prefix: str, request_id: str, content: str, **overrides) -> dict:
     job = {"type": "chat_request", "v": 1, "request_id": request_id, "region": "local",
            "priority": "batch", "messages": [{"role": "user", "content": content}],
            "sampling": {"max_tokens": 50, "temperature": 0.0},
-           "reply_to": f"{prefix}.evt.rawclient.{request_id}"}
+           "reply_to": f"{prefix}.evt.local.rawclient.{request_id}"}
     job.update(overrides)
     return job
 
@@ -44,12 +44,12 @@ async def test_a_raw_nats_client_publishing_json_gets_its_tokens(settings):
     prefix = settings.bus.subject_prefix
     async with running_stack(settings, *engines(settings)):
         async with bus_client(settings) as nc:
-            events, done, _ = await collect(nc, f"{prefix}.evt.rawclient.job1")
+            events, done, _ = await collect(nc, f"{prefix}.evt.local.rawclient.job1")
             js = nc.jetstream()
             ack = await js.publish(f"{prefix}.req.local.batch",
                                    json.dumps(raw_job(prefix, "job1", "hello bus")).encode(),
                                    headers={"Nats-Msg-Id": "job1"})
-            assert ack.stream == f"{prefix.upper()}_REQ"
+            assert ack.stream == f"{prefix.upper()}_REQ_local"
             await asyncio.wait_for(done.wait(), 10)
     tokens = [e for e in events if e["type"] == "token"]
     assert [e["seq"] for e in tokens] == list(range(len(tokens)))
@@ -62,18 +62,18 @@ async def test_a_malformed_direct_publish_gets_an_error_event_and_a_dead_letter(
     bad = raw_job(prefix, "bad1", "hi", sampling={"max_tokens": 0})
     async with running_stack(settings, *engines(settings)):
         async with bus_client(settings) as nc:
-            events, done, _ = await collect(nc, f"{prefix}.evt.rawclient.bad1")
+            events, done, _ = await collect(nc, f"{prefix}.evt.local.rawclient.bad1")
             js = nc.jetstream()
             await js.publish(f"{prefix}.req.local.interactive", json.dumps(bad).encode())
             await asyncio.wait_for(done.wait(), 10)
-            dead = await js.get_last_msg(f"{prefix.upper()}_DLQ", f"{prefix}.dlq.req")
+            dead = await js.get_last_msg(f"{prefix.upper()}_DLQ_local", f"{prefix}.dlq.local.req")
             # ...and a good job right after it is served as usual
             async with await JobClient.connect(settings.bus.nats_url, prefix, auth=ops(settings)) as client:
                 ok = await client.generate([ChatMessage(role="user", content="still fine")],
                                            max_tokens=50, temperature=0.0)
     assert events == [{"type": "error", "v": 1, "request_id": "bad1", "seq": 0,
                        "code": "invalid_request", "message": events[0]["message"],
-                       "retryable": False}]
+                       "retryable": False, "attempt": 0}]
     assert "max_tokens" in events[0]["message"] and ">= 1" in events[0]["message"]
     record = decode(dead.data, DeadLetter)
     assert record.subject == f"{prefix}.req.local.interactive" and "max_tokens" in record.reason
@@ -83,18 +83,18 @@ async def test_a_malformed_direct_publish_gets_an_error_event_and_a_dead_letter(
 
 async def test_reply_to_must_be_the_requests_own_event_subject(settings):
     prefix = settings.bus.subject_prefix
-    stray = raw_job(prefix, "r2", "hi", reply_to=f"{prefix}.evt.rawclient.someone-else")
+    stray = raw_job(prefix, "r2", "hi", reply_to=f"{prefix}.evt.local.rawclient.someone-else")
     async with running_stack(settings, *engines(settings)):
         async with bus_client(settings) as nc:
             js = nc.jetstream()
             await js.publish(f"{prefix}.req.local.batch", json.dumps(stray).encode())
             dead = await eventually(lambda: _last_dead_letter(js, prefix))
-    assert dead is not None and "reply_to" in dead.reason and f"{prefix}.evt.<client>.r2" in dead.reason
+    assert dead is not None and "reply_to" in dead.reason and f"{prefix}.evt.<region>.<client>.r2" in dead.reason
 
 
 async def _last_dead_letter(js, prefix: str) -> DeadLetter | None:
     try:
-        return decode((await js.get_last_msg(f"{prefix.upper()}_DLQ", f"{prefix}.dlq.req")).data,
+        return decode((await js.get_last_msg(f"{prefix.upper()}_DLQ_local", f"{prefix}.dlq.local.req")).data,
                       DeadLetter)
     except Exception:
         return None

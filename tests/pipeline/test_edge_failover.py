@@ -62,7 +62,8 @@ async def test_a_websocket_client_resumes_on_another_edge_after_its_edge_dies(se
         with contextlib.suppress(websockets.ConnectionClosed):
             await ws.close()
         rest = await resume_ws(stack.url, request_id, seen[-1]["seq"])
-        assert rest[0] == {"type": "accepted", "id": "b", "request_id": request_id, "resumed": True}
+        assert rest[0] == {"type": "accepted", "id": "b", "request_id": request_id, "resumed": True,
+                           "region": "local", "route": "home"}
         assert rest[-1]["type"] == "done" and rest[-1]["finish_reason"] == "stop"
         assert_whole_answer_once(seen + [f for f in rest if f["type"] == "token"], question)
         # a request that finished (on the dead edge's subject) is still there to replay in full
@@ -182,11 +183,11 @@ async def test_work_whose_edge_does_not_know_it_is_cancelled_but_a_services_is_n
         for client_id, rid in ((stack.edge.gateway.edge_id, "orphan-of-the-edge"),
                                ("some-service", "orphan-of-a-service")):
             job = raw_job(settings.bus.subject_prefix, rid, "nobody waits for me " * 3, priority="interactive",
-                          reply_to=subjects.events(client_id, rid), sampling={"max_tokens": 60})
+                          reply_to=subjects.events("local", client_id, rid), sampling={"max_tokens": 60})
             await js.publish(subjects.request("local", "interactive"), json.dumps(job).encode())
 
         async def ended_with(rid: str, what: str) -> bool:  # as the capture recorded what workers sent
-            events = (await event_history(js, subjects, rid)).from_seq(0)
+            events = (await event_history(js, subjects, "local", rid)).from_seq(0)
             return bool(events) and getattr(events[-1], "code", events[-1].__struct_config__.tag) == what
         assert await eventually(lambda: ended_with("orphan-of-the-edge", "cancelled"), timeout=20)
         assert await eventually(lambda: ended_with("orphan-of-a-service", "final"), timeout=20)

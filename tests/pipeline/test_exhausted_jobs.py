@@ -24,11 +24,11 @@ async def test_a_job_no_worker_survives_is_dead_lettered_and_its_client_told(set
     js = nc.jetstream()
     await ensure_streams(js, settings.bus, subjects)
     await ensure_work_consumers(js, settings.bus, subjects, "req")
-    watcher = ExhaustedJobs(nc, subjects, "req", "watcher")
+    watcher = ExhaustedJobs(nc, subjects, "req", "local", "watcher")
     await watcher.start()
     try:
         request_id = uuid.uuid4().hex
-        reply_to = subjects.events("client1", request_id)
+        reply_to = subjects.events("local", "client1", request_id)
         events = await nc.subscribe(reply_to)
         # the client already got two tokens from an earlier stage
         for seq in (0, 1):
@@ -39,7 +39,7 @@ async def test_a_job_no_worker_survives_is_dead_lettered_and_its_client_told(set
         ack = await js.publish(subjects.request(settings.bus.region, "standard"), encode(job))
         # two workers take it in turn and die without a word (no ack, no nak)
         dying = await js.pull_subscribe_bind(subjects.consumer("req", settings.bus.region, "standard"),
-                                             subjects.stream("req"))
+                                             subjects.stream("req", "local"))
         for delivery in (1, 2):
             (msg,) = await dying.fetch(1, timeout=5)
             assert msg.metadata.num_delivered == delivery
@@ -56,15 +56,15 @@ async def test_a_job_no_worker_survives_is_dead_lettered_and_its_client_told(set
 
         async def dead_letter_record() -> DeadLetter | None:
             try:
-                raw = await js.get_last_msg(subjects.stream("dlq"), subjects.dead_letter("req"))
+                raw = await js.get_last_msg(subjects.stream("dlq", "local"), subjects.dead_letter("local", "req"))
             except Exception:
                 return None
             return decode(raw.data, DeadLetter)
         record = await eventually(dead_letter_record)
         assert record and record.deliveries == 2 and request_id in record.payload
-        assert (await js.stream_info(subjects.stream("req"))).state.messages == 0
+        assert (await js.stream_info(subjects.stream("req", "local"))).state.messages == 0
         with pytest.raises(nats.js.errors.NotFoundError):
-            await js.get_msg(subjects.stream("req"), ack.seq)
+            await js.get_msg(subjects.stream("req", "local"), ack.seq)
     finally:
         await watcher.stop()
         await nc.close()

@@ -59,7 +59,7 @@ async def test_a_decode_job_naming_another_tenants_blocks_recomputes(settings):
         subjects = stack.subjects
         rid = f"kv{tenant}"
         job = DecodeJob(request_id=rid, region="local", priority="interactive",
-                        reply_to=subjects.events("probe", rid), prompt_token_ids=prompt,
+                        reply_to=subjects.events("local", "probe", rid), prompt_token_ids=prompt,
                         first_token_id=reply[0], sampling=SamplingSpec(max_tokens=200), prefill=stats,
                         kv=handle, tenant=tenant)
         events = await nc.subscribe(job.reply_to)

@@ -65,32 +65,32 @@ async def test_an_edge_cannot_publish_decode_jobs_or_token_events(settings):
     event = encode(TokenEvent(request_id="r1", seq=0, text="forged", token_ids=[1]))
     async with bus_client(settings) as watcher:
         await ensure_streams(watcher.jetstream(), settings.bus, s)
-        seen = await watch(watcher, s.stream_subjects("decode"), s.all_events(), s.all_cancels())
+        seen = await watch(watcher, s.all_work("decode"), s.all_events(), s.all_cancels())
         errors: list[str] = []
         edge = await login_as(settings, "edge", errors)
         try:
             await edge.publish(s.decode("local", "batch"), b"{}")
-            await edge.publish(s.events("someone", "r1"), event)
+            await edge.publish(s.events("local", "someone", "r1"), event)
             with pytest.raises(NatsTimeout):  # JetStream never sees it, so never acks
                 await edge.jetstream().publish(s.decode("local", "interactive"), b"{}", timeout=1)
             await edge.publish(s.cancel("local"), encode(Cancel(request_id="r1", reason="test")))
             await edge.flush()
             assert await refused(errors, s.decode("local", "batch"))
-            assert await refused(errors, s.events("someone", "r1"))
+            assert await refused(errors, s.events("local", "someone", "r1"))
             # what an edge may do, it does: a cancel goes through
             assert await eventually(lambda: s.cancel("local") in seen)
         finally:
             await edge.close()
         await asyncio.sleep(0.2)
         assert seen == [s.cancel("local")]
-        assert await stored(watcher.jetstream(), s.stream("decode")) == 0
+        assert await stored(watcher.jetstream(), s.stream("decode", "local")) == 0
 
 
 async def test_workers_cannot_publish_what_is_not_theirs(settings):
     s = settings.bus.subjects
     async with bus_client(settings) as watcher:
         await ensure_streams(watcher.jetstream(), settings.bus, s)
-        seen = await watch(watcher, s.stream_subjects("req"), s.stream_subjects("decode"), s.all_heartbeats())
+        seen = await watch(watcher, s.all_work("req"), s.all_work("decode"), s.all_heartbeats())
         errors: list[str] = []
         decode = await login_as(settings, "decode", errors)
         prefill = await login_as(settings, "prefill", errors)
@@ -101,7 +101,7 @@ async def test_workers_cannot_publish_what_is_not_theirs(settings):
             await decode.publish(s.heartbeat("local", "prefill"), b"{}")  # posing as another pool
             await decode.publish(s.heartbeat("local", "decode"), b"{}")
             ack = await prefill.jetstream().publish(s.decode("local", "batch"), b"{}", timeout=5)
-            assert ack.stream == s.stream("decode")  # handing work on is prefill's job
+            assert ack.stream == s.stream("decode", "local")  # handing work on is prefill's job
             await asyncio.gather(decode.flush(), prefill.flush())
             assert await refused(errors, s.request("local", "batch"))
             assert await refused(errors, s.heartbeat("local", "prefill"))
@@ -111,7 +111,7 @@ async def test_workers_cannot_publish_what_is_not_theirs(settings):
         await eventually(lambda: len(seen) >= 2)
         await asyncio.sleep(0.2)
         assert sorted(seen) == sorted([s.heartbeat("local", "decode"), s.decode("local", "batch")])
-        assert await stored(watcher.jetstream(), s.stream("req")) == 0
+        assert await stored(watcher.jetstream(), s.stream("req", "local")) == 0
 
 
 async def test_a_subscription_outside_the_role_gets_nothing(settings):
@@ -119,11 +119,11 @@ async def test_a_subscription_outside_the_role_gets_nothing(settings):
     errors: list[str] = []
     edge = await login_as(settings, "edge", errors)
     try:
-        seen = await watch(edge, s.stream_subjects("req"))
+        seen = await watch(edge, s.all_work("req"))
         async with bus_client(settings) as operator:
             await operator.publish(s.request("local", "batch"), b"{}")
             await operator.flush()
-        assert await refused(errors, s.stream_subjects("req"))
+        assert await refused(errors, s.all_work("req"))
         assert seen == []
     finally:
         await edge.close()
@@ -149,8 +149,8 @@ async def test_a_wrong_password_or_no_login_cannot_connect(settings, tmp_path: P
 async def test_ops_may_publish_and_read_anything(settings):
     s = settings.bus.subjects
     async with bus_client(settings, "ops") as operator:
-        seen = await watch(operator, s.all_events(), s.stream_subjects("decode"), s.all_heartbeats())
-        for subject in (s.events("e", "r"), s.decode("local", "batch"), s.heartbeat("local", "decode")):
+        seen = await watch(operator, s.all_events(), s.all_work("decode"), s.all_heartbeats())
+        for subject in (s.events("local", "e", "r"), s.decode("local", "batch"), s.heartbeat("local", "decode")):
             await operator.publish(subject, b"{}")
         assert await eventually(lambda: len(seen) == 3)
 
@@ -158,7 +158,8 @@ async def test_ops_may_publish_and_read_anything(settings):
 async def test_the_stack_serves_on_a_server_that_knows_only_its_prefix(settings, tmp_path: Path):
     """The production table (one prefix, JetStream rights per stream) is enough for the real
     wiring, and keeps an edge from pulling decode jobs."""
-    server = EmbeddedNats(tmp_path / "nats", prefixes=(settings.bus.subject_prefix,))
+    server = EmbeddedNats(tmp_path / "nats", prefixes=(settings.bus.subject_prefix,),
+                          regions=(settings.bus.region,))
     settings = settings.replace(nats_url=server.start(), nats_credentials=str(server.credentials_file))
     try:
         question = "does the production table let every part do its work"
@@ -170,7 +171,8 @@ async def test_the_stack_serves_on_a_server_that_knows_only_its_prefix(settings,
             errors: list[str] = []
             edge = await login_as(settings, "edge", errors)
             try:
-                pull = f"$JS.API.CONSUMER.MSG.NEXT.{s.stream('decode')}.{s.consumer('decode', 'local', 'batch')}"
+                decode_jobs = f"{s.stream('decode', 'local')}.{s.consumer('decode', 'local', 'batch')}"
+                pull = f"$JS.API.CONSUMER.MSG.NEXT.{decode_jobs}"
                 await edge.publish(pull, b'{"batch": 1, "no_wait": true}', reply=edge.new_inbox())
                 await edge.flush()
                 assert await refused(errors, pull)

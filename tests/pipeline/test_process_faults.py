@@ -184,7 +184,7 @@ async def test_events_lost_with_a_dying_broker_are_sent_again_after_the_reconnec
     recent = RecentEvents()
     for rid in ("r1", "r2"):
         event = TokenEvent(request_id=rid, seq=0, text="x", token_ids=[120])
-        recent.record(rid, subjects.events("edge1", rid), encode(event))
+        recent.record(rid, subjects.events("local", "edge1", rid), encode(event))
     recent.end("r2")  # an answer that just ended: its last events matter most
     try:
         async with bus_client(settings, "ops") as ops, bus_client(settings, "decode") as worker:
@@ -197,7 +197,8 @@ async def test_events_lost_with_a_dying_broker_are_sent_again_after_the_reconnec
 
             async def captured() -> bool:  # the capture stream has both, whoever listened
                 try:
-                    return all([(await sent_so_far(ops.jetstream(), subjects, subjects.events("edge1", rid))).token_ids
+                    return all([(await sent_so_far(ops.jetstream(), subjects,
+                                                   subjects.events("local", "edge1", rid))).token_ids
                                 for rid in ("r1", "r2")])
                 except Exception:  # JetStream still starting
                     return False

@@ -46,7 +46,8 @@ async def test_a_websocket_stream_resumes_on_a_new_connection_with_no_gap_or_rep
             # resuming a request that is not (or no longer) here is a clear error
             await ws2.send(json.dumps({"type": "resume", "id": "c", "request_id": "f" * 32, "last_seq": 3}))
             unknown = await frames_until_end(ws2, "c")
-        assert rest[0] == {"type": "accepted", "id": "b", "request_id": request_id, "resumed": True}
+        assert rest[0] == {"type": "accepted", "id": "b", "request_id": request_id, "resumed": True,
+                           "region": "local", "route": "home"}
         tokens = seen + [f for f in rest if f["type"] == "token"]
         assert [f["seq"] for f in tokens] == list(range(len(tokens)))
         assert "".join(f["text"] for f in tokens) == expected(question)

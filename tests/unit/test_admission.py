@@ -7,6 +7,7 @@ import pytest
 
 from bus.messages import ChatMessage, ChatRequest, FinalEvent, Heartbeat, SamplingSpec, TokenEvent, Usage
 from edge.admission import Admission, Refused, TokenBucket, estimate_prompt_tokens, used_tokens
+from edge.regions import Regions
 from edge.queues import QueueWatch
 from edge.tenants import PUBLIC, Tenant
 from services.settings import Settings
@@ -30,6 +31,10 @@ def request(priority: str = "interactive", max_tokens: int = 100, content: str =
     return ChatRequest(request_id="r1", region="local", priority=priority,  # type: ignore[arg-type]
                        messages=[ChatMessage("user", content)], sampling=SamplingSpec(max_tokens=max_tokens),
                        reply_to="gs.evt.e.r1")
+
+
+def admission_of(queues: QueueWatch, priorities=SETTINGS.priorities) -> Admission:
+    return Admission(SETTINGS.edge, priorities, queues, Regions("local", "e1", SETTINGS.edge, queues))
 
 
 def test_the_wait_counts_work_at_and_above_the_priority_in_tokens_over_the_pools_speed():
@@ -62,7 +67,7 @@ def test_an_aggregated_pool_is_costed_as_one_that_also_decodes():
 
 def test_batch_is_refused_first_then_standard_and_interactive_last():
     queues = watch(prefill_rate=100.0)
-    admission = Admission(SETTINGS.edge, SETTINGS.priorities, queues)
+    admission = admission_of(queues, SETTINGS.priorities)
     queues._pending[("req", "local", "interactive")] = 1
     queues._pending[("req", "local", "standard")] = 5
     queues._pending[("req", "local", "batch")] = 20
@@ -80,7 +85,7 @@ def test_batch_is_refused_first_then_standard_and_interactive_last():
 
 def test_a_refused_request_is_not_counted_as_queued():
     queues = watch(prefill_rate=100.0)
-    admission = Admission(SETTINGS.edge, SETTINGS.priorities.replace(queue_budget_interactive_s=1), queues)
+    admission = admission_of(queues, SETTINGS.priorities.replace(queue_budget_interactive_s=1))
     queues.costs.add("req", "interactive", 100)
     queues._pending[("req", "local", "interactive")] = 2
     for _ in range(3):
@@ -91,7 +96,7 @@ def test_a_refused_request_is_not_counted_as_queued():
 
 def test_batch_is_degraded_before_it_is_refused():
     queues = watch(prefill_rate=100.0)
-    admission = Admission(SETTINGS.edge, SETTINGS.priorities, queues)
+    admission = admission_of(queues, SETTINGS.priorities)
     queues.costs.add("req", "batch", 100)
     queues._pending[("req", "local", "batch")] = 12  # 12 s: past half the 20 s budget
     admitted = admission.admit(request("batch", max_tokens=256), PUBLIC)
@@ -106,7 +111,7 @@ def test_batch_is_degraded_before_it_is_refused():
 
 def test_a_budget_of_zero_turns_admission_control_off():
     queues = watch(prefill_rate=1.0)
-    admission = Admission(SETTINGS.edge, SETTINGS.priorities.replace(queue_budget_batch_s=0), queues)
+    admission = admission_of(queues, SETTINGS.priorities.replace(queue_budget_batch_s=0))
     queues.costs.add("req", "batch", 100)
     queues._pending[("req", "local", "batch")] = 1000
     admission.admit(request("batch"), PUBLIC)
@@ -114,7 +119,7 @@ def test_a_budget_of_zero_turns_admission_control_off():
 
 def test_tenant_tokens_per_minute():
     queues = watch(prefill_rate=1e6)  # no queueing: only the tenant's limit can refuse
-    admission = Admission(SETTINGS.edge, SETTINGS.priorities, queues)
+    admission = admission_of(queues, SETTINGS.priorities)
     tenant = Tenant(name="acme", tokens_per_minute=600)
     first = admission.admit(request(max_tokens=100, content="x" * 400), tenant)
     assert first.charged_tokens == estimate_prompt_tokens(request().messages) + 100  # 105 + 100

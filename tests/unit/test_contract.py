@@ -35,7 +35,7 @@ def test_every_channel_names_real_messages_and_parameters():
             target = ref["$ref"].rsplit("/", 1)[1]
             assert target in messages and target in schemas
     assert doc["channels"]["requests"]["address"] == "{prefix}.req.{region}.{priority}"
-    assert doc["channels"]["events"]["address"] == "{prefix}.evt.{client}.{request_id}"
+    assert doc["channels"]["events"]["address"] == "{prefix}.evt.{region}.{client}.{request_id}"
     assert doc["channels"]["heartbeats"]["parameters"]["role"]["enum"] == ["prefill", "decode", "aggregated"]
     for op in doc["operations"].values():
         assert op["channel"]["$ref"].rsplit("/", 1)[1] in doc["channels"]
@@ -53,7 +53,7 @@ def _sample(address: str, prefix: str, role: Role) -> str:
     kind = ROLES[role].pulls or "req"
     subjects = Subjects(prefix)
     values = {"prefix": prefix, "region": "eu", "priority": "batch", "client": "e1", "request_id": "r1",
-              "role": str(role), "kind": kind, "stream": subjects.stream(kind),
+              "role": str(role), "kind": kind, "stream": subjects.stream(kind, "eu"),
               "consumer": subjects.consumer(kind, "eu", "batch")}
     return ".".join(values[t[1:-1]] if t.startswith("{") else t for t in address.split("."))
 
@@ -69,7 +69,7 @@ def test_the_document_and_the_permissions_say_the_same_thing(subjects: Subjects,
         role, action, channel = name.split(".")
         does.setdefault((role, channel), set()).add(action)
     for role in ROLES:
-        allowed = permissions(role, subjects, edge_id)
+        allowed = permissions(role, subjects, edge_id, regions=("eu",))
         if allowed.publish == (">",):
             assert role == Role.OPS  # ops may do everything, whatever it is documented to do
             continue
@@ -79,7 +79,7 @@ def test_the_document_and_the_permissions_say_the_same_thing(subjects: Subjects,
             assert may(allowed.subscribe, subject) == ("receive" in actions), (role, subject)
             work = channel_named(name).work
             if work is not None:
-                stream = Subjects(prefix).stream(work)
+                stream = Subjects(prefix).stream(work, "eu")
                 pulls = [f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{Subjects(prefix).consumer(work, 'eu', 'batch')}",
                          f"$JS.ACK.{stream}.c.1.2.3.4.5", f"$JS.API.STREAM.MSG.DELETE.{stream}"]
                 may_pull = all(may(allowed.publish, p) for p in pulls)

@@ -68,7 +68,7 @@ def test_jetstream_triggers_read_the_streams_and_consumers_the_workers_create():
         kind = KINDS[_role(deployment)]
         read = {(t["metadata"]["stream"], t["metadata"]["consumer"])
                 for t in so["spec"]["triggers"] if t["type"] == "nats-jetstream"}
-        built = {(subjects.stream(kind), subjects.consumer(kind, region, p)) for p in PRIORITIES}  # type: ignore[arg-type]
+        built = {(subjects.stream(kind, region), subjects.consumer(kind, region, p)) for p in PRIORITIES}  # type: ignore[arg-type]
         assert read == built, so["metadata"]["name"]
 
 

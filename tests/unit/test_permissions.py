@@ -32,8 +32,9 @@ from services.nats_auth import nats_auth
 from services.settings import Settings
 
 S = Subjects("gs")
-REQUEST, DECODE_JOB, EVENT = S.request("eu", "batch"), S.decode("eu", "batch"), S.events("e1", "r1")
-OTHER_EVENT = S.events("e2", "r2")
+REGIONS = ("eu",)  # the server holds eu's streams: rights name them
+REQUEST, DECODE_JOB, EVENT = S.request("eu", "batch"), S.decode("eu", "batch"), S.events("eu", "e1", "r1")
+OTHER_EVENT = S.events("eu", "e2", "r2")
 
 
 def may(patterns: tuple[str, ...], subject: str) -> bool:
@@ -41,16 +42,16 @@ def may(patterns: tuple[str, ...], subject: str) -> bool:
 
 
 def may_publish(role: str, subject: str, subjects: Subjects = S, edge_id: str | None = None) -> bool:
-    return may(permissions(role, subjects, edge_id).publish, subject)
+    return may(permissions(role, subjects, edge_id, REGIONS).publish, subject)
 
 
 def may_subscribe(role: str, subject: str, subjects: Subjects = S, edge_id: str | None = None) -> bool:
-    return may(permissions(role, subjects, edge_id).subscribe, subject)
+    return may(permissions(role, subjects, edge_id, REGIONS).subscribe, subject)
 
 
 def test_an_edge_publishes_requests_and_cancels_and_reads_events_and_heartbeats_only():
     assert may_publish("edge", REQUEST) and may_publish("edge", S.cancel("eu"))
-    for subject in (DECODE_JOB, EVENT, S.heartbeat("eu", "prefill"), S.dead_letter("req"),
+    for subject in (DECODE_JOB, EVENT, S.heartbeat("eu", "prefill"), S.dead_letter("eu", "req"),
                     "gs.cap.req.eu.batch", "gs.bell.req.eu.batch"):
         assert not may_publish("edge", subject), subject
     assert may_subscribe("edge", EVENT) and may_subscribe("edge", S.heartbeat("eu", "decode"))
@@ -66,41 +67,42 @@ def test_an_edge_with_an_id_reads_only_its_own_events():
 
 def test_prefill_takes_requests_and_hands_on_decode_jobs():
     assert may_publish("prefill", DECODE_JOB) and may_publish("prefill", EVENT)
-    assert may_publish("prefill", S.heartbeat("eu", "prefill")) and may_publish("prefill", S.dead_letter("req"))
+    assert may_publish("prefill", S.heartbeat("eu", "prefill")) and may_publish("prefill", S.dead_letter("eu", "req"))
     assert not may_publish("prefill", REQUEST)
     assert not may_publish("prefill", S.heartbeat("eu", "decode"))  # nobody speaks for another pool
-    assert may_publish("prefill", "$JS.API.CONSUMER.MSG.NEXT.GS_REQ.req-eu-batch")
-    assert may_publish("prefill", "$JS.ACK.GS_REQ.req-eu-batch.1.2.3.4.5")
-    assert not may_publish("prefill", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE.decode-eu-batch")
+    assert may_publish("prefill", "$JS.API.CONSUMER.MSG.NEXT.GS_REQ_eu.req-eu-batch")
+    assert may_publish("prefill", "$JS.ACK.GS_REQ_eu.req-eu-batch.1.2.3.4.5")
+    assert not may_publish("prefill", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE_eu.decode-eu-batch")
     assert may_subscribe("prefill", "gs.bell.req.eu.batch") and may_subscribe("prefill", S.cancel("eu"))
-    assert may_subscribe("prefill", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.GS_REQ.req-eu-batch")
+    assert may_subscribe("prefill", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.GS_REQ_eu.req-eu-batch")
     assert not may_subscribe("prefill", REQUEST) and not may_subscribe("prefill", EVENT)
 
 
 def test_decode_takes_decode_jobs_and_publishes_events_only():
     assert may_publish("decode", EVENT) and may_publish("decode", S.heartbeat("eu", "decode"))
     assert not may_publish("decode", DECODE_JOB) and not may_publish("decode", REQUEST)
-    assert may_publish("decode", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE.decode-eu-batch")
-    assert may_publish("decode", "$JS.ACK.GS_DECODE.decode-eu-batch.1.2.3.4.5")
-    assert not may_publish("decode", "$JS.ACK.GS_REQ.req-eu-batch.1.2.3.4.5")
-    assert not may_publish("decode", "$JS.API.STREAM.MSG.DELETE.GS_REQ")
+    assert may_publish("decode", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE_eu.decode-eu-batch")
+    assert may_publish("decode", "$JS.ACK.GS_DECODE_eu.decode-eu-batch.1.2.3.4.5")
+    assert not may_publish("decode", "$JS.ACK.GS_REQ_eu.req-eu-batch.1.2.3.4.5")
+    assert not may_publish("decode", "$JS.API.STREAM.MSG.DELETE.GS_REQ_eu")
     assert may_subscribe("decode", "gs.bell.decode.eu.batch") and not may_subscribe("decode", "gs.bell.req.eu.batch")
 
 
 def test_aggregated_takes_requests_and_never_publishes_work():
     assert may_publish("aggregated", EVENT) and may_publish("aggregated", S.heartbeat("eu", "aggregated"))
     assert not may_publish("aggregated", REQUEST) and not may_publish("aggregated", DECODE_JOB)
-    assert may_publish("aggregated", "$JS.ACK.GS_REQ.req-eu-batch.1.2.3.4.5")
+    assert may_publish("aggregated", "$JS.ACK.GS_REQ_eu.req-eu-batch.1.2.3.4.5")
 
 
 def test_every_role_declares_streams_reads_the_capture_and_gets_replies():
     for role in ROLES:
-        p = permissions(role, S)
-        assert may(p.publish, "$JS.API.STREAM.CREATE.GS_CAPTURE") and may(p.publish, "$JS.API.STREAM.UPDATE.GS_REQ")
-        assert may(p.publish, "$JS.API.CONSUMER.CREATE.GS_CAPTURE.abc.gs.evt.*.r1")
-        assert may(p.publish, "$JS.API.STREAM.MSG.GET.GS_CAPTURE") and may(p.publish, "$JS.FC.GS_CAPTURE.x.y")
+        p = permissions(role, S, regions=REGIONS)
+        assert may(p.publish, "$JS.API.STREAM.CREATE.GS_CAPTURE_eu")
+        assert may(p.publish, "$JS.API.STREAM.UPDATE.GS_REQ_eu")
+        assert may(p.publish, "$JS.API.CONSUMER.CREATE.GS_CAPTURE_eu.abc.gs.evt.*.r1")
+        assert may(p.publish, "$JS.API.STREAM.MSG.GET.GS_CAPTURE_eu") and may(p.publish, "$JS.FC.GS_CAPTURE_eu.x.y")
         assert may(p.subscribe, "_INBOX.abc.def")
-        assert not may(p.publish, "$JS.API.STREAM.DELETE.GS_REQ") or role == "ops"
+        assert not may(p.publish, "$JS.API.STREAM.DELETE.GS_REQ_eu") or role == "ops"
 
 
 def test_ops_may_do_everything():
@@ -117,13 +119,13 @@ def test_the_any_prefix_table_is_the_same_rules_for_every_prefix():
     other = Subjects("t0123")
     assert may_publish("edge", other.request("local", "batch"), anyp)
     assert not may_publish("edge", other.decode("local", "batch"), anyp)
-    assert not may_publish("edge", other.events("e", "r"), anyp)
+    assert not may_publish("edge", other.events("eu", "e", "r"), anyp)
     assert may_publish("prefill", other.decode("local", "batch"), anyp)
     assert not may_publish("decode", other.request("local", "batch"), anyp)
     assert may_subscribe("decode", other.doorbell("decode", "local").replace("*", "batch"), anyp)
     # stream names are one token, so the JetStream API rights cover every stream
-    assert anyp.stream("req") == "*" and may_publish("edge", "$JS.API.CONSUMER.MSG.NEXT.T0123_DECODE.x", anyp)
-    assert not may_publish("edge", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE.x", S)
+    assert anyp.stream("req", "eu") == "*" and may_publish("edge", "$JS.API.CONSUMER.MSG.NEXT.T0123_DECODE_eu.x", anyp)
+    assert not may_publish("edge", "$JS.API.CONSUMER.MSG.NEXT.GS_DECODE_eu.x", S)
 
 
 def test_the_authorization_block_lists_users_with_quoted_subjects_and_never_prints_passwords():
@@ -132,7 +134,7 @@ def test_the_authorization_block_lists_users_with_quoted_subjects_and_never_prin
     assert block.startswith("authorization {") and '"$JS.API.STREAM.NAMES"' in block
     entries = [json.loads(line.strip().rstrip(",")) for line in block.splitlines() if line.strip().startswith("{")]
     assert [e["user"] for e in entries] == ["edge", "edge-e1"]
-    assert "gs.evt.e1.*" in entries[1]["permissions"]["subscribe"]["allow"]
+    assert "gs.evt.*.e1.*" in entries[1]["permissions"]["subscribe"]["allow"]
     assert "pw1" not in repr(users) and "pw1" not in repr(User("u", "pw1", users[0].permissions))
     assert "secret" not in repr(NatsLogin("u", "secret"))
 

@@ -51,7 +51,7 @@ def own_tokens(role: Role) -> Tokens:
 def test_an_own_use_reaches_the_roles_own_addresses_only(channel: Channel):
     for use in channel.uses:
         for role in use.roles:
-            allowed = permissions(role, S, edge_id="e1")
+            allowed = permissions(role, S, edge_id="e1", regions=("eu",))
             if allowed.publish == (">",):
                 continue  # ops
             patterns = allowed.publish if use.action == "send" else allowed.subscribe
@@ -68,7 +68,7 @@ def test_addresses_are_built_from_the_subjects():
     assert channel_named("captureCopies").address(S, mine) == "gs.cap.req.eu.batch"
     assert channel_named("doorbells").address(S, mine) == "gs.bell.req.eu.batch"
     assert channel_named("maxDeliveries").address(S, mine) == \
-        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.GS_REQ.req-eu-batch"
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.GS_REQ_eu.req-eu-batch"
 
 
 def test_a_table_that_cannot_be_enforced_is_refused():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import nats
@@ -155,7 +157,8 @@ def stream_configs(bus: BusConfig, subjects: Subjects) -> list[StreamConfig]:
     return [*work, capture, dead_letters]
 
 
-def mirror_config(bus: BusConfig, subjects: Subjects, region: str, domain: str) -> StreamConfig:
+def mirror_config(bus: BusConfig, subjects: Subjects, region: str, domain: str,
+                  since: float | None = None) -> StreamConfig:
     """In this region's JetStream, an asynchronous copy of another region's requests and events,
     under the name of that region's capture stream (so the capture readers of bus/capture.py read
     it as they read their own): an edge here can find a request whose region died with its edge
@@ -166,11 +169,40 @@ def mirror_config(bus: BusConfig, subjects: Subjects, region: str, domain: str) 
         name=subjects.stream("capture", region), retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
         max_age=bus.capture_max_age_s, max_bytes=bus.capture_max_mb * 1024**2, discard=DiscardPolicy.OLD,
         mirror=StreamSource(name=subjects.stream("capture", region), external=ExternalStream(api=f"$JS.{domain}.API"),
-                            subject_transforms=[SubjectTransform(src=s, dest=s) for s in keep]))
+                            subject_transforms=[SubjectTransform(src=s, dest=s) for s in keep],
+                            opt_start_time=_rfc3339(since) if since is not None else None))
 
 
 async def ensure_mirror(js: JetStreamContext, bus: BusConfig, subjects: Subjects, region: str, domain: str) -> None:
     await _add_or_update(js.add_stream, js.update_stream, mirror_config(bus, subjects, region, domain))
+
+
+MIRROR_STALLED_S = 10.0  # a mirror's consumer idles with a heartbeat every 5 s: twice that is a stall
+
+
+async def mirror_stalled(js: JetStreamContext, subjects: Subjects, region: str) -> bool:
+    """The mirror of `region` is not syncing: its consumer failed while that region was away, and
+    nats-server backs off recreating it (for tens of seconds; it hurries only when a leaf connection
+    of the mirroring server itself comes back, which a region that returns across the transit is not)."""
+    source = (await js.stream_info(subjects.stream("capture", region))).mirror
+    return source is not None and (source.active is None or source.active < 0 or source.active > MIRROR_STALLED_S * 1e9)
+
+
+REMIRRORED_S = 60.0  # what a mirror made again copies afresh: the last minute, where resumable answers are
+
+
+async def remake_mirror(js: JetStreamContext, bus: BusConfig, subjects: Subjects, region: str, domain: str) -> None:
+    """The mirror again, syncing at once, from the requests and events `region` stored in the last
+    REMIRRORED_S (bounded: every edge of every region may do this, over the WAN)."""
+    try:
+        await js.delete_stream(subjects.stream("capture", region))
+    except NotFoundError:
+        pass
+    await js.add_stream(mirror_config(bus, subjects, region, domain, since=time.time() - REMIRRORED_S))
+
+
+def _rfc3339(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 async def ensure_streams(js: JetStreamContext, bus: BusConfig, subjects: Subjects) -> None:

@@ -13,6 +13,8 @@ module says what that means on a NATS server:
   read capture            short-lived consumers on the capture stream (`read_stream`)
   replies                 JetStream's answers on `_INBOX.>`
   queue depths            the work consumers' info (an edge's admission control)
+  remake mirrors          delete a capture stream of a region named (an edge's mirror of another
+                          region that stopped syncing, made again at once)
   everything              `>` (ops)
 
 The embedded server (services/embedded.py), which `grokstack up` and the tests run, and a
@@ -92,6 +94,8 @@ _GRANTED: dict[Capability, Callable[[Subjects, tuple[str, ...]], Permissions]] =
     "read capture": lambda s, regions: Permissions(
         publish=tuple(p for r in regions for p in read_stream(s.stream("capture", r))), subscribe=()),
     "replies": lambda s, regions: Permissions(publish=(), subscribe=(INBOXES,)),
+    "remake mirrors": lambda s, regions: Permissions(
+        publish=tuple(f"{_API}.STREAM.DELETE.{s.stream('capture', r)}" for r in regions), subscribe=()),
     "queue depths": lambda s, regions: Permissions(
         publish=tuple(f"{_API}.CONSUMER.INFO.{s.stream(kind, r)}.*" for kind in work_kinds() for r in regions),
         subscribe=()),

@@ -33,7 +33,7 @@ Action = Literal["send", "receive", "pull"]
 # The token of an address that says whose it is: a role, a client (an edge or a JobClient) or a
 # kind of work. The names are those of the `Tokens` fields that hold it.
 Owner = Literal["role", "client", "kind"]
-Capability = Literal["everything", "declare streams", "read capture", "replies", "queue depths"]
+Capability = Literal["everything", "declare streams", "read capture", "replies", "queue depths", "remake mirrors"]
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,8 @@ GRANTS: tuple[Grant, ...] = (
           "request after a failover, decode migration, the last event of an exhausted job"),
     Grant("replies", tuple(Role), "JetStream's answers, publish acks and pulled messages come to an inbox"),
     Grant("queue depths", (Role.EDGE,), "the work queues' depth, for admission control (edge/queues.py)"),
+    Grant("remake mirrors", (Role.EDGE,), "delete a mirror of another region's capture that stopped syncing, to make "
+          "it again (edge/gateway.py; the capture streams of the regions named, the server's own included)"),
 )
 
 OPERATIONS: tuple[Operation, ...] = tuple(

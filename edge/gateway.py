@@ -28,7 +28,7 @@ from bus.capture import find_request
 from bus.client import Job, JobClient
 from bus.codec import BadMessage, decode, encode
 from bus.config import BusConfig
-from bus.jetstream import ensure_mirror, ensure_streams
+from bus.jetstream import ensure_mirror, ensure_streams, mirror_stalled, remake_mirror
 from bus.messages import ChatRequest, Heartbeat, RegionBeat
 from bus.roles import STAGES, Role, Stage, roles_serving
 from edge.config import EdgeConfig
@@ -36,6 +36,8 @@ from edge.queues import QueueWatch
 from edge.regions import Regions
 
 log = structlog.get_logger("grokstack.edge")
+
+MIRROR_CHECK_S = 5.0  # how often a mirror is checked (a stall shows after 10 s without activity)
 
 
 def edge_id_for(name: str) -> str:
@@ -135,17 +137,39 @@ class Gateway:
         self.regions.on_beat(beat)
         if beat.domain and beat.domain != self.domain and beat.region not in self._mirrored:
             self._mirrored.add(beat.region)
-            task = asyncio.create_task(self._mirror(beat.region, beat.domain))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._mirror(beat.region, beat.domain))
 
     async def _mirror(self, region: str, domain: str) -> None:
+        """Mirror the region's requests and events here, and keep the mirror syncing: its consumer
+        fails while the region (or this one) is away, and nats-server waits long to retry it (it
+        hurries only when a leaf connection of this server comes back); a mirror that does not sync
+        while its region beats is made again."""
         try:
             await ensure_mirror(self.js, self.bus, self.subjects, region, domain)
             log.info("mirroring another region's requests and events", mirrored_region=region, domain=domain)
         except Exception as exc:  # tried again at its next beat
             self._mirrored.discard(region)
             log.warning("mirror not made", mirrored_region=region, error=f"{type(exc).__name__}: {exc}")
+            return
+        while True:
+            await asyncio.sleep(MIRROR_CHECK_S)
+            try:
+                if self.regions.alive(region) and await mirror_stalled(self.js, self.subjects, region):
+                    await self._remake_mirror(region, domain)
+            except Exception as exc:
+                log.warning("mirror not checked", mirrored_region=region, error=f"{type(exc).__name__}: {exc}")
+
+    async def _remake_mirror(self, region: str, domain: str) -> None:
+        try:
+            await remake_mirror(self.js, self.bus, self.subjects, region, domain)
+            log.info("mirror made again", mirrored_region=region, domain=domain)
+        except Exception as exc:
+            log.warning("mirror not made again", mirrored_region=region, error=f"{type(exc).__name__}: {exc}")
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _beat_regions(self) -> None:
         """Tell every region what this edge sees of the regions whose workers it hears."""

@@ -286,13 +286,13 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str], *, log: Path | None = None, env: Mapping[str, str] | None = None,
               cwd: Path | str | None = None, ready_url: str | None = None,
-              grace_s: float = DEFAULT_GRACE_S) -> Child:
+              grace_s: float = DEFAULT_GRACE_S, append: bool = False) -> Child:
         """Start a child (see `spawn`); `ready_url` is where `wait_ready` asks whether it serves."""
         with self._lock:
             if any(c.name == name and c.running for c in self._children()):
                 raise ValueError(f"a child named {name!r} is already running")
             self._started = [e for e in self._started if not (isinstance(e, Child) and e.name == name)]
-            child = Child(name, spawn(argv, log=log, env=env, cwd=cwd), log, ready_url, grace_s)
+            child = Child(name, spawn(argv, log=log, env=env, cwd=cwd, append=append), log, ready_url, grace_s)
             self._started.append(child)
         logger.debug("process started", child=name, pid=child.pid, log=str(log) if log else "console")
         return child

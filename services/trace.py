@@ -49,8 +49,11 @@ def _request_step(item: Captured) -> Step:
     req: ChatRequest = item.message  # type: ignore[assignment]
     sent = f", {(item.time - req.created_at) * 1000:.1f} ms after the client created it" if req.created_at else ""
     client = req.reply_to.split(".")[-2]
+    # why the edge chose the region (edge/routing.py); a later attempt continues a request taken over
+    route = f", region {req.region} ({req.route})" if req.route else ""
+    attempt = f", attempt {req.attempt}" if req.attempt else ""
     return Step(0.0, "edge", f"{client} published to {item.subject} ({len(req.messages)} messages, "
-                             f"max_tokens {req.sampling.max_tokens}){sent}")
+                             f"max_tokens {req.sampling.max_tokens}{route}{attempt}){sent}")
 
 
 def _decode_job_steps(job: DecodeJob, at: float) -> list[Step]:

@@ -73,9 +73,9 @@ class RegionCluster:
                 args += ["--calibration", str(calibration)]
             self.supervisor.start(f"{region}-{role}", [sys.executable, "-m", "services.lab.sim_cluster", *args],
                                   env=env | {ENV["metrics_port"]: str(port)}, log=logs / f"{role}.log",
-                                  ready_url=f"http://127.0.0.1:{port}/readyz", grace_s=10)
+                                  ready_url=f"http://127.0.0.1:{port}/readyz", grace_s=10, append=True)
         self.supervisor.start(f"{region}-edge", [sys.executable, "-m", "services.cli", "edge"], env=env,
-                              log=logs / "edge.log", grace_s=10,
+                              log=logs / "edge.log", grace_s=10, append=True,
                               ready_url=f"http://127.0.0.1:{s.edge.edge_port}/readyz")
 
     def kill(self, region: str) -> None:

@@ -14,7 +14,10 @@ from edge.client import EdgeClient
 from services.regions import RegionMesh
 from services.settings import Settings
 from tests.conftest import unique_prefix
+from bus import capture
 from bus import metrics as bus_metrics
+from bus.capture import Selection
+from services import trace
 from tests.pipeline.harness import Stack, bus_client, crash_stack, eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 
@@ -92,6 +95,12 @@ async def test_a_stream_served_in_another_region_arrives_once_about_a_round_trip
               f"measured round trip {rtt * 1000:.1f} ms")
         assert far_ttft >= 2 * ONE_WAY_S * 1000  # the request went there, its first token came back
         assert served(stacks["us"]) == 1 and served(eu) == 1
+        # the trace, from us's capture (where the request was stored), says where and why
+        async with bus_client(stacks["us"].settings) as nc:
+            items = [i async for i in capture.read(nc.jetstream(), stacks["us"].subjects, "us",
+                                                   Selection(request_id=far[0]["request_id"]))]
+        far_id = far[0]["request_id"]
+        assert "region us (requested)" in trace.render(far_id, trace.timeline(items, far_id))
 
 
 async def test_a_burst_at_one_region_overflows_to_the_other_and_nothing_is_served_twice(mesh):

@@ -298,7 +298,9 @@ class LiveRequests:
         tokens = [t for e in live.events if isinstance(e, TokenEvent) for t in e.token_ids]
         next_seq = len(live.events)
         request = live.request
-        left = request.sampling.max_tokens - len(tokens)
+        # max_tokens of a continued request already counts what its continuation holds
+        asked = request.sampling.max_tokens + (len(request.continuation.token_ids) if request.continuation else 0)
+        left = asked - len(tokens)
         if left <= 0:  # the region died between the last token and the final event
             live.append(FinalEvent(request_id=live.request_id, seq=next_seq, finish_reason="length",
                                    usage=Usage(prompt_tokens=0, cached_prompt_tokens=0, completion_tokens=len(tokens)),

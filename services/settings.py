@@ -112,6 +112,8 @@ class Settings(BaseModel):
         if not self.served.model:
             bundled = str(bundled_model_dir(self.stack.data_dir))
             object.__setattr__(self, "served", self.served.replace(model=bundled))
+        if not self.bus.secret_file:
+            object.__setattr__(self, "bus", self.bus.replace(secret_file=str(secret_path(self.stack.data_dir))))
         embedded = embedded_logins(self.stack.data_dir)
         if not self.bus.nats_credentials and embedded.exists():
             object.__setattr__(self, "bus", self.bus.replace(nats_credentials=str(embedded)))
@@ -133,6 +135,9 @@ class Settings(BaseModel):
         if changes.get("data_dir") is not None:  # what was filled in from the old one follows it
             if self.uses_bundled_model and changes.get("model") is None:
                 merged["served"]["model"] = ""
+            if (merged["bus"]["secret_file"] == str(secret_path(self.stack.data_dir))
+                    and changes.get("secret_file") is None):
+                merged["bus"]["secret_file"] = ""
             if (merged["bus"]["nats_credentials"] == str(embedded_logins(self.stack.data_dir))
                     and changes.get("nats_credentials") is None):
                 merged["bus"]["nats_credentials"] = ""
@@ -148,6 +153,11 @@ class Settings(BaseModel):
 
 def bundled_model_dir(data_dir: Path) -> Path:
     return data_dir / "models" / BUNDLED_MODEL_NAME
+
+
+def secret_path(data_dir: Path) -> Path:
+    """The stack's signing secret when GROKSTACK_SECRET_FILE does not name one (bus/signing.py)."""
+    return data_dir / "secret"
 
 
 def embedded_logins(data_dir: Path) -> Path:

@@ -1,9 +1,10 @@
 """Reading captured bus traffic back: what went over the bus, in order, decoded with the schemas.
 
 Everything comes from a region's streams (GS_CAPTURE_<region> and the dead letters in
-GS_DLQ_<region>) through
-short-lived consumers that ack nothing and leave nothing behind. The time window and the
-sequence range are applied by the server (where the consumer starts); the other filters here.
+GS_DLQ_<region>) through short-lived consumers that ack nothing and leave nothing behind, or, for
+one request found by its id (`find_request`), a last-by-subject get of its copy. The time window
+and the sequence range are applied by the server (where the consumer starts); the other filters
+here. Only ops and the runtime roles may read it (bus/topology.py): it holds every tenant's prompts.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Captured:
 class Selection:
     request_id: str | None = None
     conversation_id: str | None = None
-    subject: str | None = None  # a NATS filter on original subjects, e.g. `gs.req.*.batch`
+    subject: str | None = None  # a NATS filter on original subjects, e.g. `gs.req.*.batch.>`
     since: float | None = None  # unix seconds
     until: float | None = None
     first_seq: int | None = None  # the capture stream's sequence range, inclusive
@@ -336,23 +337,20 @@ async def event_history(js: JetStreamContext, subjects: Subjects, region: str,
 
 
 async def find_request(js: JetStreamContext, subjects: Subjects, region: str, request_id: str,
-                       since: float, before_stream_seq: int | None = None) -> ChatRequest | None:
-    """The captured copy of a chat request, looked for among the requests `region` stored since `since`
-    (and before `before_stream_seq`, when its first event is known). Request subjects do not
-    name the request, so this reads every request copy of the window: the server filters by
-    subject, and a byte search skips decoding the others."""
-    needle = request_id.encode()
-    copies_of = subjects.capture_copies_of(region, "req")
-    async with aclosing(captured_on(js, subjects, region, copies_of, since)) as copies:
+                       tenant: str) -> ChatRequest | None:
+    """The captured copy of `tenant`'s request `request_id` in `region`'s capture (the last attempt
+    published there), or None. A request's subject names its tenant and id, so the server hands
+    over that request's copies only (one per attempt, in any priority): whatever else the capture
+    holds, an unknown id costs as little as a known one. Through a consumer, not a last-by-subject
+    get, which finds nothing in a mirror of another region's capture."""
+    found = None
+    filter_subject = subjects.captured_copies_of_request(region, tenant, request_id)
+    async with aclosing(captured_on(js, subjects, region, filter_subject)) as copies:
         async for msg in copies:
-            if before_stream_seq is not None and msg.metadata.sequence.stream > before_stream_seq:
-                return None
-            if needle not in msg.data:
-                continue
             try:
                 request = decode(msg.data, ChatRequest)
             except BadMessage:
                 continue
-            if request.request_id == request_id:
-                return request
-    return None
+            if request.request_id == request_id and request.tenant == tenant:
+                found = request
+    return found

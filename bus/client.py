@@ -7,13 +7,18 @@ the CLI, and the edge (edge/gateway.py builds on it).
             ...
         result = await client.generate([...], max_tokens=64)   # or wait for the whole text
 
-Services import this instead of building subjects and payloads themselves. A job's events come
+Services import this instead of building subjects and payloads themselves. A back-end service logs
+in with a `client` login (`BusAuth.of(bus, "client")`), bound to one tenant and client id: its
+jobs are that tenant's, and it reads its own events only. A job's events come
 to `<prefix>.evt.<region>.<client>.<request_id>`; this client listens there once for all its jobs, and puts
 each job's events back in order (bus/ordering.py): a gap is filled from the capture stream, where
 every event is stored, and so is whatever was published while the connection was down (after a
 reconnect every open job looks in the capture). An edge also cancels the work of a request
 nobody here waits for (`cancel_unrouted`: its client went away, or the edge restarted); a
 back-end service does not, so that one restarting under the same client id can attach again.
+A client login may not read the capture (it holds every tenant's prompts): under it a gap that
+does not fill itself within GAP_TIMEOUT_S ends the job with a retryable `stream_gap` error, and
+an attached job follows only what comes to this client id.
 
 Idempotency: the idempotency key is the request id, sent as `Nats-Msg-Id`. The request stream
 stores a second publish of the same id within its dedupe window once, and says so in its ack;
@@ -55,6 +60,7 @@ from bus.messages import (
 )
 from bus.ordering import RequestStream
 from bus.priorities import Priority
+from bus.roles import Role
 from bus.subjects import Subjects
 
 log = structlog.get_logger("grokstack.bus")
@@ -137,8 +143,12 @@ class Job:
 
 class JobClient:
     def __init__(self, nc: NATS, subjects: Subjects, region: str, client_id: str,
-                 own_connection: bool, cancel_unrouted: bool = False) -> None:
+                 own_connection: bool, cancel_unrouted: bool = False, tenant: str = "public",
+                 reads_capture: bool = True) -> None:
         self.nc = nc
+        self.tenant = tenant  # of the requests it builds (a client login may publish only its own)
+        # False under a client login: it may not read the capture, nor other clients' events.
+        self.reads_capture = reads_capture
         self.cancel_unrouted = cancel_unrouted
         self.js = nc.jetstream()
         self.subjects = subjects
@@ -162,19 +172,27 @@ class JobClient:
     @classmethod
     async def connect(cls, url: str, prefix: str = "gs", region: str = "local",
                       client_id: str | None = None, auth: BusAuth | None = None) -> "JobClient":
-        """`auth`: the login to use, e.g. `BusAuth.of(bus_config, "ops")` (bus/credentials.py)."""
+        """`auth`: the login to use, e.g. `BusAuth.of(bus_config, "client")` (bus/credentials.py):
+        a client login names the tenant and client id this client acts as."""
+        bound = auth if auth is not None and auth.role == Role.CLIENT and auth.login is not None else None
+        if bound is not None:
+            if client_id and client_id != bound.client_id:
+                raise ValueError(f"this login is client {bound.client_id!r}, not {client_id!r}")
+            client_id = bound.client_id
         client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         nc = await connect(url, name=f"grokstack-{client_id}", auth=auth)
-        return await cls.over(nc, prefix, region, client_id, own_connection=True)
+        return await cls.over(nc, prefix, region, client_id, own_connection=True,
+                              tenant=bound.tenant if bound else "public", reads_capture=bound is None)
 
     @classmethod
     async def over(cls, nc: NATS, prefix: str = "gs", region: str = "local",
                    client_id: str | None = None, own_connection: bool = False,
-                   cancel_unrouted: bool = False) -> "JobClient":
+                   cancel_unrouted: bool = False, tenant: str = "public",
+                   reads_capture: bool = True) -> "JobClient":
         """A client on a connection the caller already has (and keeps)."""
         client = cls(nc, Subjects(prefix), region,
                      msgspec.convert(client_id or f"client-{uuid.uuid4().hex[:12]}", Id),
-                     own_connection, cancel_unrouted)
+                     own_connection, cancel_unrouted, tenant, reads_capture)
         client._subs.append(await nc.subscribe(client.subjects.events_of_edge(region, client.client_id),
                                                cb=client._on_event))
         client._spawn(client._refill_after_reconnects())
@@ -206,12 +224,14 @@ class JobClient:
                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
                 seed: int | None = None, priority: Priority = "standard",
                 region: str | None = None, conversation_id: str | None = None,
-                idempotency_key: str | None = None, timeout_s: float = 300.0) -> ChatRequest:
-        """A validated ChatRequest; the idempotency key, when given, is the request id."""
+                idempotency_key: str | None = None, timeout_s: float = 300.0,
+                tenant: str | None = None) -> ChatRequest:
+        """A validated ChatRequest; the idempotency key, when given, is the request id. `tenant`:
+        this client's unless given (a client login may publish only its own)."""
         sampling = SamplingSpec(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 stop=stop or [], seed=seed)
         return self.new_request(messages, sampling, priority, region=region, conversation_id=conversation_id,
-                                request_id=idempotency_key, timeout_s=timeout_s)
+                                request_id=idempotency_key, timeout_s=timeout_s, tenant=tenant)
 
     def new_request(self, messages: list[ChatMessage], sampling: SamplingSpec, priority: Priority, *,
                     region: str | None = None, conversation_id: str | None = None,
@@ -225,8 +245,8 @@ class JobClient:
         fields = dict(
             request_id=request_id, region=region or self.region, priority=priority, messages=messages,
             sampling=sampling, reply_to=self.reply_to(request_id),
-            conversation_id=conversation_id, created_at=now, deadline=now + timeout_s, tenant=tenant,
-            route=route)
+            conversation_id=conversation_id, created_at=now, deadline=now + timeout_s,
+            tenant=tenant or self.tenant, route=route)
         try:
             return decode(encode(ChatRequest(**fields)), ChatRequest)  # type: ignore[arg-type]
         except (BadMessage, ValueError) as exc:
@@ -244,7 +264,7 @@ class JobClient:
         self._streams[request.request_id] = stream  # before publishing: events may come fast
         try:
             ack = await self.js.publish(
-                self.subjects.request(request.region, request.priority), encode(request),
+                self.request_subject(request), encode(request),
                 timeout=5, headers={"Nats-Msg-Id": request.request_id})
         except Exception as exc:
             self._streams.pop(request.request_id, None)
@@ -254,6 +274,11 @@ class JobClient:
             self._streams.pop(request.request_id, None)
             return await self.attach(request, timeout_s)
         return Job(self, request.request_id, request.region, stream, joined=False, timeout_s=timeout_s)
+
+    def request_subject(self, request: ChatRequest) -> str:
+        """Where a request is published: its region, priority, tenant and id name it."""
+        return self.subjects.request(request.region, request.priority, request.tenant or self.tenant,
+                                     request.request_id)
 
     async def generate(self, messages: list[ChatMessage], **options: object) -> JobResult:
         timeout_s = float(options.get("timeout_s", 300.0))  # type: ignore[arg-type]
@@ -266,9 +291,10 @@ class JobClient:
         request_id = request if isinstance(request, str) else request.request_id
         stream = self._new_stream(request_id)
         self._streams[request_id] = stream
-        self._attached[request_id] = await self.nc.subscribe(
-            self.subjects.events_of_request(request_id), cb=self._on_attached_event)
-        await self.nc.flush()  # subscribed before the capture is read: no gap between the two
+        if self.reads_capture:  # else only its own events come (it may not read others')
+            self._attached[request_id] = await self.nc.subscribe(
+                self.subjects.events_of_request(request_id), cb=self._on_attached_event)
+            await self.nc.flush()  # subscribed before the capture is read: no gap between the two
         history = await self._history(request_id)
         for event in history.from_seq(0):
             stream.deliver(event)
@@ -314,7 +340,7 @@ class JobClient:
         try:
             # Its own id per attempt: a region that saw an earlier attempt must not take this one
             # for a repeat of it.
-            await self.js.publish(self.subjects.request(request.region, request.priority), encode(request),
+            await self.js.publish(self.request_subject(request), encode(request),
                                   timeout=5, headers={"Nats-Msg-Id": f"{request.request_id}.{request.attempt}"})
         except Exception as exc:
             raise JobRejected(f"the bus did not accept attempt {request.attempt} of job {request.request_id}: "
@@ -375,6 +401,8 @@ class JobClient:
     async def _history(self, request_id: str) -> EventHistory:
         """A request's events in every capture this client reads (none readable: none)."""
         history = EventHistory({}, None, None)
+        if not self.reads_capture:
+            return history
         for region in self.capture_regions():
             try:
                 history = history.merged(await event_history(self.js, self.subjects, region, request_id))

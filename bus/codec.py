@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.messages import Event, ReplyRoute
+from bus.messages import ChatRequest, Event, ReplyRoute
+from bus.subjects import Subjects
 
 T = TypeVar("T")
 
@@ -45,6 +46,19 @@ def decode(data: bytes, kind: type[T]) -> T:
 
 def decode_event(data: bytes) -> Event:
     return decode(data, Event)  # type: ignore[arg-type]
+
+
+def check_request_subject(subjects: Subjects, subject: str, request: ChatRequest) -> None:
+    """A pulled request is what its subject says: the subject's tenant and request id are the body's
+    (NATS binds a client login to its tenant's subjects, not to what its payload claims), and its
+    region and priority too. BadMessage otherwise: a malformed message, dead-lettered once."""
+    tokens = subjects.request_tokens(subject)
+    if tokens is None:
+        raise BadMessage(f"{subject!r} is not a request subject")
+    named = dict(zip(("region", "priority", "tenant", "request_id"), tokens, strict=True))
+    for field, value in named.items():
+        if getattr(request, field) != value:
+            raise BadMessage(f"the request's {field} {getattr(request, field)!r} is not its subject's {value!r}")
 
 
 def reply_route(data: bytes) -> ReplyRoute:

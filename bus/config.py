@@ -39,6 +39,8 @@ class BusConfig(Section):
     dead_letter_stream_mb: Count = 256
     capture_max_age_s: Seconds = 24 * 3600.0  # the capture streams drop traffic older than this
     capture_max_mb: Count = 2048  # ...and the oldest beyond this size
+    # How long a process waits at start for its streams, which `grokstack provision` makes.
+    streams_wait_s: Seconds = 30.0
     # The stack's signing secret (bus/signing.py: resume tokens, KV block tags), the same file in
     # every process of every region; "" means <data_dir>/secret, made there when missing.
     secret_file: str = ""

@@ -30,10 +30,10 @@ CHECKED_IN = Path(__file__).with_name("asyncapi.json")
 # Placeholder tokens that pass subject validation, swapped for AsyncAPI parameters afterwards;
 # in this order, so a stream name (`PREFIXX_KINDX_REGIONX`) becomes one parameter, not three.
 _PARAMS = {"PREFIXX_KINDX_REGIONX": "stream", "PREFIXX": "prefix", "REGIONX": "region", "PRIORITYX": "priority",
-           "CLIENTX": "client", "REQUESTX": "request_id", "ROLEX": "role", "KINDX": "kind",
+           "CLIENTX": "client", "TENANTX": "tenant", "REQUESTX": "request_id", "ROLEX": "role", "KINDX": "kind",
            "CONSUMERX": "consumer"}
-_PLACEHOLDERS = Tokens(region="REGIONX", priority="PRIORITYX", client="CLIENTX", request_id="REQUESTX",
-                       role="ROLEX", kind="KINDX", consumer="CONSUMERX")
+_PLACEHOLDERS = Tokens(region="REGIONX", priority="PRIORITYX", client="CLIENTX", tenant="TENANTX",
+                       request_id="REQUESTX", role="ROLEX", kind="KINDX", consumer="CONSUMERX")
 _PARAM_DOCS = {
     "prefix": {"description": "subject prefix of one deployment (GROKSTACK_SUBJECT_PREFIX)",
                "default": "gs"},
@@ -42,6 +42,8 @@ _PARAM_DOCS = {
                "default": "local"},
     "priority": {"enum": list(PRIORITIES), "description": "served highest first"},
     "client": {"description": "id of the edge node or client that waits for the events"},
+    "tenant": {"description": "the tenant whose request it is, 1-64 of A-Z a-z 0-9 _ - (the body's "
+                              "`tenant`; a client login may publish only its own)", "default": "public"},
     "request_id": {"description": "the request's id, 1-64 of A-Z a-z 0-9 _ -"},
     "role": {"enum": [str(r) for r in roles_that("send", "heartbeats")],
              "description": "the worker's role (bus/roles.py)"},

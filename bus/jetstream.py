@@ -1,8 +1,11 @@
-"""Connecting to NATS and declaring the JetStream streams and consumers, idempotently.
+"""Connecting to NATS, and the JetStream streams and consumers, declared idempotently.
 
-Every process declares what it uses at start, so processes can start in any order against a
-fresh server. Declarations are built by functions (not module-level objects) so two brokers in
-one process never share declaration state.
+The streams are made (or their limits updated) in one explicit step, `declare_streams`, as ops
+(`grokstack provision`, services/provision.py): no runtime process may change them, so the last
+one to start cannot rewrite the fleet's limits. A runtime process waits for its streams at start
+(`ensure_streams`) and declares only its durable work consumers (workers) or the mirrors of other
+regions' captures (edges). Declarations are built by functions (not module-level objects) so two
+brokers in one process never share declaration state.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def stream_configs(bus: BusConfig, subjects: Subjects) -> list[StreamConfig]:
             duplicate_window=min(bus.dedupe_window_s, bus.request_ttl_s),
             # A full copy of every message goes to the capture stream (see below).
             republish=RePublish(src=subjects.stream_subjects(kind, region),
-                                dest=subjects.capture_copies_in(kind, region), headers_only=False),
+                                dest=subjects.capture_copies_from(kind, region), headers_only=False),
         )
         for kind in ("req", "decode")
     ]
@@ -205,9 +208,36 @@ def _rfc3339(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-async def ensure_streams(js: JetStreamContext, bus: BusConfig, subjects: Subjects) -> None:
-    for config in stream_configs(bus, subjects):
+async def declare_streams(js: JetStreamContext, bus: BusConfig, subjects: Subjects) -> list[str]:
+    """Create the region's streams, or update them to `bus`'s limits (provisioning, as ops);
+    their names."""
+    configs = stream_configs(bus, subjects)
+    for config in configs:
         await _add_or_update(js.add_stream, js.update_stream, config)
+    return [str(c.name) for c in configs]
+
+
+STREAM_CHECK_S = 0.5
+
+
+async def ensure_streams(js: JetStreamContext, bus: BusConfig, subjects: Subjects) -> None:
+    """Wait up to `bus.streams_wait_s` for the region's streams to exist (provisioned apart, the
+    Job may still be running); BusUnavailable naming the missing one, and how to make it, after."""
+    deadline = time.monotonic() + bus.streams_wait_s
+    for config in stream_configs(bus, subjects):
+        name = str(config.name)
+        while True:
+            try:
+                await js.stream_info(name)
+                break
+            except NotFoundError:
+                why = f"stream {name} does not exist: run `grokstack provision`"
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                why = (f"stream {name} cannot be seen ({type(exc).__name__}): JetStream is not up, or this "
+                       f"login may not see it")
+            if time.monotonic() >= deadline:
+                raise BusUnavailable(f"{why} (waited {bus.streams_wait_s:.0f} s)")
+            await asyncio.sleep(STREAM_CHECK_S)
 
 
 def work_consumer_config(bus: BusConfig, subjects: Subjects, kind: WorkKind,

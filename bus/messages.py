@@ -18,7 +18,13 @@ SCHEMA_VERSION = 1
 
 ChatRole = Literal["system", "user", "assistant"]
 Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-TokenId = Annotated[int, Meta(ge=0)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+# Bounds of what a publisher controls: a value beyond them is a malformed message, refused once,
+# not something a worker (or vLLM) fails on repeatedly.
+Tenant = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # a subject token (bus/subjects.py)
+Seconds = Annotated[float, Meta(ge=0.0, le=1e11)]  # unix seconds
+Attempt = Annotated[int, Meta(ge=0, le=1000)]
+MAX_PROMPT_TOKENS = 1 << 20
 
 
 class Message(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", kw_only=True):
@@ -31,23 +37,23 @@ class Message(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type",
 
 class ChatMessage(Struct, frozen=True, forbid_unknown_fields=True):
     role: ChatRole
-    content: str
+    content: Annotated[str, Meta(max_length=8 * 1024 * 1024)]
 
 
 class SamplingSpec(Struct, frozen=True, forbid_unknown_fields=True):
-    max_tokens: Annotated[int, Meta(ge=1)]
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)]
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)] = []
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None  # what vLLM takes
 
 
 class Continuation(Struct, frozen=True, forbid_unknown_fields=True):
     """What a request's answer already holds when another region takes it over (its region died
     or was cut off mid-answer): the tokens the client was sent, to compute as part of the prompt,
     and where the events go on. With temperature 0 the continued text equals an uninterrupted run."""
-    token_ids: Annotated[list[TokenId], Meta(max_length=1_000_000)]
-    next_seq: Annotated[int, Meta(ge=0)]  # the seq of the next event
+    token_ids: Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]
+    next_seq: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)]  # the seq of the next event
 
 
 class ChatRequest(Message, tag="chat_request"):
@@ -55,21 +61,23 @@ class ChatRequest(Message, tag="chat_request"):
     request_id: Id
     region: Id
     priority: Priority
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
     sampling: SamplingSpec
-    reply_to: str  # subject the token events go to
+    reply_to: Annotated[str, Meta(max_length=256)]  # subject the token events go to
     conversation_id: Id | None = None
-    created_at: float = 0.0  # unix seconds, set by the publisher
-    deadline: float = 0.0  # unix seconds; 0 means none
-    # The edge's tenant of the client that asked: another edge checks it before letting a
-    # client resume the request (edge failover). None when published straight to the bus.
-    tenant: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    created_at: Seconds = 0.0  # unix seconds, set by the publisher
+    deadline: Seconds = 0.0  # unix seconds; 0 means none
+    # The tenant of the client that asked; the request's subject names it too, and a worker
+    # refuses a request whose subject says otherwise (a client login may publish only under its
+    # own tenant: bus/permissions.py). Another edge checks it before letting a client resume the
+    # request. None only in messages older than that rule: a worker refuses them.
+    tenant: Tenant | None = None
     # Why the edge chose this region (edge/routing.py): home, requested, sticky, overflow or
     # failover; "" when published straight to the bus.
     route: Annotated[str, Meta(max_length=16)] = ""
     # 0, then one more each time an edge takes the request over in another region; every event
     # carries it, and edges drop events of an attempt they superseded.
-    attempt: Annotated[int, Meta(ge=0)] = 0
+    attempt: Attempt = 0
     continuation: Continuation | None = None  # set on attempts after the first
 
 
@@ -77,9 +85,10 @@ class KvHandle(Struct, frozen=True, forbid_unknown_fields=True):
     """What decode needs to find and validate the prompt's KV cache in Redis."""
     model_id: str
     layout: str  # fingerprint of dtype, heads, head size, block size and layers
-    block_size: int
-    keys: list[str]  # one Redis key per full block of the prompt, in order
-    num_tokens: int  # prompt tokens the keys cover
+    block_size: Annotated[int, Meta(ge=1, le=4096)]
+    # one Redis key per full block of the prompt, in order
+    keys: Annotated[list[str], Meta(max_length=MAX_PROMPT_TOKENS)]
+    num_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)]  # prompt tokens the keys cover
     content_hash: str  # chained hash of model, layout and those tokens
 
 
@@ -100,23 +109,23 @@ class DecodeJob(Message, tag="decode_job"):
     request_id: Id
     region: Id
     priority: Priority
-    reply_to: str
-    prompt_token_ids: list[TokenId]
+    reply_to: Annotated[str, Meta(max_length=256)]
+    prompt_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]
     first_token_id: TokenId
     sampling: SamplingSpec
     prefill: PrefillStats
     kv: KvHandle | None = None
     conversation_id: Id | None = None
-    created_at: float = 0.0
-    deadline: float = 0.0
+    created_at: Seconds = 0.0
+    deadline: Seconds = 0.0
     # The request's tenant: decode validates the KV handle against this tenant's KV namespace,
     # so a handle naming another tenant's blocks is never loaded (it recomputes instead).
-    tenant: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
-    attempt: Annotated[int, Meta(ge=0)] = 0  # the request's (ChatRequest.attempt)
-    first_seq: Annotated[int, Meta(ge=1)] = 1  # the seq of decode's first event
+    tenant: Tenant | None = None
+    attempt: Attempt = 0  # the request's (ChatRequest.attempt)
+    first_seq: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)] = 1  # the seq of decode's first event
     # Leading tokens of the answer inside prompt_token_ids (a continued request's), counted as
     # completion, not prompt, in the usage.
-    answered_tokens: Annotated[int, Meta(ge=0)] = 0
+    answered_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
 
 
 class Usage(Struct, frozen=True, forbid_unknown_fields=True):
@@ -185,10 +194,10 @@ Event = Union[TokenEvent, FinalEvent, ErrorEvent]
 
 class Cancel(Message, tag="cancel"):
     request_id: Id
-    reason: str
+    reason: Annotated[str, Meta(max_length=256)]
     # Only attempts below this one (a superseded attempt, while the request goes on as this one,
     # perhaps in the same region); None: every attempt.
-    below_attempt: Annotated[int, Meta(ge=1)] | None = None
+    below_attempt: Annotated[int, Meta(ge=1, le=1000)] | None = None
 
 
 class Heartbeat(Message, tag="heartbeat"):
@@ -209,6 +218,11 @@ class Heartbeat(Message, tag="heartbeat"):
     budget_tokens: int = 0
     reserved_tokens: int = 0
     rate_tokens_s: float = 0.0
+    # "draining": it stopped pulling (SIGTERM) and finishes what it holds; "failed": its engine
+    # died or its loop stalled, it handed its jobs back and exits. An edge counts a worker that
+    # is not "serving" as gone at once, without waiting for its beats to stop. `reason` says why.
+    state: Literal["serving", "draining", "failed"] = "serving"
+    reason: Annotated[str, Meta(max_length=512)] = ""
 
 
 class Echo(Struct, frozen=True, forbid_unknown_fields=True):

@@ -9,12 +9,13 @@ module says what that means on a NATS server:
   receive a channel       subscribe to them
   pull a channel          the JetStream API of its work queue: declare durable consumers, pull,
                           ack, delete a job nobody could finish (`take_work`)
-  declare streams         create or update every stream (any process may be the first to start)
+  declare streams         create or update every stream (`grokstack provision`, as ops)
+  see streams             the info of the regions' streams (a runtime role waits for them at start)
   read capture            short-lived consumers on the capture stream (`read_stream`)
   replies                 JetStream's answers on `_INBOX.>`
   queue depths            the work consumers' info (an edge's admission control)
-  remake mirrors          delete a capture stream of a region named (an edge's mirror of another
-                          region that stopped syncing, made again at once)
+  remake mirrors          create, update or delete a capture stream of a region named (an edge's
+                          mirror of another region, made again when it stopped syncing)
   everything              `>` (ops)
 
 The embedded server (services/embedded.py), which `grokstack up` and the tests run, and a
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from bus.roles import ROLES, Role
-from bus.subjects import ANY, Subjects, WorkKind
+from bus.subjects import ANY, Subjects, WorkKind, check_token
 from bus.topology import Action, Capability, Channel, Owner, capabilities_of, uses_of, work_kinds
 
 INBOXES = "_INBOX.>"  # nats-py's replies: JetStream API answers, publish acks, pulled messages
@@ -58,11 +59,20 @@ def check_role(role: str) -> Role:
         raise ValueError(f"unknown bus role {role!r}: one of {', '.join(ROLES)}") from None
 
 
+def _streams(subjects: Subjects, regions: tuple[str, ...]) -> list[str]:
+    return sorted({subjects.stream(k, r) for k in ("req", "decode", "capture", "dlq") for r in regions})
+
+
 def declare_streams(subjects: Subjects, regions: tuple[str, ...]) -> list[str]:
-    """Create or update the regions' streams, as every process does at start."""
-    streams = sorted({subjects.stream(k, r) for k in ("req", "decode", "capture", "dlq") for r in regions})
+    """Create or update the regions' streams (provisioning)."""
+    return see_streams(subjects, regions) + [
+        f"{_API}.STREAM.{verb}.{stream}" for stream in _streams(subjects, regions) for verb in ("CREATE", "UPDATE")]
+
+
+def see_streams(subjects: Subjects, regions: tuple[str, ...]) -> list[str]:
+    """The account's and the regions' streams' info, nothing more."""
     return [f"{_API}.STREAM.NAMES", f"{_API}.INFO"] + [
-        f"{_API}.STREAM.{verb}.{stream}" for stream in streams for verb in ("INFO", "CREATE", "UPDATE")]
+        f"{_API}.STREAM.INFO.{stream}" for stream in _streams(subjects, regions)]
 
 
 def read_stream(stream: str) -> list[str]:
@@ -91,11 +101,13 @@ _EVERYTHING = Permissions(publish=(">",), subscribe=(">",))
 _GRANTED: dict[Capability, Callable[[Subjects, tuple[str, ...]], Permissions]] = {
     "everything": lambda s, regions: _EVERYTHING,
     "declare streams": lambda s, regions: Permissions(publish=tuple(declare_streams(s, regions)), subscribe=()),
+    "see streams": lambda s, regions: Permissions(publish=tuple(see_streams(s, regions)), subscribe=()),
     "read capture": lambda s, regions: Permissions(
         publish=tuple(p for r in regions for p in read_stream(s.stream("capture", r))), subscribe=()),
     "replies": lambda s, regions: Permissions(publish=(), subscribe=(INBOXES,)),
     "remake mirrors": lambda s, regions: Permissions(
-        publish=tuple(f"{_API}.STREAM.DELETE.{s.stream('capture', r)}" for r in regions), subscribe=()),
+        publish=tuple(f"{_API}.STREAM.{verb}.{s.stream('capture', r)}" for r in regions
+                      for verb in ("CREATE", "UPDATE", "DELETE")), subscribe=()),
     "queue depths": lambda s, regions: Permissions(
         publish=tuple(f"{_API}.CONSUMER.INFO.{s.stream(kind, r)}.*" for kind in work_kinds() for r in regions),
         subscribe=()),
@@ -122,24 +134,31 @@ _DOES: dict[Action, Callable[[Subjects, Channel, str | None, tuple[str, ...]], P
 }
 
 
-def _owners(role: Role, edge_id: str | None) -> dict[Owner, str | None]:
-    """Whose addresses a login's `own` uses cover: its role's, its edge's (None: the shared edge
-    login, any edge's), the kind of work it pulls."""
-    return {"role": str(role), "client": None if edge_id == ANY else edge_id, "kind": ROLES[role].pulls}
+def _owners(role: Role, edge_id: str | None, tenant: str | None) -> dict[Owner, str | None]:
+    """Whose addresses a login's `own` uses cover: its role's, its edge's or client's (None: the
+    shared edge login, any edge's), its tenant's, the kind of work it pulls."""
+    return {"role": str(role), "client": None if edge_id == ANY else edge_id, "tenant": tenant,
+            "kind": ROLES[role].pulls}
 
 
 def permissions(role: str, subjects: Subjects, edge_id: str | None = None,
-                regions: tuple[str, ...] = (ANY,)) -> Permissions:
+                regions: tuple[str, ...] = (ANY,), tenant: str | None = None) -> Permissions:
     """The subjects `role` may publish and subscribe to under `subjects`' prefix. `edge_id` limits
     an edge to its own events (`<prefix>.evt.*.<edge_id>.*`); None lets it read any edge's (one
-    shared user for all edges). `regions`: those whose streams the server holds (its own, and
-    the mirrors of others'); ANY, every stream (a stream name is one token, which a pattern
-    cannot narrow to ours)."""
+    shared user for all edges). A client is bound to one `tenant` and one client id (`edge_id`):
+    it publishes that tenant's requests and reads that client's events. `regions`: those whose
+    streams the server holds (its own, and the mirrors of others'); ANY, every stream (a stream
+    name is one token, which a pattern cannot narrow to ours)."""
     role = check_role(role)
+    if role == Role.CLIENT:
+        if not tenant or not edge_id or ANY in (tenant, edge_id):
+            raise ValueError("a client login is bound to one tenant and one client id: "
+                             "credentials key client:<tenant>:<client_id>")
+        check_token(tenant, "tenant"), check_token(edge_id, "client id")
     rights = [_GRANTED[capability](subjects, regions) for capability in capabilities_of(role)]
     if _EVERYTHING in rights:
         return _EVERYTHING  # anything else would only repeat it
-    owners = _owners(role, edge_id)
+    owners = _owners(role, edge_id, tenant)
     for channel, use in uses_of(role):
         owner = owners[channel.owned_by] if use.own and channel.owned_by else None
         rights.append(_DOES[use.action](subjects, channel, owner, regions))
@@ -169,20 +188,41 @@ class User:
 def role_users(passwords: dict[str, tuple[str, str]], prefixes: Iterable[Subjects],
                regions: tuple[str, ...] = (ANY,)) -> list[User]:
     """Users for role -> (user name, password) with the role's permissions under every prefix;
-    an `edge:<id>` key is an edge confined to its own events (`edge_user_key`)."""
+    an `edge:<id>` key is an edge confined to its own events (`edge_user_key`), a
+    `client:<tenant>:<id>` key a client bound to its tenant and id (`client_user_key`)."""
     prefixes = list(prefixes)
     users = []
     for key, (name, password) in passwords.items():
-        role, _, edge_id = key.partition(":")
-        users.append(User(name, password, merged(*(permissions(role, s, edge_id or None, regions)
+        role, edge_id, tenant = login_key_parts(key)
+        users.append(User(name, password, merged(*(permissions(role, s, edge_id, regions, tenant)
                                                    for s in prefixes))))
     return users
+
+
+def login_key_parts(key: str) -> tuple[str, str | None, str | None]:
+    """(role, edge or client id, tenant) of a credentials-file key: `edge`, `edge:<id>`,
+    `client:<tenant>:<id>` ..."""
+    role, _, rest = key.partition(":")
+    if role == Role.CLIENT:
+        tenant, _, client_id = rest.partition(":")
+        return role, client_id or None, tenant or None
+    return role, rest or None, None
 
 
 def edge_user_key(edge_id: str) -> str:
     """The credentials-file key of one edge's own login; an edge with worker id `<id>` uses it
     before the shared `edge` one (bus/credentials.py)."""
     return f"edge:{edge_id}"
+
+
+def client_user_key(tenant: str, client_id: str) -> str:
+    """The credentials-file key of a client login bound to one tenant and one client id."""
+    return f"client:{check_token(tenant, 'tenant')}:{check_token(client_id, 'client id')}"
+
+
+def client_user_name(tenant: str, client_id: str) -> str:
+    """Its NATS user name (`client-<tenant>-<id>`; ':' is kept out of names)."""
+    return f"client-{check_token(tenant, 'tenant')}-{check_token(client_id, 'client id')}"
 
 
 def authorization_block(users: Iterable[User]) -> str:

@@ -26,6 +26,7 @@ class Role(StrEnum):
     DECODE = "decode"
     AGGREGATED = "aggregated"
     OPS = "ops"
+    CLIENT = "client"
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,15 @@ ROLES: dict[Role, RoleSpec] = {spec.role: spec for spec in (
              pulls="decode", stages=("decode",), holds_answer=True),
     RoleSpec(Role.AGGREGATED, "prefills and decodes in one engine (pulls requests, publishes token events)",
              pulls="req", stages=("prefill", "decode"), holds_answer=True),
-    RoleSpec(Role.OPS, "operates the bus: back-end services' jobs, replay, trace (may do everything)"),
+    RoleSpec(Role.OPS, "operates the bus: provisions the streams, replay, trace, chaos tools (may do everything)"),
+    RoleSpec(Role.CLIENT, "a back-end service that submits jobs directly (JobClient, `grokstack publish`): its "
+             "login is bound to one tenant and one client id (publishes that tenant's requests, reads "
+             "its own events)"),
 )}
 
 WORKER_ROLES: tuple[Role, ...] = tuple(r for r, spec in ROLES.items() if spec.is_worker)
+# The roles of the stack's own processes, which wait for provisioned streams (services/provision.py).
+RUNTIME_ROLES: tuple[Role, ...] = (Role.EDGE, *WORKER_ROLES)
 
 
 def roles_pulling(kind: WorkKind) -> tuple[Role, ...]:

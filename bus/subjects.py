@@ -3,10 +3,12 @@
 Layout (prefix `gs` by default); every subject a stream stores names its region, and every
 region has its own streams (`GS_REQ_<region>` ...), so regions share no stream even on one server,
 and a region's streams never pull another region's traffic across the WAN:
-  gs.req.<region>.<priority>        chat requests        (stream GS_REQ_<region>, work queue)
+  gs.req.<region>.<priority>.<tenant>.<request_id>
+                                    chat requests        (stream GS_REQ_<region>, work queue)
   gs.decode.<region>.<priority>     decode jobs          (stream GS_DECODE_<region>, work queue)
-  gs.cap.<kind>.<region>.<priority> full copies the work streams republish (GS_CAPTURE_<region>)
-  gs.bell.<kind>.<region>.<priority> header-only copies the capture republishes: wake-up calls
+  gs.cap.<kind>.<region>.<priority>[.<tenant>.<request_id>]
+                                    full copies the work streams republish (GS_CAPTURE_<region>)
+  gs.bell.<kind>.<region>.<priority>[...] header-only copies the capture republishes: wake-up calls
   gs.evt.<region>.<client>.<request_id>  token/final/error events back to the edge or client
                                     that asked, in the client's region (captured there)
   gs.cancel.<region>                cancellations, to every worker of a region (captured)
@@ -17,6 +19,12 @@ and a region's streams never pull another region's traffic across the WAN:
 Work streams are work queues (a message is deleted once acked), so they cannot be the record of
 what happened; GS_CAPTURE_<region> keeps copies of everything for replay and tracing, bounded by
 age and size. A subject may belong to one stream only, hence the copies under `cap`.
+
+A request's subject names its tenant and id: NATS permissions can then bind a direct publisher's
+login to its tenant (bus/permissions.py), a worker checks the body says the same
+(`check_request_subject`), and the captured copy of one request is found by its subject alone
+(`captured_copies_of_request`: the server hands over its copies only, whatever else the
+capture holds).
 """
 
 from __future__ import annotations
@@ -65,16 +73,40 @@ class Subjects:
 
     # --- work queues ---
     def work(self, kind: WorkKind, region: str, priority: Priority) -> str:
-        return f"{self.prefix}.{kind}.{check_token(region, 'region')}.{priority}"
+        """The work of one kind and priority: the filter of its durable consumer."""
+        tail = ".>" if kind == "req" else ""  # a request's subject goes on with its tenant and id
+        return f"{self.prefix}.{kind}.{check_token(region, 'region')}.{check_token(priority, 'priority')}{tail}"
 
-    def request(self, region: str, priority: Priority) -> str:
-        return self.work("req", region, priority)
+    def request(self, region: str, priority: Priority, tenant: str, request_id: str) -> str:
+        return (f"{self.prefix}.req.{check_token(region, 'region')}.{check_token(priority, 'priority')}."
+                f"{check_token(tenant, 'tenant')}.{check_token(request_id, 'request id')}")
+
+    def requests_of_tenant(self, tenant: str) -> str:
+        """A tenant's requests in any region and priority: a permission pattern."""
+        return f"{self.prefix}.req.*.*.{check_token(tenant, 'tenant')}.*"
+
+    def request_tokens(self, subject: str) -> tuple[str, str, str, str] | None:
+        """(region, priority, tenant, request id) of a request subject, or of its captured copy;
+        None when it is not one."""
+        parts = self.original_subject(subject).split(".")
+        if len(parts) != 6 or parts[0] != self.prefix or parts[1] != "req":
+            return None
+        return parts[2], parts[3], parts[4], parts[5]
+
+    def captured_request(self, region: str, priority: Priority, tenant: str, request_id: str) -> str:
+        """The capture's copy of one request: `capture_copies_in` applied to `request`."""
+        return f"{self.prefix}.cap.{self.request(region, priority, tenant, request_id)[len(self.prefix) + 1:]}"
+
+    def captured_copies_of_request(self, region: str, tenant: str, request_id: str) -> str:
+        """The capture's copies of one request in a region, whatever its priority: a filter."""
+        return (f"{self.prefix}.cap.req.{check_token(region, 'region')}.*.{check_token(tenant, 'tenant')}."
+                f"{check_token(request_id, 'request id')}")
 
     def decode(self, region: str, priority: Priority) -> str:
         return self.work("decode", region, priority)
 
     def doorbell(self, kind: WorkKind, region: str) -> str:
-        return f"{self.prefix}.bell.{kind}.{check_token(region, 'region')}.*"
+        return f"{self.prefix}.bell.{kind}.{check_token(region, 'region')}.>"
 
     def stream(self, kind: StreamKind, region: str) -> str:
         """A region's stream of a kind. With any prefix or any region (ANY), every stream: a
@@ -84,7 +116,18 @@ class Subjects:
         return f"{self.prefix.upper().replace('-', '_')}_{kind.upper()}_{check_token(region, 'region')}"
 
     def stream_subjects(self, kind: WorkKind, region: str) -> str:
-        return f"{self.prefix}.{kind}.{check_token(region, 'region')}.>"
+        """What a region's work stream takes: exactly the shape of its subjects, so a publish to
+        any other (an older layout, a typo) finds no stream and fails at once instead of waiting,
+        stored, for a consumer that never takes it."""
+        tail = ".*.*.*" if kind == "req" else ".*"  # <priority>[.<tenant>.<request_id>]
+        return f"{self.prefix}.{kind}.{check_token(region, 'region')}{tail}"
+
+    def capture_copies_from(self, kind: WorkKind, region: str) -> str:
+        """Where a region's work stream republishes what `stream_subjects` takes: the same tokens
+        under `cap` (a subject mapping of nats-server)."""
+        tokens = 3 if kind == "req" else 1
+        tail = "".join(f".{{{{wildcard({n})}}}}" for n in range(1, tokens + 1))
+        return f"{self.prefix}.cap.{kind}.{check_token(region, 'region')}{tail}"
 
     def capture_copies_in(self, kind: WorkKind, region: str) -> str:
         """Where a region's work stream republishes its messages."""
@@ -97,7 +140,7 @@ class Subjects:
         return f"{self.prefix}.cap.{kind}.>" if kind else f"{self.prefix}.cap.>"
 
     def capture_copies_of(self, region: str, kind: WorkKind | None = None) -> str:
-        return f"{self.prefix}.cap.{kind or '*'}.{check_token(region, 'region')}.*"
+        return f"{self.prefix}.cap.{kind or '*'}.{check_token(region, 'region')}.>"
 
     def doorbells(self) -> str:
         return f"{self.prefix}.bell.>"
@@ -107,8 +150,8 @@ class Subjects:
 
     def doorbells_from_copies(self, region: str) -> str:
         """Where the capture republishes the copies of `capture_copies_of(region)`: the same
-        kind and priority under `bell` (a subject mapping of nats-server)."""
-        return f"{self.prefix}.bell.{{{{wildcard(1)}}}}.{check_token(region, 'region')}.{{{{wildcard(2)}}}}"
+        kind, priority (and a request's tenant and id) under `bell` (a subject mapping of nats-server)."""
+        return f"{self.prefix}.bell.{{{{wildcard(1)}}}}.{check_token(region, 'region')}.>"
 
     def captured(self, region: str) -> list[str]:
         """Everything a region's capture stream stores."""
@@ -151,7 +194,7 @@ class Subjects:
 
     # --- captured copies and sandboxes ---
     def original_subject(self, subject: str) -> str:
-        """`gs.cap.req.eu.batch` -> `gs.req.eu.batch`; other subjects are already original."""
+        """`gs.cap.req.eu.batch.acme.r1` -> `gs.req.eu.batch.acme.r1`; others are already original."""
         head = f"{self.prefix}.cap."
         return f"{self.prefix}.{subject[len(head):]}" if subject.startswith(head) else subject
 

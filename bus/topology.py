@@ -13,8 +13,9 @@ A role does one of three things with a channel:
            ack, delete), never by subscribing to the subject itself
 
 A use may be limited to the role's own addresses of the channel (`own`); what "own" means is the
-channel's `owned_by`: a worker beats only as its own role, an edge with a login of its own reads
-only its own events, a worker wakes up only for the kind of work it pulls.
+channel's `owned_by`: a worker beats only as its own role, an edge with a login of its own (and
+every client login) reads only its own events, a client publishes only its tenant's requests, a
+worker wakes up only for the kind of work it pulls.
 
 Capabilities are what a role may do beside the channels; bus/permissions.py says which JetStream
 API subjects each one takes.
@@ -26,14 +27,15 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from bus import messages as m
-from bus.roles import WORKER_ROLES, Role, roles_pulling
+from bus.roles import RUNTIME_ROLES, WORKER_ROLES, Role, roles_pulling
 from bus.subjects import ANY, Subjects, WorkKind
 
 Action = Literal["send", "receive", "pull"]
-# The token of an address that says whose it is: a role, a client (an edge or a JobClient) or a
-# kind of work. The names are those of the `Tokens` fields that hold it.
-Owner = Literal["role", "client", "kind"]
-Capability = Literal["everything", "declare streams", "read capture", "replies", "queue depths", "remake mirrors"]
+# The token of an address that says whose it is: a role, a client (an edge or a JobClient), a
+# tenant or a kind of work. The names are those of the `Tokens` fields that hold it.
+Owner = Literal["role", "client", "tenant", "kind"]
+Capability = Literal["everything", "declare streams", "see streams", "read capture", "replies", "queue depths",
+                     "remake mirrors"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Tokens:
     region: str
     priority: str
     client: str
+    tenant: str
     request_id: str
     role: str
     kind: str
@@ -118,7 +121,7 @@ def _filled(pattern: str, *tokens: str) -> str:
 def _named(kind: str) -> str:
     """A region's stream as it is named with the default prefix, for the descriptions."""
     return Subjects().stream(kind, "REGION").replace("REGION", "<region>")  # type: ignore[arg-type]
-CLIENTS = (Role.EDGE, Role.OPS)  # who submits jobs: the edge, and JobClient / `grokstack publish`
+CLIENTS = (Role.EDGE, Role.OPS, Role.CLIENT)  # who submits jobs: the edge, JobClient, `grokstack publish`
 
 CHANNELS: tuple[Channel, ...] = (
     Channel(
@@ -126,9 +129,13 @@ CHANNELS: tuple[Channel, ...] = (
         "Chat requests for the prefill pool, in the JetStream work queue "
         f"{_named('req')}: an accepted request survives a worker's death.",
         (m.ChatRequest,),
-        address=lambda s, t: s.request(t.region, t.priority),  # type: ignore[arg-type]
-        everywhere=lambda s: s.all_work("req"), work="req",
-        uses=(Use("send", CLIENTS, "A client (edge, JobClient or any NATS client) submits a job."),
+        address=lambda s, t: s.request(t.region, t.priority, t.tenant, t.request_id),  # type: ignore[arg-type]
+        everywhere=lambda s: s.all_work("req"), work="req", owned_by="tenant",
+        own=lambda s, tenant, region: s.requests_of_tenant(tenant),
+        uses=(Use("send", (Role.EDGE, Role.OPS), "The edge (or an operator) submits a job of any tenant."),
+              Use("send", (Role.CLIENT,), "A back-end service submits a job of its own tenant only; "
+                  "workers refuse a request whose body names another tenant or id than its subject.",
+                  own=True),
               Use("pull", roles_pulling("req"), "Workers that prefill take requests by priority."))),
     Channel(
         "decodeJobs",
@@ -187,8 +194,10 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         "captureCopies",
         "Full copies of the work messages, kept with the events and cancels in "
-        f"{_named('capture')} for replay and tracing. Read only, through consumers on the stream: "
-        "by `grokstack replay` and `trace`, and by an edge that adopts another edge's request.",
+        f"{_named('capture')} for replay and tracing; a request's copy goes on with its "
+        "`.<tenant>.<request_id>`, so one request is found by its subject. Read only, through the "
+        "stream: by `grokstack replay` and `trace`, by an edge that adopts another edge's request, "
+        "by workers; never by a client login (it holds every tenant's prompts).",
         (m.ChatRequest, m.DecodeJob),
         address=lambda s, t: _filled(s.capture_copies(t.kind), t.region, t.priority),  # type: ignore[arg-type]
         everywhere=lambda s: s.capture_copies(),
@@ -196,7 +205,8 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         "doorbells",
         f"Header-only copies {_named('capture')} republishes of each new work message, no "
-        "payload: an idle worker sleeps until one rings instead of polling.",
+        "payload (a request's goes on with `.<tenant>.<request_id>`): an idle worker sleeps until "
+        "one rings instead of polling.",
         (),
         address=lambda s, t: _filled(s.doorbell(t.kind, t.region), t.priority),  # type: ignore[arg-type]
         everywhere=lambda s: s.doorbells(), owned_by="kind",
@@ -217,14 +227,19 @@ CHANNELS: tuple[Channel, ...] = (
 
 GRANTS: tuple[Grant, ...] = (
     Grant("everything", (Role.OPS,),
-          "operators and back-end services: `grokstack publish/replay/trace`, JobClient, chaos tools, tests"),
-    Grant("declare streams", tuple(Role), "any process may be the first to start, so each creates or updates them"),
-    Grant("read capture", tuple(Role), "short-lived consumers on the capture stream: an edge adopting another's "
-          "request after a failover, decode migration, the last event of an exhausted job"),
+          "operators: `grokstack provision/replay/trace`, chaos tools, tests"),
+    # One explicit step (services/provision.py), so the last process to start cannot rewrite the
+    # fleet's stream limits, nor the internet-facing edge any stream's config.
+    Grant("declare streams", (Role.OPS,), "`grokstack provision` creates the streams and updates their limits"),
+    Grant("see streams", RUNTIME_ROLES, "a process waits at start until its streams exist (provisioned)"),
+    Grant("read capture", RUNTIME_ROLES, "short-lived consumers on the capture stream: an edge adopting another's "
+          "request after a failover, decode migration, the last event of an exhausted job (not clients: "
+          "it holds every tenant's prompts)"),
     Grant("replies", tuple(Role), "JetStream's answers, publish acks and pulled messages come to an inbox"),
     Grant("queue depths", (Role.EDGE,), "the work queues' depth, for admission control (edge/queues.py)"),
-    Grant("remake mirrors", (Role.EDGE,), "delete a mirror of another region's capture that stopped syncing, to make "
-          "it again (edge/gateway.py; the capture streams of the regions named, the server's own included)"),
+    Grant("remake mirrors", (Role.EDGE,), "make a mirror of another region's capture, and delete one that stopped "
+          "syncing to make it again (edge/gateway.py; the capture streams of the regions named, the server's "
+          "own included: one pattern cannot tell them apart)"),
 )
 
 OPERATIONS: tuple[Operation, ...] = tuple(

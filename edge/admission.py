@@ -6,6 +6,8 @@ requests fast and tells the rest when to come back. Checked in this order:
   2. the priority's estimated queue wait (edge/queues.py) over its budget: `overloaded`.
      Batch is degraded first: past half its budget its max_tokens is capped.
 Both refusals are retryable and say after how many seconds a retry is likely to be accepted.
+While a pool has no live worker and its replacement is expected (edge/intake.py), its queue does
+not drain until then: a refused request is told to come back no sooner than that.
 Lower priorities wait behind higher ones, so their estimated wait passes its budget first: in a
 spike batch is refused first, then standard, and interactive last.
 
@@ -123,8 +125,9 @@ class Admission:
         self._buckets: dict[str, TokenBucket] = {}
         self.scale = PromptScale()
 
-    def admit(self, request: ChatRequest, tenant: Tenant) -> Admitted:
-        """The request to publish (maybe degraded), or Refused."""
+    def admit(self, request: ChatRequest, tenant: Tenant, replacement_in_s: float = 0.0) -> Admitted:
+        """The request to publish (maybe degraded), or Refused. `replacement_in_s`: a stage of its
+        region has no live worker, and one is expected in that many seconds."""
         priority = request.priority
         estimated = estimate_prompt_tokens(request.messages)
         prompt = self.scale.tokens(estimated)
@@ -132,7 +135,7 @@ class Admission:
         budget = self.budgets[priority]
         if budget and wait > budget:
             raise self._refuse("overloaded", priority, f"the estimated queue wait for {priority} requests is "
-                               f"{wait:.1f} s, over its budget of {budget:g} s", wait - budget)
+                               f"{wait:.1f} s, over its budget of {budget:g} s", max(wait - budget, replacement_in_s))
         request, degraded = self._degrade(request, wait, budget)
         charged = prompt + request.sampling.max_tokens
         if tenant.tokens_per_minute:

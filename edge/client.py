@@ -2,9 +2,11 @@
 
 `EdgeClient` is one connection. `RegionalClient` keeps each request until its final frame across the
 loss of its edge, or of the edge's whole region: it reconnects to the next edge that answers and
-resumes the request by id after the last token it saw; when no edge knows the request (its region
-accepted it just before dying, before mirroring it elsewhere) it sends the same chat again and drops
-the new answer's tokens up to the last one already shown.
+resumes the request by id after the last token it saw, with the resume token its `accepted` frame
+carried (the request id alone resumes nothing), waiting as told when the edge says resumes come too
+fast (`rate_limited`); when no edge knows the request (its region accepted it just before dying,
+before mirroring it elsewhere) it sends the same chat again and drops the new answer's tokens up to
+the last one already shown.
 
 Besides the edge's frames, `RegionalClient.stream` yields two of its own:
   {"type": "reconnected", "url": "ws://…"}           a new connection, to resume (or resend) on
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ class ChatResult:
     token_times: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, tokens) per frame
     started: float = 0.0
     request_id: str = ""  # the request that answered (after a resubmission, the new one)
+    resume_token: str = ""  # and what resumes it (edge/resume.py)
     region: str = ""  # the region that served it, and why (home, requested, sticky, overflow, failover)
     route: str = ""
     # No edge knew the request any more, so it was sent again: the text is what was shown of the first
@@ -52,6 +56,7 @@ async def collect(frames: AsyncIterator[Frame]) -> ChatResult:
     async for frame in frames:
         if frame["type"] == "accepted":
             result.request_id = frame["request_id"]
+            result.resume_token = frame.get("resume_token") or result.resume_token
             result.region = frame.get("region") or result.region
             result.route = frame.get("route") or result.route
         elif frame["type"] == "token":
@@ -118,11 +123,13 @@ class EdgeClient:
         return self._exchange(client_id, {"type": "chat", "id": client_id, "messages": messages,
                                           **{k: v for k, v in params.items() if v is not None}})
 
-    def resume(self, request_id: str, last_seq: int, *, id: str | None = None) -> AsyncGenerator[Frame, None]:
-        """Frames of a request started earlier (perhaps on a lost connection), after `last_seq`."""
+    def resume(self, request_id: str, last_seq: int, resume_token: str, *,
+               id: str | None = None) -> AsyncGenerator[Frame, None]:
+        """Frames of a request started earlier (perhaps on a lost connection), after `last_seq`;
+        `resume_token` is the one its `accepted` frame carried."""
         client_id = id or next(self._ids)
         return self._exchange(client_id, {"type": "resume", "id": client_id, "request_id": request_id,
-                                          "last_seq": last_seq})
+                                          "resume_token": resume_token, "last_seq": last_seq})
 
     async def _exchange(self, client_id: str, frame: Frame) -> AsyncGenerator[Frame, None]:
         queue: asyncio.Queue[Frame] = asyncio.Queue()
@@ -239,7 +246,7 @@ class RegionalClient:
         client = self.client if frames is not None else await self.connect()
         assert client is not None and (frames is not None or submit is not None)
         frames = frames if frames is not None else submit(client)
-        request_id, last_seq = "", -1
+        request_id, token, last_seq, wait = "", "", -1, 0.0
         give_up_at: float | None = None  # while connections drop before a single frame comes
         while True:
             then = None
@@ -252,9 +259,14 @@ class RegionalClient:
                     if code == "unknown_request" and submit:
                         then = "resubmit"
                         break
+                    if code == "rate_limited" and request_id and token:  # our resume came too fast
+                        then = "wait"
+                        wait = float(frame.get("retry_after_s") or 1.0)
+                        break
                     give_up_at = None
                     if kind == "accepted":
                         request_id = frame["request_id"]
+                        token = frame.get("resume_token") or token
                     elif kind == "token":
                         if frame["seq"] <= last_seq:  # shown already: a repeat, or a resubmitted answer's start
                             continue
@@ -264,7 +276,9 @@ class RegionalClient:
                         return
             if then is None:
                 return
-            if then == "reconnect":
+            if then == "wait":  # as a well-behaved client: what the edge said, with jitter
+                await asyncio.sleep(wait * random.uniform(1.0, 1.5))
+            elif then == "reconnect":
                 give_up_at = give_up_at or time.monotonic() + self.give_up_s
                 try:
                     client = await self._replace(client, give_up_at)
@@ -275,7 +289,7 @@ class RegionalClient:
             else:  # no edge knows the request: ask again; the tokens up to last_seq were shown
                 yield {"type": "resubmitted", "request_id": request_id}
                 request_id = ""
-            frames = client.resume(request_id, last_seq) if request_id else submit(client)
+            frames = client.resume(request_id, last_seq, token) if request_id else submit(client)
 
 
 async def complete_anywhere(urls: str | Sequence[str], messages: list[dict[str, str]], *, give_up_s: float = 30.0,

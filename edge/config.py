@@ -17,6 +17,11 @@ class EdgeConfig(Section):
     # JSON file of tenants and their API keys' SHA-256 hashes (`grokstack apikey`); "" means no
     # authentication: every caller is tenant "public" with every priority.
     api_keys_file: str = ""
+    # Origins (e.g. "https://chat.example.com", comma-separated; "*": any) whose web pages may open
+    # the websocket, besides the chat page's own (the request's Host). A handshake without an
+    # Origin header (not a browser: our clients, curl) is let in: the check stops a web page a
+    # user visits from driving a stack it can reach.
+    allowed_origins: str = ""
     # What a client may send (edge/protocol.py checks every frame and body against these).
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024  # a websocket frame or an HTTP body
     max_messages: Count = 256
@@ -29,6 +34,14 @@ class EdgeConfig(Section):
     # resume; then it is cancelled through the pipeline.
     resume_grace_s: Seconds = 10.0
     resume_retention_s: Seconds = 120.0  # a finished request's events stay resumable this long
+    # Resumes (edge/resume.py) per second and at once: of a client (a websocket connection, an
+    # HTTP client's address; behind a proxy, the proxy's), and of a tenant (those with a valid token).
+    resume_client_rate: Annotated[float, Field(gt=0)] = 5.0
+    resume_client_burst: Count = 10
+    resume_tenant_rate: Annotated[float, Field(gt=0)] = 20.0
+    resume_tenant_burst: Count = 40
+    # The edge's liveness (/healthz) fails when its event loop has not run for this long.
+    loop_stall_s: Seconds = 10.0
     request_timeout_s: Seconds = 300.0
     send_timeout_s: Seconds = 10.0
     # Before refusing batch requests (bus/priorities.py budgets), their max_tokens is capped to

@@ -30,13 +30,15 @@ from bus.codec import BadMessage, decode, encode
 from bus.config import BusConfig
 from bus.jetstream import ensure_mirror, ensure_streams, mirror_stalled, remake_mirror
 from bus.messages import ChatRequest, Heartbeat, RegionBeat
-from bus.roles import STAGES, Role, Stage, roles_serving
+from bus.roles import STAGES, Stage, roles_serving
+from edge.tenants import PUBLIC
 from edge.config import EdgeConfig
 from edge.queues import QueueWatch
 from edge.regions import Regions
 
 log = structlog.get_logger("grokstack.edge")
 
+MAX_MODELS = 64  # model ids remembered from heartbeats
 MIRROR_CHECK_S = 5.0  # how often a mirror is checked (a stall shows after 10 s without activity)
 
 
@@ -56,9 +58,7 @@ class Gateway:
         self.region = bus.region
         self.model_id = model_id  # the model this edge is configured with
         self.edge_id = edge_id_for(bus.worker_name)
-        # (region, role) -> monotonic time of the last heartbeat of a worker of that kind there
-        self._last_beat: dict[tuple[str, Role], float] = {}
-        self._models: dict[str, float] = {}  # model id -> last heartbeat naming it
+        self._models: dict[str, float] = {}  # model id -> last heartbeat naming it (MAX_MODELS at most)
         self._background: set[asyncio.Task] = set()
         self.queues = QueueWatch(bus, config, self.js)
         self.regions = Regions(self.region, self.edge_id, config, self.queues)
@@ -88,27 +88,23 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
 
-    async def adopt(self, request_id: str) -> tuple[ChatRequest, Job] | None:
-        """Follow a request another edge accepted: the request and its events as the capture
-        holds them, then its events as they come. None when the capture has no such request."""
-        client = self.client
-        job = await client.attach(request_id, timeout_s=self.config.request_timeout_s)
-        history = job.history
-        # A request is first stored before its first event, and lives until its deadline.
-        since = ((history.first_stored_at if history else None) or time.time()) - self.config.request_timeout_s
+    async def adopt(self, request_id: str, tenant: str = PUBLIC.name) -> tuple[ChatRequest, Job] | None:
+        """Follow `tenant`'s request that another edge accepted: the request and its events as the
+        capture holds them, then its events as they come. None when no capture this edge reads
+        holds such a request: found by its subject (bus/capture.py), so an unknown id is a few
+        single-message gets, never a scan."""
         request = None
         for region in self.capture_regions():
-            before = history.first_stream_seq if history and history.region == region else None
             try:
-                request = await find_request(self.js, self.subjects, region, request_id, since, before)
+                request = await find_request(self.js, self.subjects, region, request_id, tenant)
             except Exception as exc:  # that capture is down or absent
                 log.debug("capture not readable", request_id=request_id, region=region,
                           error=f"{type(exc).__name__}: {exc}")
             if request is not None:
                 break
         if request is None:
-            client.forget(request_id)
             return None
+        job = await self.client.attach(request_id, timeout_s=self.config.request_timeout_s)
         return request, job
 
     # ------------------------------------------------------------------ workers and models
@@ -118,9 +114,15 @@ class Gateway:
             beat = decode(msg.data, Heartbeat)
         except BadMessage:
             return
+        # Which workers are alive is the queue watch's (bounded) record of them.
+        if not self.queues.on_beat(beat) or beat.state != "serving":
+            return
         now = time.monotonic()
-        self.queues.on_beat(beat)
-        self._last_beat[(beat.region, beat.role)] = now
+        if beat.model_id not in self._models and len(self._models) >= MAX_MODELS:
+            horizon = self._horizon()  # a bus peer could name a new model in every beat
+            self._models = {m: at for m, at in self._models.items() if at >= horizon}
+            if len(self._models) >= MAX_MODELS:
+                return
         self._models[beat.model_id] = now
 
     def capture_regions(self) -> list[str]:
@@ -135,7 +137,9 @@ class Gateway:
             log.warning("dropped malformed region beat", subject=msg.subject, reason=exc.reason)
             return
         self.regions.on_beat(beat)
-        if beat.domain and beat.domain != self.domain and beat.region not in self._mirrored:
+        # only a region kept (edge/regions.py bounds them): a lying peer cannot make mirrors without end
+        if (beat.domain and beat.domain != self.domain and beat.region not in self._mirrored
+                and self.regions.knows(beat.region)):
             self._mirrored.add(beat.region)
             self._spawn(self._mirror(beat.region, beat.domain))
 
@@ -196,18 +200,23 @@ class Gateway:
             workers = beat.workers if beat is not None and fresh else {}
             return {stage: any(workers.get(role, 0) > 0 for role in roles_serving(stage)) for stage in STAGES}
         horizon = self._horizon()
-        alive = {role for (r, role), at in self._last_beat.items() if r == region and at >= horizon}
+        alive = self.queues.roles_alive(region, horizon)
         return {stage: any(role in alive for role in roles_serving(stage)) for stage in STAGES}
 
     def health(self) -> tuple[bool, str]:
-        ok = self.nc.is_connected
-        return ok, "ok\n" if ok else "nats disconnected\n"
+        """The bus side of liveness: not NATS being up (a NATS outage would restart every edge at
+        once, and the client reconnects by itself), only its client not having given up for good."""
+        if self.nc.is_closed:
+            return False, "nats connection closed for good\n"
+        return True, f"nats={'up' if self.nc.is_connected else 'reconnecting'}\n"
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready while NATS is connected. Not the workers: while they are down the edge stays in
+        the Service and answers 503 with Retry-After itself; their state is in the body for humans."""
         alive = self.workers_alive()
-        ok = self.nc.is_connected and all(alive.values())
+        ok = self.nc.is_connected
         body = " ".join(f"{role}={'up' if up else 'down'}" for role, up in alive.items())
-        return ok, f"{body} nats={'up' if self.nc.is_connected else 'down'}\n"
+        return ok, f"nats={'up' if ok else 'down'} {body}\n"
 
     def models(self) -> list[str]:
         """Model ids that live workers serve, and the one this edge is configured with."""

@@ -1,12 +1,20 @@
 """The OpenAI-compatible HTTP API of the edge node (aiohttp).
 
     POST /v1/chat/completions                   streaming (SSE) or one JSON response
-    GET  /v1/chat/completions/{id}/stream       resume a stream: `Last-Event-ID: <seq>`
+    GET  /v1/chat/completions/{id}/stream       resume a stream: `Last-Event-ID: <seq>` and
+                                                `X-Grokstack-Resume-Token: <token>`
     GET  /v1/models, /healthz, /readyz
-    GET  /metrics                               Prometheus (OpenMetrics when asked for)
 
-Every SSE event carries `id: <seq>`, the request's event sequence number, so a client that lost
-the connection asks for the rest with the last id it saw and gets exactly the missed tokens. A
+Prometheus' /metrics is not here (request ids are its exemplars): the edge process serves it,
+with /healthz and /readyz, on its metrics port (services/processes.py start_edge).
+
+Every response to a chat request carries `X-Request-Id` and `X-Grokstack-Resume-Token`; every SSE
+event carries `id: <seq>`, the request's event sequence number. A client that lost the
+connection asks for the rest with the last id it saw (`Last-Event-ID`, or `?last_event_id=`: an
+integer in [-1, MAX_SEQ]) and the token (the header, or `?resume_token=`), and gets exactly the
+missed tokens, then the end (the final chunk even when its id is past the end). Without the
+right token the answer is that of an unknown id (404 `unknown_request`), found without a lookup;
+resumes are rate-limited per client address and tenant (429 `rate_limited`, Retry-After). A
 client that disconnects detaches from its request; the request is cancelled through the pipeline
 when nobody resumes it within `resume_grace_s`.
 """
@@ -14,8 +22,8 @@ when nobody resumes it within `resume_grace_s`.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from typing import Callable
 
 import msgspec
 import structlog
@@ -40,7 +48,9 @@ from edge.openai_wire import (
     parse_request,
     token_chunk,
 )
-from edge.protocol import FrameError, usage_frame
+from edge.protocol import MAX_SEQ, ChatFrame, FrameError, usage_frame
+from edge.resume import HEADER as RESUME_HEADER
+from edge.resume import ResumeGuard, ResumeRateLimited
 from edge.tenants import ApiKeys, AuthError, Tenant
 
 log = structlog.get_logger("grokstack.api")
@@ -50,8 +60,7 @@ REGION_HEADER = "X-Grokstack-Region"
 DEGRADED_HEADER = "X-Grokstack-Degraded-Max-Tokens"
 ROUTE_HEADER = "X-Grokstack-Route"  # in responses: why the region in X-Grokstack-Region (edge/routing.py)
 _json = msgspec.json.Encoder()
-# The process's metrics in the format an Accept header asks for (services/telemetry.py serves them).
-Scrape = Callable[[str], tuple[bytes, str]]
+_SEQ = re.compile(r"-?[0-9]{1,7}")  # ASCII digits only: int() also takes " 5", "1_0" and other scripts' digits
 
 
 class ApiError(Exception):
@@ -84,9 +93,9 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 class OpenAIApi:
     def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, intake: Intake,
-                 scrape: Scrape) -> None:
+                 guard: ResumeGuard) -> None:
         self.config = config
-        self.scrape_metrics = scrape
+        self.guard = guard
         self.live = live
         self.intake = intake
         self.gateway = live.gateway
@@ -101,7 +110,6 @@ class OpenAIApi:
             web.get("/v1/models", self.models),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
-            web.get("/metrics", self.scrape),
         ])
         return app
 
@@ -130,12 +138,6 @@ class OpenAIApi:
         ok, body = self.gateway.readiness()
         return web.Response(status=200 if ok else 503, text=body)
 
-    async def scrape(self, request: web.Request) -> web.Response:
-        """Prometheus scrapes, unauthenticated like /healthz (keep the port off the internet).
-        Rendered in a thread: a big registry must not stall the token streams."""
-        body, content_type = await asyncio.to_thread(self.scrape_metrics, request.headers.get("Accept", ""))
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
     async def models(self, request: web.Request) -> web.Response:
         self._tenant(request)
         body = ModelList("list", [Model(m, "model", 0, "grokstack") for m in self.gateway.models()])
@@ -155,16 +157,15 @@ class OpenAIApi:
         if body.model not in self.gateway.models():
             raise ApiError("model_not_found", f"the model {body.model!r} does not exist; GET /v1/models lists "
                            "the models served", "model")
-        # The routing headers stand in for the body's fields (the intake checks whatever they say).
-        chat = msgspec.structs.replace(frame, priority=frame.priority or request.headers.get(PRIORITY_HEADER),
-                                       region=frame.region or request.headers.get(REGION_HEADER))
+        chat = self._with_headers(request, frame)
         try:
             async with self.intake.accept(chat, tenant, api="openai", stream=body.stream) as accepted:
                 live = accepted.live
                 live.api_model = body.model
                 live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 # A batch request's max_tokens capped under load says so (edge/admission.py).
-                headers = {REGION_HEADER: live.region, ROUTE_HEADER: live.route}
+                headers = {REGION_HEADER: live.region, ROUTE_HEADER: live.route,
+                           RESUME_HEADER: self.guard.token(tenant.name, live.request_id)}
                 if accepted.degraded_max_tokens is not None:
                     headers[DEGRADED_HEADER] = str(accepted.degraded_max_tokens)
                 if body.stream:
@@ -174,27 +175,46 @@ class OpenAIApi:
             retry = retry_after_header(refusal.retry_after_s) if refusal.retry_after_s is not None else 0
             raise ApiError(refusal.code, refusal.message, refusal.param, retry) from None
 
+    def _with_headers(self, request: web.Request, frame: ChatFrame) -> ChatFrame:
+        """The routing headers stand in for the body's fields, checked as those are (the intake
+        checks whether the region exists)."""
+        chat = msgspec.structs.replace(frame, priority=frame.priority or request.headers.get(PRIORITY_HEADER),
+                                       region=frame.region or request.headers.get(REGION_HEADER))
+        try:
+            return msgspec.convert(msgspec.to_builtins(chat), ChatFrame)
+        except msgspec.ValidationError as exc:
+            name = "priority" if "$.priority" in str(exc) else "region"
+            header = PRIORITY_HEADER if name == "priority" else REGION_HEADER
+            raise ApiError("invalid_request", f"{name} (the body's field or {header}): {exc}", name) from None
+
     async def resume(self, request: web.Request) -> web.StreamResponse:
         tenant = self._tenant(request)
         request_id = request.match_info["request_id"].removeprefix("chatcmpl-")
+        name = "Last-Event-ID" if "Last-Event-ID" in request.headers else "last_event_id"
         raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
-        try:
-            last_seq = int(raw)
-        except ValueError:
-            raise ApiError("invalid_request", f"Last-Event-ID must be an event sequence number, got {raw!r}",
-                           "Last-Event-ID") from None
+        if not _SEQ.fullmatch(raw) or not -1 <= int(raw) <= MAX_SEQ:
+            raise ApiError("invalid_request", f"{name} must be an event sequence number, an integer from -1 "
+                           f"to {MAX_SEQ}; got {raw[:32]!r}", name)
+        last_seq = int(raw)
         try:
             check_token(request_id, "request id")
         except ValueError as exc:
-            raise ApiError("invalid_request", str(exc)) from None
-        live = await self.live.resumable(request_id, tenant.name)
+            raise ApiError("invalid_request", str(exc), "request_id") from None
+        token = request.headers.get(RESUME_HEADER) or request.query.get("resume_token")
+        try:
+            allowed = self.guard.admit(self.guard.address_bucket(request.remote or ""), tenant.name, request_id,
+                                       token)
+        except ResumeRateLimited as exc:
+            raise ApiError("rate_limited", exc.message, retry_after_s=retry_after_header(exc.retry_after_s)) from None
+        # A wrong token is answered as an unknown id, without looking anything up.
+        live = await self.live.resumable(request_id, tenant.name) if allowed else None
         if live is None:
-            raise ApiError("unknown_request", f"no request {request_id!r} to resume (unknown, another tenant's, "
-                           "or older than the capture stream keeps)")
+            raise ApiError("unknown_request", f"no request {request_id!r} to resume with this resume token "
+                           "(unknown, another tenant's, older than the capture stream keeps, or not its token)")
         with request_context(live.request_id, live.request.region, live.request.priority, tenant=tenant.name,
                              api="openai"):
             log.info("request resumed", last_seq=last_seq)
-            return await self._stream(request, live, last_seq)
+            return await self._stream(request, live, last_seq, {RESUME_HEADER: token or ""})
 
     def _tenant(self, request: web.Request) -> Tenant:
         try:

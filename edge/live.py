@@ -2,7 +2,8 @@
 
 A client's connection can drop mid-answer; the request goes on. Each request's events are kept
 here in order (event `seq` n at index n) until it ends and for `resume_retention_s` after, so a
-client that comes back with the request id and the last sequence number it saw gets exactly the
+client that comes back with the request id, its resume token (edge/resume.py: checked at the
+doors, before `resumable` looks anything up) and the last sequence number it saw gets exactly the
 events it missed, then the rest: no repeat, no gap. A request that nobody follows for
 `resume_grace_s` is cancelled through the pipeline, as is one its client cancels.
 
@@ -176,17 +177,23 @@ class LiveRequests:
         return live if live is not None and live.tenant == tenant else None
 
     async def follow(self, live: LiveRequest, after_seq: int = -1) -> AsyncIterator[Event]:
-        """The request's events after `after_seq`, as they come, until its last one. While no
+        """The request's events after `after_seq`, as they come, until its last one, which comes
+        even when `after_seq` is past it (a stream always ends with its final event). While no
         one follows an unfinished request, its grace period runs."""
         self._attach(live)
         try:
-            next_seq = after_seq + 1
+            # Never below 0: a negative index would replay from the end, out of order.
+            next_seq = max(after_seq + 1, 0)
+            ended = False
             while True:
                 while next_seq < len(live.events):
                     event = live.events[next_seq]
                     next_seq += 1
+                    ended = isinstance(event, (FinalEvent, ErrorEvent))
                     yield event
                 if live.finished:
+                    if not ended and live.events:  # asked for events after its end: it ended
+                        yield live.events[-1]
                     return
                 await live.changed()
         finally:
@@ -218,7 +225,7 @@ class LiveRequests:
         self._start_grace(live)  # until its first follower comes
 
     async def _adopt(self, request_id: str, tenant: str) -> None:
-        found = await self.gateway.adopt(request_id)
+        found = await self.gateway.adopt(request_id, tenant)  # looked up under its tenant only
         if found is None:
             return
         request, job = found

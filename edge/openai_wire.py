@@ -26,8 +26,8 @@ class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True)
 
 class ApiMessage(Struct, forbid_unknown_fields=True):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-    name: str | None = None
+    content: Union[str, Annotated[list[TextPart], Meta(max_length=256)], None] = None
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None  # as OpenAI's; dropped
 
 
 class StreamOptions(Struct, forbid_unknown_fields=True):
@@ -50,7 +50,7 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True):
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     n: Annotated[int, Meta(ge=1, le=1)] = 1  # one choice per request
-    user: str | None = None
+    user: Annotated[str, Meta(max_length=256)] | None = None
     presence_penalty: Annotated[float, Meta(ge=0.0, le=0.0)] = 0.0  # not supported: 0 only
     frequency_penalty: Annotated[float, Meta(ge=0.0, le=0.0)] = 0.0
     logprobs: Literal[False] = False
@@ -59,12 +59,14 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True):
     tools: Annotated[list[Any], Meta(max_length=0)] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
-    metadata: dict[str, str] | None = None
+    # As OpenAI bounds it: 16 pairs, keys of 64 characters, values of 512.
+    metadata: Annotated[dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]],
+                        Meta(max_length=16)] | None = None
     store: bool | None = None
     # grokstack extensions
     priority: Priority | None = None
-    region: str | None = None
-    conversation_id: str | None = None
+    region: Annotated[str, Meta(max_length=64)] | None = None  # its pattern: as the chat frame's
+    conversation_id: Annotated[str, Meta(max_length=64)] | None = None
 
 
 def parse_request(body: bytes, limits: EdgeConfig) -> tuple[ChatCompletionRequest, ChatFrame]:
@@ -83,7 +85,9 @@ def parse_request(body: bytes, limits: EdgeConfig) -> tuple[ChatCompletionReques
                 for m in request.messages]
     try:
         frame = ChatFrame(
-            messages=messages, max_tokens=request.max_completion_tokens or request.max_tokens,
+            # `is None`, not `or`: max_completion_tokens 0 is out of range, not absent
+            messages=messages, max_tokens=(request.max_tokens if request.max_completion_tokens is None
+                                           else request.max_completion_tokens),
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, stop=request.stop, seed=request.seed,
             priority=request.priority, conversation_id=request.conversation_id, region=request.region)
@@ -267,7 +271,7 @@ def param_of(message: str) -> str | None:
         return message.split("`$.", 1)[1].split("`", 1)[0].split("[", 1)[0].split(".", 1)[0] or None
     if "field `" in message:
         return message.split("field `", 1)[1].split("`", 1)[0] or None
-    for name in ("max_tokens", "temperature", "top_p", "stop", "messages", "priority"):
+    for name in ("max_tokens", "temperature", "top_p", "stop", "messages", "priority", "seed"):
         if message.startswith(name) or f" {name} " in message:
             return name
     return None

@@ -7,19 +7,29 @@ Client -> edge
        only "type" and "messages" are required; "id" names the request on this connection
        (the edge makes one up when it is missing) so several can be in flight at once.
   {"type": "cancel", "id": "c1"}
-  {"type": "resume", "id": "c1", "request_id": "…", "last_seq": 17}
-       after a dropped connection (on this or a new one): the edge sends the events after
-       `last_seq` (-1: from the start), then the rest, as for the original request.
+  {"type": "resume", "id": "c1", "request_id": "…", "resume_token": "…", "last_seq": 17}
+       after a dropped connection (on this or a new one, of any edge of any region): the edge
+       sends the events after `last_seq` (-1: from the start; at most MAX_SEQ), then the rest,
+       as for the original request; a stream always ends with its final (done or error) frame,
+       even when `last_seq` is past it. `resume_token` is the one the request's `accepted` frame
+       carried (edge/resume.py): without the right one the answer is that of an unknown id.
+       Resumes are rate-limited per connection and per tenant ("rate_limited", retry_after_s).
 
 Edge -> client
-  {"type": "accepted", "id": "c1", "request_id": "…", "resumed": false}   the request is on the bus;
-       with "max_tokens": 64 when the edge capped the request's max_tokens (batch under load)
+  {"type": "accepted", "id": "c1", "request_id": "…", "resume_token": "…", "resumed": false}
+       the request is on the bus; keep the token to resume it (it is the only credential for
+       that: the request id is not one); with "max_tokens": 64 when the edge capped the
+       request's max_tokens (batch under load)
   {"type": "token", "id": "c1", "seq": 0, "text": "Hel", "tokens": 1}   in order, no gaps, no repeats
   {"type": "done", "id": "c1", "finish_reason": "stop", "usage": {…}, "timings": {…}, "kv": {…},
    "cost": {"prefill_gpu_s": …, "decode_gpu_s": …, "usd": …}}
   {"type": "error", "id": "c1" | null, "code": "invalid_request", "message": "…", "retryable": false}
        refusals at admission ("overloaded", "rate_limited", "too_many_requests") also carry
        "retry_after_s": seconds after which a retry is likely to be accepted.
+
+Every number a client sends is bounded here: counts and lengths by the EdgeConfig limits,
+`temperature` in [0, 2], `top_p` in (0, 1] (NaN and infinities fail both), `seed` in
+[0, 2**63 - 1] (vLLM's range), `last_seq` in [-1, MAX_SEQ].
 
 Error codes are stable (see `ErrorCode`); messages are for humans and may change.
 """
@@ -43,12 +53,12 @@ ErrorCode = Literal[
     "prompt_too_long",  # the prompt does not fit the model's context (found by prefill)
     "duplicate_id",  # a request with this id is already in flight on this connection
     "unknown_id",  # cancel of a request this connection does not have
-    "unknown_request",  # resume of a request this edge does not hold (any more)
+    "unknown_request",  # resume of a request this edge does not hold (any more), or with a wrong token
     "unauthorized",  # no valid API key
     "forbidden",  # the tenant may not use this priority
     "too_many_requests",  # too many requests in flight on this connection, edge or tenant
     "overloaded",  # the priority's estimated queue wait is over its budget: retry after retry_after_s
-    "rate_limited",  # the tenant used its tokens per minute: retry after retry_after_s
+    "rate_limited",  # the tenant used its tokens per minute, or resumes too often: retry after retry_after_s
     "unavailable",  # the bus did not accept the request; retry
     "timeout",  # no answer in time; the request was cancelled
     "cancelled",
@@ -57,6 +67,11 @@ ErrorCode = Literal[
 ]
 
 ClientId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+ResumeToken = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# The highest event sequence number a client may name: far above any request's events (one per
+# token at most, max_tokens_limit of them), far below what would cost anything to handle.
+MAX_SEQ = 1_000_000
+MAX_SEED = 2**63 - 1  # vLLM takes a seed up to a signed 64-bit integer and fails beyond
 
 
 class ChatFrame(Struct, tag="chat", tag_field="type", forbid_unknown_fields=True):
@@ -79,7 +94,8 @@ class CancelFrame(Struct, tag="cancel", tag_field="type", forbid_unknown_fields=
 class ResumeFrame(Struct, tag="resume", tag_field="type", forbid_unknown_fields=True):
     id: ClientId
     request_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    last_seq: Annotated[int, Meta(ge=-1)] = -1
+    resume_token: ResumeToken
+    last_seq: Annotated[int, Meta(ge=-1, le=MAX_SEQ)] = -1
 
 
 ClientFrame = Union[ChatFrame, CancelFrame, ResumeFrame]
@@ -100,6 +116,7 @@ class AcceptedFrame(Struct, tag="accepted", tag_field="type", omit_defaults=True
     id: str
     request_id: str
     resumed: bool
+    resume_token: str = ""  # what a resume of this request must carry
     # Under load a batch request's max_tokens is capped (edge/admission.py): to this.
     max_tokens: int | None = None
     region: str | None = None  # the region chosen to serve it
@@ -142,6 +159,9 @@ class FrameError(ValueError):
 
 
 _encoder = msgspec.json.Encoder()
+# Numbers too large for a double (1e999) read as infinities, so the field's own check names the
+# field; msgspec's untyped decoder would refuse them with no name ("Number out of range - at $[...]").
+_decoder = msgspec.json.Decoder(float_hook=float)
 
 
 def encode_frame(frame: ServerFrame) -> str:
@@ -154,7 +174,7 @@ def parse_frame(raw: str | bytes, limits: EdgeConfig) -> ClientFrame:
     if size > limits.max_frame_bytes:
         raise FrameError("frame_too_large", f"the frame is {size} bytes; the limit is {limits.max_frame_bytes}")
     try:
-        obj: Any = msgspec.json.decode(raw)
+        obj: Any = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise FrameError("invalid_json", f"the frame is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec raises it for bad bytes inside a JSON string
@@ -194,6 +214,8 @@ def check_chat(frame: ChatFrame, limits: EdgeConfig) -> None:
         raise bad(f"temperature must be between 0 and 2, got {frame.temperature}")
     if not 0.0 < frame.top_p <= 1.0:
         raise bad(f"top_p must be greater than 0 and at most 1, got {frame.top_p}")
+    if frame.seed is not None and not 0 <= frame.seed <= MAX_SEED:
+        raise bad(f"seed must be between 0 and {MAX_SEED} (2**63 - 1), got {frame.seed}")
     stops = stop_list(frame)
     if len(stops) > 8 or any(not 1 <= len(s) <= 64 for s in stops):
         raise bad("stop takes at most 8 strings of 1 to 64 characters")

@@ -9,7 +9,12 @@ edge published, so a queue of long batch answers weighs more than one of short q
 The wait of priority p is the work queued at p and above (served first) over the pool's speed,
 for the request queue (prefill) plus the decode queue: a request goes through both, and every
 request still waiting for prefill is decode work ahead too (a burst shows in the request queue
-first, before any of it reaches decode).
+first, before any of it reaches decode). While a pool has no live worker (its only one died and a
+replacement is starting), its queue is weighed at the speed it last had.
+
+What it keeps is bounded whatever the bus says: at most MAX_REGIONS regions (only regions whose
+workers' heartbeats it hears, never one a client named) and MAX_WORKERS workers; a worker unheard
+for WORKER_MEMORY_S is forgotten (every restart is a new worker id), and a region with it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ from edge.config import EdgeConfig
 log = structlog.get_logger("grokstack.edge")
 
 KINDS: tuple[WorkKind, ...] = ("req", "decode")
+MAX_REGIONS = 64  # regions an edge keeps state for (edge/regions.py too): far more than a fleet has
+MAX_WORKERS = 4096  # workers whose heartbeats it remembers at once
+# A dead worker is remembered this long: when its stage last had a live worker is what the edge's
+# intake judges a replacement by (edge/intake.py), and the speed its pool last had.
+WORKER_MEMORY_S = 600.0
+FULL_WARNING_S = 60.0  # at most one warning a minute about beats dropped for want of room
 
 
 @dataclass
@@ -70,18 +81,60 @@ class QueueWatch:
         self._published: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)  # since the last read
         self._workers: dict[tuple[str, Role], WorkerSeen] = {}  # (worker id, role): one process may run two
         self._regions: set[str] = {bus.region}
+        self._last_speed: dict[tuple[WorkKind, str], float] = {}  # the pool's speed while it had workers
         self._stopped = False
+        self._warned_full = -FULL_WARNING_S
 
     # ------------------------------------------------------------------ inputs
 
-    def on_beat(self, beat: Heartbeat) -> None:
-        self._workers[(beat.worker_id, beat.role)] = WorkerSeen(
+    def on_beat(self, beat: Heartbeat) -> bool:
+        """Remember a worker's beat; False when there is no room for it (not remembered). A worker
+        that says it is failed or draining is forgotten at once: it serves nothing new."""
+        key = (beat.worker_id, beat.role)
+        if beat.state != "serving":
+            self._workers.pop(key, None)
+            return True
+        if key not in self._workers and not self._room_for(beat.region):
+            return False
+        self._workers[key] = WorkerSeen(
             beat.role, beat.region, beat.rate_tokens_s, time.monotonic(), max(0, beat.slots - beat.active))
         self._regions.add(beat.region)
+        return True
+
+    def roles_alive(self, region: str, since: float) -> set[Role]:
+        """Roles of `region` with a serving worker heard since `since` (monotonic)."""
+        return {w.role for w in self._workers.values() if w.region == region and w.seen >= since}
+
+    def _room_for(self, region: str) -> bool:
+        """Whether a new worker of `region` may be remembered: forgets the long-gone first."""
+        def full() -> bool:
+            return len(self._workers) >= MAX_WORKERS or (region not in self._regions
+                                                         and len(self._regions) >= MAX_REGIONS)
+        if full():
+            self.forget_gone()
+        if not full():
+            return True
+        if time.monotonic() - self._warned_full >= FULL_WARNING_S:
+            self._warned_full = time.monotonic()
+            log.warning("heartbeat of a new worker dropped: too many workers or regions heard",
+                        region=region, workers=len(self._workers), regions=len(self._regions))
+        return False
+
+    def forget_gone(self) -> None:
+        """Forget workers unheard for WORKER_MEMORY_S, and regions left without any (not the edge's)."""
+        horizon = time.monotonic() - WORKER_MEMORY_S
+        self._workers = {k: w for k, w in self._workers.items() if w.seen >= horizon}
+        left = {w.region for w in self._workers.values()} | {self.bus.region}
+        for region in self._regions - left:
+            self._regions.discard(region)
+            for key in [k for k in self._last_speed if k[1] == region]:
+                del self._last_speed[key]
 
     def published(self, region: str, priority: Priority, prompt_tokens: int, max_tokens: int) -> None:
-        """This edge put a request on the bus: count it before the next read of the queues."""
-        self._published[("req", region, priority)] += 1
+        """This edge put a request on the bus: count it before the next read of the queues (of a
+        region whose queues it reads; another region's wait comes from its beats)."""
+        if region in self._regions:
+            self._published[("req", region, priority)] += 1
         for kind in KINDS:
             self.costs.add(kind, priority, job_cost(self.role_of(kind, region), prompt_tokens, max_tokens))
 
@@ -99,7 +152,15 @@ class QueueWatch:
                 log.debug("queue depth not read", error=f"{type(exc).__name__}: {exc}")
 
     async def read(self) -> None:
+        self.forget_gone()
+        for key in [k for k in (*self._pending, *self._published) if k[1] not in self._regions]:
+            self._pending.pop(key, None)
+            self._published.pop(key, None)
         for region in sorted(self._regions):
+            for kind in KINDS:
+                speed = self.speed(kind, region)
+                if speed:
+                    self._last_speed[(kind, region)] = speed
             for kind in KINDS:
                 for priority in PRIORITIES:
                     key = (kind, region, priority)
@@ -151,8 +212,8 @@ class QueueWatch:
         return sum(w.rate_tokens_s for w in self._alive() if w.region == region and ROLES[w.role].pulls == kind)
 
     def depth(self, kind: WorkKind, region: str, priority: Priority) -> int:
-        key = (kind, region, priority)
-        return self._pending[key] + self._published[key]
+        key = (kind, region, priority)  # read with get: asking about a region must not make state
+        return self._pending.get(key, 0) + self._published.get(key, 0)
 
     def queued_tokens(self, kind: WorkKind, region: str, priority: Priority) -> float:
         """Tokens of work that would be served before a new request of `priority`. Requests still
@@ -161,11 +222,22 @@ class QueueWatch:
         upstream: tuple[WorkKind, ...] = ("req", "decode") if kind == "decode" else ("req",)
         return sum(self.depth(k, region, p) * self.costs.of(kind, p) for p in ahead for k in upstream)
 
+    def last_alive(self, region: str, roles: tuple[Role, ...]) -> float | None:
+        """When a worker of one of `roles` in `region` was last heard (monotonic), None when none
+        was within WORKER_MEMORY_S."""
+        return max((w.seen for w in self._workers.values() if w.region == region and w.role in roles),
+                   default=None)
+
+    def regions_heard(self) -> set[str]:
+        """Regions whose workers this edge heard within WORKER_MEMORY_S, and its own."""
+        return set(self._regions)
+
     def wait_s(self, region: str, priority: Priority) -> float:
         total = 0.0
         for kind in KINDS:
             queued = self.queued_tokens(kind, region, priority)
-            speed = self.speed(kind, region)
+            # a pool without a live worker now is weighed at the speed it had: its replacement's
+            speed = self.speed(kind, region) or self._last_speed.get((kind, region), 0.0)
             if queued and speed:  # no speed known yet (no job served): no estimate, no refusal
                 total += queued / speed
         return total

@@ -14,6 +14,12 @@ and how long it was held), so the sender takes the time since it sent it, less t
 For the regions this edge hears the workers of (its own), the queue wait comes from its own
 QueueWatch, which also counts what it published since the last poll; for the others, from their
 beats.
+
+Only the bus makes a region known here, never a client: a region a client names that is not
+known (its own, one heard beating, or one whose workers it hears) is refused by the intake before
+anything is kept for it. Even the bus is not trusted to be small: at most MAX_REGIONS regions are
+kept; a new one takes the place of the one silent longest if that one is dead, else it is ignored;
+a region silent for REGION_MEMORY_S is forgotten (long after any request it held timed out).
 """
 
 from __future__ import annotations
@@ -23,14 +29,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from bus.messages import Echo, RegionBeat
+import structlog
+
 from bus.priorities import PRIORITIES, Priority
-from bus.roles import STAGES, roles_serving
+from bus.roles import STAGES, Stage, roles_serving
 from edge import metrics
 from edge.config import EdgeConfig
-from edge.queues import QueueWatch
+from edge.queues import FULL_WARNING_S, MAX_REGIONS, QueueWatch
+
+log = structlog.get_logger("grokstack.edge")
 
 RTT_SMOOTHING = 0.3  # weight of a new round-trip sample
 ECHOES = 1024  # beats handed back at most (one per edge heard lately)
+REGION_MEMORY_S = 3600.0  # a region silent this long is forgotten: "recently dead" no more
 
 
 @dataclass
@@ -49,14 +60,23 @@ class Regions:
         self._rtt: dict[str, float] = {}
         self._heard: OrderedDict[str, tuple[float, float]] = OrderedDict()  # edge -> (its sent_at, heard at)
         self._prefill: dict[str, float] = {}  # region -> smoothed seconds of a prefill there
+        # region -> stage -> when a beat last said a worker serving it was alive there (monotonic)
+        self._stage_alive_at: dict[str, dict[Stage, float]] = {}
+        self._warned_full = -FULL_WARNING_S
 
     # ------------------------------------------------------------------ inputs
 
     def on_beat(self, beat: RegionBeat) -> None:
         now = time.monotonic()
         seen = self._seen.get(beat.region)
+        if seen is None and not self._room_for(beat.region, now):
+            return
         if seen is None or beat.sent_at >= seen.beat.sent_at or now - seen.heard_at > self.config.region_beat_s:
             self._seen[beat.region] = RegionSeen(beat, now)
+            stages = self._stage_alive_at.setdefault(beat.region, {})
+            for stage in STAGES:
+                if any(beat.workers.get(role, 0) > 0 for role in roles_serving(stage)):
+                    stages[stage] = now
         self._heard[beat.edge_id] = (beat.sent_at, now)
         self._heard.move_to_end(beat.edge_id)
         while len(self._heard) > ECHOES:
@@ -67,16 +87,45 @@ class Regions:
             old = self._rtt.get(beat.region)
             self._rtt[beat.region] = sample if old is None else old + RTT_SMOOTHING * (sample - old)
 
+    def _room_for(self, region: str, now: float) -> bool:
+        """Whether a region not known yet may be: forgets the long-silent, then makes room by
+        forgetting the region silent longest if it is dead (never the edge's own)."""
+        self._forget_silent(now)
+        if len(self._seen) < MAX_REGIONS:
+            return True
+        oldest = min((r for r in self._seen if r != self.home), key=lambda r: self._seen[r].heard_at, default=None)
+        if oldest is not None and now - self._seen[oldest].heard_at > self.config.region_timeout_s:
+            self._forget(oldest)
+            return True
+        if now - self._warned_full >= FULL_WARNING_S:
+            self._warned_full = now
+            log.warning("beat of a new region ignored: as many regions alive as an edge keeps",
+                        region=region, regions=len(self._seen))
+        return False
+
+    def _forget_silent(self, now: float) -> None:
+        for region in [r for r, seen in self._seen.items() if now - seen.heard_at > REGION_MEMORY_S]:
+            self._forget(region)
+
+    def _forget(self, region: str) -> None:
+        for table in (self._seen, self._rtt, self._prefill, self._stage_alive_at):
+            table.pop(region, None)
+        forget_region_metrics(region)
+
     def observe_prefill(self, region: str, seconds: float) -> None:
         """A request of this edge was prefilled in `region` in `seconds` (its final event's timings)."""
+        if not self.knows(region):
+            return
         old = self._prefill.get(region)
         self._prefill[region] = seconds if old is None else old + RTT_SMOOTHING * (seconds - old)
 
     # ------------------------------------------------------------------ what this edge says
 
     def beats(self, model_ids: list[str], domain: str) -> list[RegionBeat]:
-        """This edge's beats: one for each region whose workers it hears, and its own always."""
+        """This edge's beats: one for each region whose workers it hears, and its own always.
+        Called every beat period, it forgets the regions long silent too."""
         now, wall = time.monotonic(), time.time()
+        self._forget_silent(now)
         echoes = {edge: Echo(sent_at, round(now - heard, 6)) for edge, (sent_at, heard) in self._heard.items()
                   if now - heard <= self.config.region_timeout_s}
         out = []
@@ -93,6 +142,26 @@ class Regions:
 
     def known(self) -> list[str]:
         return sorted(self._seen)
+
+    def knows(self, region: str) -> bool:
+        """A region a request may name: this edge's own, one heard beating (alive or recently
+        dead), or one whose workers it hears."""
+        return region == self.home or region in self._seen or region in self.queues.regions_heard()
+
+    def names(self) -> list[str]:
+        """Every region a request may name."""
+        return sorted({self.home, *self._seen, *self.queues.regions_heard()})
+
+    def stage_gone_s(self, region: str, stage: Stage) -> float | None:
+        """Seconds since a worker serving `stage` was last heard alive in `region` (under a beat
+        period while one is), or None when this edge never knew one there (or forgot it)."""
+        now = time.monotonic()
+        roles = roles_serving(stage)
+        if region == self.home or region in self.queues.regions_heard():
+            at = self.queues.last_alive(region, roles)
+        else:
+            at = self._stage_alive_at.get(region, {}).get(stage)
+        return None if at is None else max(0.0, now - at)
 
     def beat(self, region: str) -> RegionBeat | None:
         seen = self._seen.get(region)
@@ -149,3 +218,17 @@ class Regions:
         for region in self.known():
             metrics.set_region_state(region, self.alive(region), self.rtt_s(region),
                                      {p: self.ttft_s(region, p) for p in PRIORITIES})
+
+
+def forget_region_metrics(region: str) -> None:
+    """Drop a forgotten region's gauges, so their series stay as bounded as the regions kept."""
+    for gauge in (metrics.REGION_ALIVE, metrics.REGION_RTT):
+        try:
+            gauge.remove(region)
+        except KeyError:
+            pass
+    for priority in PRIORITIES:
+        try:
+            metrics.REGION_TTFT_ESTIMATE.remove(region, priority)
+        except KeyError:
+            pass

@@ -11,7 +11,8 @@
   that is lower than home's. Home takes requests again below `overflow_back_share` (hysteresis,
   so a region on the line does not flap).
 - `failover`: home takes no new requests (dead, draining, another model); the alive region with
-  the lowest estimate.
+  the lowest estimate. When none takes new requests, home: the intake (edge/intake.py) then
+  refuses, or, while a replacement for a dead pool is expected, queues the request there.
 
 Admission (edge/admission.py) then judges the chosen region's queue wait against the budget, so a
 request is refused only when even the best region is over it: overflow comes before refusing.
@@ -60,7 +61,7 @@ class Router:
         if sticky in estimates and sticky != self.home and not self._over(estimates[sticky], budget):
             return Route(sticky, "sticky", estimates[sticky])
         if self.home not in estimates:
-            if not estimates:  # nobody takes it: home, for the intake to refuse with the reason
+            if not estimates:  # nobody takes it: home, where the intake judges the outage (edge/intake.py)
                 return Route(self.home, "home", self.regions.ttft_s(self.home, priority))
             best = min(estimates, key=estimates.__getitem__)
             return Route(best, "failover", estimates[best])

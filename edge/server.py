@@ -1,8 +1,12 @@
 """The websocket edge node: frames in, requests onto the bus, token frames out.
 
-Also answers plain HTTP: `GET /` is the chat page, `GET /healthz` (the process is up and
-connected to NATS) and `GET /readyz` (and a prefill and a decode worker of its region sent a
-heartbeat recently).
+Also answers plain HTTP: `GET /` is the chat page, `GET /healthz` and `GET /readyz` (as on the
+metrics port, `EdgeServer.health` and `Gateway.readiness`: liveness is the event loop running,
+readiness NATS connected).
+
+A browser's websocket handshake carries an Origin header: only the chat page's own origin (the
+same host and port as the request's Host header) and the `allowed_origins` setting's may open the
+websocket; any other gets 403. A handshake without Origin is not a browser's and is let in.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from websockets.http11 import Request, Response
 from bus.messages import Event, FinalEvent, TokenEvent
 from edge.intake import Intake, Refusal
 from edge.live import LiveRequest, LiveRequests
+from edge.resume import ResumeGuard, ResumeRateLimited, retry_after_s
 from edge.protocol import (
     AcceptedFrame,
     CancelFrame,
@@ -57,10 +62,12 @@ class Connection:
     _numbers = itertools.count(1)
 
     def __init__(self, ws: ServerConnection, live: LiveRequests, tenant: Tenant,
-                 config: EdgeConfig, intake: Intake) -> None:
+                 config: EdgeConfig, intake: Intake, guard: ResumeGuard) -> None:
         self.ws = ws
         self.live = live
         self.intake = intake
+        self.guard = guard
+        self.resumes = guard.client_bucket()  # this connection's resumes
         self.tenant = tenant
         self.config = config
         self.follows: dict[str, asyncio.Task] = {}  # client id -> its task
@@ -146,10 +153,18 @@ class Connection:
 
     async def _resume(self, client_id: str, frame: ResumeFrame) -> None:
         try:
-            live = await self.live.resumable(frame.request_id, self.tenant.name)
+            try:
+                allowed = self.guard.admit(self.resumes, self.tenant.name, frame.request_id, frame.resume_token)
+            except ResumeRateLimited as exc:
+                wait = retry_after_s(exc.retry_after_s)
+                await self._error(client_id, "rate_limited", exc.message, True, wait)
+                return
+            # A wrong token is answered as an unknown id, without looking anything up.
+            live = await self.live.resumable(frame.request_id, self.tenant.name) if allowed else None
             if live is None:
                 await self._error(client_id, "unknown_request", f"no request {frame.request_id!r} to resume "
-                                  "(unknown, another tenant's, or older than the capture stream keeps)")
+                                  "with this resume token (unknown, another tenant's, older than the capture "
+                                  "stream keeps, or not its token)")
                 return
             with request_context(live.request_id, live.request.region, live.request.priority,
                                  connection=self.number, tenant=self.tenant.name):
@@ -165,6 +180,7 @@ class Connection:
             await self.live.cancel(live, "client_cancelled")
         try:
             await self.send(AcceptedFrame(id=client_id, request_id=live.request_id, resumed=resumed,
+                                          resume_token=self.guard.token(live.tenant, live.request_id),
                                           max_tokens=degraded_max_tokens, region=live.region,
                                           route=live.route or None))
             async for event in self.live.follow(live, after_seq):
@@ -188,17 +204,50 @@ class Connection:
         return ErrorFrame(id=client_id, code=event.code, message=event.message, retryable=event.retryable)
 
 
+class LoopWatch:
+    """Whether the event loop runs: it notes the time every second; a probe, answered from another
+    thread (the metrics port), reads how long ago."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.last = time.monotonic()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            self.last = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def check(self) -> tuple[bool, str]:
+        late = time.monotonic() - self.last
+        if late > self.stall_s:
+            return False, f"event loop stalled: it has not run for {late:.1f} s (limit {self.stall_s:g} s)\n"
+        return True, "event loop running\n"
+
+
 class EdgeServer:
-    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, intake: Intake) -> None:
+    def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, intake: Intake,
+                 guard: ResumeGuard) -> None:
         self.config = config
         self.live = live
         self.intake = intake
+        self.guard = guard
         self.gateway = live.gateway
         self.keys = keys
         self.server: Server | None = None
+        self.loop_watch = LoopWatch(config.loop_stall_s)
+        self.origins = {o.strip().rstrip("/").lower() for o in config.allowed_origins.split(",") if o.strip()}
 
     async def start(self) -> int:
         """Listen; returns the port (useful with port 0)."""
+        self.loop_watch.start()
         self.server = await serve(
             self._connection, self.config.edge_host, self.config.edge_port,
             # Frames a little over our limit still get a readable error frame; far larger ones
@@ -210,13 +259,20 @@ class EdgeServer:
         return int(port)
 
     async def stop(self) -> None:
+        self.loop_watch.stop()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
 
+    def health(self) -> tuple[bool, str]:
+        """Liveness: the event loop runs and the bus client has not given up (a NATS outage alone is
+        not a reason to restart: the client reconnects, and every edge would restart at once)."""
+        (loop_ok, loop_body), (bus_ok, bus_body) = self.loop_watch.check(), self.gateway.health()
+        return loop_ok and bus_ok, loop_body + bus_body
+
     async def _connection(self, ws: ServerConnection) -> None:
         tenant = self._tenant(ws.request)  # checked in _http already; cannot fail here
-        await Connection(ws, self.live, tenant, self.config, self.intake).run()
+        await Connection(ws, self.live, tenant, self.config, self.intake, self.guard).run()
 
     def _tenant(self, request: Request | None) -> Tenant:
         """From `Authorization: Bearer <key>`, or `?api_key=` (browsers cannot set headers on a
@@ -227,16 +283,34 @@ class EdgeServer:
             return self.keys.tenant_for_key(key)
         return self.keys.tenant_for(request.headers.get("Authorization"))
 
+    def origin_refused(self, request: Request) -> str | None:
+        """Why the handshake's Origin may not open the websocket; None when it may."""
+        origin = request.headers.get("Origin")
+        if origin is None or "*" in self.origins:
+            return None
+        normal = origin.strip().rstrip("/").lower()
+        parts = urlsplit(normal)
+        host = request.headers.get("Host", "").strip().lower()
+        if normal in self.origins or (parts.scheme in ("http", "https") and host and parts.netloc == host):
+            return None
+        return (f"origin {origin!r} may not open this websocket: only the chat page's own origin and those "
+                f"in the allowed_origins setting (GROKSTACK_ALLOWED_ORIGINS, now {self.config.allowed_origins!r}) "
+                "may\n")
+
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/healthz":
-            ok, body = self.gateway.health()
+            ok, body = self.health()
             return connection.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
         if path == "/readyz":
             ok, body = self.gateway.readiness()
             return connection.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return self._page(connection, path)
+        refused = self.origin_refused(request)
+        if refused is not None:
+            log.warning("websocket origin refused", origin=request.headers.get("Origin"))
+            return connection.respond(HTTPStatus.FORBIDDEN, refused)
         try:
             self._tenant(request)
         except AuthError as exc:

@@ -26,7 +26,7 @@ KEY_PREFIX = "gsk_"
 
 
 class Tenant(Struct, frozen=True, forbid_unknown_fields=True):
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # a subject token (bus/subjects.py)
     priorities: Annotated[list[Priority], Meta(min_length=1)] = msgspec.field(default_factory=lambda: list(PRIORITIES))
     max_concurrent: Annotated[int, Meta(ge=1)] = 64
     # Prompt plus answer tokens a minute, per edge (0: no limit); over it requests are refused

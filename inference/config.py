@@ -77,6 +77,10 @@ class WorkerConfig(Section):
     gpu_price_per_hour: Annotated[float, Field(ge=0.0)] = 3.0  # dollars per accelerator-hour
     gpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0  # accelerators each worker's engine occupies
     metrics_port: Port = 0  # /metrics (and health) of a worker process; 0: a free port, logged
+    # Liveness (/healthz) fails once the serving worker's event loop has not ticked for this long
+    # (its engine's start, which blocks the loop, does not count); at 3 times it the process
+    # exits (inference/worker.py EXIT_LOOP_STALLED), so its jobs move on as after a crash.
+    worker_loop_stall_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
 
 
 @dataclass(frozen=True)
@@ -89,3 +93,6 @@ class EngineSetup:
     spec: SpecConfig
     kv: KvConfig
     cache_root: Path  # where vLLM keeps its caches (VLLM_CACHE_ROOT), inside the data directory
+    # The stack secret's file (settings.bus.secret_file): the KV connector seals and checks
+    # every block with it. Its path reaches the connector, never the key.
+    secret_file: str = ""

@@ -1,4 +1,9 @@
-"""The one engine interface the workers use: vLLM's AsyncLLM here, a fake in unit tests."""
+"""The one engine interface the workers use: vLLM's AsyncLLM here, a fake in unit tests.
+
+An engine can die for good (vLLM's engine core process crashed or was killed): every call then
+raises `EngineDead`, and `dead_reason()` says why. The worker tells that apart from a job's own
+failure: it hands all its jobs back and its process exits (inference/worker.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ from typing import AsyncIterator, Protocol, Sequence
 
 from bus.messages import ChatMessage, SamplingSpec
 from kv_store.records import KvReport, KvRequest
+
+
+class EngineDead(RuntimeError):
+    """The engine is gone for good: no job can be served by this process any more."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,9 @@ class Engine(Protocol):
     async def start(self) -> None: ...
 
     async def shutdown(self) -> None: ...
+
+    def dead_reason(self) -> str | None:
+        """None while the engine can serve (or has not started); why not once it died for good."""
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The model's chat template applied to `messages`, ready for the assistant's turn."""

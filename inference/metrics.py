@@ -73,7 +73,8 @@ BUDGET_TOKENS = Gauge(
 RESERVED_TOKENS = Gauge(
     "grokstack_worker_reserved_tokens", "Worker: tokens its running jobs hold now.", ["role"])
 JOBS = Counter(
-    "grokstack_jobs_total", "Worker: jobs ended, by outcome (served, cancelled, refused, failed, dead_lettered).",
+    "grokstack_jobs_total", "Worker: jobs ended, by outcome (served, cancelled, refused, failed, dead_lettered, "
+    "superseded, handed_over: given back at once as its worker stopped or its engine died).",
     ["role", "outcome"])
 
 

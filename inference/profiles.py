@@ -96,6 +96,7 @@ def kv_transfer_config(setup: EngineSetup, pool: Pool) -> dict[str, Any] | None:
             "key_prefix": setup.kv.kv_key_prefix,
             "model_id": setup.served.model_id,
             "step_lock": str(setup.engine.engine_step_lock),
+            "secret_file": setup.secret_file,
         },
     }
 

@@ -1,4 +1,8 @@
-"""The engine interface over vLLM v1's AsyncLLM."""
+"""The engine interface over vLLM v1's AsyncLLM.
+
+AsyncLLM watches its engine core process: once it is gone, `errored` is true and every request
+raises vLLM's EngineDeadError, which this engine turns into `EngineDead` (inference/engine.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import structlog
 
 from bus.messages import ChatMessage, SamplingSpec
 from inference.config import EngineSetup
-from inference.engine import EngineChunk
+from inference.engine import EngineChunk, EngineDead
 from inference.pools import Pool
 from inference.profiles import apply_vllm_environment, engine_args, resolve_profile
 from kv_store.records import KvRequest, report_from_params, request_to_params
@@ -58,6 +62,11 @@ class VllmEngine:
             self._llm.shutdown()
             self._llm = None
 
+    def dead_reason(self) -> str | None:
+        if self._llm is None or not self._llm.errored:
+            return None
+        return "vLLM's engine core is gone (EngineDeadError; its cause is logged above)"
+
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         rendered = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
@@ -79,15 +88,28 @@ class VllmEngine:
             stop=list(sampling.stop) or None, seed=sampling.seed,
             output_kind=RequestOutputKind.DELTA,
             extra_args={"kv_transfer_params": request_to_params(kv)} if kv is not None else None)
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if (reason := self.dead_reason()) is not None:
+            raise EngineDead(reason)
         # AsyncLLM aborts the request in the engine when this generator is cancelled.
-        async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params,
-                                            request_id=request_id):
-            completion = out.outputs[0]
-            if not completion.token_ids and not completion.text and not out.finished:
-                continue
-            yield EngineChunk(
-                token_ids=list(completion.token_ids), text=completion.text,
-                finish_reason=completion.finish_reason if out.finished else None,
-                prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
-                cached_tokens=out.num_cached_tokens or 0,
-                kv=report_from_params(out.kv_transfer_params) if out.finished else None)
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params,
+                                                request_id=request_id):
+                completion = out.outputs[0]
+                if not completion.token_ids and not completion.text and not out.finished:
+                    continue
+                yield EngineChunk(
+                    token_ids=list(completion.token_ids), text=completion.text,
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
+                    cached_tokens=out.num_cached_tokens or 0,
+                    kv=report_from_params(out.kv_transfer_params) if out.finished else None)
+        except EngineDeadError as exc:
+            raise EngineDead(self.dead_reason() or f"vLLM's engine core is gone: {exc}") from exc
+        except Exception as exc:
+            # A dying core may first surface as another error (a closed socket): the engine's
+            # state says which it was.
+            if (reason := self.dead_reason()) is not None:
+                raise EngineDead(reason) from exc
+            raise

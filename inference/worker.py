@@ -8,11 +8,25 @@ outcome means for the message:
   cancelled by the client      -> 'cancelled' error event + ack
   failed (any other exception) -> nak with backoff; the last allowed delivery dead-letters it
   worker shutting down         -> nak at once, so another worker takes it
+  engine dead (EngineDead)     -> nak at once, never dead-lettered here, and the worker fails
+
+A worker fails when its engine dies for good (inference/engine.py) or its event loop stalls: it
+stops pulling, hands back every job it holds at once (a nak: JetStream counts it as one more
+delivery, as it would the redelivery after a crash, but the job is not failed here, so it keeps
+its remaining deliveries), sends a heartbeat saying `failed` with the reason, fails its liveness
+probe, and its process exits with EXIT_ENGINE_DEAD (services/processes.py `run_worker`).
+
+The loop ticks every second while the worker serves (its engine's start, which blocks the loop,
+is before). `stalled_s()` is what liveness checks against `worker_loop_stall_s`; a watchdog thread ends
+the process with EXIT_LOOP_STALLED once the loop is 3 times past it (`LoopWatchdog`), as a loop
+that does not run cannot hand anything back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -24,12 +38,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bus.capture import latest_attempt
-from bus.codec import BadMessage, encode, reply_route
+from bus.codec import BadMessage, check_request_subject, encode, reply_route
 from bus.config import BusConfig
 from bus.dead_letters import dead_letter
 from bus.exhausted import ExhaustedJobs
 from bus.log_context import request_context
-from bus.messages import ErrorEvent, Heartbeat, Message
+from bus.messages import ChatRequest, ErrorEvent, Heartbeat, Message
 from bus.priorities import PRIORITIES, Priority, PriorityConfig
 from bus.roles import ROLES, Role
 from bus.subjects import Subjects, WorkKind
@@ -39,6 +53,7 @@ from inference.cancels import CancelWatch
 from inference import metrics
 from inference.config import WorkerConfig
 from inference.cost_meter import GpuClock
+from inference.engine import Engine, EngineDead
 from inference.resend import RecentEvents, resend_after_reconnects
 
 log = structlog.get_logger("grokstack.worker")
@@ -46,6 +61,11 @@ log = structlog.get_logger("grokstack.worker")
 # A job younger than this cannot have been taken over yet (an edge notices a dead region after
 # GROKSTACK_REGION_TIMEOUT_S, 0.75 s by default); an older one is checked first.
 SUPERSEDED_AFTER_S = 0.5
+
+# A failed worker's process exit codes: distinct, so a supervisor's log says what happened.
+EXIT_ENGINE_DEAD = 86
+EXIT_LOOP_STALLED = 87
+TICK_S = 1.0  # how often a serving worker's loop shows it runs (and looks at its engine)
 
 J = TypeVar("J", bound=Any)
 
@@ -78,6 +98,7 @@ class Service(Protocol[J]):
     `Service(engine, js, subjects, transfers, worker_id)`."""
     kind: WorkKind
     role: Role
+    engine: Engine
     first_seq: int  # the sequence number of the first event this stage publishes (first attempt)
 
     def parse(self, data: bytes) -> J: ...
@@ -184,6 +205,9 @@ class PoolWorker:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self.serving = False  # pulling work (its /readyz), from the puller's start to the drain
+        self.state = "serving"  # what its heartbeats say: serving, draining or failed
+        self.failure: str | None = None  # why it failed (its engine died, ...); None: it did not
+        self._ticked_at: float | None = None  # monotonic time of the loop's last tick while serving
 
     @property
     def renewal_s(self) -> float:
@@ -199,13 +223,20 @@ class PoolWorker:
         await self._puller.start()
         heartbeats = asyncio.create_task(self._heartbeats())
         resends = asyncio.create_task(resend_after_reconnects(self.nc, self._recent, self.renewal_s))
+        self._ticked_at = time.monotonic()
+        ticks = asyncio.create_task(self._ticks())
         log.info("worker serving", role=self.service.role, region=self.bus.region,
                  slots=self.slots, worker_id=self.bus.worker_name)
         self.serving = True
         try:
             await self._pull_loop()
+            if self.failure is not None:  # its jobs are handed back before its last beat says so
+                await self._hand_back()
+                await self._beat()
         finally:
             self.serving = False
+            self._ticked_at = None
+            ticks.cancel()
             heartbeats.cancel()
             resends.cancel()
             await self._puller.stop()
@@ -214,15 +245,47 @@ class PoolWorker:
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stop taking work, let running jobs finish for `grace_s`, then hand the rest back."""
+        if self.failure is None:
+            self.state = "draining"
+            await self._beat()  # edges stop counting on it now, not when its beats stop
         self._stopping.set()
         self._slot_freed.set()
         if self._active:
             log.info("draining", running=len(self._active), grace_s=grace_s)
             await asyncio.wait(list(self._active), timeout=grace_s)
+        await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        """Nak every job still running here at once (see `_serve`), so other workers take them."""
         for task in list(self._active):
             task.cancel()
         if self._active:
             await asyncio.wait(list(self._active), timeout=5)
+
+    def fail(self, reason: str) -> None:
+        """Its engine died (or it cannot go on otherwise): stop pulling now; `run` then hands
+        every job back, says `failed` in a last heartbeat and returns."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        self.state = "failed"
+        log.error("worker failed: handing its jobs back and exiting", reason=reason,
+                  running=len(self._active), role=self.service.role)
+        self._stopping.set()
+        self._slot_freed.set()
+
+    def stalled_s(self) -> float:
+        """How long the serving worker's loop has not ticked (0 while it does not serve)."""
+        ticked = self._ticked_at
+        return 0.0 if ticked is None else max(0.0, time.monotonic() - ticked - TICK_S)
+
+    async def _ticks(self) -> None:
+        """Show the loop runs; notice an engine that died while nothing ran on it."""
+        while True:
+            self._ticked_at = time.monotonic()
+            if (reason := self.service.engine.dead_reason()) is not None:
+                self.fail(reason)
+            await asyncio.sleep(TICK_S)
 
     def _has_room(self) -> bool:
         return any(self.budget.room(p) > 0 for p in PRIORITIES)
@@ -260,26 +323,29 @@ class PoolWorker:
         self._slot_freed.set()
 
     async def _heartbeats(self) -> None:
-        subject = self.subjects.heartbeat(self.bus.region, self.service.role)
         busy_s = 0.0
         while True:
             self.clock.tick()  # busy_s up to now
             metrics.add_busy_seconds(self.service.role, self.clock.busy_s - busy_s)
             busy_s = self.clock.busy_s
             metrics.set_worker_budget(self.service.role, self.budget.capacity, self.budget.reserved)
-            beat = Heartbeat(
-                worker_id=self.bus.worker_name, role=self.service.role,
-                region=self.bus.region, model_id=self.model_id, slots=self.slots,
-                active=len(self._active), served=self.counters.served,
-                cancelled=self.counters.cancelled, failed=self.counters.failed,
-                started_at=self.counters.started_at, sent_at=time.time(),
-                budget_tokens=self.budget.capacity, reserved_tokens=self.budget.reserved,
-                rate_tokens_s=round(self.rate.tokens_s, 1))
-            try:
-                await self.nc.publish(subject, encode(beat))
-            except Exception as exc:  # disconnected: the next beat will tell
-                log.debug("heartbeat not sent", error=str(exc))
+            await self._beat()
             await asyncio.sleep(self.bus.heartbeat_s)
+
+    async def _beat(self) -> None:
+        beat = Heartbeat(
+            worker_id=self.bus.worker_name, role=self.service.role,
+            region=self.bus.region, model_id=self.model_id, slots=self.slots,
+            active=len(self._active), served=self.counters.served,
+            cancelled=self.counters.cancelled, failed=self.counters.failed,
+            started_at=self.counters.started_at, sent_at=time.time(),
+            budget_tokens=self.budget.capacity, reserved_tokens=self.budget.reserved,
+            rate_tokens_s=round(self.rate.tokens_s, 1), state=self.state,  # type: ignore[arg-type]
+            reason=(self.failure or "")[:512])
+        try:
+            await self.nc.publish(self.subjects.heartbeat(self.bus.region, self.service.role), encode(beat))
+        except Exception as exc:  # disconnected: the next beat will tell
+            log.debug("heartbeat not sent", error=str(exc))
 
     # ------------------------------------------------------------------ one job
 
@@ -299,6 +365,8 @@ class PoolWorker:
         deliveries = msg.metadata.num_delivered if msg.reply else 1
         try:
             body = self.service.parse(msg.data)
+            if isinstance(body, ChatRequest):  # its subject names its tenant and id: they must agree
+                check_request_subject(self.subjects, msg.subject, body)
         except BadMessage as exc:
             await self._poison(msg, exc.reason, deliveries)
             return
@@ -376,7 +444,13 @@ class PoolWorker:
             await emitter.error("invalid_request", exc.reason)
             await self._poison(job.msg, exc.reason, job.deliveries)
         except Exception as exc:
-            await self._failed(job, emitter, exc)
+            if isinstance(exc, EngineDead) or self.service.engine.dead_reason() is not None:
+                # Not the job's fault: it goes back at once, whole, to a worker that can serve it.
+                outcome = "handed_over"
+                await job.msg.nak()
+                self.fail(str(exc) if isinstance(exc, EngineDead) else self.service.engine.dead_reason() or "")
+            else:
+                await self._failed(job, emitter, exc)
         finally:
             keep_alive.cancel()
             self.clock.stop(body.request_id)
@@ -436,3 +510,31 @@ class PoolWorker:
                 await msg.in_progress()
             except Exception as exc:
                 log.debug("in-progress ack not sent", error=str(exc))
+
+
+class LoopWatchdog:
+    """A thread that ends the process when a serving worker's event loop stalls far past
+    `worker_loop_stall_s` (3 times it): a loop that does not run hands nothing back and renews no
+    lease, so exiting lets its jobs move on as after a crash, and the supervisor restarts it."""
+
+    def __init__(self, workers: list[PoolWorker], stall_s: float, check_s: float = 1.0) -> None:
+        self.workers = workers
+        self.limit_s = 3 * stall_s
+        self.check_s = check_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+
+    def start(self) -> "LoopWatchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.check_s):
+            stalled = max((w.stalled_s() for w in self.workers), default=0.0)
+            if stalled > self.limit_s:
+                log.critical("event loop stalled; exiting so its jobs move on", stalled_s=round(stalled, 1),
+                             limit_s=self.limit_s, exit_code=EXIT_LOOP_STALLED)
+                os._exit(EXIT_LOOP_STALLED)

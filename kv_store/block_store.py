@@ -2,6 +2,12 @@
 
 Failures never raise into the engine: a lookup that fails finds nothing, a load that fails
 reports the blocks it could not fill (vLLM then recomputes them), a save that fails is logged.
+
+Every block is stored sealed: `tag || payload`, the tag an HMAC of the block's key and payload
+with the stack secret (`bus/signing.py`, purpose "kv-block"). A load checks the tag before the
+bytes are used; a block whose tag does not match (planted or corrupted in Redis, written with
+another secret, or copied under another key, e.g. another tenant's) is treated exactly as a
+missing block: a miss, recomputed by vLLM, and logged as "kv block failed its integrity check".
 """
 
 from __future__ import annotations
@@ -11,18 +17,42 @@ import time
 
 import redis
 
+from bus.signing import Signer
 from kv_store.records import TransferKind, TransferStats
 
 log = logging.getLogger("grokstack.kv_store")
 
+TAG_PURPOSE = "kv-block"
+TAG_BYTES = 16
+
+
+def seal(signer: Signer, key: str, payload: bytes) -> bytes:
+    """The value stored for block `key`: its tag, then its payload."""
+    return signer.tag(TAG_PURPOSE, key, payload, size=TAG_BYTES) + payload
+
+
+def unseal(signer: Signer, key: str, blob: bytes) -> bytes | None:
+    """The payload of a stored value, or None when its tag is not the one `seal` gave it."""
+    if len(blob) < TAG_BYTES:
+        return None
+    payload = memoryview(blob)[TAG_BYTES:]  # no copy of a block's megabytes just to check it
+    if not signer.check_tag(blob[:TAG_BYTES], TAG_PURPOSE, key, payload):
+        return None
+    return bytes(payload)
+
 
 class BlockStore:
-    def __init__(self, url: str, ttl_s: int) -> None:
+    """`signer` seals what `save` writes and opens what `load` reads. A store without one (the
+    fake engine's, which only ever asks whether blocks exist) writes bare payloads and cannot load."""
+
+    def __init__(self, url: str, ttl_s: int, signer: Signer | None = None) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=3)
         self._ttl_s = ttl_s
+        self._signer = signer
+        self.rejected = 0  # blocks that failed their integrity check, since start
 
     def present_prefix(self, keys: list[str]) -> int:
-        """How many of `keys`, from the first, exist right now."""
+        """How many of `keys`, from the first, exist right now (their tags are checked on load)."""
         if not keys:
             return 0
         try:
@@ -39,7 +69,10 @@ class BlockStore:
         return n
 
     def load(self, keys: list[str]) -> tuple[list[bytes | None], TransferStats]:
-        """The blobs of `keys` (None where missing), refreshing their TTL as they are read."""
+        """The payloads of `keys` (None where missing or failing the integrity check), refreshing
+        their TTL as they are read. Stats count the stored bytes of the good blocks."""
+        if self._signer is None:
+            raise RuntimeError("this BlockStore has no signer: it cannot check, so cannot load, blocks")
         t0 = time.perf_counter()
         try:
             pipe = self._redis.pipeline(transaction=False)
@@ -49,12 +82,25 @@ class BlockStore:
         except redis.RedisError as exc:
             log.warning("kv load of %d blocks failed: %s", len(keys), exc)
             blobs = [None] * len(keys)
-        got = [b for b in blobs if b is not None]
-        return blobs, TransferStats(len(got), sum(len(b) for b in got),
-                                    (time.perf_counter() - t0) * 1000, len(keys) - len(got))
+        payloads: list[bytes | None] = []
+        stored = 0
+        for key, blob in zip(keys, blobs, strict=True):
+            payload = unseal(self._signer, key, blob) if blob is not None else None
+            if blob is not None and payload is None:
+                self.rejected += 1
+                log.warning("kv block failed its integrity check, treating it as missing: %s "
+                            "(%d bytes; %d rejected since start)", key, len(blob), self.rejected)
+            elif payload is not None:
+                stored += len(blob)
+            payloads.append(payload)
+        good = sum(1 for p in payloads if p is not None)
+        return payloads, TransferStats(good, stored, (time.perf_counter() - t0) * 1000, len(keys) - good)
 
     def save(self, items: list[tuple[str, bytes]]) -> TransferStats:
+        """Store each (key, payload), sealed when the store has a signer. Stats count stored bytes."""
         t0 = time.perf_counter()
+        if self._signer is not None:
+            items = [(key, seal(self._signer, key, payload)) for key, payload in items]
         try:
             pipe = self._redis.pipeline(transaction=False)
             for key, blob in items:

@@ -12,8 +12,11 @@ worker (moves the bytes, in the model worker process).
   of those blocks when the request finishes.
 - Consumer roles (`kv_consumer`, `kv_both`) load the longest run of a prompt's full blocks that
   Redis holds. A request may carry a handle (the decode path): then only the handle's keys are
-  used, and only if they match the request's own tokens and this engine's layout; anything
-  else is recomputed.
+  used, and only if they match the request's own tokens, tenant and this engine's layout
+  (`keys.loadable_keys`); anything else is recomputed.
+- Every block is sealed with an integrity tag (the stack secret, whose file's path arrives in
+  `kv_connector_extra_config["secret_file"]`) and checked before its bytes are used; a block
+  that fails the check is a missing block (`kv_store/block_store.py`).
 - Loads and saves are synchronous within the engine step. A block that cannot be loaded is
   reported to vLLM, which recomputes it (`kv_load_failure_policy="recompute"`).
 - With `step_lock` set, engines sharing this machine's cores take turns per forward pass
@@ -37,8 +40,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from bus.messages import KvHandle
+from bus.signing import Signer
 from kv_store.block_store import BlockStore
-from kv_store.keys import layout_fingerprint, model_identity, prompt_block_keys, transfer_stats_key
+from kv_store.keys import layout_fingerprint, loadable_keys, model_identity, transfer_stats_key
 from kv_store.records import KvReport, report_to_params, request_from_params
 from kv_store.step_lock import StepLock
 
@@ -98,7 +102,13 @@ class RedisKVConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self._key_prefix: str = extra.get("key_prefix", "gskv")
-        self._store = BlockStore(extra["redis_url"], int(extra.get("ttl_s", 3600)))
+        if not extra.get("secret_file"):
+            raise ValueError("the KV connector needs the stack secret file to seal and check blocks: "
+                             "kv_connector_extra_config['secret_file'] is not set (EngineSetup.secret_file, "
+                             "from settings.bus.secret_file)")
+        # The path, not the key, crosses into vLLM's config; the key is read here.
+        self._store = BlockStore(extra["redis_url"], int(extra.get("ttl_s", 3600)),
+                                 Signer.from_file(extra["secret_file"]))
         self._model_id: str = extra.get("model_id") or vllm_config.model_config.model
         self._block_size = vllm_config.cache_config.block_size
         self._can_save = self._kv_transfer_config.is_kv_producer
@@ -127,15 +137,8 @@ class RedisKVConnector(KVConnectorBase_V1):
         if plan is not None:
             return plan
         kv = request_from_params(request.kv_transfer_params, request.request_id)
-        prompt = list(request.prompt_token_ids or [])
-        keys = prompt_block_keys(self._key_prefix, self._layout, prompt, self._block_size,
-                                 len(prompt) // self._block_size, kv.namespace)
-        # At least one prompt token must be computed to sample from, so the last block of a
-        # prompt that ends on a block boundary is never loaded.
-        loadable = min(len(keys), max(0, len(prompt) - 1) // self._block_size)
-        candidates, reason = keys[:loadable], ""
-        if kv.handle is not None:
-            candidates, reason = self._check_handle(kv.handle, keys[:loadable])
+        keys, candidates, reason = loadable_keys(self._key_prefix, self._layout, self._block_size,
+                                                 list(request.prompt_token_ids or []), kv.namespace, kv.handle)
         present = self._store.present_prefix(candidates) if self._can_load else 0
         if present < len(candidates) and not reason:
             reason = f"{len(candidates) - present} of {len(candidates)} blocks missing from the store"
@@ -143,14 +146,6 @@ class RedisKVConnector(KVConnectorBase_V1):
                          present, reason)
         self._plans[request.request_id] = plan
         return plan
-
-    def _check_handle(self, handle: KvHandle, own_keys: list[str]) -> tuple[list[str], str]:
-        if handle.layout != self._layout or handle.block_size != self._block_size:
-            return [], "handle was written by an engine with another KV layout"
-        keys = list(handle.keys)[: len(own_keys)]
-        if keys != own_keys[: len(keys)]:
-            return [], "handle keys do not match the request's tokens"
-        return keys, ""
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:

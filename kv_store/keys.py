@@ -78,6 +78,28 @@ def prompt_block_keys(key_prefix: str, layout: str, token_ids: Sequence[int], bl
             for h in block_hashes(layout, token_ids, block_size, num_blocks, namespace)]
 
 
+def loadable_keys(key_prefix: str, layout: str, block_size: int, prompt: Sequence[int],
+                  namespace: str, handle: KvHandle | None = None) -> tuple[list[str], list[str], str]:
+    """What a request may load: (the keys of every full block of its prompt, the keys it may
+    load from block 0, why not more ("" when nothing stands in the way)).
+
+    The keys are derived here, from the request's own tokens and tenant, never taken from a
+    job: a handle (the decode path) only narrows them, and is used only when it was written
+    with this layout and names exactly the request's own keys. So another tenant's handle, or
+    a handle for other tokens, loads nothing. At least one prompt token must be computed to
+    sample from, so the last block of a prompt that ends on a block boundary is never loaded."""
+    keys = prompt_block_keys(key_prefix, layout, prompt, block_size, len(prompt) // block_size, namespace)
+    own = keys[: min(len(keys), max(0, len(prompt) - 1) // block_size)]
+    if handle is None:
+        return keys, own, ""
+    if handle.layout != layout or handle.block_size != block_size:
+        return keys, [], "handle was written by an engine with another KV layout"
+    named = list(handle.keys)[: len(own)]
+    if named != own[: len(named)]:
+        return keys, [], "handle keys do not match the request's tokens"
+    return keys, named, ""
+
+
 def transfer_stats_key(key_prefix: str, request_id: str) -> str:
     """Per-request record of KV bytes and milliseconds moved, written by the connector."""
     return f"{key_prefix}:xfer:{request_id}"

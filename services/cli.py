@@ -20,7 +20,7 @@ FLAGS = {
     "up": list(SECTIONS), "edge": PROCESS + ["edge"], **{pool.name: WORKER for pool in POOLS.values()},
     "bench": WORKER + ["edge"], "publish": ["bus", "stack"], "replay": ["bus", "stack"], "trace": ["bus", "stack"],
     "apikey": ["edge"], "chaos": ["served", "kv", "engine", "spec", "worker", "edge", "stack"],
-    "cost": ["worker"], "model": ["served", "stack"],
+    "cost": ["worker"], "model": ["served", "stack"], "provision": ["bus", "stack"],
 }
 
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     from services.lab.cost_command import add_cost_arguments
     add_cost_arguments(cost)
     command("model", "prepare the bundled model (converted once into the data directory)")
+    command("provision", "create the region's JetStream streams, or update them to these settings' "
+                         "limits, as ops: run it before the edge and workers start (they cannot)")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
     return parser
 
@@ -209,6 +211,19 @@ def run_model(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def run_provision(settings: Settings, _args: argparse.Namespace) -> int:
+    from bus.credentials import CredentialsError
+    from bus.jetstream import BusUnavailable
+    from services.provision import provision
+    try:
+        streams = asyncio.run(provision(settings))
+    except (BusUnavailable, CredentialsError) as exc:
+        print(f"grokstack provision: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(streams))
+    return 0
+
+
 def run_up(settings: Settings, _args: argparse.Namespace) -> int:
     from services.up import run_up as up
     return up(settings)
@@ -225,12 +240,17 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_process(settings: Settings, args: argparse.Namespace) -> int:
+    from bus.jetstream import BusUnavailable
     from services.processes import run_edge, run_worker
-    asyncio.run(run_edge(settings) if args.command == "edge" else run_worker(settings, args.command))
+    try:
+        asyncio.run(run_edge(settings) if args.command == "edge" else run_worker(settings, args.command))
+    except BusUnavailable as exc:  # e.g. its streams were never provisioned: say so, no traceback
+        print(f"grokstack {args.command}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-RUNS = {"up": run_up, "model": run_model, "chaos": run_chaos, "bench": run_bench,
+RUNS = {"up": run_up, "model": run_model, "provision": run_provision, "chaos": run_chaos, "bench": run_bench,
         **{c: run_client_command for c in CLIENT_COMMANDS},
         **{c: run_process for c in ("edge", *(pool.name for pool in POOLS.values()))}}
 COMMANDS = {"settings": list_settings, "asyncapi": asyncapi, "nats-auth": nats_auth, "nats-config": nats_config,

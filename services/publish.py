@@ -1,5 +1,7 @@
 """`grokstack publish`: submit jobs straight onto the bus, one from arguments or a JSON file, or
-a JSONL batch with a progress bar and a JSONL of answers."""
+a JSONL batch with a progress bar and a JSONL of answers. As an operator (the `ops` login, jobs of
+tenant `public`), or with `--client TENANT:CLIENT_ID` as that back-end service's client login,
+whose jobs are its tenant's (bus/permissions.py)."""
 
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ def add_publish_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true", help="print the job id and leave")
     p.add_argument("--attach", metavar="REQUEST_ID", help="follow a job published earlier, from its first token")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a job's answer")
+    p.add_argument("--client", default=None, metavar="TENANT:CLIENT_ID",
+                   help="log in with this client login of the credentials file (`grokstack nats-auth "
+                        "--client`) instead of ops: the jobs are that tenant's")
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
@@ -88,7 +93,7 @@ def request_for(client: JobClient, spec: JobSpec, timeout_s: float):
 async def run_publish(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix,
-                                           settings.bus.region, auth=BusAuth.of(settings.bus, "ops")) as client:
+                                           settings.bus.region, auth=_login(settings, args.client)) as client:
             if args.file:
                 return await publish_batch(client, args.file, args.out, args.concurrency, args.timeout)
             if args.attach:
@@ -105,6 +110,15 @@ async def run_publish(settings: Settings, args: argparse.Namespace) -> int:
     except (ValueError, msgspec.DecodeError, JobRejected) as exc:
         print(f"grokstack publish: {exc}", file=sys.stderr)
         return 2
+
+
+def _login(settings: Settings, client: str | None) -> BusAuth:
+    if client is None:
+        return BusAuth.of(settings.bus, "ops")
+    tenant, sep, client_id = client.partition(":")
+    if not sep or not tenant or not client_id:
+        raise ValueError(f"--client {client!r}: give TENANT:CLIENT_ID")
+    return BusAuth.of(settings.bus, "client", tenant, client_id)
 
 
 async def follow(job, out: TextIO) -> int:

@@ -43,7 +43,7 @@ class RegionServers:
 
 class RegionMesh:
     def __init__(self, workdir: Path, regions: list[str], *, wan_delay_ms: float = 0.0,
-                 redis_maxmemory: str = "512mb", prefixes: tuple[str, ...] = ()) -> None:
+                 redis_maxmemory: str = "512mb", prefixes: tuple[str, ...] = (), kv_key_prefix: str = "") -> None:
         if len(set(regions)) != len(regions) or not regions:
             raise ValueError(f"regions must be distinct names, got {regions!r}")
         self.workdir = workdir
@@ -60,7 +60,7 @@ class RegionMesh:
                                       advertise=f"127.0.0.1:{public[region]}" if wan_delay_ms else None)
             nats = EmbeddedNats(workdir / region / "nats", prefixes=prefixes, domain=region,
                                 credentials_file=self.credentials_file)
-            redis = EmbeddedRedis(workdir / region / "redis", maxmemory=redis_maxmemory)
+            redis = EmbeddedRedis(workdir / region / "redis", maxmemory=redis_maxmemory, key_prefix=kv_key_prefix)
             self.servers[region] = RegionServers(region, nats, transit, redis, public[region])
 
     def __getitem__(self, region: str) -> RegionServers:

@@ -185,7 +185,7 @@ async def rerun(client: JobClient, items: list[Captured], overrides: dict,
                                stop=list(sampling.stop), seed=sampling.seed,
                                priority=request.priority, region=request.region,
                                conversation_id=request.conversation_id,
-                               idempotency_key=rerun_id, timeout_s=timeout_s)
+                               idempotency_key=rerun_id, timeout_s=timeout_s, tenant=request.tenant)
         result: JobResult = await (await client.submit(fresh, timeout_s)).result()
         tokens, finish = captured_answer(items, request.request_id)
         yield Rerun(request_id=request.request_id, rerun_id=rerun_id, captured_tokens=tokens,

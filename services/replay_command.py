@@ -54,7 +54,7 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to select (all given filters apply)")
     g.add_argument("--request", help="one request id")
     g.add_argument("--conversation", help="every request of a conversation id")
-    g.add_argument("--subject", help="a NATS subject filter on original subjects, e.g. 'gs.req.*.batch'")
+    g.add_argument("--subject", help="a NATS subject filter on original subjects, e.g. 'gs.req.*.batch.>'")
     g.add_argument("--since", help="start of the time window: 15m, 2h, 1d ago, an ISO time or unix seconds")
     g.add_argument("--until", help="end of the time window (same forms)")
     g.add_argument("--seq", help="a sequence range FIRST:LAST (inclusive) of the region's capture stream")

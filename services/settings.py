@@ -45,6 +45,9 @@ class StackConfig(Section):
     # server, Redis, edge and aggregated worker (services/regions.py); "" is one region.
     regions: Annotated[str, Field(pattern=r"^([A-Za-z0-9_-]{1,64}(,[A-Za-z0-9_-]{1,64})*)?$")] = ""
     wan_delay_ms: Annotated[float, Field(ge=0, le=10_000)] = 0.0  # added one way between those regions
+    # Set by `grokstack up` for each process it runs: a JSON file where the process writes the
+    # ports it bound (its metrics port: 0 lets it take a free one), so none is picked in advance.
+    ports_file: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -18,6 +18,10 @@
   Every child gets the Linux parent-death signal (SIGKILL), and a keeper process SIGKILLs the
   groups a supervisor leaves when it dies: a SIGKILLed supervisor runs no code, and the
   parent-death signal reaches only its children, not their engines.
+- A child that exits by itself can be started again as it was (`restart`, its log appended);
+  `Restarter` does so for every child that exits, each after its own exponential `Backoff`
+  (1 s, 2 s, 4 s ... 30 s, back to 1 s once it ran well for a minute), saying each time which
+  child exited, with what code, after how long, and where its log is.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
@@ -243,6 +247,12 @@ class Child:
     log: Path | None
     ready_url: str | None  # its health endpoint; None: ready while it runs
     grace_s: float  # how long a stop waits for it before killing its group
+    # how it was started, to start it again as it was (`Supervisor.restart`)
+    argv: list[str] = field(default_factory=list)
+    env: Mapping[str, str] | None = None
+    cwd: Path | str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
 
     @property
     def pid(self) -> int:
@@ -292,9 +302,26 @@ class Supervisor:
             if any(c.name == name and c.running for c in self._children()):
                 raise ValueError(f"a child named {name!r} is already running")
             self._started = [e for e in self._started if not (isinstance(e, Child) and e.name == name)]
-            child = Child(name, spawn(argv, log=log, env=env, cwd=cwd, append=append), log, ready_url, grace_s)
+            child = Child(name, spawn(argv, log=log, env=env, cwd=cwd, append=append), log, ready_url, grace_s,
+                          list(argv), env, cwd)
             self._started.append(child)
         logger.debug("process started", child=name, pid=child.pid, log=str(log) if log else "console")
+        return child
+
+    def restart(self, name: str) -> Child:
+        """Start a child that exited by itself again, as it was started (its log appended), in
+        its place in the stopping order."""
+        with self._lock:
+            old = next((c for c in self._children() if c.name == name), None)
+            if old is None:
+                raise KeyError(name)
+            if old.running:
+                raise ValueError(f"{name!r} is still running")
+            _keeper.forget(old.pid)
+            child = Child(name, spawn(old.argv, log=old.log, env=old.env, cwd=old.cwd, append=True), old.log,
+                          old.ready_url, old.grace_s, old.argv, old.env, old.cwd, restarts=old.restarts + 1)
+            self._started[self._started.index(old)] = child
+        logger.info("process restarted", child=name, pid=child.pid, restarts=child.restarts)
         return child
 
     def adopt(self, name: str, stop: Callable[[], None]) -> None:
@@ -417,3 +444,66 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------- restarts
+
+
+@dataclass
+class Backoff:
+    """How long to wait before starting again a child that exited: `initial_s`, doubling at each
+    exit up to `cap_s`, and `initial_s` again after a run of at least `reset_after_s` (it had
+    recovered; this exit is a new trouble)."""
+    initial_s: float = 1.0
+    cap_s: float = 30.0
+    reset_after_s: float = 60.0
+    exits: int = 0  # exits in a row, each after a short run
+
+    def delay(self, ran_s: float) -> float:
+        """The wait before the next start, after an exit that followed a run of `ran_s`."""
+        if ran_s >= self.reset_after_s:
+            self.exits = 0
+        delay = min(self.cap_s, self.initial_s * 2 ** self.exits)
+        self.exits += 1
+        return delay
+
+
+class Restarter:
+    """Starts again every child of `supervisor` that exits by itself, each after its own backoff,
+    while the others keep running. Call `step` periodically (it never blocks); `before_restart`
+    runs just before a child starts again (e.g. to clear what the last run reported)."""
+
+    def __init__(self, supervisor: Supervisor, backoff: Callable[[], Backoff] = Backoff,
+                 before_restart: Callable[[Child], None] | None = None) -> None:
+        self.supervisor = supervisor
+        self._backoff = backoff
+        self._before = before_restart
+        self._backoffs: dict[str, Backoff] = {}
+        self._due: dict[str, float] = {}  # child name -> monotonic time of its restart
+
+    def step(self) -> list[Child]:
+        """Schedule the children that exited since the last step; restart those due. Returns the
+        children started now."""
+        now = time.monotonic()
+        for child in self.supervisor.exited():
+            if child.name in self._due:
+                continue
+            ran_s = now - child.started_at
+            delay = self._backoffs.setdefault(child.name, self._backoff()).delay(ran_s)
+            self._due[child.name] = now + delay
+            logger.error("process exited; restarting it", child=child.name, code=child.proc.returncode,
+                         ran_s=round(ran_s, 1), restart_in_s=delay, restarts_so_far=child.restarts,
+                         log=str(child.log) if child.log else "above")
+        started = []
+        for name, due in list(self._due.items()):
+            if now < due:
+                continue
+            del self._due[name]
+            try:
+                child = self.supervisor[name]
+            except KeyError:  # stopped meanwhile
+                continue
+            if self._before is not None:
+                self._before(child)
+            started.append(self.supervisor.restart(name))
+        return started

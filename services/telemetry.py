@@ -7,12 +7,19 @@ collects theirs, plus the process collector (`process_start_time_seconds`, CPU a
 `grokstack cost --metrics` takes workers' uptime from it). One process may hold an edge and
 several workers (the tests do); one scrape then shows them all, told apart by their labels.
 A worker process serves its /healthz and /readyz beside /metrics (`serve_metrics`' checks).
+
+A process binds its own metrics port (0: a free one) and, under `grokstack up`, reports it in its
+ports file (`report_ports`), which its supervisor reads (`read_ports`): a port picked in advance
+by the supervisor could be taken by anything else before the process binds it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
+from pathlib import Path
 from typing import Callable, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -85,3 +92,23 @@ def stop_serving(port: int) -> None:
     if server is not None:
         server.shutdown()
         server.server_close()
+
+
+def report_ports(path: str | Path, **ports: int) -> None:
+    """Merge `ports` (e.g. metrics_port=8123) into the JSON file at `path`, atomically (a reader
+    sees the old file or the new one); nothing when `path` is empty (not run by `grokstack up`)."""
+    if not path:
+        return
+    path = Path(path)
+    merged = {**(read_ports(path) or {}), **ports}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged))
+    os.replace(tmp, path)
+
+
+def read_ports(path: str | Path) -> dict[str, int] | None:
+    """What a process reported in its ports file; None until it did."""
+    try:
+        return {str(k): int(v) for k, v in json.loads(Path(path).read_text()).items()}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None

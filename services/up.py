@@ -9,6 +9,14 @@ With `--regions eu,us` (any list), each region gets its own servers (a JetStream
 server, a Redis-compatible server: services/regions.py, with `--wan-delay-ms` between regions), an
 edge and one aggregated worker: several disaggregated pairs would be too many engines for one
 machine's cores.
+
+The streams of each region are provisioned (services/provision.py) after its servers start and
+before any of its processes. Each process binds its own metrics port (a free one unless
+GROKSTACK_METRICS_PORT is set: then that port, the next, ...) and reports it in its ports file
+(GROKSTACK_PORTS_FILE, in <data_dir>/ports): `up` waits for the workers' reports before it
+asks their /readyz, so no port is picked here for a child to find taken. A process that exits
+is started again after a backoff (services/supervisor.py Restarter) while the rest keeps serving;
+SIGINT or SIGTERM stops everything.
 """
 
 from __future__ import annotations
@@ -17,25 +25,31 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import structlog
+
+from services import telemetry
 
 from bus.roles import Role
 from bus.section import redact_url
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
+from services.provision import provision_now
 from services.regions import RegionMesh
 from services.settings import ENV, Settings
-from services.supervisor import StartFailed, Stopped, Supervisor, child_environment, local_url, stop_on_signals
+from services.supervisor import (POLL_S, Backoff, Child, Restarter, StartFailed, Stopped, Supervisor, child_environment,
+                                 local_url, stop_on_signals)
 
-__all__ = ["metrics_ports", "role_environment", "run_up"]
+__all__ = ["StackWatch", "await_reports", "metrics_ports", "role_environment", "run_up"]
 
 log = structlog.get_logger("grokstack.up")
 
 SERVING_ROLES = {"disaggregated": (Role.PREFILL, Role.DECODE, Role.EDGE), "aggregated": (Role.AGGREGATED, Role.EDGE)}
 START_TIMEOUT_S = 900.0  # engines load in about a minute here; a cold cache or a big model takes longer
+REPORT_TIMEOUT_S = 120.0  # a worker binds its metrics port before its engine starts: seconds, not minutes
 
 
 def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict[str, str]:
@@ -46,17 +60,58 @@ def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict
 
 
 def metrics_ports(settings: Settings, roles: tuple[str, ...]) -> dict[str, int]:
-    """A /metrics port for each worker process: free ones, or metrics_port, metrics_port+1, ...
-    when it is set. The edge serves its metrics on its API port."""
-    workers = [role for role in roles if role != Role.EDGE]
+    """The metrics port each process is told to bind: metrics_port, metrics_port+1, ... when it
+    is set; else 0, and each binds a free one and reports it (no port is picked here in advance:
+    another process could take it before the child binds it)."""
     first = settings.worker.metrics_port
-    return {role: first + i if first else free_port() for i, role in enumerate(workers)}
+    return {role: first + i if first else 0 for i, role in enumerate(roles)}
 
 
 def metrics_urls(settings: Settings, ports: dict[str, int]) -> str:
-    urls = {"edge": settings.edge.api_port, **ports}
     return "\n                       ".join(f"http://{settings.edge.edge_host}:{port}/metrics ({role})"
-                                         for role, port in urls.items())
+                                         for role, port in ports.items())
+
+
+def ports_file(settings: Settings, name: str) -> Path:
+    return (settings.stack.data_dir / "ports" / f"{name}.json").resolve()
+
+
+def reported_metrics_port(child: Child) -> int | None:
+    """The metrics port the child reported in its ports file, if it did yet."""
+    path = (child.env or {}).get(ENV["ports_file"])
+    ports = telemetry.read_ports(path) if path else None
+    return ports.get("metrics_port") if ports else None
+
+
+def forget_report(child: Child) -> None:
+    """Before it starts (again): a report of its last run must not be taken for the new one's."""
+    path = (child.env or {}).get(ENV["ports_file"])
+    if path:
+        Path(path).unlink(missing_ok=True)
+
+
+def await_reports(supervisor: Supervisor, names: list[str], timeout_s: float = REPORT_TIMEOUT_S) -> dict[str, int]:
+    """Until every child named reported its metrics port; then its /readyz is on that port.
+    Raises StartFailed when one of them exits first, or when time is up."""
+    deadline = time.monotonic() + timeout_s
+    ports: dict[str, int] = {}
+    while True:
+        for child in supervisor.exited():
+            raise StartFailed(child.exit_message("while starting"))
+        for name in names:
+            if name not in ports and (port := reported_metrics_port(supervisor[name])) is not None:
+                ports[name] = port
+                supervisor[name].ready_url = local_url(_host(supervisor[name]), port, "/readyz")
+        if len(ports) == len(names):
+            return ports
+        if time.monotonic() > deadline:
+            raise StartFailed(f"no metrics port reported after {timeout_s:.0f} s by: "
+                              + ", ".join(n for n in names if n not in ports))
+        time.sleep(POLL_S)
+
+
+def _host(child: Child) -> str:
+    return (child.env or {}).get(ENV["edge_host"], "127.0.0.1")
 
 
 def stack_memory_gib(root_pids: list[int]) -> float:
@@ -71,17 +126,17 @@ def stack_memory_gib(root_pids: list[int]) -> float:
     return total / 1024**3
 
 
-def ready_url(settings: Settings, role: str, ports: dict[str, int]) -> str:
+def ready_url(settings: Settings, role: str) -> str | None:
     """Where a process of the stack says it serves: a worker's /readyz on its metrics port (its
-    engine has started and it pulls work), the edge's on its websocket port (a prefill and a
-    decode worker, or an aggregated one, sent a heartbeat)."""
-    port = settings.edge.edge_port if role == Role.EDGE else ports[role]
-    return local_url(settings.edge.edge_host, port, "/readyz")
+    engine has started and it pulls work: known once it reported the port, see `await_reports`),
+    the edge's on its websocket port (a prefill and a decode worker, or an aggregated one, sent a
+    heartbeat)."""
+    return local_url(settings.edge.edge_host, settings.edge.edge_port, "/readyz") if role == Role.EDGE else None
 
 
 def run_up(settings: Settings) -> int:
-    """Until SIGINT or SIGTERM (0), or until a process exits (1); then everything it started is
-    stopped, newest first."""
+    """Until SIGINT or SIGTERM (0; a process that exits meanwhile is started again), or a start
+    that fails (1); then everything it started is stopped, newest first."""
     with stop_on_signals():
         try:
             with Supervisor() as supervisor:
@@ -105,7 +160,7 @@ def _serve_regions(settings: Settings, supervisor: Supervisor) -> int:
     """Every region's servers, edge and worker; say where each is; watch them."""
     names = settings.stack.regions.split(",")
     mesh = RegionMesh(settings.stack.data_dir / "regions", names, wan_delay_ms=settings.stack.wan_delay_ms,
-                      redis_maxmemory=settings.stack.redis_maxmemory)
+                      redis_maxmemory=settings.stack.redis_maxmemory, kv_key_prefix=settings.kv.kv_key_prefix)
     supervisor.adopt("region servers", mesh.stop)
     mesh.start()
     if settings.uses_bundled_model:
@@ -115,14 +170,17 @@ def _serve_regions(settings: Settings, supervisor: Supervisor) -> int:
         # the regions' engines share this machine's cores: let them take turns (kv_store/step_lock.py)
         settings = settings.replace(engine_step_lock=str((settings.stack.data_dir / "engine-step.lock").resolve()))
     regional: dict[str, Settings] = {}
+    workers: list[str] = []
     for region in names:
         servers = mesh[region]
         s = settings.replace(nats_url=servers.nats_url, nats_credentials=str(mesh.credentials_file.resolve()),
                              redis_url=servers.redis_url, region=region, worker_id=f"{region}-1",
                              edge_port=free_port(), api_port=free_port(), metrics_port=0)
-        _start_processes(s, supervisor, prefix=f"{region}-")
+        _provision(s)
+        workers += _start_processes(s, supervisor, prefix=f"{region}-")
         regional[region] = s
         log.info("region started", region=region, nats=s.bus.nats_url)
+    await_reports(supervisor, workers)
     log.info("starting workers (the engines take about a minute to load)")
     supervisor.wait_ready(START_TIMEOUT_S)
     cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
@@ -140,34 +198,72 @@ def _serve_regions(settings: Settings, supervisor: Supervisor) -> int:
     lines.append(f"  chat page over every region: http://{first.edge_host}:{first.edge_port}/?edges={others}")
     lines.append("  Ctrl-C stops everything.\n")
     print("\n".join(lines), flush=True)
-    return _watch(supervisor)
+    return _watch(supervisor, set(workers))
 
 
-def _start_processes(settings: Settings, supervisor: Supervisor, prefix: str = "") -> dict[str, int]:
-    """The serving mode's workers and the edge, each its own process; their metrics ports."""
+def _provision(settings: Settings) -> None:
+    """The region's streams, before any process of it starts (they may not create them)."""
+    try:
+        provision_now(settings)
+    except Exception as exc:
+        raise StartFailed(f"cannot provision the streams of region {settings.bus.region}: "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
+def _start_processes(settings: Settings, supervisor: Supervisor, prefix: str = "") -> list[str]:
+    """The serving mode's workers and the edge, each its own process; the workers' names."""
     roles = SERVING_ROLES[settings.stack.serving_mode]
     env = child_environment(settings)
     ports = metrics_ports(settings, roles)
+    workers = []
     for role in roles:
-        role_env = role_environment(env, settings, role)
-        if role in ports:
-            role_env = {**role_env, ENV["metrics_port"]: str(ports[role])}
+        name = f"{prefix}{role}"
+        report = ports_file(settings, name)
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.unlink(missing_ok=True)
+        role_env = {**role_environment(env, settings, role), ENV["metrics_port"]: str(ports[role]),
+                    ENV["ports_file"]: str(report)}
         # Their output goes to this console, as a one-machine stack's should.
-        supervisor.start(f"{prefix}{role}", [sys.executable, "-m", "services.cli", str(role)], env=role_env,
-                         ready_url=ready_url(settings, role, ports), grace_s=settings.worker.drain_timeout_s + 15)
-    return ports
+        supervisor.start(name, [sys.executable, "-m", "services.cli", str(role)], env=role_env,
+                         ready_url=ready_url(settings, role), grace_s=settings.worker.drain_timeout_s + 15)
+        if role != Role.EDGE:
+            workers.append(name)
+    return workers
 
 
-def _watch(supervisor: Supervisor) -> int:
+class StackWatch:
+    """Starts again whatever exits, each after its backoff, while the rest serves. A restarted
+    process reports its new metrics port; a worker's /readyz moves there."""
+
+    def __init__(self, supervisor: Supervisor, workers: set[str], backoff: Callable[[], Backoff] = Backoff) -> None:
+        self.supervisor = supervisor
+        self.workers = workers
+        self.restarter = Restarter(supervisor, backoff=backoff, before_restart=forget_report)
+        self.unreported: set[str] = set()  # restarted, their new metrics port not known yet
+
+    def step(self) -> None:
+        for child in self.restarter.step():
+            self.unreported.add(child.name)
+        for name in list(self.unreported):
+            child = self.supervisor[name]
+            if (port := reported_metrics_port(child)) is None:
+                continue
+            self.unreported.discard(name)
+            if name in self.workers:
+                child.ready_url = local_url(_host(child), port, "/readyz")
+            log.info("restarted process serves", role=name, metrics=local_url(_host(child), port, "/metrics"))
+
+
+def _watch(supervisor: Supervisor, workers: set[str]) -> int:
+    """Until a signal (`Stopped`)."""
+    watch = StackWatch(supervisor, workers)
     while True:
-        for child in supervisor.exited():
-            log.error("process exited; stopping the stack", role=child.name, code=child.proc.returncode)
-            return 1
+        watch.step()
         time.sleep(1.0)
 
 
 def _serve_one(settings: Settings, supervisor: Supervisor) -> int:
-    """Start everything, say where it is, and watch it until a signal or a process's exit."""
+    """Start everything, say where it is, and watch it (restarting what exits) until a signal."""
     servers: list[EmbeddedNats | EmbeddedRedis] = []
     if not settings.bus.nats_url:
         nats = EmbeddedNats(settings.stack.data_dir / "nats")
@@ -177,7 +273,8 @@ def _serve_one(settings: Settings, supervisor: Supervisor) -> int:
         settings = settings.replace(nats_url=nats.start(), nats_credentials=str(nats.credentials_file.resolve()))
         log.info("embedded nats-server started", url=settings.bus.nats_url, credentials=settings.bus.nats_credentials)
     if not settings.kv.redis_url:
-        redis = EmbeddedRedis(settings.stack.data_dir / "redis", maxmemory=settings.stack.redis_maxmemory)
+        redis = EmbeddedRedis(settings.stack.data_dir / "redis", maxmemory=settings.stack.redis_maxmemory,
+                              key_prefix=settings.kv.kv_key_prefix)
         servers.append(redis)
         supervisor.adopt("redis-server", redis.stop)
         settings = settings.replace(redis_url=redis.start())
@@ -189,9 +286,13 @@ def _serve_one(settings: Settings, supervisor: Supervisor) -> int:
         # both engines share this machine's cores: let them take turns (kv_store/step_lock.py)
         lock = (settings.stack.data_dir / "engine-step.lock").resolve()
         settings = settings.replace(engine_step_lock=str(lock))
-    ports = _start_processes(settings, supervisor)
+    _provision(settings)
+    workers = _start_processes(settings, supervisor)
+    ports = await_reports(supervisor, workers)
     log.info("starting workers (the engines take about a minute to load)")
     supervisor.wait_ready(START_TIMEOUT_S)
+    if (edge_port := reported_metrics_port(supervisor[str(Role.EDGE)])) is not None:
+        ports = {str(Role.EDGE): edge_port, **ports}
     edge = settings.edge
     url = f"ws://{edge.edge_host}:{edge.edge_port}"
     cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
@@ -209,7 +310,7 @@ def _serve_one(settings: Settings, supervisor: Supervisor) -> int:
           f"  Prometheus metrics:  {metrics_urls(settings, ports)}\n"
           f"  resident memory of the stack: {gib:.1f} GiB\n"
           f"  Ctrl-C stops everything.\n", flush=True)
-    return _watch(supervisor)
+    return _watch(supervisor, set(workers))
 
 
 def _credentials_hint(settings: Settings) -> str:

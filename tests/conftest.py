@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.embedded import EmbeddedNats, EmbeddedRedis
+from services.provision import provision_now
 from services.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,13 +76,21 @@ def unique_prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+def provisioned(settings: Settings) -> Settings:
+    """`settings` with its region's streams made (services/provision.py), as `grokstack provision`
+    does before a stack starts: runtime roles only wait for them."""
+    provision_now(settings)
+    return settings
+
+
 @pytest.fixture
 def settings(nats_url: str, nats_credentials: str, redis_url: str) -> Settings:
-    """Settings for one test: its own subjects, streams and KV keys on the shared servers."""
+    """Settings for one test: its own subjects, streams and KV keys on the shared servers, the
+    streams provisioned."""
     prefix = unique_prefix()
-    return Settings(
+    return provisioned(Settings(
         nats_url=nats_url, nats_credentials=nats_credentials, redis_url=redis_url,
-        subject_prefix=prefix, kv_key_prefix=prefix,
+        subject_prefix=prefix, kv_key_prefix=f"gskv:{prefix}",
         edge_port=0, api_port=0, heartbeat_s=0.2, worker_id=f"w-{prefix}", data_dir=REPO / ".data",
         ack_wait_s=10.0, max_deliver=3, drain_timeout_s=2.0, work_stream_mb=16,
-        dead_letter_stream_mb=8, capture_max_mb=16)
+        dead_letter_stream_mb=8, capture_max_mb=16))

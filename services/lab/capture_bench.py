@@ -16,7 +16,7 @@ from pathlib import Path
 import nats
 
 from bus.config import BusConfig
-from bus.jetstream import ensure_streams
+from bus.jetstream import declare_streams
 from bus.messages import TokenEvent
 from bus.codec import encode
 from bus.credentials import load_logins
@@ -31,7 +31,7 @@ async def measure(url: str, prefix: str, events: int, capture: bool, rate: float
     subjects = Subjects(prefix)
     pub, sub = await nats.connect(url, **(login or {})), await nats.connect(url, **(login or {}))
     if capture:
-        await ensure_streams(pub.jetstream(), BusConfig(subject_prefix=prefix, region=REGION), subjects)
+        await declare_streams(pub.jetstream(), BusConfig(subject_prefix=prefix, region=REGION), subjects)
     latencies: list[float] = []
     done = asyncio.Event()
 

@@ -3,6 +3,11 @@ each a separate process with its own log, killed for real and replaced as an orc
 
 A process is ready when its health endpoint says so (a worker's /readyz on its metrics port, the
 edge's /readyz), never from its log; the logs are read only for what happened (migrated answers).
+
+A worker runs the real vLLM engine (`grokstack prefill|decode`), or with engine "sim" a simulated
+one with vLLM's step times (services/lab/sim_cluster.py, one worker per process so that each can
+be killed alone): the same workers, bus and stores, in a fraction of the memory and start time.
+Simulated workers log warnings only, so the report counts no migrated answers from their logs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 from inference.model import ensure_bundled_model
 from inference.profiles import resolve_profile
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
+from services.lab.sim_calibration import calibration_file
+from services.provision import provision_now
 from services.settings import ENV, Settings
 from services.supervisor import StartFailed, Supervisor, child_environment, kill_group
 from services.up import role_environment
@@ -29,13 +36,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 class Cluster:
     def __init__(self, settings: Settings, workdir: Path, prefill_workers: int, decode_workers: int,
-                 rng: random.Random, replace_after_s: float = 10.0) -> None:
+                 rng: random.Random, replace_after_s: float = 10.0, engine: str = "vllm") -> None:
         self.settings = settings
+        self.engine = engine  # "vllm" or "sim"
         self.workdir = workdir
         self.sizes = {"prefill": prefill_workers, "decode": decode_workers}
         self.rng = rng
         self.nats = EmbeddedNats(workdir / "nats")
-        self.redis = EmbeddedRedis(workdir / "redis", maxmemory=settings.stack.redis_maxmemory)
+        self.redis = EmbeddedRedis(workdir / "redis", maxmemory=settings.stack.redis_maxmemory, key_prefix="chaoskv")
         self.supervisor = Supervisor()
         self._numbers = itertools.count(1)
         # A replacement comes this long after a kill, as a new pod is scheduled and started;
@@ -65,11 +73,14 @@ class Cluster:
             nats_url=nats_url, redis_url=redis_url, edge_port=free_port(), api_port=free_port(),
             nats_credentials=str(getattr(self.nats, "credentials_file", "") or ""),
             subject_prefix="chaos", kv_key_prefix="chaoskv", log_format="json", log_level=level)
-        if s.uses_bundled_model:
+        if self.engine == "sim":  # no model to load, and no engine steps to take turns on the cores
+            s = s.replace(engine_step_lock="", cpu_nice=0)
+        elif s.uses_bundled_model:
             ensure_bundled_model(Path(s.served.model))
-        if not s.engine.engine_step_lock and resolve_profile(s.engine).name == "cpu":
+        if self.engine != "sim" and not s.engine.engine_step_lock and resolve_profile(s.engine).name == "cpu":
             s = s.replace(engine_step_lock=str((self.workdir / "engine-step.lock").resolve()))
         self.settings = s
+        provision_now(s)
         self.spawn("edge")
         for role, n in self.sizes.items():
             for _ in range(n):
@@ -101,8 +112,13 @@ class Cluster:
             port = free_port()
             env[ENV["metrics_port"]] = str(port)
             ready = f"http://127.0.0.1:{port}/readyz"
-        self.supervisor.start(name, [sys.executable, "-m", "services.cli", role], env=env,
-                              log=self.workdir / f"{name}.log", ready_url=ready,
+        command = [sys.executable, "-m", "services.cli", role]
+        if role != "edge" and self.engine == "sim":
+            command = [sys.executable, "-m", "services.lab.sim_cluster", "--role", role, "--count", "1"]
+            calibration = calibration_file(self.settings.stack.data_dir)
+            if calibration.exists():
+                command += ["--calibration", str(calibration)]
+        self.supervisor.start(name, command, env=env, log=self.workdir / f"{name}.log", ready_url=ready,
                               grace_s=self.settings.worker.drain_timeout_s + 15)
         return name
 

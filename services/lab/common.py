@@ -1,11 +1,12 @@
 """What the lab's benchmarks and drills share: the prompts, the samples and phases they measure,
-quantiles, the load driver, the stack's time breakdown, a resident-memory sampler, and the stack
-(`grokstack up`) started under a supervisor."""
+quantiles, the load driver, how a client waits before asking again, the stack's time breakdown, a
+resident-memory sampler, and the stack (`grokstack up`) started under a supervisor."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import socket
 import statistics
 import sys
@@ -17,7 +18,10 @@ from typing import Any, Awaitable, Callable, Protocol
 import psutil
 
 from services.embedded import free_port
+from bus.roles import Role
 from services.settings import ENV, Settings
+from services.telemetry import read_ports
+from services.up import ports_file
 from services.supervisor import Child, StartFailed, Stopped, Supervisor, child_environment, local_host, stop_on_signals
 
 PROMPTS = [
@@ -76,6 +80,24 @@ def quantile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# A clear, immediate "not now" before acceptance, with when to come back: not a failure of the stack.
+REFUSALS = frozenset({"overloaded", "rate_limited", "too_many_requests", "unavailable"})
+RETRY_JITTER = 0.5  # a retry comes up to this share of the retry-after later: refused together,
+# clients do not all come back in the same instant
+BACKOFF_FIRST_S = 0.5  # after a failure that says nothing of when to retry: doubling, to BACKOFF_MAX_S
+BACKOFF_MAX_S = 30.0
+
+
+def retry_delay(retry_after_s: float | None, failures: int, rng: random.Random) -> float:
+    """How long a client waits before asking again, as a well-behaved one does: what the edge said
+    (`retry_after_s`) plus jitter; without it, exponential backoff with jitter by the number of
+    failures in a row (1 for the first)."""
+    if retry_after_s is not None and retry_after_s > 0:
+        return retry_after_s * (1 + rng.uniform(0, RETRY_JITTER))
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1))
+    return rng.uniform(ceiling / 2, ceiling)
 
 
 def messages_for(prompt: str) -> list[dict[str, str]]:
@@ -148,6 +170,7 @@ class StartedStack:
     host: str
     edge_port: int
     api_port: int
+    ports_file: Path  # where the edge reports the metrics port it bound (services/up.py)
 
     @property
     def url(self) -> str:
@@ -159,7 +182,13 @@ class StartedStack:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.api_port}/metrics"
+        """The edge's /metrics: on its own metrics port (not the public API's), once it reported it."""
+        deadline = time.monotonic() + 60
+        while (ports := read_ports(self.ports_file)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if ports is None:
+            raise SystemExit(f"the edge did not report its metrics port in {self.ports_file}")
+        return f"http://{self.host}:{ports['metrics_port']}/metrics"
 
 
 def start_stack(supervisor: Supervisor, settings: Settings, log: Path, api_port: int = 0) -> StartedStack:
@@ -180,7 +209,7 @@ def start_stack(supervisor: Supervisor, settings: Settings, log: Path, api_port:
         supervisor.wait_ready(900, [child.name])
     except StartFailed as exc:
         raise SystemExit(f"the stack failed to start: {exc}") from None
-    return StartedStack(child, host, edge_port, api_port)
+    return StartedStack(child, host, edge_port, api_port, ports_file(settings, str(Role.EDGE)))
 
 
 def breakdown(label: str, done: list[dict[str, Any]]) -> list[str]:

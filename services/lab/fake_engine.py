@@ -5,6 +5,8 @@ Tokens are UTF-8 bytes. The reply to a conversation is a fixed function of the p
 prompt + first token produces exactly what a single stage would. With a `BlockStore` it also
 keeps the KV contract: the prefill role writes one small blob per full block of the prompt and
 reports a handle; the decode role loads what the handle names and reports it as cached.
+`die()` makes it behave as a vLLM engine whose engine core is gone: every request, running or
+new, raises `EngineDead`, as VllmEngine's do.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import codecs
 from typing import AsyncIterator, Sequence
 
 from bus.messages import ChatMessage, KvHandle, SamplingSpec
-from inference.engine import EngineChunk
+from inference.engine import EngineChunk, EngineDead
 from inference.pools import pool_named
 from kv_store.block_store import BlockStore
 from kv_store.keys import prompt_block_keys
@@ -43,12 +45,22 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.kv_capacity_tokens = kv_capacity_tokens
         self.started = self.aborted = 0
+        self._dead: str | None = None
+        self._died = asyncio.Event()
 
     async def start(self) -> None:
         return
 
     async def shutdown(self) -> None:
         return
+
+    def die(self, reason: str = "fake engine core killed") -> None:
+        """From now on every request fails as a dead vLLM engine's do."""
+        self._dead = reason
+        self._died.set()
+
+    def dead_reason(self) -> str | None:
+        return self._dead
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         text = "".join(f"<|{m.role}|>{m.content}\n" for m in messages).encode() + ASSISTANT
@@ -59,6 +71,8 @@ class FakeEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
                        max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:
+        if self._dead is not None:
+            raise EngineDead(self._dead)
         self.started += 1
         prompt = bytes(prompt_token_ids)
         head, _, already = prompt.rpartition(ASSISTANT)
@@ -69,7 +83,9 @@ class FakeEngine:
         try:
             for byte in reply[:max_tokens]:
                 if self.token_delay_s:
-                    await asyncio.sleep(self.token_delay_s)
+                    await self._pause(self.token_delay_s)
+                elif self._dead is not None:
+                    raise EngineDead(self._dead)
                 emitted += 1
                 yield EngineChunk([byte], decoder.decode(bytes([byte])),
                                   prompt_tokens=len(prompt_token_ids), cached_tokens=loaded)
@@ -78,6 +94,14 @@ class FakeEngine:
             raise
         finish = "length" if len(reply) > max_tokens else "stop"
         yield EngineChunk([], decoder.decode(b"", final=True), finish, len(prompt_token_ids), loaded, report)
+
+    async def _pause(self, seconds: float) -> None:
+        """A token's time; a running request fails as soon as the engine dies."""
+        try:
+            await asyncio.wait_for(self._died.wait(), seconds)
+        except asyncio.TimeoutError:
+            return
+        raise EngineDead(self._dead or "")
 
     def _kv(self, tokens: list[int], kv: KvRequest | None) -> tuple[int, KvReport | None]:
         if self.store is None or kv is None:

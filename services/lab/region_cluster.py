@@ -13,6 +13,7 @@ from pathlib import Path
 
 from services.lab.sim_calibration import calibration_file
 from services.regions import RegionMesh
+from services.provision import provision_now
 from services.settings import ENV, Settings
 from services.supervisor import StartFailed, Supervisor, child_environment
 from services.embedded import free_port
@@ -29,17 +30,19 @@ class RegionCluster:
         self.regions = regions
         self.wan_delay_ms = wan_delay_ms
         self.workers_per_role = workers_per_role
-        self.mesh = RegionMesh(workdir / "servers", regions, wan_delay_ms=wan_delay_ms, redis_maxmemory="256mb")
+        self.mesh = RegionMesh(workdir / "servers", regions, wan_delay_ms=wan_delay_ms, redis_maxmemory="256mb",
+                               kv_key_prefix="drillkv")
         self.supervisor = Supervisor()
         self.regional: dict[str, Settings] = {}
         self.down: set[str] = set()  # killed, not back yet
         self.cut: set[str] = set()  # cut off from the others
+        self.edge_metrics_ports: dict[str, int] = {}  # a region's edge comes back on the same one
 
     def edge_url(self, region: str) -> str:
         return f"ws://127.0.0.1:{self.regional[region].edge.edge_port}"
 
     def edge_metrics(self, region: str) -> str:
-        return f"http://127.0.0.1:{self.regional[region].edge.api_port}/metrics"
+        return f"http://127.0.0.1:{self.edge_metrics_ports[region]}/metrics"
 
     def logs(self, region: str) -> Path:
         return self.workdir / region
@@ -62,6 +65,7 @@ class RegionCluster:
 
     def _start_processes(self, region: str) -> None:
         s = self.regional[region]
+        provision_now(s)  # idempotent: a region brought back keeps its streams
         env = child_environment(s)
         logs = self.logs(region)
         logs.mkdir(parents=True, exist_ok=True)
@@ -74,7 +78,9 @@ class RegionCluster:
             self.supervisor.start(f"{region}-{role}", [sys.executable, "-m", "services.lab.sim_cluster", *args],
                                   env=env | {ENV["metrics_port"]: str(port)}, log=logs / f"{role}.log",
                                   ready_url=f"http://127.0.0.1:{port}/readyz", grace_s=10, append=True)
-        self.supervisor.start(f"{region}-edge", [sys.executable, "-m", "services.cli", "edge"], env=env,
+        metrics_port = self.edge_metrics_ports.setdefault(region, free_port())
+        self.supervisor.start(f"{region}-edge", [sys.executable, "-m", "services.cli", "edge"],
+                              env=env | {ENV["metrics_port"]: str(metrics_port)},
                               log=logs / "edge.log", grace_s=10, append=True,
                               ready_url=f"http://127.0.0.1:{s.edge.edge_port}/readyz")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from services.lab.sim_calibration import Calibration
 from services.embedded import EmbeddedNats, EmbeddedRedis, free_port
+from services.provision import provision_now
 from services.settings import ENV, Settings
 from services.supervisor import StartFailed, Supervisor, child_environment
 
@@ -42,7 +43,7 @@ class SimCluster:
         self.sizes = {"prefill": prefill_workers, "decode": decode_workers}
         self.calibration_file = calibration_file
         self.nats = EmbeddedNats(workdir / "nats")
-        self.redis = EmbeddedRedis(workdir / "redis", maxmemory="512mb")
+        self.redis = EmbeddedRedis(workdir / "redis", maxmemory="512mb", key_prefix="spikekv")
         self.supervisor = Supervisor()
 
     @property
@@ -75,6 +76,7 @@ class SimCluster:
             ack_wait_s=LEASE_S, log_format="json", log_level="warning", engine_step_lock="", cpu_nice=0,
             max_inflight_per_edge=max(self.settings.edge.max_inflight_per_edge, INFLIGHT_PER_DECODE_SLOT
                                       * self.sizes["decode"] * self.settings.engine.decode_slots))
+        provision_now(self.settings)
         env = child_environment(self.settings)
         for role, count in self.sizes.items():
             args = ["--role", role, "--count", str(count)]
@@ -84,7 +86,9 @@ class SimCluster:
             self.supervisor.start(role, [sys.executable, "-m", "services.lab.sim_cluster", *args],
                                   env=env | {ENV["metrics_port"]: str(port)}, log=self.workdir / f"{role}.log",
                                   ready_url=f"http://127.0.0.1:{port}/readyz", grace_s=20)
-        self.supervisor.start("edge", [sys.executable, "-m", "services.cli", "edge"], env=env,
+        self.edge_metrics_port = free_port()
+        self.supervisor.start("edge", [sys.executable, "-m", "services.cli", "edge"],
+                              env=env | {ENV["metrics_port"]: str(self.edge_metrics_port)},
                               log=self.workdir / "edge.log", grace_s=20,
                               ready_url=f"http://127.0.0.1:{self.settings.edge.edge_port}/readyz")
         self.supervisor.wait_ready(timeout)

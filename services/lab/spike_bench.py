@@ -191,9 +191,9 @@ class Backend:
         return {}
 
     def metrics_url(self) -> str | None:
-        """The edge's Prometheus endpoint, on its API port, when this backend knows it."""
+        """The edge's Prometheus endpoint, on its metrics port, when this backend knows it."""
         if self.cluster is not None:
-            return f"http://127.0.0.1:{self.cluster.settings.edge.api_port}/metrics"
+            return f"http://127.0.0.1:{self.cluster.edge_metrics_port}/metrics"
         if self.stack is not None:
             return self.stack.metrics_url
         return None

@@ -2,8 +2,9 @@
 
 Honest by construction: a request is sent at its scheduled time whatever happens to the others
 (open loop, so a slow stack cannot slow the load down); TTFT runs from sending the chat frame to
-the first token frame; a refusal counts as a refusal (retried only with --retry, and counted
-apart); an accepted request that does not end with a done frame is lost.
+the first token frame; a refusal counts as a refusal (retried only with --retry, after its
+retry-after plus jitter, and counted apart); an accepted request that does not end with a done
+frame is lost.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.client import EdgeClient
+from services.lab.common import REFUSALS, retry_delay
 
 PHASES = ("before", "during", "after")
+RNG = random.Random(0)  # retries' jitter
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,8 @@ def _served(out: Outcome, frame: dict[str, Any]) -> None:
     out.degraded = out.degraded or (frame["finish_reason"] == "length" and out.completion_tokens < out.max_tokens)
 
 
-# A refusal is a clear, immediate "not now" before acceptance; anything else unanswered is lost.
-REFUSALS = {"overloaded", "rate_limited", "too_many_requests", "unavailable"}
+# A refusal (services/lab/common.py REFUSALS) is a clear, immediate "not now" before acceptance;
+# anything else unanswered is lost.
 
 
 def _failed(out: Outcome, frame: dict[str, Any], accepted: bool) -> None:
@@ -132,7 +135,7 @@ async def request(pool: ConnectionPool, out: Outcome, retries: int) -> None:
             pool.release(client)
         if out.status != "refused" or out.retries >= retries:
             return
-        await asyncio.sleep(out.retry_after_s or 1.0)
+        await asyncio.sleep(retry_delay(out.retry_after_s, out.retries + 1, RNG))  # with jitter
         out.retries += 1
         out.status, out.code = "lost", "no answer"
 

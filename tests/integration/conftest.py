@@ -19,7 +19,7 @@ from bus.subjects import Subjects
 from services.embedded import free_port
 from services.settings import ENV, Settings
 from services.supervisor import Supervisor, child_environment
-from tests.conftest import REPO, unique_prefix
+from tests.conftest import REPO, provisioned, unique_prefix
 
 SHORT = [{"role": "user", "content": "What is the capital of France?"}]
 LONG = [{"role": "system", "content": "You are a careful assistant. " * 20},
@@ -63,11 +63,11 @@ class RunningStack:
 @pytest.fixture(scope="session")
 def engine_settings(nats_url: str, nats_credentials: str, redis_url: str) -> Settings:
     prefix = unique_prefix()
-    return Settings(nats_url=nats_url, nats_credentials=nats_credentials, redis_url=redis_url,
-                    subject_prefix=prefix,
-                    kv_key_prefix=prefix, data_dir=REPO / ".data", edge_port=free_port(), api_port=free_port(),
-                    heartbeat_s=0.5, worker_id=prefix, log_format="json",
-                    engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock"))
+    return provisioned(Settings(nats_url=nats_url, nats_credentials=nats_credentials, redis_url=redis_url,
+                                subject_prefix=prefix,
+                                kv_key_prefix=f"gskv:{prefix}", data_dir=REPO / ".data", edge_port=free_port(),
+                                api_port=free_port(), heartbeat_s=0.5, worker_id=prefix, log_format="json",
+                                engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock")))
 
 
 @pytest.fixture(scope="session")
@@ -117,8 +117,9 @@ def vllm_stack(reference, engine_settings: Settings, tmp_path_factory) -> Runnin
 
 
 def spawn_worker(stack: RunningStack, settings: Settings, role: str) -> subprocess.Popen:
-    """One more worker process beside the stack's, logging to `<logs>/<worker id>.log`; the
-    stack's teardown stops it if the test did not."""
+    """One more worker process beside the stack's, logging to `<logs>/<worker id>.log` (its
+    region's streams provisioned first); the stack's teardown stops it if the test did not."""
+    provisioned(settings)
     return stack.supervisor.start(settings.bus.worker_id, [sys.executable, "-m", "services.cli", role],
                                   env=child_environment(settings), cwd=REPO,
                                   log=stack.logs / f"{settings.bus.worker_id}.log", grace_s=60).proc

@@ -188,10 +188,13 @@ async def run_scenario(stack, page: Page, frames: Frames) -> None:
     assert chat["messages"] == history  # the stopped answer is part of the conversation
     assert len(frames.sockets) == 2
     resume = frames.sockets[1]["sent"][0]
-    assert resume == {"type": "resume", "id": chat["id"], "request_id": request_id, "last_seq": seq_at_drop}
+    token = next(f["resume_token"] for f in frames.sockets[0]["received"]
+                 if f.get("type") == "accepted" and f.get("id") == chat["id"])  # only the asker was told it
+    assert resume == {"type": "resume", "id": chat["id"], "request_id": request_id, "last_seq": seq_at_drop,
+                      "resume_token": token}
     after = [f for f in frames.sockets[1]["received"] if f.get("id") == chat["id"]]
     assert after[0] == {"type": "accepted", "id": chat["id"], "request_id": request_id, "resumed": True,
-                        "region": stack.settings.bus.region, "route": "home"}
+                        "region": stack.settings.bus.region, "route": "home", "resume_token": token}
     seqs = [f["seq"] for f in after if f["type"] == "token"]
     assert seqs == list(range(seq_at_drop + 1, seq_at_drop + 1 + len(seqs))), "a token repeated or missing"
     assert after[-1]["type"] == "done"

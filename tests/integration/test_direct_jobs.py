@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import nats
+import pytest
 
 from bus import capture
 from bus.capture import Selection
@@ -15,6 +16,8 @@ from bus.credentials import BusAuth
 from bus.messages import ChatMessage, DecodeJob, TokenEvent
 from services import replay, trace
 from tests.integration.conftest import DIRECT, MAX_TOKENS
+
+pytestmark = pytest.mark.engine
 
 
 async def captured(stack, request_id: str) -> list:
@@ -40,10 +43,10 @@ async def test_raw_json_job_from_a_plain_nats_client_streams_the_reference_answe
 
     await nc.subscribe(f"{prefix}.evt.local.my-service.raw-1", cb=on_event)
     job = {"type": "chat_request", "v": 1, "request_id": "raw-1", "region": "local",
-           "priority": "standard", "messages": DIRECT,
+           "priority": "standard", "tenant": "public", "messages": DIRECT,
            "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
            "reply_to": f"{prefix}.evt.local.my-service.raw-1"}
-    await nc.jetstream().publish(f"{prefix}.req.local.standard", json.dumps(job).encode(),
+    await nc.jetstream().publish(f"{prefix}.req.local.standard.public.raw-1", json.dumps(job).encode(),
                                  headers={"Nats-Msg-Id": "raw-1"})
     await asyncio.wait_for(done.wait(), 120)
     await nc.drain()

@@ -13,6 +13,7 @@ from bus.client import JobClient
 from bus.credentials import BusAuth
 from bus.messages import ChatMessage
 from services.processes import start_worker
+from tests.conftest import provisioned
 
 pytestmark = pytest.mark.engine
 REGION = "specm"
@@ -37,7 +38,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 async def test_spec_decoding_acceptance_and_kv_capacity_reach_the_metrics(engine_settings):
     settings = engine_settings.replace(region=REGION, worker_id=f"{engine_settings.bus.worker_id}-specm",
                                        engine_step_lock="", spec_method="ngram", metrics_port=0)
-    worker = await start_worker(settings, "aggregated")
+    worker = await start_worker(provisioned(settings), "aggregated")  # another region: its own streams
     try:
         cache = worker.engine._llm.vllm_config.cache_config  # type: ignore[attr-defined]
         assert worker.engine.kv_capacity_tokens == cache.num_gpu_blocks * cache.block_size > 0

@@ -70,10 +70,11 @@ async def test_an_sse_stream_dropped_mid_answer_resumes_to_the_same_text(vllm_st
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{vllm_stack.api_url}/chat/completions", json=body) as r:
             request_id = r.headers["X-Request-Id"]
+            token = r.headers["X-Grokstack-Resume-Token"]  # only the asker is told it
             before = await sse_events(r, limit=4)
         await asyncio.sleep(1.0)  # away for a second while decoding goes on
         async with http.get(f"{vllm_stack.api_url}/chat/completions/{request_id}/stream",
-                            headers={"Last-Event-ID": str(before[-1][0])}) as r:
+                            headers={"Last-Event-ID": str(before[-1][0]), "X-Grokstack-Resume-Token": token}) as r:
             after = await sse_events(r)
     contents = [seq for seq, chunk in before + after if chunk]
     assert contents == list(range(len(contents))), "a token was repeated or lost"
@@ -89,13 +90,13 @@ async def test_a_websocket_stream_dropped_mid_answer_resumes_to_the_same_text(vl
         while len(tokens) < 4:
             frame = json.loads(await ws.recv())
             if frame["type"] == "accepted":
-                request_id = frame["request_id"]
+                request_id, token = frame["request_id"], frame["resume_token"]
             elif frame["type"] == "token":
                 tokens.append(frame)
     await asyncio.sleep(1.0)
     async with websockets.connect(vllm_stack.url) as ws:
         await ws.send(json.dumps({"type": "resume", "id": "q", "request_id": request_id,
-                                  "last_seq": tokens[-1]["seq"]}))
+                                  "last_seq": tokens[-1]["seq"], "resume_token": token}))
         while True:
             frame = json.loads(await ws.recv())
             if frame["type"] == "token":

@@ -15,7 +15,9 @@ import redis
 from bus.codec import decode, encode
 from bus.credentials import BusAuth
 from bus.messages import DecodeJob, Heartbeat
+from bus.signing import Signer
 from edge.client import EdgeClient
+from kv_store.block_store import TAG_BYTES, seal
 from tests.integration.conftest import LONG, MAX_TOKENS, SHORT, RunningStack, spawn_worker
 
 pytestmark = pytest.mark.engine
@@ -87,12 +89,12 @@ async def test_second_turn_is_served_from_the_first_turns_kv(vllm_stack):
     assert second.done["usage"]["cached_prompt_tokens"] >= len(turn1[0]["content"]) // 8
 
 
-async def test_evicted_kv_is_recomputed_with_the_same_answer(vllm_stack):
+async def test_evicted_kv_is_recomputed_with_the_same_answer(vllm_stack, redis_server):
     messages = [unique_system("Be concise."), {"role": "user", "content": "What is rain?"}]
     cold = await chat(vllm_stack, messages)
     warm = await chat(vllm_stack, messages)
     assert warm.text == cold.text and warm.done["usage"]["cached_prompt_tokens"] > 0
-    store = redis.Redis.from_url(vllm_stack.settings.kv.redis_url)
+    store = redis.Redis.from_url(redis_server.ops_url)  # the stack's own user may not SCAN or DEL
     deleted = sum(store.delete(k) for k in store.scan_iter(f"{vllm_stack.settings.kv.kv_key_prefix}:blk:*"))
     assert deleted > 0
     again = await chat(vllm_stack, messages)
@@ -100,10 +102,10 @@ async def test_evicted_kv_is_recomputed_with_the_same_answer(vllm_stack):
     assert again.done["usage"]["cached_prompt_tokens"] == 0
 
 
-async def test_decode_recomputes_when_the_handles_blocks_are_gone(vllm_stack):
+async def test_decode_recomputes_when_the_handles_blocks_are_gone(vllm_stack, redis_server):
     job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                  {"role": "user", "content": "Describe a cat."}])
-    redis.Redis.from_url(vllm_stack.settings.kv.redis_url).delete(*job.kv.keys)
+    redis.Redis.from_url(redis_server.ops_url).delete(*job.kv.keys)
     replayed, final = await replay_decode(vllm_stack, job)
     first_token_text = text[: len(text) - len(replayed)]
     assert first_token_text and first_token_text + replayed == text  # same answer from token 1 on
@@ -111,12 +113,13 @@ async def test_decode_recomputes_when_the_handles_blocks_are_gone(vllm_stack):
     assert final["kv"]["loaded_tokens"] == 0 and final["usage"]["cached_prompt_tokens"] == 0
 
 
-async def test_decode_really_uses_the_loaded_kv(vllm_stack):
+async def test_decode_really_uses_the_loaded_kv(vllm_stack, redis_server):
     job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                  {"role": "user", "content": "Describe a dog."}])
-    store = redis.Redis.from_url(vllm_stack.settings.kv.redis_url)
+    store = redis.Redis.from_url(redis_server.ops_url)
+    signer = Signer.from_file(vllm_stack.settings.bus.secret_file)  # sealed as the stack would: they pass the check
     for key in job.kv.keys:  # same size, wrong numbers: only a reader that uses them notices
-        store.set(key, bytes(len(store.get(key))), ex=600)
+        store.set(key, seal(signer, key, bytes(len(store.get(key)) - TAG_BYTES)), ex=600)
     replayed, final = await replay_decode(vllm_stack, job)
     assert final["kv"]["loaded_tokens"] == job.kv.num_tokens and not final["kv"]["recomputed"]
     assert replayed != text[len(text) - len(replayed):]

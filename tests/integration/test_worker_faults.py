@@ -4,8 +4,11 @@ it kills the stack's own decode worker.
 A decode worker SIGKILLed mid-answer: JetStream hands its unacknowledged job to a spare decode
 worker, which continues from the tokens the client already had (from the capture stream), so
 the client gets every token once, in order, and the same greedy text as an uninterrupted run.
-A decode worker SIGTERMed mid-answer (a deploy) finishes the answer, then exits. Redis crashing
-and coming back empty, or staying down, changes no answer: the KV is recomputed."""
+A decode worker SIGTERMed mid-answer (a deploy) finishes the answer, then exits. A decode worker
+whose vLLM engine core is SIGKILLed mid-answer notices, hands the job back at once (another
+worker finishes the answer, nothing is dead-lettered), says `failed` in a heartbeat and exits
+with EXIT_ENGINE_DEAD. Redis crashing and coming back empty, or staying down, changes no answer:
+the KV is recomputed."""
 
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ import subprocess
 import time
 
 import nats
+import psutil
 import pytest
 
 from bus.codec import decode
 from bus.credentials import BusAuth
 from bus.messages import Heartbeat
 from edge.client import EdgeClient
+from inference.worker import EXIT_ENGINE_DEAD
 from services.embedded import EmbeddedRedis
 from services.supervisor import kill_group
 from tests.integration.conftest import spawn_worker, wait_for_heartbeat
@@ -108,6 +113,68 @@ async def test_a_sigtermed_decode_worker_finishes_its_answer_then_exits(vllm_sta
         assert stopped.wait(vllm_stack.settings.worker.drain_timeout_s + 60) == 0
     except subprocess.TimeoutExpired:
         raise AssertionError("the worker did not exit after its drain") from None
+
+
+def engine_cores(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The worker's vLLM engine core processes (its children that say so in their title)."""
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            title = child.name() + " " + " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "EngineCore" in title:
+            found.append(child)
+    return found
+
+
+async def test_a_decode_worker_whose_engine_core_dies_hands_its_answer_over_and_exits(vllm_stack):
+    settings = vllm_stack.settings.replace(worker_id=f"{vllm_stack.settings.bus.worker_id}-dying")
+    mine = vllm_stack.procs["decode-dying"] = spawn_worker(vllm_stack, settings, "decode")
+    await asyncio.to_thread(wait_for_heartbeat, settings, "decode", mine)
+    assert engine_cores(mine), [c.name() for c in psutil.Process(mine.pid).children(recursive=True)]
+    # every decode worker of the stack by worker id (tests before may have stopped some)
+    workers = {vllm_stack.settings.bus.worker_id if c.name == "decode" else c.name: c.proc
+               for c in vllm_stack.supervisor.children() if c.running and c.name != "prefill" and c.name != "edge"}
+    nc = await nats.connect(vllm_stack.settings.bus.nats_url,
+                            **BusAuth.of(vllm_stack.settings.bus, "ops").connect_options())
+    failed_beats: list[Heartbeat] = []
+
+    async def heard(msg) -> None:
+        beat = decode(msg.data, Heartbeat)
+        if beat.state == "failed":
+            failed_beats.append(beat)
+    try:
+        await nc.subscribe(vllm_stack.subjects.heartbeat(vllm_stack.settings.bus.region, "decode"), cb=heard)
+        dlq = vllm_stack.subjects.stream("dlq", vllm_stack.settings.bus.region)
+        dead_before = (await nc.jetstream().stream_info(dlq)).state.messages
+        async with await EdgeClient.connect(vllm_stack.url) as client:
+            uninterrupted = await client.complete(STORY, max_tokens=TOKENS, temperature=0)
+            assert uninterrupted.done, uninterrupted.error
+            frames, victim, victim_id = [], None, None
+            async for frame in client.stream(STORY, max_tokens=TOKENS, temperature=0):
+                frames.append(frame)
+                if victim is None and sum(f["type"] == "token" for f in frames) == 10:
+                    victim_id = await busy_decode_worker(vllm_stack)
+                    victim = workers[victim_id]
+                    cores = engine_cores(victim)
+                    assert cores, f"no engine core under the worker {victim_id}"
+                    for core in cores:
+                        core.kill()
+        try:  # bounded: it must notice by itself, not wait for a lease to lapse
+            code = await asyncio.to_thread(victim.wait, 120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker {victim_id} whose engine died did not exit") from None
+        dead_after = (await nc.jetstream().stream_info(dlq)).state.messages
+    finally:
+        await nc.close()
+    assert code == EXIT_ENGINE_DEAD
+    assert frames[-1]["type"] == "done", frames[-1]
+    tokens = [f for f in frames if f["type"] == "token"]
+    assert [t["seq"] for t in tokens] == list(range(len(tokens))), "a token was lost or repeated"
+    assert "".join(t["text"] for t in tokens) == uninterrupted.text
+    assert dead_after == dead_before, "a job was dead-lettered because a worker's engine died"
+    assert any(b.worker_id == victim_id for b in failed_beats), failed_beats
 
 
 def crash_and_restart(server: EmbeddedRedis, down_s: float = 1.0) -> None:

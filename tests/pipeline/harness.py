@@ -1,4 +1,6 @@
-"""The real wiring (start_worker / start_edge) in this process, with engines chosen by the test."""
+"""The real wiring (start_worker / start_edge) in this process, with engines chosen by the test.
+Its streams are provisioned first (services/provision.py; idempotent), as before a real stack:
+settings a test changed (another region, stream limits) get theirs."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from bus.jetstream import connect_as
 from bus.subjects import Subjects
 from inference.engine import Engine
 from services.processes import RunningEdge, RunningWorker, start_edge, start_worker
+from services.provision import provision
 from services.settings import Settings
 
 
@@ -35,6 +38,7 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(settings: Settings, prefill: Engine, decode: Engine) -> AsyncIterator[Stack]:
+    await provision(settings)
     prefill_worker = await start_worker(settings, "prefill", prefill)
     decode_worker = await start_worker(settings, "decode", decode)
     edge = await start_edge(settings)

@@ -31,7 +31,7 @@ async def test_undecodable_bus_message_is_dead_lettered_once_and_the_worker_goes
     subjects = settings.bus.subjects
     async with running_stack(settings, *engines(settings)) as stack, bus_client(settings) as nc:
         js = nc.jetstream()
-        await js.publish(subjects.request("local", "standard"), b"\x00\xffnot json")
+        await js.publish(subjects.request("local", "standard", "public", "poison1"), b"\x00\xffnot json")
         record = await eventually(lambda: dead_letter_of(js, subjects, "req"))
         assert record and "JSON" in record.reason and record.encoding == "base64"
         info = await js.consumer_info(subjects.stream("req", "local"), subjects.consumer("req", "local", "standard"))
@@ -47,7 +47,7 @@ async def test_invalid_job_with_a_reply_subject_gets_an_error_event_and_a_dead_l
     async with running_stack(settings, *engines(settings)), bus_client(settings) as nc:
         events = await nc.subscribe(reply)
         bad = {"type": "chat_request", "request_id": "job1", "region": "local", "reply_to": reply}
-        await nc.jetstream().publish(subjects.request("local", "batch"), json.dumps(bad).encode())
+        await nc.jetstream().publish(subjects.request("local", "batch", "public", "job1"), json.dumps(bad).encode())
         msg = await events.next_msg(timeout=5)
         event = json.loads(msg.data)
         assert event["type"] == "error" and event["code"] == "invalid_request"

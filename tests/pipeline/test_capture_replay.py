@@ -10,7 +10,7 @@ import pytest
 from bus import capture
 from bus.capture import Selection
 from bus.client import JobClient
-from bus.jetstream import ensure_streams
+from bus.jetstream import declare_streams
 from bus.codec import encode
 from bus.messages import Cancel, ChatMessage, ChatRequest, DecodeJob, SamplingSpec
 from bus.subjects import Subjects
@@ -59,7 +59,7 @@ async def test_capture_holds_each_hop_in_order_and_filters_are_exact(settings):
 
     conv = await read(settings, conversation_id="c1")
     assert {i.request_id for i in conv} == {a, c}
-    batch = await read(settings, subject=f"{settings.bus.subject_prefix}.req.*.batch")
+    batch = await read(settings, subject=f"{settings.bus.subject_prefix}.req.*.batch.>")
     assert [(i.kind, i.request_id) for i in batch] == [("chat_request", b)]
 
     assert {i.request_id for i in await read(settings, since=boundary)} == {c}
@@ -75,7 +75,7 @@ async def _record_cancels(settings, gaps: list[float]) -> list:
     """Cancels published with known gaps between them: captured traffic with a known pace."""
     subjects = settings.bus.subjects
     async with bus_client(settings) as nc:
-        await ensure_streams(nc.jetstream(), settings.bus, subjects)
+        await declare_streams(nc.jetstream(), settings.bus, subjects)  # its capture limits
         for n, gap in enumerate([0.0, *gaps]):
             await asyncio.sleep(gap)
             await nc.publish(subjects.cancel("local"), encode(Cancel(request_id=f"r{n}", reason="x")))
@@ -134,12 +134,12 @@ def test_a_replayed_request_answers_into_the_sandbox():
     live, sandbox = Subjects("gs"), Subjects("sandbox")
     req = ChatRequest(request_id="r1", region="eu", priority="batch",
                       messages=[ChatMessage(role="user", content="x")],
-                      sampling=SamplingSpec(max_tokens=3),
+                      sampling=SamplingSpec(max_tokens=3), tenant="acme",
                       reply_to="gs.evt.eu.edge1.r1")
-    item = capture.Captured(source="capture", seq=1, time=0.0, subject="gs.req.eu.batch",
+    item = capture.Captured(source="capture", seq=1, time=0.0, subject="gs.req.eu.batch.acme.r1",
                             data=encode(req), message=req)
     subject, payload = replay.retargeted(item, live, sandbox)
-    assert subject == "sandbox.req.eu.batch"
+    assert subject == "sandbox.req.eu.batch.acme.r1"
     assert b'"reply_to":"sandbox.evt.eu.edge1.r1"' in payload
 
 
@@ -158,7 +158,7 @@ async def test_capture_size_limit_drops_the_oldest(settings):
     subjects = settings.bus.subjects
     async with bus_client(settings) as nc:
         js = nc.jetstream()
-        await ensure_streams(js, small.bus, subjects)
+        await declare_streams(js, small.bus, subjects)
         for n in range(30):  # 30 events of 100 kB into a 1 MB capture
             await nc.publish(subjects.events("local", "e1", f"r{n}"), b"x" * 100_000)
         await nc.flush()

@@ -48,9 +48,10 @@ async def test_several_requests_in_flight_on_one_connection(settings):
     assert all(r.done and r.done["finish_reason"] == "stop" for r in results)
 
 
-async def test_a_websocket_chat_for_a_region_nobody_serves_is_refused_at_once(settings):
-    """The websocket door checks the region as the HTTP door does (edge/intake.py): an error frame
-    straight away, nothing published, and the connection goes on serving."""
+async def test_a_websocket_chat_for_an_unknown_region_is_refused_at_once(settings):
+    """The websocket door checks the region as the HTTP door does (edge/intake.py): a region the
+    edge never heard of gets an error frame straight away, nothing is published, and the
+    connection goes on serving."""
     async with running_stack(settings, *engines(settings)) as stack, bus_client(settings) as nc:
         published = await nc.subscribe(stack.subjects.all_work("req"))
         async with await EdgeClient.connect(stack.url) as client:
@@ -58,8 +59,8 @@ async def test_a_websocket_chat_for_a_region_nobody_serves_is_refused_at_once(se
             frames = await asyncio.wait_for(_frames(client, "where is everyone", region="mars"), 30)
             assert [f["type"] for f in frames] == ["error"]
             error = frames[0]
-            assert error["code"] == "unavailable" and "mars" in error["message"]
-            assert error["retryable"] is True and error["retry_after_s"] > 0
+            assert error["code"] == "invalid_request" and "mars" in error["message"]
+            assert "known regions: local" in error["message"] and error["retryable"] is False
             frames = await _frames(client, "and here?")
             assert frames[-1]["type"] == "done" and "".join(
                 f["text"] for f in frames if f["type"] == "token") == expected("and here?")

@@ -91,3 +91,23 @@ async def test_replay_and_trace_commands(settings, tmp_path):
     records = [json.loads(line) for line in dump.read_text().splitlines()]
     assert len(records) == len(text) and records[0]["message"]["type"] == "chat_request"
     assert "trace of traced-1" in timeline and "first token" in timeline
+
+
+async def test_publish_with_a_client_login_and_a_clear_error_without_one(settings):
+    async with running_stack(settings, *engines(settings)):
+        code, out, err = await grokstack(settings, "publish", "--client", "public:dev", "as a back-end",
+                                         "--max-tokens", "60")
+        assert code == 0 and out == expected("as a back-end"), err
+        code, _, err = await grokstack(settings, "publish", "--client", "acme:billing", "not mine")
+        assert code == 1 and "no NATS client logins matching client:acme:billing" in err
+
+
+async def test_provision_makes_the_streams_a_runtime_role_waits_for(settings):
+    fresh = settings.replace(subject_prefix="tprov" + settings.bus.subject_prefix[1:])
+    code, out, err = await grokstack(fresh, "provision")
+    assert code == 0, err
+    s = fresh.bus.subjects
+    assert out.split() == [s.stream("req", "local"), s.stream("decode", "local"), s.stream("capture", "local"),
+                           s.stream("dlq", "local")]
+    code, out, err = await grokstack(fresh.replace(nats_url="nats://127.0.0.1:1"), "provision")
+    assert code == 1 and "cannot connect to NATS" in err

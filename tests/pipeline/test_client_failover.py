@@ -52,7 +52,7 @@ async def test_the_client_sends_the_chat_again_where_no_edge_knows_it(settings):
     """The second edge belongs to a stack with its own subjects (as a region that never received a
     mirror of the request): it answers the resume with unknown_request, and the client asks again."""
     question = "nobody over there has heard of me " * 2
-    elsewhere = settings.replace(subject_prefix=(prefix := unique_prefix()), kv_key_prefix=prefix,
+    elsewhere = settings.replace(subject_prefix=(prefix := unique_prefix()), kv_key_prefix=f"gskv:{prefix}",
                                  worker_id=f"w-{prefix}")
     async with running_stack(settings, *slow_engines()), another_edge(settings) as doomed, \
             running_stack(elsewhere, *slow_engines()) as other:

@@ -1,5 +1,6 @@
-"""An edge node dies mid-answer: its clients resume on another edge by request id, from the
-capture stream and then live, every token exactly once. Lost events are read from the capture."""
+"""An edge node dies mid-answer: its clients resume on another edge by request id and resume token
+(the other edge checks the token with the shared secret), from the capture stream and then live,
+every token exactly once. Lost events are read from the capture."""
 
 from __future__ import annotations
 
@@ -30,22 +31,25 @@ def slow_engines(delay: float = 0.03):
     return FakeEngine("prefill"), FakeEngine("decode", token_delay_s=delay)
 
 
-async def start_and_read(url: str, question: str, tokens: int) -> tuple[str, list[dict], websockets.ClientConnection]:
+async def start_and_read(url: str, question: str,
+                         tokens: int) -> tuple[tuple[str, str], list[dict], websockets.ClientConnection]:
+    """(request id, resume token), the first `tokens` token frames, and the open socket."""
     ws = await websockets.connect(url)
     await ws.send(json.dumps({"type": "chat", "id": "a", "messages": [{"role": "user", "content": question}]}))
-    request_id, seen = "", []
+    request, seen = ("", ""), []
     while len(seen) < tokens:
         frame = json.loads(await ws.recv())
         if frame["type"] == "accepted":
-            request_id = frame["request_id"]
+            request = (frame["request_id"], frame["resume_token"])
         else:
             seen.append(frame)
-    return request_id, seen, ws
+    return request, seen, ws
 
 
-async def resume_ws(url: str, request_id: str, last_seq: int, headers: dict | None = None) -> list[dict]:
+async def resume_ws(url: str, request: tuple[str, str], last_seq: int, headers: dict | None = None) -> list[dict]:
     async with websockets.connect(url, additional_headers=headers) as ws:
-        await ws.send(json.dumps({"type": "resume", "id": "b", "request_id": request_id, "last_seq": last_seq}))
+        await ws.send(json.dumps({"type": "resume", "id": "b", "request_id": request[0], "resume_token": request[1],
+                                  "last_seq": last_seq}))
         return await frames_until_end(ws, "b")
 
 
@@ -57,17 +61,17 @@ def assert_whole_answer_once(tokens: list[dict], question: str) -> None:
 async def test_a_websocket_client_resumes_on_another_edge_after_its_edge_dies(settings):
     question = "my edge is about to die " * 2
     async with running_stack(settings, *slow_engines()) as stack, another_edge(settings) as doomed:
-        request_id, seen, ws = await start_and_read(doomed.url, question, tokens=5)
+        (request_id, token), seen, ws = await start_and_read(doomed.url, question, tokens=5)
         await crash(doomed)
         with contextlib.suppress(websockets.ConnectionClosed):
             await ws.close()
-        rest = await resume_ws(stack.url, request_id, seen[-1]["seq"])
+        rest = await resume_ws(stack.url, (request_id, token), seen[-1]["seq"])
         assert rest[0] == {"type": "accepted", "id": "b", "request_id": request_id, "resumed": True,
-                           "region": "local", "route": "home"}
+                           "resume_token": token, "region": "local", "route": "home"}
         assert rest[-1]["type"] == "done" and rest[-1]["finish_reason"] == "stop"
         assert_whole_answer_once(seen + [f for f in rest if f["type"] == "token"], question)
         # a request that finished (on the dead edge's subject) is still there to replay in full
-        again = await resume_ws(stack.url, request_id, -1)
+        again = await resume_ws(stack.url, (request_id, token), -1)
         assert_whole_answer_once([f for f in again if f["type"] == "token"], question)
         assert stack.decode.worker.counters.cancelled == 0
 
@@ -79,12 +83,13 @@ async def test_an_sse_client_resumes_on_another_edge_with_last_event_id(settings
         body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": question}]}
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{doomed.api_url}/chat/completions", json=body) as r:
-                request_id = r.headers["X-Request-Id"]
+                request_id, token = r.headers["X-Request-Id"], r.headers["X-Grokstack-Resume-Token"]
                 before = await read_sse(r, stop_after=5)
                 await crash(doomed)
             seqs_before, text_before = content_of(before)
             resume_url = f"{stack.edge.api_url}/chat/completions/chatcmpl-{request_id}/stream"
-            async with http.get(resume_url, headers={"Last-Event-ID": str(seqs_before[-1])}) as r:
+            async with http.get(resume_url, headers={"Last-Event-ID": str(seqs_before[-1]),
+                                                     "X-Grokstack-Resume-Token": token}) as r:
                 assert r.status == 200
                 after = await read_sse(r)
         seqs_after, text_after = content_of(after)
@@ -98,10 +103,10 @@ async def test_an_adopted_request_nobody_follows_is_cancelled_after_the_grace(se
     settings = settings.replace(resume_grace_s=0.5)
     decode = FakeEngine("decode", token_delay_s=0.05)
     async with running_stack(settings, FakeEngine("prefill"), decode) as stack, another_edge(settings) as doomed:
-        request_id, seen, ws = await start_and_read(doomed.url, "long enough to be left " * 4, tokens=3)
+        (request_id, token), seen, ws = await start_and_read(doomed.url, "long enough to be left " * 4, tokens=3)
         await crash(doomed)
         async with websockets.connect(stack.url) as ws2:  # resumes, reads one token, goes away
-            await ws2.send(json.dumps({"type": "resume", "id": "b", "request_id": request_id,
+            await ws2.send(json.dumps({"type": "resume", "id": "b", "request_id": request_id, "resume_token": token,
                                        "last_seq": seen[-1]["seq"]}))
             while json.loads(await ws2.recv())["type"] != "token":
                 pass
@@ -118,15 +123,17 @@ async def test_only_the_same_tenant_resumes_on_another_edge(settings, tmp_path):
         async with await EdgeClient.connect(doomed.url, additional_headers={"Authorization": f"Bearer {gold}"}) as c:
             result = await c.complete([{"role": "user", "content": "gold only"}])
         await crash(doomed)
-        refused = await resume_ws(stack.url, result.request_id, -1, {"Authorization": f"Bearer {other}"})
+        request = (result.request_id, result.resume_token)
+        refused = await resume_ws(stack.url, request, -1, {"Authorization": f"Bearer {other}"})
         assert refused[-1]["code"] == "unknown_request"
         async with aiohttp.ClientSession() as http:
             url = f"{stack.edge.api_url}/chat/completions/chatcmpl-{result.request_id}/stream"
-            async with http.get(url, headers={"Authorization": f"Bearer {other}"}) as r:
+            token = {"X-Grokstack-Resume-Token": result.resume_token}
+            async with http.get(url, headers={"Authorization": f"Bearer {other}", **token}) as r:
                 assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_request"
-            async with http.get(url, headers={"Authorization": f"Bearer {gold}"}) as r:
+            async with http.get(url, headers={"Authorization": f"Bearer {gold}", **token}) as r:
                 assert content_of(await read_sse(r))[1] == expected("gold only")
-        replay = await resume_ws(stack.url, result.request_id, -1, {"Authorization": f"Bearer {gold}"})
+        replay = await resume_ws(stack.url, request, -1, {"Authorization": f"Bearer {gold}"})
         assert_whole_answer_once([f for f in replay if f["type"] == "token"], "gold only")
 
 
@@ -184,7 +191,7 @@ async def test_work_whose_edge_does_not_know_it_is_cancelled_but_a_services_is_n
                                ("some-service", "orphan-of-a-service")):
             job = raw_job(settings.bus.subject_prefix, rid, "nobody waits for me " * 3, priority="interactive",
                           reply_to=subjects.events("local", client_id, rid), sampling={"max_tokens": 60})
-            await js.publish(subjects.request("local", "interactive"), json.dumps(job).encode())
+            await js.publish(subjects.request("local", "interactive", "public", rid), json.dumps(job).encode())
 
         async def ended_with(rid: str, what: str) -> bool:  # as the capture recorded what workers sent
             events = (await event_history(js, subjects, "local", rid)).from_seq(0)

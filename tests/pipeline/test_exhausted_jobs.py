@@ -33,10 +33,10 @@ async def test_a_job_no_worker_survives_is_dead_lettered_and_its_client_told(set
         # the client already got two tokens from an earlier stage
         for seq in (0, 1):
             await nc.publish(reply_to, encode(TokenEvent(request_id=request_id, seq=seq, text="x", token_ids=[1])))
-        job = ChatRequest(request_id=request_id, region=settings.bus.region, priority="standard",
+        job = ChatRequest(request_id=request_id, region=settings.bus.region, priority="standard", tenant="public",
                           messages=[ChatMessage(role="user", content="I crash every worker")],
                           sampling=SamplingSpec(max_tokens=4), reply_to=reply_to)
-        ack = await js.publish(subjects.request(settings.bus.region, "standard"), encode(job))
+        ack = await js.publish(subjects.request(settings.bus.region, "standard", "public", request_id), encode(job))
         # two workers take it in turn and die without a word (no ack, no nak)
         dying = await js.pull_subscribe_bind(subjects.consumer("req", settings.bus.region, "standard"),
                                              subjects.stream("req", "local"))

@@ -1,6 +1,12 @@
-"""KV blocks belong to a tenant: the same conversation from another tenant finds nothing of the
-first one's KV, and a decode job whose handle names another tenant's blocks recomputes
-(real NATS and Redis, fake engines that keep the KV contract)."""
+"""KV blocks belong to a tenant, through the whole pipeline: the tenant an API key names reaches
+the engine as the request's KV namespace, on the prefill and on the decode path (real edge,
+NATS, workers and Redis; fake engines that keep the KV contract).
+
+What the namespace then decides is proven against the real KV code, not the fake engine's
+stand-in: `kv_store.keys.loadable_keys` with Redis in tests/unit/test_kv_keys.py, and the
+real connector inside the real vLLM engine in tests/integration/test_kv_integrity.py (another
+tenant's prefill loads 0 tokens; a decode request whose handle names another tenant's
+blocks loads nothing and recomputes)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ async def scrape(url: str, accept: str = OPENMETRICS) -> Scrape:
 
 def urls(stack) -> tuple[str, str, str]:
     host = stack.settings.edge.edge_host
-    return (f"{stack.edge.api_url.removesuffix('/v1')}/metrics",
+    return (f"http://{host}:{stack.edge.metrics_port}/metrics",  # not on the public API port
             f"http://{host}:{stack.prefill.metrics_port}/metrics",
             f"http://{host}:{stack.decode.metrics_port}/metrics")
 
@@ -97,7 +97,7 @@ async def test_the_classic_format_without_an_accept_header_and_dead_letters_coun
         assert before.content_type.startswith("text/plain")
         async with bus_client(settings) as nc:  # an invalid job: the prefill worker dead-letters it
             bad = raw_job(prefix, "badmetrics1", "hi", sampling={"max_tokens": 0})
-            await nc.jetstream().publish(f"{prefix}.req.local.batch", json.dumps(bad).encode())
+            await nc.jetstream().publish(f"{prefix}.req.local.batch.public.badmetrics1", json.dumps(bad).encode())
 
             async def counted() -> bool:
                 now = await scrape(prefill_url, accept="")

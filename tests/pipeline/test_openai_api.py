@@ -10,6 +10,7 @@ import aiohttp
 import openai
 import pytest
 
+from edge.protocol import MAX_SEQ
 from edge.tenants import add_key
 from services.lab.fake_engine import FakeEngine
 from tests.pipeline.harness import eventually, running_stack
@@ -78,6 +79,28 @@ BAD_BODIES = [
      "invalid_request", "priority"),
     (b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}', 404, "model_not_found",
      "model"),
+    # numbers past what the engine takes are refused at the door, naming the field
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "seed": 9223372036854775808}', 400,
+     "invalid_request", "seed"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "seed": %d}' % 2**128, 400,
+     "invalid_request", "seed"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "seed": -1}', 400, "invalid_request", "seed"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "temperature": 1e999}', 400,
+     "invalid_request", "temperature"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "top_p": -1e999}', 400,
+     "invalid_request", "top_p"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}', 400,
+     "invalid_request", "max_tokens"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 99999999999999999999}', 400,
+     "invalid_request", "max_tokens"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x", "name": "' + b"n" * 65 + b'"}]}', 400,
+     "invalid_request", "messages"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "user": "' + b"u" * 257 + b'"}', 400,
+     "invalid_request", "user"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "metadata": {'
+     + b",".join(b'"k%d": "v"' % i for i in range(17)) + b"}}", 400, "invalid_request", "metadata"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "stop": ["' + b"s" * 65 + b'"]}', 400,
+     "invalid_request", "stop"),
 ]
 
 
@@ -111,11 +134,15 @@ async def test_each_bad_input_gets_its_status_and_an_openai_error_body_and_the_e
             async with http.post(url, json={"model": "fake", "messages": [{"role": "user", "content": "x"}]},
                                  headers={"X-Grokstack-Priority": "urgent"}) as r:
                 assert r.status == 400 and (await r.json())["error"]["param"] == "priority"
-            # no worker serves region "mars": 503 with Retry-After, at once
+            async with http.post(url, json={"model": "fake", "messages": [{"role": "user", "content": "x"}]},
+                                 headers={"X-Grokstack-Region": "a/b" * 40}) as r:
+                error = (await r.json())["error"]
+                assert r.status == 400 and error["param"] == "region" and "X-Grokstack-Region" in error["message"]
+            # no region "mars" is known: refused at once (edge/intake.py), naming it
             async with http.post(url, json={"model": "fake", "messages": [{"role": "user", "content": "x"}]},
                                  headers={"X-Grokstack-Region": "mars"}) as r:
-                assert r.status == 503 and int(r.headers["Retry-After"]) > 0
-                assert "mars" in (await r.json())["error"]["message"]
+                error = (await r.json())["error"]
+                assert r.status == 400 and error["param"] == "region" and "mars" in error["message"]
         reply = await sdk(stack).chat.completions.create(
             model="fake", messages=[{"role": "user", "content": "still here"}], max_tokens=50)
         assert reply.choices[0].message.content == expected("still here")
@@ -199,20 +226,34 @@ async def test_an_sse_stream_resumes_after_a_dropped_connection_with_no_gap_or_r
         body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": question}]}
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{api(stack)}/chat/completions", json=body) as r:
-                request_id = r.headers["X-Request-Id"]
+                request_id, token = r.headers["X-Request-Id"], r.headers["X-Grokstack-Resume-Token"]
                 before = await read_sse(r, stop_after=5)
             # the connection is gone; tokens keep coming meanwhile
             await asyncio.sleep(0.3)
             seqs_before, text_before = content_of(before)
             resume_url = f"{api(stack)}/chat/completions/chatcmpl-{request_id}/stream"
-            async with http.get(resume_url, headers={"Last-Event-ID": str(seqs_before[-1])}) as r:
-                assert r.status == 200
+            # the request id alone, or with a wrong token, is answered as an unknown id
+            refusals = []
+            for headers in ({}, {"X-Grokstack-Resume-Token": "A" * 22},
+                            {"X-Grokstack-Resume-Token": stack.edge.server.guard.token("other", request_id)}):
+                async with http.get(resume_url, headers=headers) as r:
+                    refusals.append((r.status, (await r.json())["error"]))
+            async with http.get(resume_url, headers={"Last-Event-ID": str(seqs_before[-1]),
+                                                     "X-Grokstack-Resume-Token": token}) as r:
+                assert r.status == 200 and r.headers["X-Grokstack-Resume-Token"] == token
                 after = await read_sse(r)
-            # a client that saw nothing can replay the whole answer while it is retained
-            async with http.get(resume_url) as r:
+            # a client that saw nothing can replay the whole answer while it is retained (token in the query)
+            async with http.get(f"{resume_url}?resume_token={token}") as r:
                 whole = content_of(await read_sse(r))[1]
-            async with http.get(f"{api(stack)}/chat/completions/chatcmpl-{'0' * 32}/stream") as r:
-                assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_request"
+            unknown_id = "0" * 32
+            its_token = stack.edge.server.guard.token("public", unknown_id)  # a valid token, an unknown id
+            async with http.get(f"{api(stack)}/chat/completions/chatcmpl-{unknown_id}/stream",
+                                headers={"X-Grokstack-Resume-Token": its_token}) as r:
+                assert r.status == 404
+                unknown = (await r.json())["error"]
+        assert unknown["code"] == "unknown_request"
+        for status, error in refusals:  # nothing tells a prober the id exists
+            assert status == 404 and error == {**unknown, "message": unknown["message"].replace(unknown_id, request_id)}
         seqs_after, text_after = content_of(after)
         assert seqs_before + seqs_after == list(range(len(seqs_before) + len(seqs_after)))
         assert text_before + text_after == expected(question) == whole
@@ -231,3 +272,50 @@ async def test_an_sse_client_that_goes_away_cancels_its_request_after_the_grace(
                 await read_sse(r, stop_after=3)
         await eventually(lambda: stack.decode.worker.counters.cancelled == 1)
         assert decode.aborted == 1
+
+
+async def test_sse_resume_takes_any_last_event_id_in_bounds_and_refuses_the_rest_and_is_rate_limited(settings):
+    """Last-Event-ID in [-1, MAX_SEQ] gives the events after it in order, then the end (even past
+    the end); anything else is a 400 naming it, the connection answered, not reset. Resumes from
+    one address are rate-limited (429 with Retry-After)."""
+    async with running_stack(settings.replace(resume_client_burst=40), *engines(settings)) as stack:
+        await ready(stack)
+        body = {"model": "fake", "messages": [{"role": "user", "content": "count on me"}]}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{api(stack)}/chat/completions", json=body) as r:
+                assert r.status == 200
+                request_id, token = r.headers["X-Request-Id"], r.headers["X-Grokstack-Resume-Token"]
+            url = f"{api(stack)}/chat/completions/chatcmpl-{request_id}/stream"
+            good = {}
+            for last in ("-1", "0", "3", str(MAX_SEQ)):
+                async with http.get(url, headers={"Last-Event-ID": last, "X-Grokstack-Resume-Token": token}) as r:
+                    assert r.status == 200, last
+                    good[last] = await read_sse(r)
+            async with http.get(f"{url}?last_event_id=3&resume_token={token}") as r:
+                by_query = await read_sse(r)
+            bad = {}
+            for last in ("-2", "-99999999", str(MAX_SEQ + 1), "9" * 5000, "1.5", "3 4", "٣", "1_0", "0x10", "abc"):
+                async with http.get(url, headers={"Last-Event-ID": last, "X-Grokstack-Resume-Token": token}) as r:
+                    bad[last] = (r.status, (await r.json())["error"])
+            async with http.get(f"{url}?last_event_id=-5&resume_token={token}") as r:
+                bad["query"] = (r.status, (await r.json())["error"])
+        whole = content_of(good["-1"])
+        assert whole[1] == expected("count on me") and whole[0] == list(range(len(whole[0])))
+        assert content_of(good["0"])[0] == whole[0][1:] and content_of(good["3"])[0] == whole[0][4:]
+        assert content_of(by_query) == content_of(good["3"])
+        past = good[str(MAX_SEQ)]
+        assert content_of(past) == ([], "") and past[-1][1] == "[DONE]"
+        assert json.loads(past[-2][1])["choices"][0]["finish_reason"] == "stop"  # the end, still
+        for last, (status, error) in bad.items():
+            assert status == 400 and error["code"] == "invalid_request", (last, error)
+            assert error["param"] in ("Last-Event-ID", "last_event_id"), (last, error)
+        # rate-limited per address: a burst of 40, then 429 with Retry-After; others unaffected
+        async with aiohttp.ClientSession() as http:
+            statuses = []
+            for _ in range(45):
+                async with http.get(url, headers={"X-Grokstack-Resume-Token": "A" * 22}) as r:
+                    statuses.append((r.status, r.headers.get("Retry-After")))
+            assert {s for s, _ in statuses[:len(statuses) - 5]} <= {404, 429}
+            assert statuses[-1][0] == 429 and int(statuses[-1][1]) >= 1
+            async with http.post(f"{api(stack)}/chat/completions", json=body) as r:
+                assert r.status == 200

@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 
 from bus.codec import encode
 from bus.credentials import BusAuth, NatsLogin, save_logins
-from bus.jetstream import BusUnavailable, connect, ensure_streams
+from bus.jetstream import BusUnavailable, connect, declare_streams, ensure_streams, stream_configs
 from bus.messages import Cancel, TokenEvent
 from bus.subjects import Subjects
 from edge.client import EdgeClient
@@ -64,7 +64,6 @@ async def test_an_edge_cannot_publish_decode_jobs_or_token_events(settings):
     s = settings.bus.subjects
     event = encode(TokenEvent(request_id="r1", seq=0, text="forged", token_ids=[1]))
     async with bus_client(settings) as watcher:
-        await ensure_streams(watcher.jetstream(), settings.bus, s)
         seen = await watch(watcher, s.all_work("decode"), s.all_events(), s.all_cancels())
         errors: list[str] = []
         edge = await login_as(settings, "edge", errors)
@@ -89,21 +88,20 @@ async def test_an_edge_cannot_publish_decode_jobs_or_token_events(settings):
 async def test_workers_cannot_publish_what_is_not_theirs(settings):
     s = settings.bus.subjects
     async with bus_client(settings) as watcher:
-        await ensure_streams(watcher.jetstream(), settings.bus, s)
         seen = await watch(watcher, s.all_work("req"), s.all_work("decode"), s.all_heartbeats())
         errors: list[str] = []
         decode = await login_as(settings, "decode", errors)
         prefill = await login_as(settings, "prefill", errors)
         try:
             for nc in (decode, prefill):
-                await nc.publish(s.request("local", "batch"), b"{}")
+                await nc.publish(s.request("local", "batch", "public", "r1"), b"{}")
             await decode.publish(s.decode("local", "batch"), b"{}")
             await decode.publish(s.heartbeat("local", "prefill"), b"{}")  # posing as another pool
             await decode.publish(s.heartbeat("local", "decode"), b"{}")
             ack = await prefill.jetstream().publish(s.decode("local", "batch"), b"{}", timeout=5)
             assert ack.stream == s.stream("decode", "local")  # handing work on is prefill's job
             await asyncio.gather(decode.flush(), prefill.flush())
-            assert await refused(errors, s.request("local", "batch"))
+            assert await refused(errors, s.request("local", "batch", "public", "r1"))
             assert await refused(errors, s.heartbeat("local", "prefill"))
         finally:
             await decode.close()
@@ -121,7 +119,7 @@ async def test_a_subscription_outside_the_role_gets_nothing(settings):
     try:
         seen = await watch(edge, s.all_work("req"))
         async with bus_client(settings) as operator:
-            await operator.publish(s.request("local", "batch"), b"{}")
+            await operator.publish(s.request("local", "batch", "public", "r1"), b"{}")
             await operator.flush()
         assert await refused(errors, s.all_work("req"))
         assert seen == []
@@ -144,6 +142,86 @@ async def test_a_wrong_password_or_no_login_cannot_connect(settings, tmp_path: P
     assert result.returncode != 0
     assert f"cannot connect to NATS at {settings.bus.nats_url}" in result.stderr
     assert "no NATS login for the role 'decode'" in result.stderr
+
+
+async def client_login(settings, errors: list[str]) -> nats.NATS:
+    """The embedded server's client login, `client:public:dev` (services/embedded.py)."""
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+    auth = BusAuth.of(settings.bus, "client")
+    assert (auth.tenant, auth.client_id) == ("public", "dev")
+    return await nats.connect(settings.bus.nats_url, error_cb=on_error, **auth.connect_options())
+
+
+async def test_a_client_publishes_only_under_its_tenant_and_reads_only_its_own_events(settings):
+    s = settings.bus.subjects
+    errors: list[str] = []
+    client = await client_login(settings, errors)
+    try:
+        js = client.jetstream(timeout=1)
+        ack = await js.publish(s.request("local", "batch", "public", "r1"), b"{}")  # its own tenant: stored
+        assert ack.stream == s.stream("req", "local")
+        with pytest.raises(NatsTimeout):  # another tenant's: JetStream never sees it
+            await js.publish(s.request("local", "batch", "acme", "r2"), b"{}")
+        assert await refused(errors, s.request("local", "batch", "acme", "r2"))
+        mine = await watch(client, s.events("local", "dev", "r1"))
+        others = await watch(client, s.events_of_edge("local", "e2"))
+        async with bus_client(settings) as operator:
+            await operator.publish(s.events("local", "dev", "r1"), b"{}")
+            await operator.publish(s.events("local", "e2", "r3"), b"{}")
+            assert await eventually(lambda: mine == [s.events("local", "dev", "r1")])
+            assert await refused(errors, s.events_of_edge("local", "e2"))
+            assert others == []
+            assert await stored(operator.jetstream(), s.stream("req", "local")) == 1
+    finally:
+        await client.close()
+
+
+async def test_a_client_cannot_read_the_capture_nor_create_or_update_streams_and_ops_can(settings):
+    s = settings.bus.subjects
+    errors: list[str] = []
+    client = await client_login(settings, errors)
+    capture = s.stream("capture", "local")
+    try:
+        js = client.jetstream(timeout=1)
+        with pytest.raises(NatsTimeout):
+            await js.pull_subscribe(s.capture_copies(), stream=capture)
+        with pytest.raises(NatsTimeout):
+            await js.get_last_msg(capture, s.captured_request("local", "batch", "public", "r1"))
+        assert await refused(errors, f"$JS.API.STREAM.MSG.GET.{capture}")
+        configs = stream_configs(settings.bus.replace(capture_max_mb=1), s)
+        with pytest.raises(NatsTimeout):
+            await js.update_stream(configs[2])
+        fresh = stream_configs(settings.bus.replace(subject_prefix="tclient" + s.prefix[1:]),
+                               Subjects("tclient" + s.prefix[1:]))[0]
+        with pytest.raises(NatsTimeout):
+            await js.add_stream(fresh)
+        assert await refused(errors, f"$JS.API.STREAM.CREATE.{fresh.name}")
+        async with bus_client(settings, "ops") as operator:
+            ops = operator.jetstream()
+            assert (await ops.stream_info(capture)).config.max_bytes == 16 * 1024**2
+            await declare_streams(ops, settings.bus.replace(capture_max_mb=1), s)  # `grokstack provision`
+            assert (await ops.stream_info(capture)).config.max_bytes == 1024**2
+    finally:
+        await client.close()
+
+
+async def test_runtime_roles_wait_for_streams_nobody_provisioned_and_say_how_to_make_them(settings):
+    bus = settings.bus.replace(subject_prefix="tnone" + settings.bus.subject_prefix[1:], streams_wait_s=1.0)
+    errors: list[str] = []
+    for role in ("edge", "prefill"):
+        nc = await login_as(settings, role, errors)
+        try:
+            with pytest.raises(BusUnavailable, match=rf"stream {bus.subjects.stream('req', 'local')} does not exist: "
+                                                     r"run `grokstack provision`"):
+                await ensure_streams(nc.jetstream(), bus, bus.subjects)
+            if role != "edge":  # an edge makes mirrors: on a server of every prefix, of any stream name
+                with pytest.raises(NatsTimeout):  # a worker may not make them
+                    await nc.jetstream(timeout=1).add_stream(stream_configs(bus, bus.subjects)[0])
+                assert await refused(errors, f"$JS.API.STREAM.CREATE.{bus.subjects.stream('req', 'local')}")
+            await ensure_streams(nc.jetstream(), settings.bus, settings.bus.subjects)  # provisioned: there at once
+        finally:
+            await nc.close()
 
 
 async def test_ops_may_publish_and_read_anything(settings):
@@ -177,9 +255,13 @@ async def test_the_stack_serves_on_a_server_that_knows_only_its_prefix(settings,
                 await edge.flush()
                 assert await refused(errors, pull)
                 # another prefix is not served at all
-                await edge.publish(Subjects("elsewhere").request("local", "batch"), b"{}")
+                await edge.publish(Subjects("elsewhere").request("local", "batch", "public", "r1"), b"{}")
                 await edge.flush()
-                assert await refused(errors, "elsewhere.req.local.batch")
+                assert await refused(errors, "elsewhere.req.local.batch.public.r1")
+                # nor may it change a work stream's limits (only `grokstack provision`, as ops)
+                with pytest.raises(NatsTimeout):
+                    await edge.jetstream(timeout=1).update_stream(stream_configs(settings.bus, s)[0])
+                assert await refused(errors, f"$JS.API.STREAM.UPDATE.{s.stream('req', 'local')}")
             finally:
                 await edge.close()
     finally:
@@ -262,3 +344,14 @@ async def test_tls_to_nats_with_the_settings_ca(settings, tmp_path: Path):
         assert await eventually(up, 10, 0.2)
         with pytest.raises(BusUnavailable):  # the system's CAs do not know this one
             await connect(url, "tls-test", BusAuth.of(trusting.replace(nats_tls_ca="").bus, "edge"))
+
+
+async def test_a_worker_started_before_provisioning_exits_saying_how_to_make_its_streams(settings):
+    fresh = "tnone" + settings.bus.subject_prefix[1:]
+    result = subprocess.run([sys.executable, "-m", "services.cli", "decode", "--nats-url", settings.bus.nats_url,
+                             "--nats-credentials", settings.bus.nats_credentials, "--redis-url", settings.kv.redis_url,
+                             "--subject-prefix", fresh, "--streams-wait-s", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    stream = Subjects(fresh).stream("req", "local")
+    assert f"grokstack decode: stream {stream} does not exist: run `grokstack provision`" in result.stderr

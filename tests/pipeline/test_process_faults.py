@@ -13,7 +13,6 @@ import pytest
 from bus.codec import decode_event
 from bus.capture import sent_so_far
 from bus.codec import encode
-from bus.jetstream import ensure_streams
 from bus.messages import TokenEvent
 from edge.client import EdgeClient
 from services.lab.fake_engine import FakeEngine
@@ -21,6 +20,7 @@ from inference.resend import RecentEvents, resend_after_reconnects
 from kv_store.block_store import BlockStore
 from services.embedded import EmbeddedNats
 from services.processes import RunningWorker, start_worker
+from services.provision import provision
 from tests.pipeline.harness import bus_client, eventually, running_stack
 from tests.pipeline.test_chat_flow import expected
 from tests.pipeline.test_migration import die
@@ -188,7 +188,7 @@ async def test_events_lost_with_a_dying_broker_are_sent_again_after_the_reconnec
     recent.end("r2")  # an answer that just ended: its last events matter most
     try:
         async with bus_client(settings, "ops") as ops, bus_client(settings, "decode") as worker:
-            await ensure_streams(ops.jetstream(), settings.bus, subjects)
+            await provision(settings)
             resending = asyncio.create_task(resend_after_reconnects(worker, recent, 0.05))
             server.proc.kill()
             server.proc.wait()

@@ -35,7 +35,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> RegionMesh:
 def region_settings(mesh: RegionMesh, region: str, prefix: str, **changes) -> Settings:
     servers = mesh[region]
     return Settings(nats_url=servers.nats_url, nats_credentials=str(mesh.credentials_file),
-                    redis_url=servers.redis_url, region=region, subject_prefix=prefix, kv_key_prefix=prefix,
+                    redis_url=servers.redis_url, region=region, subject_prefix=prefix, kv_key_prefix=f"gskv:{prefix}",
                     edge_port=0, api_port=0, heartbeat_s=0.2, worker_id=f"{region}-{prefix}",
                     data_dir=Path(__file__).resolve().parents[2] / ".data", ack_wait_s=10.0, max_deliver=3,
                     drain_timeout_s=2.0, work_stream_mb=16, dead_letter_stream_mb=8, capture_max_mb=16,
@@ -195,8 +195,9 @@ async def test_a_client_whose_region_dies_resumes_at_another_regions_edge(mesh):
             cut = await asyncio.wait_for(asyncio.gather(*first_parts), 30)
             for content, (request_id, frames) in zip(contents, cut, strict=True):
                 last_seq = max((f["seq"] for f in frames if f["type"] == "token"), default=-1)
+                token = frames[0]["resume_token"]  # from the accepted frame: only the asker was told it
                 async with await EdgeClient.connect(us.url) as elsewhere:
-                    rest = await asyncio.wait_for(_collect(elsewhere.resume(request_id, last_seq)), 30)
+                    rest = await asyncio.wait_for(_collect(elsewhere.resume(request_id, last_seq, token)), 30)
                 assert rest[0]["type"] == "accepted" and rest[0]["resumed"], rest[0]
                 assert rest[-1]["type"] == "done", rest[-1]
                 tokens = [f for f in frames + rest if f["type"] == "token"]
@@ -226,8 +227,9 @@ async def test_a_client_whose_edge_dies_resumes_where_its_answer_is_served_and_i
             mesh.kill("eu")
             request_id, frames = await asyncio.wait_for(part, 30)
             last_seq = max((f["seq"] for f in frames if f["type"] == "token"), default=-1)
+            token = frames[0]["resume_token"]
             async with await EdgeClient.connect(us.url) as elsewhere:
-                rest = await asyncio.wait_for(_collect(elsewhere.resume(request_id, last_seq)), 30)
+                rest = await asyncio.wait_for(_collect(elsewhere.resume(request_id, last_seq, token)), 30)
         finally:
             await client.close()
             mesh.restart("eu")

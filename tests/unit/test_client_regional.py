@@ -61,7 +61,7 @@ class ScriptedEdge:
 async def accept(ws, frame: dict, request_id: str, resumed: bool = False, region: str = "eu",
                  route: str = "home") -> None:
     await ws.send(json.dumps({"type": "accepted", "id": frame["id"], "request_id": request_id, "resumed": resumed,
-                              "region": region, "route": route}))
+                              "resume_token": f"token-of-{request_id}", "region": region, "route": route}))
 
 
 async def tokens(ws, frame: dict, texts: list[str], first_seq: int = 0) -> None:
@@ -113,7 +113,8 @@ async def test_a_dropped_request_resumes_on_the_next_edge_after_the_last_token_s
     assert [f["type"] for f in frames] == ["accepted", "token", "token", "token", "reconnected", "accepted",
                                            "token", "token", "done"]
     assert frames[4] == {"type": "reconnected", "url": b.url}
-    assert b.received == [{"type": "resume", "id": "c1", "request_id": "r1", "last_seq": 2}]
+    assert b.received == [{"type": "resume", "id": "c1", "request_id": "r1", "resume_token": "token-of-r1",
+                           "last_seq": 2}]
     result = await collect(_replay(frames))
     assert result.text == "".join(ANSWER) and result.error is None and not result.resubmitted
     assert (result.region, result.route) == ("us", "failover")  # the done frame's word is the last
@@ -138,7 +139,7 @@ async def test_a_request_no_edge_knows_is_sent_again_and_keeps_the_tokens_alread
     assert result.resubmitted and result.done and result.error is None
     assert (result.request_id, result.route) == ("r2", "failover")
     resume, chat = b.received
-    assert resume == {"type": "resume", "id": "c1", "request_id": "r1", "last_seq": 2}
+    assert resume == {"type": "resume", "id": "c1", "request_id": "r1", "resume_token": "token-of-r1", "last_seq": 2}
     assert {**chat, "id": None} == {**a.received[0], "id": None}  # the same messages and parameters
 
 
@@ -213,3 +214,21 @@ async def test_the_terminal_chat_takes_several_edges_and_goes_on_over_another(mo
 async def _replay(frames: list[dict]):
     for frame in frames:
         yield frame
+
+
+async def test_a_resume_told_to_wait_waits_as_told_and_resumes_then():
+    """An edge that limits resumes (many clients came back at once) says rate_limited with
+    retry_after_s: the client waits that long (with jitter), then resumes, not the chat again."""
+    async def limits_once(edge: ScriptedEdge, ws, frame: dict) -> None:
+        if len(edge.received) == 1:
+            await ws.send(json.dumps({"type": "error", "id": frame["id"], "code": "rate_limited", "retryable": True,
+                                      "message": "too many resumes", "retry_after_s": 0.2}))
+        else:
+            await resumes(edge, ws, frame)
+
+    async with ScriptedEdge(dies_after_three_tokens) as a, ScriptedEdge(limits_once) as b:
+        async with RegionalClient([a.url, b.url]) as edges:
+            result = await edges.complete(QUESTION, **PARAMS)
+    assert result.text == "".join(ANSWER) and result.error is None and not result.resubmitted
+    assert [f["type"] for f in b.received] == ["resume", "resume"]
+    assert {**b.received[0], "id": None} == {**b.received[1], "id": None}  # the same resume, after the wait

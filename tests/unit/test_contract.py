@@ -34,7 +34,7 @@ def test_every_channel_names_real_messages_and_parameters():
         for ref in channel["messages"].values():
             target = ref["$ref"].rsplit("/", 1)[1]
             assert target in messages and target in schemas
-    assert doc["channels"]["requests"]["address"] == "{prefix}.req.{region}.{priority}"
+    assert doc["channels"]["requests"]["address"] == "{prefix}.req.{region}.{priority}.{tenant}.{request_id}"
     assert doc["channels"]["events"]["address"] == "{prefix}.evt.{region}.{client}.{request_id}"
     assert doc["channels"]["heartbeats"]["parameters"]["role"]["enum"] == ["prefill", "decode", "aggregated"]
     for op in doc["operations"].values():
@@ -52,8 +52,8 @@ def _sample(address: str, prefix: str, role: Role) -> str:
     """A subject of the channel as `role` would use it: its own role token and kind of work."""
     kind = ROLES[role].pulls or "req"
     subjects = Subjects(prefix)
-    values = {"prefix": prefix, "region": "eu", "priority": "batch", "client": "e1", "request_id": "r1",
-              "role": str(role), "kind": kind, "stream": subjects.stream(kind, "eu"),
+    values = {"prefix": prefix, "region": "eu", "priority": "batch", "client": "e1", "tenant": "acme",
+              "request_id": "r1", "role": str(role), "kind": kind, "stream": subjects.stream(kind, "eu"),
               "consumer": subjects.consumer(kind, "eu", "batch")}
     return ".".join(values[t[1:-1]] if t.startswith("{") else t for t in address.split("."))
 
@@ -69,7 +69,10 @@ def test_the_document_and_the_permissions_say_the_same_thing(subjects: Subjects,
         role, action, channel = name.split(".")
         does.setdefault((role, channel), set()).add(action)
     for role in ROLES:
-        allowed = permissions(role, subjects, edge_id, regions=("eu",))
+        if role == Role.CLIENT:  # a client login is always bound to its tenant and client id
+            allowed = permissions(role, subjects, "e1", regions=("eu",), tenant="acme")
+        else:
+            allowed = permissions(role, subjects, edge_id, regions=("eu",))
         if allowed.publish == (">",):
             assert role == Role.OPS  # ops may do everything, whatever it is documented to do
             continue

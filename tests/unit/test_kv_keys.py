@@ -1,4 +1,10 @@
-from kv_store.keys import block_hashes, layout_fingerprint, model_identity, prompt_block_keys
+import uuid
+
+from bus.messages import KvHandle
+from bus.signing import Signer
+from kv_store.block_store import BlockStore
+from kv_store.config import KvConfig
+from kv_store.keys import block_hashes, layout_fingerprint, loadable_keys, model_identity, prompt_block_keys
 
 
 def test_keys_of_a_shared_prefix_are_shared():
@@ -35,3 +41,48 @@ def test_model_identity_changes_with_the_weights(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 11)
     assert model_identity(str(tmp_path)) != first
     assert model_identity("org/name") == model_identity("org/name")
+
+
+def handle_of(keys: list[str], layout: str = "L", block_size: int = 32) -> KvHandle:
+    return KvHandle(model_id="m", layout=layout, block_size=block_size, keys=keys,
+                    num_tokens=len(keys) * block_size, content_hash=keys[-1])
+
+
+def test_a_request_may_load_its_own_full_blocks_but_never_the_last_token():
+    keys, own, reason = loadable_keys("p", "L", 32, list(range(96)), "t")
+    assert len(keys) == 3 and own == keys[:2] and reason == ""  # 96 tokens: block 3 holds the last one
+    keys, own, _ = loadable_keys("p", "L", 32, list(range(97)), "t")
+    assert own == keys == prompt_block_keys("p", "L", list(range(97)), 32, 3, "t")
+
+
+def test_a_handle_only_narrows_the_requests_own_keys():
+    tokens = list(range(100))
+    keys, own, _ = loadable_keys("p", "L", 32, tokens, "gold")
+    assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(keys[:2]))[1:] == (keys[:2], "")
+    assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(keys))[1:] == (own, "")
+    other = prompt_block_keys("p", "L", [7] * 100, 32, 3, "gold")
+    assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(other))[1:] == (
+        [], "handle keys do not match the request's tokens")
+    assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(keys, layout="L2"))[1:] == (
+        [], "handle was written by an engine with another KV layout")
+    assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(keys, block_size=16))[1] == []
+
+
+def test_one_tenants_blocks_in_redis_are_invisible_to_another(redis_url):
+    """The connector's own decision (keys.loadable_keys, then BlockStore.present_prefix, as
+    connector._plan makes it) against the real Redis server: blocks saved for tenant gold are
+    found for gold, and for bulk neither by its own keys nor through a handle naming gold's."""
+    prefix = f"{KvConfig().kv_key_prefix}:{uuid.uuid4().hex[:10]}"
+    store = BlockStore(redis_url, 60, Signer(b"s" * 32))
+    tokens = list(range(200, 300))
+    gold_keys, gold_own, _ = loadable_keys(prefix, "L", 32, tokens, "gold")
+    store.save([(k, b"kv" * 64) for k in gold_keys])
+    assert store.present_prefix(gold_own) == len(gold_own) == 3
+
+    bulk_keys, bulk_own, _ = loadable_keys(prefix, "L", 32, tokens, "bulk")
+    assert not set(bulk_keys) & set(gold_keys)
+    assert store.present_prefix(bulk_own) == 0
+    _, forged, reason = loadable_keys(prefix, "L", 32, tokens, "bulk", handle_of(gold_keys))
+    assert forged == [] and store.present_prefix(forged) == 0 and reason
+    _, unnamed, _ = loadable_keys(prefix, "L", 32, tokens, "", handle_of(gold_keys))  # a job without a tenant
+    assert unnamed == []

@@ -14,6 +14,7 @@ import redis
 
 from bus.messages import KvHandle
 from kv_store.block_store import BlockStore
+from kv_store.config import KvConfig
 from kv_store.keys import kv_request, transfer_stats_key
 from kv_store.records import (KvReport, KvRequest, TransferRecord, TransferStats, record_from_hash,
                               report_from_params, report_to_params, request_from_params, request_to_params)
@@ -86,8 +87,13 @@ def test_the_transfer_record_as_redis_returns_its_hash():
     assert record_from_hash({}) == TransferRecord()
 
 
+def fresh_prefix() -> str:
+    """A prefix of this test's own under the stack's (the only keys the server's user may touch)."""
+    return f"{KvConfig().kv_key_prefix}:t{uuid.uuid4().hex[:10]}"
+
+
 async def test_what_the_block_store_records_the_worker_reads_back(redis_url):
-    prefix = "t" + uuid.uuid4().hex[:10]
+    prefix = fresh_prefix()
     store, records = BlockStore(redis_url, 60), TransferRecords(redis_url, prefix)
     key = transfer_stats_key(prefix, "r1")
     store.record(key, "save", TransferStats(blocks=2, bytes=8192, ms=1.5))
@@ -101,10 +107,10 @@ async def test_what_the_block_store_records_the_worker_reads_back(redis_url):
         await records.close()
 
 
-async def test_an_unreadable_transfer_record_reads_as_empty(redis_url):
-    prefix = "t" + uuid.uuid4().hex[:10]
+async def test_an_unreadable_transfer_record_reads_as_empty(redis_url, redis_server):
+    prefix = fresh_prefix()
     records = TransferRecords(redis_url, prefix)
-    with redis.Redis.from_url(redis_url) as raw:
+    with redis.Redis.from_url(redis_server.ops_url) as raw:  # HSET: not a command the stack's user has
         raw.hset(transfer_stats_key(prefix, "r1"), mapping={"save_blocks": "1", "save_bytes": "lots"})
     try:
         assert await records.read("r1") == TransferRecord()  # accounting never fails a request

@@ -47,6 +47,17 @@ def test_wire_format_is_plain_json_with_a_type_tag_and_version():
     (lambda w: w.update(request_id="has.dots"), "$.request_id"),
     (lambda w: w.update(type="decode_job"), "$.type"),
     (lambda w: w.update(surprise=1), "surprise"),
+    # every number and length a direct publisher controls is bounded: refused once, not retried
+    (lambda w: w["sampling"].update(seed=2**64), "$.sampling.seed"),
+    (lambda w: w["sampling"].update(seed=-1), "$.sampling.seed"),
+    (lambda w: w["sampling"].update(max_tokens=2**40), "$.sampling.max_tokens"),
+    (lambda w: w.update(messages=[{"role": "user", "content": "x"}] * 5000), "$.messages"),
+    (lambda w: w.update(reply_to="x" * 300), "$.reply_to"),
+    (lambda w: w.update(attempt=10**6), "$.attempt"),
+    (lambda w: w.update(deadline=-1.0), "$.deadline"),
+    (lambda w: w.update(created_at=1e300), "$.created_at"),
+    (lambda w: w.update(tenant="acme.eu"), "$.tenant"),
+    (lambda w: w.update(continuation={"token_ids": [2**40], "next_seq": 1}), "$.continuation.token_ids"),
 ])
 def test_invalid_messages_name_the_problem(mutate, words):
     wire = msgspec.json.decode(encode(REQUEST))
@@ -68,9 +79,16 @@ def test_dead_letter_payload_is_text_when_it_can_be():
     assert printable_payload(b"\xff\x00") == ("/wA=", "base64")
 
 
+def test_the_largest_seed_vllm_takes_is_accepted_and_a_cancel_reason_is_bounded():
+    top = msgspec.structs.replace(REQUEST, sampling=SamplingSpec(max_tokens=5, seed=2**63 - 1))
+    assert decode(encode(top), ChatRequest).sampling.seed == 2**63 - 1
+    with pytest.raises(BadMessage, match="reason"):
+        decode(encode(Cancel(request_id="r1", reason="x" * 300)), Cancel)
+
+
 def test_a_request_names_its_tenant_and_one_without_a_tenant_still_decodes():
-    tagged = msgspec.structs.replace(REQUEST, tenant="acme.eu")
-    assert decode(encode(tagged), ChatRequest).tenant == "acme.eu"
+    tagged = msgspec.structs.replace(REQUEST, tenant="acme-eu")
+    assert decode(encode(tagged), ChatRequest).tenant == "acme-eu"
     older = msgspec.json.decode(encode(REQUEST))
     del older["tenant"]  # published before requests carried one, or straight to the bus
     assert decode(msgspec.json.encode(older), ChatRequest).tenant is None

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from bus.credentials import NatsLogin, load_logins
-from bus.permissions import ROLES, role_users
+from bus.permissions import ROLES, client_user_key, role_users
+from bus.roles import Role
 from bus.subjects import Subjects
 from services.embedded import EmbeddedNats, EmbeddedTransit, nats_server_binary
 from services.nats_config import (
@@ -49,7 +50,9 @@ EXAMPLE_TLS = {"client_tls": Tls("/etc/nats/tls/server.pem", "/etc/nats/tls/serv
 def _users(password: str = "CHANGE-ME", regions: tuple[str, ...] = ("eu", "us", "ap")):
     """The role users of `grokstack nats-auth --prefix gs --region eu --region us --region ap`:
     every region holds its own streams and the mirrors of the others'."""
-    return role_users({str(role): (str(role), password) for role in ROLES}, [Subjects("gs")], regions)
+    logins = {str(role): (str(role), password) for role in ROLES if role != Role.CLIENT}
+    logins[client_user_key("acme", "billing")] = ("client-acme-billing", password)  # `--client acme:billing`
+    return role_users(logins, [Subjects("gs")], regions)
 
 
 def example_files() -> dict[str, str]:

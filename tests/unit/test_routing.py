@@ -8,8 +8,8 @@ import time
 import pytest
 
 from bus.messages import Echo, Heartbeat, RegionBeat
-from edge.queues import QueueWatch
-from edge.regions import Regions
+from edge.queues import MAX_REGIONS, WORKER_MEMORY_S, QueueWatch
+from edge.regions import REGION_MEMORY_S, Regions
 from edge.routing import Router
 from services.settings import Settings
 
@@ -75,7 +75,7 @@ def test_a_region_with_a_stage_down_or_draining_or_another_model_takes_nothing_n
     regions.on_beat(region_beat("ap", model="another-model"))
     assert not regions.takes_new("us", MODEL) and not regions.takes_new("ap", MODEL)
     route = router.choose("interactive")
-    # nobody takes it: home, which the intake then refuses with the stage that is down
+    # nobody takes it: home, where the intake refuses it or, while a replacement starts, queues it
     assert (route.region, route.reason) == ("eu", "home")
     regions.on_beat(region_beat("ap"))
     assert (router.choose("interactive").region, router.choose("interactive").reason) == ("ap", "failover")
@@ -141,3 +141,45 @@ def test_this_edge_beats_for_the_regions_whose_workers_it_hears_and_hands_back_w
     assert [b.region for b in beats] == ["draft", "eu"]
     assert beats[1].workers == {"prefill": 1, "decode": 1} and beats[1].free_slots == 8
     assert beats[1].echoes["x-us"].sent_at == 123.0 and beats[1].echoes["x-us"].held_s >= 0
+
+
+def test_regions_a_bus_peer_invents_are_bounded_and_dead_ones_make_room(world):
+    queues, regions, _ = world
+    for n in range(MAX_REGIONS + 100):  # all beating: the first that fit are kept, the rest ignored
+        regions.on_beat(region_beat(f"lie-{n}"))
+    assert len(regions._seen) == MAX_REGIONS and not regions.knows(f"lie-{MAX_REGIONS + 99}")
+    for region, seen in regions._seen.items():
+        if region != "eu":  # all but home go silent: dead, so a new one takes the longest silent's place
+            seen.heard_at -= SETTINGS.edge.region_timeout_s + 1
+    regions.on_beat(region_beat("new"))
+    assert len(regions._seen) == MAX_REGIONS and regions.knows("new") and regions.knows("eu")
+    regions._seen["new"].heard_at -= REGION_MEMORY_S + 1  # silent for an hour: forgotten
+    regions.beats([MODEL], "eu")  # every beat period
+    assert not regions.knows("new") and "new" not in regions._stage_alive_at
+    assert len(regions._rtt) <= MAX_REGIONS and len(regions._stage_alive_at) <= MAX_REGIONS
+
+
+def test_workers_of_invented_regions_are_bounded_and_the_gone_forgotten(world):
+    queues, _, _ = world
+    for n in range(MAX_REGIONS + 50):
+        home_worker(queues, f"lie-{n}")
+    assert len(queues.regions_heard()) == MAX_REGIONS  # "local" (the bus's own) and "eu" among them
+    assert {SETTINGS.bus.region, "eu"} <= queues.regions_heard()
+    for worker in queues._workers.values():
+        worker.seen -= WORKER_MEMORY_S + 1
+    queues.forget_gone()
+    assert queues.regions_heard() == {SETTINGS.bus.region} and not queues._workers
+
+
+def test_only_known_regions_may_be_named_and_a_stage_remembers_when_it_last_had_a_worker(world):
+    queues, regions, _ = world
+    assert regions.knows("eu") and regions.knows("us") and not regions.knows("mars")
+    assert regions.names() == sorted({"ap", "eu", "us", SETTINGS.bus.region})
+    assert regions.stage_gone_s("us", "prefill") == pytest.approx(0, abs=0.5)
+    regions._stage_alive_at["us"]["prefill"] -= 30  # its last beat with a prefill worker, 30 s ago
+    regions.on_beat(region_beat("us", workers={"decode": 1}))
+    assert regions.stage_gone_s("us", "prefill") == pytest.approx(30, abs=0.5)
+    assert regions.stage_gone_s("us", "decode") == pytest.approx(0, abs=0.5)
+    assert regions.stage_gone_s("mars", "prefill") is None
+    queues._workers[("eu-prefill", "prefill")].seen -= 10  # home: from the workers' own heartbeats
+    assert regions.stage_gone_s("eu", "prefill") == pytest.approx(10, abs=0.5)

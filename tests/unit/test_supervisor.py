@@ -1,8 +1,9 @@
 """The supervisor (services/supervisor.py) with real child processes: small Python scripts that
 answer a health endpoint after a delay, exit early, or start a grandchild. Readiness comes from
 the endpoint, never from the log; a child that exits is reported at once, by name; stop and kill
-take the whole process group; and a supervising process that is SIGTERMed, or even SIGKILLed,
-leaves no process behind."""
+take the whole process group; a child that exits is started again after a growing backoff while
+the others keep running; and a supervising process that is SIGTERMed, or even SIGKILLed, leaves
+no process behind."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import psutil
 import pytest
 
 from services.embedded import free_port
-from services.supervisor import StartFailed, Supervisor, answers
+from services.supervisor import Backoff, Restarter, StartFailed, Supervisor, answers
 from tests.conftest import REPO
 
 # One script plays every child: it answers GET on --port with 503 until --ready-after seconds,
@@ -279,3 +280,43 @@ def test_a_sigkilled_supervisor_leaves_no_process_behind(tmp_path):
     assert eventually(lambda: all(gone(pid) for pid in children + grandchildren)), \
         [pid for pid in children + grandchildren if not gone(pid)]
     assert not (tmp_path / "finally").exists()  # it could run nothing: the kernel and the keeper did it
+
+
+def test_the_restart_backoff_doubles_up_to_its_cap_and_starts_over_after_a_good_run():
+    backoff = Backoff(initial_s=1.0, cap_s=30.0, reset_after_s=60.0)
+    assert [backoff.delay(ran_s=2.0) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert backoff.delay(ran_s=61.0) == 1  # it had recovered: a new trouble starts over
+    assert backoff.delay(ran_s=0.5) == 2
+
+
+def test_a_killed_child_comes_back_after_its_backoff_and_the_others_keep_running(child, tmp_path):
+    log = tmp_path / "victim.log"
+    with Supervisor() as supervisor:
+        victim = supervisor.start("victim", child(), log=log)
+        other = supervisor.start("other", child())
+        restarter = Restarter(supervisor, backoff=lambda: Backoff(initial_s=0.5))
+        assert eventually(lambda: "worker serving" in log.read_text())
+        assert restarter.step() == []
+        os.kill(victim.pid, signal.SIGKILL)
+        assert eventually(lambda: not victim.running)
+        restarted: list = []
+        assert eventually(lambda: bool(restarted.extend(restarter.step()) or restarted))
+        assert [c.name for c in restarted] == ["victim"]
+        back = supervisor["victim"]
+        assert back.running and back.pid != victim.pid and back.restarts == 1
+        assert other.running and supervisor["other"] is other
+        assert eventually(lambda: log.read_text().count("worker serving") == 2)  # the log goes on, appended
+
+
+def test_a_child_that_keeps_crashing_at_start_waits_longer_each_time(child):
+    with Supervisor() as supervisor:
+        supervisor.start("crasher", child("--exit-after", "0"))
+        restarter = Restarter(supervisor, backoff=lambda: Backoff(initial_s=0.2, cap_s=0.8))
+        starts = [time.monotonic()]
+        while supervisor["crasher"].restarts < 4:
+            if restarter.step():
+                starts.append(time.monotonic())
+            time.sleep(0.02)
+        waits = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        # each wait is at least its backoff (plus the run before the exit): 0.2, 0.4, 0.8, 0.8
+        assert all(wait >= least for wait, least in zip(waits, [0.2, 0.4, 0.8, 0.8], strict=True)), waits

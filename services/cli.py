@@ -20,7 +20,8 @@ FLAGS = {
     "up": list(SECTIONS), "edge": PROCESS + ["edge"], **{pool.name: WORKER for pool in POOLS.values()},
     "bench": WORKER + ["edge"], "publish": ["bus", "stack"], "replay": ["bus", "stack"], "trace": ["bus", "stack"],
     "apikey": ["edge"], "chaos": ["served", "kv", "engine", "spec", "worker", "edge", "stack"],
-    "cost": ["worker"], "model": ["served", "stack"], "provision": ["bus", "stack"],
+    "cost": ["worker"], "model": ["served", "stack"],
+    "drill": ["served", "kv", "engine", "spec", "worker", "edge", "stack"], "provision": ["bus", "stack"],
 }
 
 
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "the nats-server and Redis at random; print what the clients saw")
     from services.lab.chaos import add_chaos_arguments
     add_chaos_arguments(chaos)
+    drill = command("drill", "attack a stack of its own as a hostile user would and print one line per "
+                             "attack: refused or not, how, and whether others were served (exit 0: all refused)")
+    drill.add_argument("kind", choices=["security"],
+                       help="which drill (security: issue 14's attacks and the old ones)")
+    from services.lab.security_drill import add_security_drill_arguments
+    add_security_drill_arguments(drill)
     nats_auth = sub.add_parser("nats-auth", help="print the nats-server authorization block of the "
                                                  "stack's roles and write their logins (production)")
     from services.nats_auth import add_nats_auth_arguments, add_nats_config_arguments
@@ -234,6 +241,11 @@ def run_chaos(settings: Settings, args: argparse.Namespace) -> int:
     return chaos(settings, args)
 
 
+def run_drill_command(settings: Settings, args: argparse.Namespace) -> int:
+    from services.lab.security_drill import run_security_drill
+    return run_security_drill(settings, args)
+
+
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     from services.lab.bench import run_bench as bench
     return asyncio.run(bench(settings, args))
@@ -251,6 +263,7 @@ def run_process(settings: Settings, args: argparse.Namespace) -> int:
 
 
 RUNS = {"up": run_up, "model": run_model, "provision": run_provision, "chaos": run_chaos, "bench": run_bench,
+        "drill": run_drill_command,
         **{c: run_client_command for c in CLIENT_COMMANDS},
         **{c: run_process for c in ("edge", *(pool.name for pool in POOLS.values()))}}
 COMMANDS = {"settings": list_settings, "asyncapi": asyncapi, "nats-auth": nats_auth, "nats-config": nats_config,

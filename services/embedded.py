@@ -104,7 +104,9 @@ class EmbeddedNats(NatsServer):
 
     def accounts(self) -> str:
         """The accounts every server of the stack shares: role users, the leaf login, SYS."""
-        return server_accounts(self.credentials_file, self.subjects, self.regions)
+        # A server of one region alone (no JetStream domain) mirrors nothing: no edge gets the
+        # stream rights mirrors take, which on a server of any prefix would cover every stream.
+        return server_accounts(self.credentials_file, self.subjects, self.regions, mirrors=self.domain is not None)
 
     def config(self) -> str:
         return jetstream_server(f"js-{self.domain or 'local'}", self.port, self.workdir / "jetstream",
@@ -156,14 +158,16 @@ def server_logins(credentials_file: Path, names: tuple[str, ...] = (LEAF_USER, S
 DEV_CLIENT = ("public", "dev")
 
 
-def server_accounts(credentials_file: Path, subjects: list[Subjects], regions: tuple[str, ...]) -> str:
+def server_accounts(credentials_file: Path, subjects: list[Subjects], regions: tuple[str, ...],
+                    mirrors: bool = True) -> str:
     logins = load_logins(credentials_file) if credentials_file.exists() else {}
     dev_key, dev_login = client_login(*DEV_CLIENT)
     wanted = {**generate_logins(), dev_key: dev_login}
     if any(key not in logins for key in wanted):  # a first start, or a file from an older build
         logins = wanted | logins  # the logins it has keep their passwords
         save_logins(credentials_file, logins)
-    users = role_users({role: (login.user, login.password) for role, login in logins.items()}, subjects, regions)
+    users = role_users({role: (login.user, login.password) for role, login in logins.items()}, subjects, regions,
+                       mirrors)
     servers = server_logins(credentials_file)
     return accounts_block(users, servers[LEAF_USER], servers[SYSTEM_USER])
 

@@ -18,11 +18,15 @@ import websockets
 from bus.credentials import BusAuth
 from edge.client import EdgeClient
 from edge.protocol import MAX_SEED
-from tests.integration.conftest import SHORT
 
 pytestmark = pytest.mark.engine
 
 STOPS = ["\u2603" * 64] + [f"never-said-{n}".ljust(64, "x") for n in range(7)]  # 8 of 64 characters: the bound
+
+
+# Its own prompt: the stack is shared, and test_vllm_stack.py checks that the KV blocks of its
+# prompts are written by its own first request.
+PROMPT = [{"role": "user", "content": "Name one colour of the rainbow, for the numeric extremes."}]
 
 
 def valid_params(limit: int) -> list[dict]:
@@ -78,25 +82,25 @@ async def test_numeric_extremes_complete_or_are_refused_at_the_door_and_nothing_
 
     async with await EdgeClient.connect(vllm_stack.url) as client:
         for params in valid_params(limit):
-            result = await client.complete(SHORT, **params)
+            result = await client.complete(PROMPT, **params)
             assert result.done is not None, (params, result.error)
             assert 1 <= result.done["usage"]["completion_tokens"] <= params["max_tokens"], params
     async with websockets.connect(vllm_stack.url) as ws:
         for n, (params, field) in enumerate(invalid_params(limit)):
-            await ws.send(as_json({"type": "chat", "id": f"bad{n}", "messages": SHORT, **params}))
+            await ws.send(as_json({"type": "chat", "id": f"bad{n}", "messages": PROMPT, **params}))
             frame = json.loads(await ws.recv())  # the only frame: the refusal, before anything is published
             assert frame["type"] == "error" and frame["id"] == f"bad{n}", (params, frame)
             assert frame["code"] in ("invalid_request", "invalid_frame") and field in frame["message"], (params, frame)
     async with aiohttp.ClientSession() as http:
         for params in valid_params(limit):
             async with http.post(f"{vllm_stack.api_url}/chat/completions",
-                                 json={"model": model, "messages": SHORT, **params}) as r:
+                                 json={"model": model, "messages": PROMPT, **params}) as r:
                 body = await r.json()
                 assert r.status == 200, (params, body)
                 assert body["choices"][0]["finish_reason"] in ("stop", "length")
         for params, field in invalid_params(limit):
             async with http.post(f"{vllm_stack.api_url}/chat/completions",
-                                 data=as_json({"model": model, "messages": SHORT, **params}),
+                                 data=as_json({"model": model, "messages": PROMPT, **params}),
                                  headers={"Content-Type": "application/json"}) as r:
                 error = (await r.json())["error"]
                 assert r.status == 400 and error["code"] == "invalid_request", (params, error)

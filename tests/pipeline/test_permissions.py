@@ -215,10 +215,15 @@ async def test_runtime_roles_wait_for_streams_nobody_provisioned_and_say_how_to_
             with pytest.raises(BusUnavailable, match=rf"stream {bus.subjects.stream('req', 'local')} does not exist: "
                                                      r"run `grokstack provision`"):
                 await ensure_streams(nc.jetstream(), bus, bus.subjects)
-            if role != "edge":  # an edge makes mirrors: on a server of every prefix, of any stream name
-                with pytest.raises(NatsTimeout):  # a worker may not make them
-                    await nc.jetstream(timeout=1).add_stream(stream_configs(bus, bus.subjects)[0])
-                assert await refused(errors, f"$JS.API.STREAM.CREATE.{bus.subjects.stream('req', 'local')}")
+            # Neither may make them, nor change the provisioned ones: an edge makes mirrors only on a
+            # server that is one JetStream domain of several, and this one is alone.
+            with pytest.raises(NatsTimeout):
+                await nc.jetstream(timeout=1).add_stream(stream_configs(bus, bus.subjects)[0])
+            assert await refused(errors, f"$JS.API.STREAM.CREATE.{bus.subjects.stream('req', 'local')}")
+            provisioned = stream_configs(settings.bus, settings.bus.subjects)[0]
+            with pytest.raises(NatsTimeout):
+                await nc.jetstream(timeout=1).update_stream(provisioned)
+            assert await refused(errors, f"$JS.API.STREAM.UPDATE.{provisioned.name}")
             await ensure_streams(nc.jetstream(), settings.bus, settings.bus.subjects)  # provisioned: there at once
         finally:
             await nc.close()

@@ -171,11 +171,16 @@ def _serve_regions(settings: Settings, supervisor: Supervisor) -> int:
         settings = settings.replace(engine_step_lock=str((settings.stack.data_dir / "engine-step.lock").resolve()))
     regional: dict[str, Settings] = {}
     workers: list[str] = []
-    for region in names:
+    for n, region in enumerate(names):
         servers = mesh[region]
+        # The edges' ports follow the configured ones (8765, 8766, ...; 8000, 8001, ...), as one
+        # region's edge takes the configured port: none is picked free here and bound later, which
+        # another process could take in between. Port 0 still means any free one.
+        edge_port, api_port = (port + n if port else free_port() for port in (settings.edge.edge_port,
+                                                                               settings.edge.api_port))
         s = settings.replace(nats_url=servers.nats_url, nats_credentials=str(mesh.credentials_file.resolve()),
                              redis_url=servers.redis_url, region=region, worker_id=f"{region}-1",
-                             edge_port=free_port(), api_port=free_port(), metrics_port=0)
+                             edge_port=edge_port, api_port=api_port, metrics_port=0)
         _provision(s)
         workers += _start_processes(s, supervisor, prefix=f"{region}-")
         regional[region] = s

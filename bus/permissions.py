@@ -143,23 +143,25 @@ def _owners(role: Role, edge_id: str | None, tenant: str | None) -> dict[Owner, 
 
 def permissions(role: str, subjects: Subjects, edge_id: str | None = None,
                 regions: tuple[str, ...] = (ANY,), tenant: str | None = None,
-                mirrors: bool = True) -> Permissions:
+                mirrored: tuple[str, ...] | None = None) -> Permissions:
     """The subjects `role` may publish and subscribe to under `subjects`' prefix. `edge_id` limits
     an edge to its own events (`<prefix>.evt.*.<edge_id>.*`); None lets it read any edge's (one
     shared user for all edges). A client is bound to one `tenant` and one client id (`edge_id`):
     it publishes that tenant's requests and reads that client's events. `regions`: those whose
     streams the server holds (its own, and the mirrors of others'); ANY, every stream (a stream
-    name is one token, which a pattern cannot narrow to ours). `mirrors`: whether the server mirrors
-    other regions' captures (it is one JetStream domain of several); on a server that does not,
-    nobody but ops gets the stream rights mirrors need, which with ANY would cover every stream."""
+    name is one token, which a pattern cannot narrow to ours). `mirrored`: the regions whose
+    captures an edge of this server mirrors (default: `regions`): the other regions, never the
+    server's own, whose capture it must not touch; none on a server that is not one JetStream domain
+    of several (with ANY the rights would cover every stream)."""
     role = check_role(role)
     if role == Role.CLIENT:
         if not tenant or not edge_id or ANY in (tenant, edge_id):
             raise ValueError("a client login is bound to one tenant and one client id: "
                              "credentials key client:<tenant>:<client_id>")
         check_token(tenant, "tenant"), check_token(edge_id, "client id")
-    rights = [_GRANTED[capability](subjects, regions) for capability in capabilities_of(role)
-              if mirrors or capability != "remake mirrors"]
+    mirrored = regions if mirrored is None else mirrored
+    rights = [_GRANTED[capability](subjects, mirrored if capability == "remake mirrors" else regions)
+              for capability in capabilities_of(role) if mirrored or capability != "remake mirrors"]
     if _EVERYTHING in rights:
         return _EVERYTHING  # anything else would only repeat it
     owners = _owners(role, edge_id, tenant)
@@ -190,7 +192,7 @@ class User:
 
 
 def role_users(passwords: dict[str, tuple[str, str]], prefixes: Iterable[Subjects],
-               regions: tuple[str, ...] = (ANY,), mirrors: bool = True) -> list[User]:
+               regions: tuple[str, ...] = (ANY,), mirrored: tuple[str, ...] | None = None) -> list[User]:
     """Users for role -> (user name, password) with the role's permissions under every prefix;
     an `edge:<id>` key is an edge confined to its own events (`edge_user_key`), a
     `client:<tenant>:<id>` key a client bound to its tenant and id (`client_user_key`)."""
@@ -198,7 +200,7 @@ def role_users(passwords: dict[str, tuple[str, str]], prefixes: Iterable[Subject
     users = []
     for key, (name, password) in passwords.items():
         role, edge_id, tenant = login_key_parts(key)
-        users.append(User(name, password, merged(*(permissions(role, s, edge_id, regions, tenant, mirrors)
+        users.append(User(name, password, merged(*(permissions(role, s, edge_id, regions, tenant, mirrored)
                                                    for s in prefixes))))
     return users
 

@@ -106,7 +106,8 @@ class EmbeddedNats(NatsServer):
         """The accounts every server of the stack shares: role users, the leaf login, SYS."""
         # A server of one region alone (no JetStream domain) mirrors nothing: no edge gets the
         # stream rights mirrors take, which on a server of any prefix would cover every stream.
-        return server_accounts(self.credentials_file, self.subjects, self.regions, mirrors=self.domain is not None)
+        return server_accounts(self.credentials_file, self.subjects, self.regions,
+                               mirrored=None if self.domain else ())
 
     def config(self) -> str:
         return jetstream_server(f"js-{self.domain or 'local'}", self.port, self.workdir / "jetstream",
@@ -159,7 +160,7 @@ DEV_CLIENT = ("public", "dev")
 
 
 def server_accounts(credentials_file: Path, subjects: list[Subjects], regions: tuple[str, ...],
-                    mirrors: bool = True) -> str:
+                    mirrored: tuple[str, ...] | None = None) -> str:
     logins = load_logins(credentials_file) if credentials_file.exists() else {}
     dev_key, dev_login = client_login(*DEV_CLIENT)
     wanted = {**generate_logins(), dev_key: dev_login}
@@ -167,7 +168,7 @@ def server_accounts(credentials_file: Path, subjects: list[Subjects], regions: t
         logins = wanted | logins  # the logins it has keep their passwords
         save_logins(credentials_file, logins)
     users = role_users({role: (login.user, login.password) for role, login in logins.items()}, subjects, regions,
-                       mirrors)
+                       mirrored)
     servers = server_logins(credentials_file)
     return accounts_block(users, servers[LEAF_USER], servers[SYSTEM_USER])
 

@@ -10,7 +10,7 @@ GROKSTACK_NATS_CREDENTIALS. The passwords are new each run. `--client acme:billi
 for a back-end service bound to tenant `acme` and client id `billing` (`client:acme:billing`).
 
 nats-config renders, from a plan of where each region's servers are (services/nats_config.py
-RegionPlan, as JSON; infra/nats/regions/README.md), `accounts.conf` and a file per JetStream and
+RegionPlan, as JSON; infra/nats/regions/README.md), `accounts-<region>.conf` and a file per JetStream and
 transit node, with the role logins of `--credentials` (made when the file does not exist yet) and
 the servers' own (leaf, system account, gateways: `servers.json` beside it), all files private.
 """
@@ -100,9 +100,13 @@ def nats_config(plan_file: Path, prefix: str, credentials: Path, out: Path) -> l
         logins = generate_logins()
         save_logins(credentials, logins)
     servers = server_logins(credentials, (LEAF_USER, SYSTEM_USER, GATEWAY_USER))
-    # Every server holds its own region's streams and mirrors of the others': rights on them all.
-    users = role_users({key: (login.user, login.password) for key, login in logins.items()},
-                       [Subjects(prefix)], tuple(r.region for r in regions))
+    # Every server holds its own region's streams and mirrors of the others': rights on them all,
+    # but an edge makes (and remakes) only the mirrors: never its own region's capture stream.
+    names = tuple(r.region for r in regions)
+    passwords = {key: (login.user, login.password) for key, login in logins.items()}
+    users = {region: role_users(passwords, [Subjects(prefix)], names,
+                                mirrored=tuple(other for other in names if other != region))
+             for region in names}
     tls = {key: Tls(**plan[key]) if plan.get(key) else None for key in ("client_tls", "node_tls")}
     files = region_configs(regions, users, servers[LEAF_USER], servers[SYSTEM_USER],
                            gateway_login=servers[GATEWAY_USER], client_tls=tls["client_tls"],

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
 from bus.credentials import NatsLogin
@@ -39,7 +39,10 @@ from bus.subjects import check_token
 APP, SYS = "APP", "SYS"
 LEAF_USER, SYSTEM_USER = "leaf", "sys"
 REGION_LOCAL = ["*.hb.>"]  # subjects that never leave a region (any prefix's worker heartbeats)
-ACCOUNTS_FILE = "accounts.conf"
+def accounts_file(region: str) -> str:
+    """The users of one region's servers: the same logins everywhere, but an edge may make mirrors
+    only of the other regions' captures, so each region has its own file."""
+    return f"accounts-{region}.conf"
 
 
 @dataclass(frozen=True)
@@ -211,22 +214,27 @@ class RegionPlan:
     gateway: str  # host:port where other regions' transits reach this one's (a LoadBalancer)
 
 
-def region_configs(regions: Sequence[RegionPlan], users: Iterable[User], leaf: NatsLogin, system: NatsLogin, *,
+def region_configs(regions: Sequence[RegionPlan], users: Mapping[str, Iterable[User]], leaf: NatsLogin,
+                   system: NatsLogin, *,
                    gateway_login: NatsLogin | None = None, client_tls: Tls | None = None,
                    node_tls: Tls | None = None, ports: Ports = Ports(), host: str = "0.0.0.0",
                    store_dir: str = "/var/lib/nats/jetstream", max_payload_mb: int = 8) -> dict[str, str]:
-    """Every file of a deployment of several regions: `accounts.conf` (the users; private) and
-    `<server name>.conf` for each node of each region's JetStream and transit. `client_tls`: the
+    """Every file of a deployment of several regions: `accounts-<region>.conf` (the users of that
+    region's servers, `users[region]`; private) and `<server name>.conf` for each node of each region's
+    JetStream and transit. `client_tls`: the
     certificate of the client ports; `node_tls`: the one servers show each other on routes,
     leaf connections and gateways (one CA for every region: gateways check each other's). The
     JetStream and transit files hold the leaf (and gateway) password too: keep them private."""
     names = [check_token(plan.region, "region") for plan in regions]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"regions must be distinct names, got {names!r}")
-    users_note = f"{ACCOUNTS_FILE}: the users of every server of every region (passwords: keep private)"
-    files = {ACCOUNTS_FILE: _header(users_note) + accounts_block(users, leaf, system)}
-    accounts = include(ACCOUNTS_FILE)
+    files: dict[str, str] = {}
     for plan in regions:
+        name = accounts_file(plan.region)
+        note = f"{name}: the users of region {plan.region}'s servers (passwords: keep private)"
+        files[name] = _header(note) + accounts_block(users[plan.region], leaf, system)
+    for plan in regions:
+        accounts = include(accounts_file(plan.region))
         js_cluster = _cluster(f"js-{plan.region}", plan.jetstream_hosts, ports.cluster, node_tls)
         leaf_urls = [_with_login(f"nats-leaf://{h}:{ports.leaf}", leaf) for h in plan.transit_hosts]
         for i in range(len(plan.jetstream_hosts)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections import defaultdict
 import ipaddress
 import subprocess
 import sys
@@ -21,12 +22,12 @@ from bus.roles import Role
 from bus.subjects import Subjects
 from services.embedded import EmbeddedNats, EmbeddedTransit, nats_server_binary
 from services.nats_config import (
-    ACCOUNTS_FILE,
     Cluster,
     Peer,
     RegionPlan,
     Tls,
     accounts_block,
+    accounts_file,
     jetstream_server,
     region_configs,
     transit_server,
@@ -48,11 +49,15 @@ EXAMPLE_TLS = {"client_tls": Tls("/etc/nats/tls/server.pem", "/etc/nats/tls/serv
 
 
 def _users(password: str = "CHANGE-ME", regions: tuple[str, ...] = ("eu", "us", "ap")):
-    """The role users of `grokstack nats-auth --prefix gs --region eu --region us --region ap`:
-    every region holds its own streams and the mirrors of the others'."""
+    """The role users of each region's servers, as `grokstack nats-config` makes them: every region
+    holds its own streams and the mirrors of the others', and its edges make only those mirrors."""
     logins = {str(role): (str(role), password) for role in ROLES if role != Role.CLIENT}
     logins[client_user_key("acme", "billing")] = ("client-acme-billing", password)  # `--client acme:billing`
-    return role_users(logins, [Subjects("gs")], regions)
+    return {region: role_users(logins, [Subjects("gs")], regions, mirrored=tuple(r for r in regions if r != region))
+            for region in regions}
+
+
+NO_USERS: defaultdict[str, list] = defaultdict(list)
 
 
 def example_files() -> dict[str, str]:
@@ -68,7 +73,7 @@ def assert_valid(directory: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         (directory / name).write_text(text)
     for name in files:
-        if name != ACCOUNTS_FILE:  # included by the others, not a server's config by itself
+        if not name.startswith("accounts-"):  # included by the others, not a server's config by itself
             result = nats_server_test(directory / name)
             assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}\n{files[name]}"
 
@@ -115,7 +120,7 @@ def test_the_embedded_servers_write_what_they_wrote(tmp_path: Path):
 
 
 def test_embedded_style_configs_pass_nats_server_test(tmp_path: Path):
-    accounts = accounts_block(_users("pw", ("eu", "us")), NatsLogin("leaf", "leafpw"), NatsLogin("sys", "syspw"))
+    accounts = accounts_block(_users("pw", ("eu", "us"))["eu"], NatsLogin("leaf", "leafpw"), NatsLogin("sys", "syspw"))
     assert_valid(tmp_path, {
         "alone.conf": jetstream_server("js-local", -1, tmp_path / "alone", accounts),
         "js-eu.conf": jetstream_server("js-eu", -1, tmp_path / "eu", accounts, domain="eu",
@@ -164,7 +169,8 @@ def test_production_configs_pass_nats_server_test(tmp_path: Path):
     files = region_configs(EXAMPLE, _users("pw"), NatsLogin("leaf", "leaf/pw"), NatsLogin("sys", "syspw"),
                            gateway_login=NatsLogin("gateway", "gw@pw:1"), client_tls=tls, node_tls=tls,
                            store_dir=str(tmp_path / "store"))
-    assert sorted(files) == sorted([ACCOUNTS_FILE] + [f"js-{r}-{i}.conf" for r in ("eu", "us", "ap") for i in range(3)]
+    assert sorted(files) == sorted([accounts_file(r) for r in ("eu", "us", "ap")]
+                                   + [f"js-{r}-{i}.conf" for r in ("eu", "us", "ap") for i in range(3)]
                                    + [f"transit-{r}-{i}.conf" for r in ("eu", "us", "ap") for i in range(2)])
     assert_valid(tmp_path, files)
 
@@ -172,7 +178,7 @@ def test_production_configs_pass_nats_server_test(tmp_path: Path):
 def test_a_missing_certificate_fails_the_config_test(tmp_path: Path):
     """What the test above relies on: `nats-server -t` loads the TLS files."""
     tls = Tls(str(tmp_path / "absent.pem"), str(tmp_path / "absent-key.pem"), str(tmp_path / "absent-ca.pem"))
-    accounts = accounts_block(_users("pw"), NatsLogin("leaf", "leafpw"), NatsLogin("sys", "syspw"))
+    accounts = accounts_block(_users("pw")["eu"], NatsLogin("leaf", "leafpw"), NatsLogin("sys", "syspw"))
     (tmp_path / "js.conf").write_text(jetstream_server("js", -1, tmp_path / "js", accounts, tls=tls))
     assert nats_server_test(tmp_path / "js.conf").returncode != 0
 
@@ -180,7 +186,7 @@ def test_a_missing_certificate_fails_the_config_test(tmp_path: Path):
 def test_tls_is_on_every_link_it_is_given_for():
     client = Tls("/c.pem", "/c-key.pem", "/c-ca.pem")
     node = Tls("/n.pem", "/n-key.pem", "/n-ca.pem", timeout_s=5)
-    files = region_configs(EXAMPLE[:2], [], NatsLogin("leaf", "l"), NatsLogin("sys", "s"),
+    files = region_configs(EXAMPLE[:2], NO_USERS, NatsLogin("leaf", "l"), NatsLogin("sys", "s"),
                            client_tls=client, node_tls=node)
     served = client.block()
     assert served == ('tls { cert_file: "/c.pem", key_file: "/c-key.pem", ca_file: "/c-ca.pem", '
@@ -196,24 +202,24 @@ def test_tls_is_on_every_link_it_is_given_for():
     for text in (js, transit):  # routes
         cluster = text[text.index("cluster {"):]
         assert f"  {accepting}\n}}" in cluster[:cluster.index("\n}") + 2]
-    plain = region_configs(EXAMPLE[:2], [], NatsLogin("leaf", "l"), NatsLogin("sys", "s"))
+    plain = region_configs(EXAMPLE[:2], NO_USERS, NatsLogin("leaf", "l"), NatsLogin("sys", "s"))
     assert not any("tls" in text for text in plain.values())
 
 
 def test_the_gateway_demands_and_gives_its_login():
-    files = region_configs(EXAMPLE, [], NatsLogin("leaf", "l"), NatsLogin("sys", "s"),
+    files = region_configs(EXAMPLE, NO_USERS, NatsLogin("leaf", "l"), NatsLogin("sys", "s"),
                            gateway_login=NatsLogin("gateway", "p@ss/w:rd"))
     transit = files["transit-eu-1.conf"]
     assert '  authorization { user: "gateway", password: "p@ss/w:rd" }\n' in transit
     assert ('gateways: [ { name: "transit-us", urls: ["nats://gateway:p%40ss%2Fw%3Ard@gateway.us.example.net:7222"] }, '
             '{ name: "transit-ap", urls: ["nats://gateway:p%40ss%2Fw%3Ard@gateway.ap.example.net:7222"] } ]') in transit
     assert '  advertise: "gateway.eu.example.net:7222"\n' in transit  # the LoadBalancer, not the pod
-    without = region_configs(EXAMPLE, [], NatsLogin("leaf", "l"), NatsLogin("sys", "s"))["transit-eu-1.conf"]
+    without = region_configs(EXAMPLE, NO_USERS, NatsLogin("leaf", "l"), NatsLogin("sys", "s"))["transit-eu-1.conf"]
     assert "authorization" not in without and "nats://gateway.us.example.net:7222" in without
 
 
 def test_each_region_is_its_own_jetstream_cluster_and_domain_leafing_to_its_transits():
-    files = region_configs(EXAMPLE, [], NatsLogin("leaf", "l"), NatsLogin("sys", "s"))
+    files = region_configs(EXAMPLE, NO_USERS, NatsLogin("leaf", "l"), NatsLogin("sys", "s"))
     js = files["js-us-2.conf"]
     assert js.startswith("# js-us-2, a node of region us's JetStream.\n")
     assert 'server_name: "js-us-2"\n' in js and 'domain: "us"' in js
@@ -225,19 +231,19 @@ def test_each_region_is_its_own_jetstream_cluster_and_domain_leafing_to_its_tran
     assert 'server_name: "transit-us-0"\n' in transit and '  name: "transit-us"\n' in transit  # gateway and cluster
     assert "jetstream" not in transit and "http_port: 8222\n" in js
     for text in (js, transit):
-        assert text.endswith('include "accounts.conf"\n') and "password" not in text
-    assert "accounts {" in files[ACCOUNTS_FILE] and "system_account: SYS" in files[ACCOUNTS_FILE]
+        assert text.endswith('include "accounts-us.conf"\n') and "password" not in text
+    assert "accounts {" in files[accounts_file("us")] and "system_account: SYS" in files[accounts_file("us")]
 
 
 def test_a_lone_node_has_no_cluster_and_names_must_be_distinct():
     alone = [RegionPlan(r, ("js",), ("transit",), f"gw.{r}:7222") for r in ("eu", "us")]
     logins = NatsLogin("leaf", "l"), NatsLogin("sys", "s")
-    files = region_configs(alone, [], *logins)
+    files = region_configs(alone, NO_USERS, *logins)
     assert not any("cluster {" in text for text in files.values())
     with pytest.raises(ValueError, match="distinct"):
-        region_configs(alone + alone[:1], [], *logins)
+        region_configs(alone + alone[:1], NO_USERS, *logins)
     with pytest.raises(ValueError, match="region"):
-        region_configs([RegionPlan("e.u", ("js",), ("t",), "gw:7222")], [], *logins)
+        region_configs([RegionPlan("e.u", ("js",), ("t",), "gw:7222")], NO_USERS, *logins)
 
 
 def test_a_transit_cluster_is_named_after_its_gateway():
@@ -274,13 +280,17 @@ def test_the_nats_config_command_writes_every_file_from_a_plan_with_the_role_log
     assert {p.name for p in written} == {p.name for p in EXAMPLES.glob("*.conf")}
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in written)
     logins = load_logins(credentials)
-    accounts = (tmp_path / "out" / "accounts.conf").read_text()
+    accounts = (tmp_path / "out" / "accounts-eu.conf").read_text()
     assert all(login.password in accounts for login in logins.values())
     assert "GS_CAPTURE_ap" in accounts  # rights on every region's streams: its own and the mirrors
+    # eu's edges make the mirrors of us and ap, and may not touch eu's own capture stream
+    assert "$JS.API.STREAM.DELETE.GS_CAPTURE_us" in accounts and "$JS.API.STREAM.CREATE.GS_CAPTURE_ap" in accounts
+    assert not any(f"$JS.API.STREAM.{verb}.GS_CAPTURE_eu" in accounts for verb in ("CREATE", "UPDATE", "DELETE"))
+    assert "$JS.API.STREAM.DELETE.GS_CAPTURE_eu" in (tmp_path / "out" / "accounts-us.conf").read_text()
     again = nats_config(plan, "gs", credentials, tmp_path / "again")
-    assert (tmp_path / "again" / "accounts.conf").read_text() == accounts and len(again) == len(written)
+    assert (tmp_path / "again" / "accounts-eu.conf").read_text() == accounts and len(again) == len(written)
     loopback = tmp_path / "loopback.conf"  # the host names do not resolve here: the shape is what is checked
     loopback.write_text((tmp_path / "out" / "js-eu-0.conf").read_text().replace(".nats.svc.cluster.local", ""))
-    (tmp_path / "accounts.conf").write_text(accounts)
+    (tmp_path / "accounts-eu.conf").write_text(accounts)
     result = nats_server_test(loopback)
     assert result.returncode == 0, result.stderr

@@ -19,8 +19,7 @@ max_tokens; the tenant's bucket gets back what the answer did not use when it en
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
@@ -32,6 +31,7 @@ from edge.regions import Regions
 from edge.tenants import Tenant
 from edge import metrics
 from edge.config import EdgeConfig
+from edge.token_bucket import TokenBucket
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4  # the chat template's role markers around each message
@@ -52,36 +52,6 @@ def estimate_prompt_tokens(messages: list[ChatMessage]) -> int:
 
 def retry_after(seconds: float) -> float:
     return round(min(MAX_RETRY_AFTER_S, max(1.0, seconds)), 1)
-
-
-@dataclass
-class TokenBucket:
-    """`per_minute` tokens a minute, up to a minute's worth at once."""
-    per_minute: int
-    level: float = -1.0
-    at: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        if self.level < 0:
-            self.level = float(self.per_minute)
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(float(self.per_minute), self.level + (now - self.at) * self.per_minute / 60)
-        self.at = now
-
-    def take(self, tokens: int) -> float:
-        """Takes `tokens` and returns 0, or returns the seconds until they would be there."""
-        self._refill()
-        want = min(tokens, self.per_minute)  # a request above a minute's worth waits for a full bucket
-        if self.level >= want:
-            self.level -= tokens
-            return 0.0
-        return (want - self.level) * 60 / self.per_minute
-
-    def give_back(self, tokens: int) -> None:
-        self._refill()
-        self.level = min(float(self.per_minute), self.level + max(0, tokens))
 
 
 class PromptScale:
@@ -139,7 +109,8 @@ class Admission:
         request, degraded = self._degrade(request, wait, budget)
         charged = prompt + request.sampling.max_tokens
         if tenant.tokens_per_minute:
-            bucket = self._buckets.setdefault(tenant.name, TokenBucket(tenant.tokens_per_minute))
+            bucket = self._buckets.setdefault(tenant.name, TokenBucket(tenant.tokens_per_minute / 60,
+                                                                        tenant.tokens_per_minute))
             short_s = bucket.take(charged)
             if short_s:
                 raise self._refuse("rate_limited", priority, f"tenant {tenant.name!r} may use "

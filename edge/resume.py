@@ -16,34 +16,15 @@ gets `rate_limited` with the seconds after which one would be let through.
 from __future__ import annotations
 
 import math
-import time
 from collections import OrderedDict
 
 from bus.signing import Signer
 from edge.config import EdgeConfig
+from edge.token_bucket import TokenBucket
 
 PURPOSE = "resume"
 HEADER = "X-Grokstack-Resume-Token"
 MAX_CLIENTS = 10_000  # client addresses whose buckets are kept; the least recently seen go first
-
-
-class TokenBucket:
-    """`rate` attempts a second on average, `burst` at once."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.level = burst
-        self.at = time.monotonic()
-
-    def take(self) -> float:
-        """0 when an attempt may go now (and takes it), else the seconds until one may."""
-        now = time.monotonic()
-        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
-        self.at = now
-        if self.level >= 1:
-            self.level -= 1
-            return 0.0
-        return (1 - self.level) / self.rate
 
 
 class ResumeRateLimited(Exception):

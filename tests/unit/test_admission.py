@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from bus.messages import ChatMessage, ChatRequest, FinalEvent, Heartbeat, SamplingSpec, TokenEvent, Usage
-from edge.admission import Admission, Refused, TokenBucket, estimate_prompt_tokens, used_tokens
+from edge.admission import Admission, Refused, estimate_prompt_tokens, used_tokens
+from edge.token_bucket import TokenBucket
 from edge.regions import Regions
 from edge.queues import QueueWatch
 from edge.tenants import PUBLIC, Tenant
@@ -133,7 +134,7 @@ def test_tenant_tokens_per_minute():
 
 
 def test_what_the_answer_did_not_use_goes_back_to_the_tenant():
-    bucket = TokenBucket(per_minute=600)
+    bucket = TokenBucket(rate=600 / 60, burst=600)
     assert bucket.take(400) == 0
     assert bucket.take(400) > 0  # 200 left
     bucket.give_back(300)  # the first answer used 100 of its 400

@@ -22,8 +22,8 @@ class Pool:
     name: str
     service: str  # qualname of the Service class (inference/worker.py's protocol)
     # The KV connector's role in the engine (kv_store/connector.py): kv_both loads a
-    # conversation's earlier blocks and saves the new ones; kv_consumer only loads; None: no
-    # connector (a plain engine).
+    # conversation's earlier blocks and saves the new ones (prompt and answer); kv_consumer only
+    # loads; None: no connector (a plain engine).
     kv_role: KvRole | None
     speculates: bool  # the engine decodes many tokens per request: speculation may pay
     slots_field: Literal["prefill_slots", "decode_slots"]  # the EngineConfig field that sizes its batch
@@ -36,7 +36,7 @@ class Pool:
 
 POOLS: dict[Role, Pool] = {pool.role: pool for pool in (  # type: ignore[misc]
     Pool("prefill", "inference.prefill.PrefillService", "kv_both", False, "prefill_slots", Role.PREFILL),
-    Pool("decode", "inference.decode.DecodeService", "kv_consumer", True, "decode_slots", Role.DECODE),
+    Pool("decode", "inference.decode.DecodeService", "kv_both", True, "decode_slots", Role.DECODE),
     Pool("aggregated", "inference.aggregated.AggregatedService", "kv_both", True, "decode_slots",
          Role.AGGREGATED),
 )}

@@ -7,9 +7,12 @@ worker (moves the bytes, in the model worker process).
 - A request tells the connector who it is in its `kv_transfer_params` (a `KvRequest`, see
   `kv_store/records.py`), and a finished request's `kv_transfer_params` carry the connector's
   `KvReport` back; vLLM moves both between its processes as plain dicts.
-- Producer roles (`kv_producer`, `kv_both`: the prefill pool) save every full block of each
-  prompt under `block_key(prefix, layout, chained hash of the tokens)`, and report the handle
-  of those blocks when the request finishes.
+- Producer roles (`kv_producer`, `kv_both`: every pool of the stack) save every full block of
+  a request's tokens, prompt *and* answer, under `block_key(prefix, layout, chained hash of the
+  tokens)`, as each block fills: the next turn of a conversation, whose prompt is this turn's
+  prompt and answer, then loads all of it, and a decode job that moves to another worker loads
+  the tokens it already generated. The handle reported when a request finishes names the
+  prompt's blocks (what prefill hands decode). Blocks loaded from the store are not saved again.
 - Consumer roles (`kv_consumer`, `kv_both`) load the longest run of a prompt's full blocks that
   Redis holds. A request may carry a handle (the decode path): then only the handle's keys are
   used, and only if they match the request's own tokens, tenant and this engine's layout
@@ -42,7 +45,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from bus.messages import KvHandle
 from bus.signing import Signer
 from kv_store.block_store import BlockStore
-from kv_store.keys import layout_fingerprint, loadable_keys, model_identity, transfer_stats_key
+from kv_store.keys import (layout_fingerprint, loadable_keys, model_identity, prompt_block_keys,
+                           transfer_stats_key)
 from kv_store.records import KvReport, report_to_params, request_from_params
 from kv_store.step_lock import StepLock
 
@@ -79,12 +83,16 @@ class _LoadPlan:
     first_block: int  # blocks below this are already computed locally
     present: int  # blocks from 0 that are in Redis and may be loaded
     reason: str  # why not more was loadable, for logs and usage
+    namespace: str  # the tenant's: the keys of the blocks its answer fills are in it too
 
 
 @dataclass
 class _SaveState:
-    request_id: str
-    keys: list[str]
+    request_id: str  # the stack's request id
+    namespace: str
+    request: "Request"  # the scheduler's live request: its tokens grow as it decodes
+    keys: list[str]  # keys of its full blocks, extended as answer tokens fill blocks
+    saved: int  # blocks below this are in the store (loaded, or saved by an earlier step)
     block_ids: list[int] = field(default_factory=list)
 
 
@@ -121,6 +129,7 @@ class RedisKVConnector(KVConnectorBase_V1):
             spec.num_kv_heads, spec.head_size, self._layer_names)
         # scheduler side
         self._plans: dict[str, _LoadPlan] = {}
+        self._requests: dict[str, "Request"] = {}  # by vLLM's id, from lookup until finished
         self._pending_loads: list[BlockTransfer] = []
         self._saving: dict[str, _SaveState] = {}
         # worker side
@@ -143,8 +152,9 @@ class RedisKVConnector(KVConnectorBase_V1):
         if present < len(candidates) and not reason:
             reason = f"{len(candidates) - present} of {len(candidates)} blocks missing from the store"
         plan = _LoadPlan(kv.request_id or request.request_id, keys, num_computed_tokens // self._block_size,
-                         present, reason)
+                         present, reason, kv.namespace)
         self._plans[request.request_id] = plan
+        self._requests[request.request_id] = request
         return plan
 
     def get_num_new_matched_tokens(self, request: "Request",
@@ -173,9 +183,12 @@ class RedisKVConnector(KVConnectorBase_V1):
     def _collect_saves(self, out: "SchedulerOutput", meta: RedisConnectorMetadata) -> None:
         for new in out.scheduled_new_reqs:
             plan = self._plans.get(new.req_id)
-            if plan is None or not plan.keys:
+            request = self._requests.get(new.req_id)
+            if plan is None or request is None:
                 continue
-            state = _SaveState(plan.request_id, plan.keys, list(new.block_ids[0]))
+            # Blocks already computed when it is first scheduled were loaded from the store.
+            state = _SaveState(plan.request_id, plan.namespace, request, list(plan.keys),
+                               new.num_computed_tokens // self._block_size, list(new.block_ids[0]))
             self._saving[new.req_id] = state
             self._add_save(state, new.num_computed_tokens, out.num_scheduled_tokens[new.req_id], meta)
         cached = out.scheduled_cached_reqs
@@ -192,17 +205,26 @@ class RedisKVConnector(KVConnectorBase_V1):
 
     def _add_save(self, state: _SaveState, computed: int, scheduled: int,
                   meta: RedisConnectorMetadata) -> None:
-        """Save the prompt blocks that this step completes."""
-        first = computed // self._block_size
-        end = min(len(state.keys), (computed + scheduled) // self._block_size, len(state.block_ids))
-        if end > first:
-            meta.saves.append(BlockTransfer(state.request_id, state.keys[first:end],
-                                            state.block_ids[first:end]))
+        """Save the blocks this step completes. The worker saves after the step's forward pass,
+        so a block is complete once this step's tokens fill it, provided their ids are known and
+        final: a speculative draft token is neither (it may be rejected), and the scheduler's
+        `num_tokens` counts only accepted tokens, so the frontier stops before any draft."""
+        frontier = min(computed + scheduled, state.request.num_tokens)
+        end = min(frontier // self._block_size, len(state.block_ids))
+        if end <= state.saved:
+            return
+        if end > len(state.keys):  # answer tokens filled new blocks: their keys chain on the prompt's
+            state.keys = prompt_block_keys(self._key_prefix, self._layout, state.request.all_token_ids,
+                                           self._block_size, end, state.namespace)
+        meta.saves.append(BlockTransfer(state.request_id, state.keys[state.saved:end],
+                                        state.block_ids[state.saved:end]))
+        state.saved = end
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         plan = self._plans.pop(request.request_id, None)
         self._saving.pop(request.request_id, None)
+        self._requests.pop(request.request_id, None)
         if plan is None:
             return False, None
         handle = None

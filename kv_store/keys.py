@@ -84,10 +84,12 @@ def loadable_keys(key_prefix: str, layout: str, block_size: int, prompt: Sequenc
     load from block 0, why not more ("" when nothing stands in the way)).
 
     The keys are derived here, from the request's own tokens and tenant, never taken from a
-    job: a handle (the decode path) only narrows them, and is used only when it was written
-    with this layout and names exactly the request's own keys. So another tenant's handle, or
-    a handle for other tokens, loads nothing. At least one prompt token must be computed to
-    sample from, so the last block of a prompt that ends on a block boundary is never loaded."""
+    job: a handle (the decode path) is used only when it was written with this layout and
+    names the request's own keys from the first. So another tenant's handle, or a handle for
+    other tokens, loads nothing. Past the handle's blocks the request's own keys stay loadable:
+    a migrated decode job's prompt goes on with the tokens already generated, whose blocks the
+    worker that generated them saved. At least one prompt token must be computed to sample
+    from, so the last block of a prompt that ends on a block boundary is never loaded."""
     keys = prompt_block_keys(key_prefix, layout, prompt, block_size, len(prompt) // block_size, namespace)
     own = keys[: min(len(keys), max(0, len(prompt) - 1) // block_size)]
     if handle is None:
@@ -97,7 +99,7 @@ def loadable_keys(key_prefix: str, layout: str, block_size: int, prompt: Sequenc
     named = list(handle.keys)[: len(own)]
     if named != own[: len(named)]:
         return keys, [], "handle keys do not match the request's tokens"
-    return keys, named, ""
+    return keys, own, ""
 
 
 def transfer_stats_key(key_prefix: str, request_id: str) -> str:

@@ -51,6 +51,8 @@ SERVING_ROLES = {"disaggregated": (Role.PREFILL, Role.DECODE, Role.EDGE), "aggre
 START_TIMEOUT_S = 900.0  # engines load in about a minute here; a cold cache or a big model takes longer
 REPORT_TIMEOUT_S = 120.0  # a worker binds its metrics port before its engine starts: seconds, not minutes
 
+UP_LINE = "grokstack is up"  # printed once every process is ready (lab commands wait for it)
+
 
 def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict[str, str]:
     """On a shared CPU, decode yields the cores to prefill (see EngineConfig.cpu_nice)."""
@@ -189,7 +191,7 @@ def _serve_regions(settings: Settings, supervisor: Supervisor) -> int:
     log.info("starting workers (the engines take about a minute to load)")
     supervisor.wait_ready(START_TIMEOUT_S)
     cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
-    lines = [f"\ngrokstack is up in {len(names)} regions ({settings.stack.wan_delay_ms:g} ms one way between "
+    lines = [f"\n{UP_LINE} in {len(names)} regions ({settings.stack.wan_delay_ms:g} ms one way between "
              f"them; one aggregated worker each, real engines):"]
     for region, s in regional.items():
         edge = s.edge
@@ -303,7 +305,7 @@ def _serve_one(settings: Settings, supervisor: Supervisor) -> int:
     cli = os.path.relpath(Path(sys.executable).parent / "grokstack")
     gib = stack_memory_gib([c.pid for c in supervisor.children()] + [s.proc.pid for s in servers if s.proc])
     api = f"http://{edge.edge_host}:{edge.api_port}/v1"
-    print(f"\ngrokstack is up: {url}\n"
+    print(f"\n{UP_LINE}: {url}\n"
           f"  chat in a browser:   http://{edge.edge_host}:{edge.edge_port}/\n"
           f"  chat in a terminal:  {cli} chat --url {url}\n"
           f"  OpenAI-compatible:   {api}  (e.g. OPENAI_BASE_URL={api} with any OpenAI SDK; "

@@ -43,6 +43,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "several times to compare them side by side")
     from services.lab.spike_bench import add_spike_arguments
     add_spike_arguments(parser)
+    from services.lab.conversation_bench import add_conversation_arguments
+    add_conversation_arguments(parser)
+    from services.lab.spec_bench import add_speculation_arguments
+    add_speculation_arguments(parser)
 
 
 async def direct_phase(settings: Settings, args: argparse.Namespace) -> Phase:
@@ -151,6 +155,12 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         if args.spike:
             from services.lab.spike_bench import run_spike
             return await run_spike(settings, args)
+        if args.speculation:
+            from services.lab.spec_bench import run_speculation
+            return await run_speculation(settings, args)
+        if args.conversation:
+            from services.lab.conversation_bench import run_conversation
+            return await run_conversation(settings, args)
         if args.target:
             from services.lab.openai_bench import run_targets
             return await run_targets(settings, args)

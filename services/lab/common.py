@@ -21,7 +21,7 @@ from services.embedded import free_port
 from bus.roles import Role
 from services.settings import ENV, Settings
 from services.telemetry import read_ports
-from services.up import ports_file
+from services.up import UP_LINE, ports_file
 from services.supervisor import Child, StartFailed, Stopped, Supervisor, child_environment, local_host, stop_on_signals
 
 PROMPTS = [
@@ -209,6 +209,13 @@ def start_stack(supervisor: Supervisor, settings: Settings, log: Path, api_port:
         supervisor.wait_ready(900, [child.name])
     except StartFailed as exc:
         raise SystemExit(f"the stack failed to start: {exc}") from None
+    # The edge is ready once it reaches NATS, before the engines have loaded: `grokstack up`
+    # says when every worker is ready too.
+    deadline = time.monotonic() + 900
+    while UP_LINE not in log.read_text(errors="replace"):
+        if child.proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the stack failed to start: see {log}")
+        time.sleep(0.5)
     return StartedStack(child, host, edge_port, api_port, ports_file(settings, str(Role.EDGE)))
 
 

@@ -3,8 +3,10 @@
 Tokens are UTF-8 bytes. The reply to a conversation is a fixed function of the prompt
 ("echo: " + the last user message, reversed), so a decode stage that continues from
 prompt + first token produces exactly what a single stage would. With a `BlockStore` it also
-keeps the KV contract: the prefill role writes one small blob per full block of the prompt and
-reports a handle; the decode role loads what the handle names and reports it as cached.
+keeps the KV contract: a request without a handle (prefill, aggregated) loads the full blocks
+of its prompt that are stored, writes one small blob per full block of the prompt and reports a
+handle; a decode job loads what the handle names (and its own blocks past it) and reports it as
+cached; every role writes the blocks its answer fills, so the next turn finds them.
 `die()` makes it behave as a vLLM engine whose engine core is gone: every request, running or
 new, raises `EngineDead`, as VllmEngine's do.
 """
@@ -93,6 +95,7 @@ class FakeEngine:
             self.aborted += 1
             raise
         finish = "length" if len(reply) > max_tokens else "stop"
+        self._save_answer(prompt_token_ids, list(reply[:emitted]), kv)
         yield EngineChunk([], decoder.decode(b"", final=True), finish, len(prompt_token_ids), loaded, report)
 
     async def _pause(self, seconds: float) -> None:
@@ -107,16 +110,24 @@ class FakeEngine:
         if self.store is None or kv is None:
             return 0, None
         keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK, kv.namespace)
-        if self.pool.kv_role == "kv_both":  # load earlier turns, save this one
-            loadable = (len(tokens) - 1) // BLOCK
-            loaded = self.store.present_prefix(keys[:loadable]) * BLOCK
+        loadable = keys[:(len(tokens) - 1) // BLOCK]
+        if kv.handle is None:  # prefill or aggregated: load earlier turns, save this one
+            loaded = self.store.present_prefix(loadable) * BLOCK
             self.store.save([(k, b"kv") for k in keys])
             handle = KvHandle(model_id=self.model_id, layout=LAYOUT, block_size=BLOCK, keys=keys,
                               num_tokens=len(keys) * BLOCK, content_hash=keys[-1] if keys else "")
             return loaded, KvReport(loaded_tokens=loaded, load_reason="", handle=handle)
-        handle_keys = list(kv.handle.keys) if kv.handle is not None else []
+        handle_keys = list(kv.handle.keys)
         valid = handle_keys == keys[:len(handle_keys)]
-        loaded = self.store.present_prefix(handle_keys) * BLOCK if valid else 0
+        loaded = self.store.present_prefix(loadable) * BLOCK if valid else 0
         if valid and loaded < len(handle_keys) * BLOCK:
             loaded = 0  # the fake recomputes everything on any miss
         return loaded, KvReport(loaded_tokens=loaded, load_reason="")
+
+    def _save_answer(self, prompt: list[int], answer: list[int], kv: KvRequest | None) -> None:
+        """The blocks the answer filled (its last token's KV is never computed, as in vLLM)."""
+        if self.store is None or kv is None or len(answer) < 2:
+            return
+        tokens = prompt + answer[:-1]
+        keys = prompt_block_keys(self.key_prefix, LAYOUT, tokens, BLOCK, len(tokens) // BLOCK, kv.namespace)
+        self.store.save([(k, b"kv") for k in keys[len(prompt) // BLOCK:]])

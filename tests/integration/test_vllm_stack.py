@@ -77,16 +77,27 @@ async def test_websocket_chat_streams_the_same_text_as_one_vllm_engine(vllm_stac
         assert not kv["recomputed"] and kv["bytes_read"] == kv["bytes_written"] > 0
 
 
-async def test_second_turn_is_served_from_the_first_turns_kv(vllm_stack):
+async def test_second_turn_is_served_from_the_first_turns_prompt_and_answer_kv(vllm_stack, redis_server):
     turn1 = [unique_system("Answer in one sentence."),
-             {"role": "user", "content": "Name a large ocean."}]
+             {"role": "user", "content": "Name a large ocean and say why it matters."}]
     first = await chat(vllm_stack, turn1)
     assert first.done["usage"]["cached_prompt_tokens"] == 0
     turn2 = turn1 + [{"role": "assistant", "content": first.text},
                      {"role": "user", "content": "And a large desert?"}]
     second = await chat(vllm_stack, turn2)
     assert second.error is None
-    assert second.done["usage"]["cached_prompt_tokens"] >= len(turn1[0]["content"]) // 8
+    history = first.done["usage"]["prompt_tokens"] + first.done["usage"]["completion_tokens"]
+    cached = second.done["usage"]["cached_prompt_tokens"]
+    # decode saved the answer's blocks as they filled: all of the first turn but its last partial
+    # block is loaded (only the prompt's blocks were before, the answer recomputed every turn)
+    assert cached >= first.done["usage"]["prompt_tokens"] // 32 * 32 + 32, (cached, history)
+    assert cached >= (history - 1) // 32 * 32 - 32, (cached, history)
+    # the loaded answer KV gives the answer that computing everything gives
+    store = redis.Redis.from_url(redis_server.ops_url)
+    for key in store.scan_iter(f"{vllm_stack.settings.kv.kv_key_prefix}:blk:*"):
+        store.delete(key)
+    recomputed = await chat(vllm_stack, turn2)
+    assert recomputed.done["usage"]["cached_prompt_tokens"] == 0 and recomputed.text == second.text
 
 
 async def test_evicted_kv_is_recomputed_with_the_same_answer(vllm_stack, redis_server):

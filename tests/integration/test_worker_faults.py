@@ -20,6 +20,7 @@ import time
 import nats
 import psutil
 import pytest
+import redis
 
 from bus.codec import decode
 from bus.credentials import BusAuth
@@ -34,6 +35,7 @@ from tests.integration.test_vllm_stack import chat, unique_system
 pytestmark = pytest.mark.engine
 STORY = [{"role": "user", "content": "Tell me a long story about a clockmaker who builds a mechanical bird."}]
 TOKENS = 120
+KILL_AT = 70  # tokens streamed when the decode worker is killed: its saved answer blocks move on
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +64,20 @@ async def busy_decode_worker(vllm_stack) -> str:
 
 
 async def test_a_sigkilled_decode_worker_hands_its_answer_to_a_spare_with_no_token_lost_or_repeated(
-        vllm_stack, spare_decode):
+        vllm_stack, spare_decode, redis_server):
     spare_id, spare_proc = spare_decode
     async with await EdgeClient.connect(vllm_stack.url) as client:
         uninterrupted = await client.complete(STORY, max_tokens=TOKENS, temperature=0)
         assert uninterrupted.done, uninterrupted.error
+        # only what the killed worker saves may be loaded by its successor
+        store = redis.Redis.from_url(redis_server.ops_url)
+        for key in store.scan_iter(f"{vllm_stack.settings.kv.kv_key_prefix}:blk:*"):
+            store.delete(key)
         frames, killed, times = [], None, []
         async for frame in client.stream(STORY, max_tokens=TOKENS, temperature=0):
             frames.append(frame)
             times.append(time.monotonic())
-            if killed is None and sum(f["type"] == "token" for f in frames) == 10:
+            if killed is None and sum(f["type"] == "token" for f in frames) == KILL_AT:
                 busy = await busy_decode_worker(vllm_stack)
                 killed = spare_proc if busy == spare_id else vllm_stack.procs["decode"]
                 kill_group(killed)
@@ -82,6 +88,10 @@ async def test_a_sigkilled_decode_worker_hands_its_answer_to_a_spare_with_no_tok
     assert frames[-1]["usage"]["completion_tokens"] == uninterrupted.done["usage"]["completion_tokens"]
     survivor_log = vllm_stack.logs / ("decode.log" if killed is spare_proc else f"{spare_id}.log")
     assert "continuing a migrated job" in survivor_log.read_text()
+    # the survivor loaded the blocks of the tokens generated before the kill (the killed worker
+    # saved them as they filled), not only the prompt's
+    prompt_blocks = uninterrupted.done["kv"]["loaded_tokens"]
+    assert frames[-1]["kv"]["loaded_tokens"] >= prompt_blocks + 32, (frames[-1]["kv"], prompt_blocks)
     gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
     print(f"migration: longest pause between tokens {gaps[-1] * 1000:.0f} ms, "
           f"median {gaps[len(gaps) // 2] * 1000:.0f} ms")

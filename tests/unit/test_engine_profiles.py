@@ -33,7 +33,7 @@ def test_draft_model_mode_is_selectable():
 
 def test_roles_get_their_kv_connector_role():
     assert kv_transfer_config(SETUP, PREFILL)["kv_role"] == "kv_both"
-    assert kv_transfer_config(SETUP, DECODE)["kv_role"] == "kv_consumer"
+    assert kv_transfer_config(SETUP, DECODE)["kv_role"] == "kv_both"  # it saves the answer's blocks
     assert kv_transfer_config(SETUP, DIRECT) is None
     extra = kv_transfer_config(SETUP, DECODE)["kv_connector_extra_config"]
     assert extra["redis_url"] == "redis://r:1/0"

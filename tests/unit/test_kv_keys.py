@@ -55,10 +55,11 @@ def test_a_request_may_load_its_own_full_blocks_but_never_the_last_token():
     assert own == keys == prompt_block_keys("p", "L", list(range(97)), 32, 3, "t")
 
 
-def test_a_handle_only_narrows_the_requests_own_keys():
+def test_a_handle_must_name_the_requests_own_keys_and_past_it_the_request_loads_its_own():
     tokens = list(range(100))
     keys, own, _ = loadable_keys("p", "L", 32, tokens, "gold")
-    assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(keys[:2]))[1:] == (keys[:2], "")
+    # a migrated decode job: the handle names the prompt's blocks, the generated ones follow
+    assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(keys[:2]))[1:] == (own, "")
     assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(keys))[1:] == (own, "")
     other = prompt_block_keys("p", "L", [7] * 100, 32, 3, "gold")
     assert loadable_keys("p", "L", 32, tokens, "gold", handle_of(other))[1:] == (

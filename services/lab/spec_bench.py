@@ -1,0 +1,164 @@
+"""`grokstack bench --speculation`: speculative decoding on and off, side by side, in one run.
+
+The same engine (model, profile, decode slots) is started once per speculation setting, one after
+the other, in this process (no bus, no KV connector: only the engine's own speed is measured).
+Each runs the same requests at each concurrency of --spec-streams, on two prompt sets:
+
+- grounded: answers that copy from their prompt (rewrite code with a name changed, copy a
+  paragraph and add a sentence, extract matching lines): where n-gram drafts are accepted;
+- generic: short chat questions, where drafts are mostly wrong.
+
+It prints output tokens/s per cell for each setting and the ratio to speculation off, the draft
+acceptance (accepted of proposed draft tokens, from vLLM's scheduler stats), the longest pause
+between two tokens of one stream (a stalled step shows there), and whether every greedy answer
+was identical to speculation off (speculation must be lossless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from bus.messages import ChatMessage, SamplingSpec
+from inference.pools import Pool
+from services.settings import Settings
+
+CODE = '''def total_price(items, tax_rate):
+    subtotal = 0
+    for item in items:
+        subtotal += item.price * item.quantity
+    discount = 0
+    if subtotal > 100:
+        discount = subtotal * 0.05
+    taxed = (subtotal - discount) * (1 + tax_rate)
+    return round(taxed, 2)'''
+PARAGRAPH = ("The old lighthouse stood on the northern cliff for more than a century. Every night its keeper "
+             "climbed the narrow stairs, trimmed the wick and polished the great lens until it shone. Ships "
+             "passing in the fog trusted its beam to guide them safely past the rocks below.")
+LOG = "\n".join(f"2026-11-30 10:{m:02d}:{s:02d} {'ERROR' if (m + s) % 3 == 0 else 'INFO'} worker-{m % 4} "
+                f"{'connection reset by peer' if (m + s) % 3 == 0 else 'request served in 12 ms'}"
+                for m, s in ((m, (m * 7) % 60) for m in range(12)))
+GROUNDED = [
+    f"Rewrite this Python function with the variable `subtotal` renamed to `base`. Output only the code.\n\n{CODE}",
+    f"Copy this paragraph exactly, then add one sentence at the end.\n\n{PARAGRAPH}",
+    f"From this log, copy every line that contains ERROR, unchanged, one per line.\n\n{LOG}",
+    f"Repeat this function exactly, adding a docstring as its first line.\n\n{CODE}",
+]
+GENERIC = [
+    "Give me three tips for better sleep.",
+    "Explain what a black hole is in two sentences.",
+    "Why is the sky blue?",
+    "What is the difference between weather and climate?",
+]
+SETS = {"grounded": GROUNDED, "generic": GENERIC}
+SPECULATING = Pool("direct", "", None, True, "decode_slots")  # an engine that decodes, alone
+
+
+def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding benchmark (--speculation)")
+    g.add_argument("--speculation", action="store_true",
+                   help="the decoding engine with speculation off and on, side by side")
+    g.add_argument("--spec-streams", default="1,4,16", help="concurrencies to run, comma-separated")
+    g.add_argument("--spec-settings", default="off,ngram",
+                   help="speculation settings to compare, the first is the baseline: spec_method values, "
+                        "each optionally with @N for spec_max_batch (speculate while at most N sequences decode)")
+    g.add_argument("--spec-max-tokens", type=int, default=128)
+
+
+@dataclass
+class Cell:
+    tokens: int = 0
+    wall_s: float = 0.0
+    longest_gap_s: float = 0.0
+    draft_tokens: float = 0.0
+    accepted_tokens: float = 0.0
+    texts: dict[int, str] = field(default_factory=dict)  # by request number
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else float("nan")
+
+
+def spec_counters() -> tuple[float, float]:
+    from inference import metrics
+    return (metrics.SPEC_DRAFT_TOKENS.labels(SPECULATING.name)._value.get(),
+            metrics.SPEC_ACCEPTED_TOKENS.labels(SPECULATING.name)._value.get())
+
+
+async def run_cell(engine, prompts: list[str], streams: int, max_tokens: int) -> Cell:
+    cell = Cell()
+    sampling = SamplingSpec(max_tokens=max_tokens, temperature=0.0)
+    requests = [(n, prompts[n % len(prompts)]) for n in range(max(streams, len(prompts)))]
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in requests:
+        queue.put_nowait(item)
+    drafted0, accepted0 = spec_counters()
+
+    async def lane() -> None:
+        while not queue.empty():
+            n, prompt = queue.get_nowait()
+            ids = engine.render_chat([ChatMessage("user", prompt)])
+            text, last = "", time.monotonic()
+            async for chunk in engine.generate(f"spec-{streams}-{n}-{time.monotonic_ns()}", ids, sampling, max_tokens):
+                now = time.monotonic()
+                if chunk.token_ids:
+                    cell.longest_gap_s = max(cell.longest_gap_s, now - last)
+                    cell.tokens += len(chunk.token_ids)
+                    last = now
+                text += chunk.text
+            cell.texts[n] = text
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(lane() for _ in range(streams)))
+    cell.wall_s = time.monotonic() - t0
+    drafted1, accepted1 = spec_counters()
+    cell.draft_tokens, cell.accepted_tokens = drafted1 - drafted0, accepted1 - accepted0
+    return cell
+
+
+async def run_setting(settings: Settings, method: str, streams: list[int],
+                      max_tokens: int) -> dict[tuple[str, int], Cell]:
+    from services.processes import engine_setup
+    from inference.vllm_engine import VllmEngine
+    name, _, max_batch = method.partition("@")
+    changes = {"spec_method": name} | ({"spec_max_batch": int(max_batch)} if max_batch else {})
+    engine = VllmEngine(engine_setup(settings.replace(**changes)), SPECULATING)
+    await engine.start()
+    try:
+        await run_cell(engine, GENERIC[:1], 1, 8)  # warm-up
+        await run_cell(engine, GENERIC[:2], 2, 8)  # and a first batched step
+        return {(name, n): await run_cell(engine, prompts, n, max_tokens)
+                for n in streams for name, prompts in SETS.items()}
+    finally:
+        await engine.shutdown()
+
+
+def report(results: dict[str, dict[tuple[str, int], Cell]], args: argparse.Namespace) -> str:
+    names = list(results)
+    base = names[0]
+    out = [f"\nspeculation side by side, same engine and requests, temperature 0, max_tokens {args.spec_max_tokens}",
+           f"{'prompts':<10}{'streams':>8}" + "".join(f"{f'{n} tok/s':>14}" for n in names)
+           + "".join(f"{f'{n}/{base}':>12}{'accepted':>10}{'longest gap':>13}{'same text':>11}" for n in names[1:])]
+    for (kind, streams), cell in results[base].items():
+        row = f"{kind:<10}{streams:>8}" + "".join(f"{results[n][(kind, streams)].tokens_per_s:>14.1f}" for n in names)
+        for n in names[1:]:
+            other = results[n][(kind, streams)]
+            same = sum(other.texts[i] == cell.texts[i] for i in cell.texts)
+            accepted = f"{other.accepted_tokens / other.draft_tokens:.0%}" if other.draft_tokens else "-"
+            row += (f"{other.tokens_per_s / cell.tokens_per_s:>11.2f}x{accepted:>10}"
+                    f"{other.longest_gap_s * 1000:>10.0f} ms{f'{same}/{len(cell.texts)}':>11}")
+        out.append(row)
+    out.append(f"longest gap between two tokens of a stream with {base}: "
+               + ", ".join(f"{k} x{s}: {c.longest_gap_s * 1000:.0f} ms" for (k, s), c in results[base].items()))
+    return "\n".join(out)
+
+
+async def run_speculation(settings: Settings, args: argparse.Namespace) -> int:
+    streams = [int(s) for s in args.spec_streams.split(",")]
+    results = {}
+    for method in args.spec_settings.split(","):
+        results[method] = await run_setting(settings, method, streams, args.spec_max_tokens)
+    print(report(results, args))
+    return 0

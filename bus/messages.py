@@ -218,6 +218,13 @@ class Heartbeat(Message, tag="heartbeat"):
     budget_tokens: int = 0
     reserved_tokens: int = 0
     rate_tokens_s: float = 0.0
+    # What its queue really does lately (inference/worker.py QueueMeter), from which edges
+    # estimate a new request's wait (edge/queues.py): the jobs it would pull now (-1: not
+    # reported, an older worker), the jobs per second it gets through while work waits for it
+    # (0: none ended yet), and the mean queue wait (publish -> taken) of the jobs it took lately.
+    room_jobs: int = -1
+    drain_jobs_s: float = 0.0
+    queue_wait_s: dict[Priority, float] = {}
     # "draining": it stopped pulling (SIGTERM) and finishes what it holds; "failed": its engine
     # died or its loop stalled, it handed its jobs back and exits. An edge counts a worker that
     # is not "serving" as gone at once, without waiting for its beats to stop. `reason` says why.
@@ -242,7 +249,9 @@ class RegionBeat(Message, tag="region_beat"):
     model_ids: Annotated[list[str], Meta(max_length=64)] = []
     workers: dict[Role, int] = {}  # live workers by role
     free_slots: int = 0
-    queue_wait_s: dict[Priority, float] = {}  # the estimated wait before prefill starts
+    # the estimated queue wait of a new request: the longer of its waits for a prefill (its
+    # first token) and then for a decode slot (edge/queues.py)
+    queue_wait_s: dict[Priority, float] = {}
     prefill_s: float = 0.0  # recent time a prefill took there (0: none seen yet)
     draining: bool = False  # takes no new requests; its running ones finish
     # sending edge id -> the last beat heard from it

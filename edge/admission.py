@@ -5,6 +5,10 @@ requests fast and tells the rest when to come back. Checked in this order:
   1. the tenant's tokens per minute (a token bucket per tenant on this edge): `rate_limited`;
   2. the priority's estimated queue wait (edge/queues.py) over its budget: `overloaded`.
      Batch is degraded first: past half its budget its max_tokens is capped.
+     The wait is the one the request would have in a queue: for a prefill (before its first
+     token), or after it for a decode slot, whichever is longer; never the time to clear a
+     backlog that does not delay it. An accepted request carries the estimate it was judged by
+     (`Admitted.estimated_wait_s`), so a bench can hold it against the wait it then had.
 Both refusals are retryable and say after how many seconds a retry is likely to be accepted.
 While a pool has no live worker and its replacement is expected (edge/intake.py), its queue does
 not drain until then: a refused request is told to come back no sooner than that.
@@ -82,6 +86,7 @@ class Admitted:
     charged_tokens: int
     degraded_max_tokens: int | None = None  # max_tokens was capped to this (batch under load)
     estimated_prompt_tokens: int = 0  # by characters, before scaling
+    estimated_wait_s: float = 0.0  # the queue wait it was judged by (edge/queues.py)
 
 
 class Admission:
@@ -117,7 +122,7 @@ class Admission:
                                    f"{tenant.tokens_per_minute} tokens per minute; this request needs about "
                                    f"{charged}", short_s)
         self.queues.published(request.region, priority, prompt, request.sampling.max_tokens)
-        return Admitted(request, charged, degraded, estimated)
+        return Admitted(request, charged, degraded, estimated, round(wait, 3))
 
     def _refuse(self, code: str, priority: Priority, message: str, after_s: float) -> Refused:
         metrics.observe_refused(code, priority)

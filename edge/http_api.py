@@ -58,6 +58,7 @@ log = structlog.get_logger("grokstack.api")
 PRIORITY_HEADER = "X-Grokstack-Priority"
 REGION_HEADER = "X-Grokstack-Region"
 DEGRADED_HEADER = "X-Grokstack-Degraded-Max-Tokens"
+ESTIMATED_WAIT_HEADER = "X-Grokstack-Estimated-Wait"  # seconds: the queue wait admission judged it by
 ROUTE_HEADER = "X-Grokstack-Route"  # in responses: why the region in X-Grokstack-Region (edge/routing.py)
 _json = msgspec.json.Encoder()
 _SEQ = re.compile(r"-?[0-9]{1,7}")  # ASCII digits only: int() also takes " 5", "1_0" and other scripts' digits
@@ -168,6 +169,8 @@ class OpenAIApi:
                            RESUME_HEADER: self.guard.token(tenant.name, live.request_id)}
                 if accepted.degraded_max_tokens is not None:
                     headers[DEGRADED_HEADER] = str(accepted.degraded_max_tokens)
+                if accepted.estimated_wait_s is not None:
+                    headers[ESTIMATED_WAIT_HEADER] = f"{accepted.estimated_wait_s:.3f}"
                 if body.stream:
                     return await self._stream(request, live, -1, headers)
                 return await self._complete(live, headers)

@@ -74,6 +74,9 @@ class Refusal(Exception):
 class Accepted:
     live: LiveRequest
     degraded_max_tokens: int | None  # max_tokens was capped to this (batch under load)
+    # The queue wait admission judged it by (edge/admission.py): the doors tell the client, so
+    # a bench can hold it against the wait the request then had (its final timings).
+    estimated_wait_s: float = 0.0
 
 
 class Intake:
@@ -119,8 +122,8 @@ class Intake:
             metrics.observe_routed(region, route.reason)
             log.info("request accepted", max_tokens=admitted.request.sampling.max_tokens,
                      degraded=admitted.degraded_max_tokens is not None, route=route.reason,
-                     ttft_estimate_s=round(route.ttft_s, 3))
-            yield Accepted(live, admitted.degraded_max_tokens)
+                     ttft_estimate_s=round(route.ttft_s, 3), wait_estimate_s=admitted.estimated_wait_s)
+            yield Accepted(live, admitted.degraded_max_tokens, admitted.estimated_wait_s)
 
     def _priority(self, chat: ChatFrame, tenant: Tenant) -> Priority:
         priority = chat.priority or tenant.default_priority

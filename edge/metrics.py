@@ -56,6 +56,10 @@ QUEUE_DEPTH = Gauge(
 QUEUE_WAIT_ESTIMATE = Gauge(
     "grokstack_queue_wait_estimate_seconds",
     "Edge: estimated wait of a new request of this priority (admission control's input).", EDGE)
+QUEUE_WAIT_MEASURED = Gauge(
+    "grokstack_queue_wait_measured_seconds",
+    "Edge: the mean queue wait a pool's workers measured for their recent jobs of this priority (kind req or "
+    "decode; the longest of its workers'), to hold the estimate against.", ["kind", "region", "priority"])
 
 REQUESTS_ROUTED = Counter(
     "grokstack_requests_routed_total",
@@ -119,6 +123,11 @@ def observe_refused(reason: str, priority: str) -> None:
 
 def set_queue_depth(kind: str, region: str, priority: str, depth: int) -> None:
     QUEUE_DEPTH.labels(kind, region, priority).set(depth)
+
+
+def set_queue_wait_measured(kind: str, region: str, priority: str, seconds: float | None) -> None:
+    """None: no job of it was taken lately, so no wait measured (0 is what an empty queue shows)."""
+    QUEUE_WAIT_MEASURED.labels(kind, region, priority).set(0.0 if seconds is None else seconds)
 
 
 def set_queue_wait(region: str, priority: str, seconds: float) -> None:

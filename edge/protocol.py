@@ -121,6 +121,7 @@ class AcceptedFrame(Struct, tag="accepted", tag_field="type", omit_defaults=True
     max_tokens: int | None = None
     region: str | None = None  # the region chosen to serve it
     route: str | None = None  # why: home, requested, sticky, overflow or failover (edge/routing.py)
+    estimated_wait_s: float | None = None  # the queue wait admission judged it by (edge/queues.py)
 
 
 class TokenFrame(Struct, tag="token", tag_field="type"):

@@ -1,16 +1,31 @@
 """How long a new request would wait: the work queues' depth and the pools' speed, seen from an edge.
 
-Depth comes from JetStream (each (kind, region, priority) consumer's pending count, read every
-`queue_poll_s`, plus what this edge published since). Speed comes from the workers' heartbeats:
-each advertises the tokens per second it gets through with its slots full (inference/worker.py
-FullRate). Queued jobs are counted in tokens with the mean cost of the jobs of that priority this
-edge published, so a queue of long batch answers weighs more than one of short questions.
+Depth comes from JetStream (each (kind, region, priority) consumer's pending count: jobs not yet
+taken by any worker, read every `queue_poll_s`, plus what this edge published since). Speed comes
+from what the workers measure and say in their heartbeats (inference/worker.py QueueMeter): the
+jobs per second each gets through while work waits for it, at its current batch size, and the
+jobs it would pull now.
 
-The wait of priority p is the work queued at p and above (served first) over the pool's speed,
-for the request queue (prefill) plus the decode queue: a request goes through both, and every
-request still waiting for prefill is decode work ahead too (a burst shows in the request queue
-first, before any of it reaches decode). While a pool has no live worker (its only one died and a
-replacement is starting), its queue is weighed at the speed it last had.
+The wait of priority p in one queue is Little's law: the jobs ahead of it (queued at p and above,
+which are served first) that the pool's free room does not take at once, over the jobs per
+second the pool takes off the queue. (Jobs JetStream still held at the last read say the room
+was taken: then nothing is taken at once.) Counting jobs, not tokens, keeps it to what was
+measured: the rate comes from the same jobs the queue holds, whatever they cost.
+
+A request waits in the request queue for a prefill (its first token: what the budget protects
+first) and then, after its first token, in the decode queue for a decode slot. Every request
+still waiting for prefill will be decode work ahead of it too; the decode pool drains meanwhile,
+so its decode wait is what that pool's queue holds beyond what it gets through while the request
+waits for its prefill. The estimate is the longer of the two waits: a decode pool that keeps up
+adds nothing, one that does not still bounds what is accepted. Not their sum: the decode pool's
+time to get through every answer ahead delays no first token, and a request waits for it only
+where that pool has no room.
+
+Workers that report no measurement (an older worker) are weighed as before: queued tokens (the
+mean cost of that priority's jobs this edge published) over the sum of their `rate_tokens_s`.
+While a pool has no live worker (its only one died and a replacement is starting), its queue is
+weighed at the speed it last had, with no free room. A pool with no known speed (no job ended
+yet) gives no estimate: nothing is refused for it.
 
 What it keeps is bounded whatever the bus says: at most MAX_REGIONS regions (only regions whose
 workers' heartbeats it hears, never one a client named) and MAX_WORKERS workers; a worker unheard
@@ -22,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from nats.js import JetStreamContext
@@ -53,6 +68,13 @@ class WorkerSeen:
     rate_tokens_s: float
     seen: float  # monotonic
     free_slots: int = 0
+    room_jobs: int = -1  # jobs it would pull now; -1: it does not measure its queue (older worker)
+    drain_jobs_s: float = 0.0  # jobs per second it gets through while work waits (0: unknown yet)
+    waits_s: dict[Priority, float] = field(default_factory=dict)  # its recent jobs' measured queue wait
+
+    @property
+    def measures(self) -> bool:
+        return self.room_jobs >= 0
 
 
 class MeanCost:
@@ -81,7 +103,9 @@ class QueueWatch:
         self._published: dict[tuple[WorkKind, str, Priority], int] = defaultdict(int)  # since the last read
         self._workers: dict[tuple[str, Role], WorkerSeen] = {}  # (worker id, role): one process may run two
         self._regions: set[str] = {bus.region}
-        self._last_speed: dict[tuple[WorkKind, str], float] = {}  # the pool's speed while it had workers
+        # the pool's speed while it had workers: tokens/s (older workers) and jobs/s (measured)
+        self._last_speed: dict[tuple[WorkKind, str], float] = {}
+        self._last_drain: dict[tuple[WorkKind, str], float] = {}
         self._stopped = False
         self._warned_full = -FULL_WARNING_S
 
@@ -97,7 +121,8 @@ class QueueWatch:
         if key not in self._workers and not self._room_for(beat.region):
             return False
         self._workers[key] = WorkerSeen(
-            beat.role, beat.region, beat.rate_tokens_s, time.monotonic(), max(0, beat.slots - beat.active))
+            beat.role, beat.region, beat.rate_tokens_s, time.monotonic(), max(0, beat.slots - beat.active),
+            beat.room_jobs, beat.drain_jobs_s, dict(beat.queue_wait_s))
         self._regions.add(beat.region)
         return True
 
@@ -127,8 +152,9 @@ class QueueWatch:
         left = {w.region for w in self._workers.values()} | {self.bus.region}
         for region in self._regions - left:
             self._regions.discard(region)
-            for key in [k for k in self._last_speed if k[1] == region]:
-                del self._last_speed[key]
+            for table in (self._last_speed, self._last_drain):
+                for key in [k for k in table if k[1] == region]:
+                    del table[key]
 
     def published(self, region: str, priority: Priority, prompt_tokens: int, max_tokens: int) -> None:
         """This edge put a request on the bus: count it before the next read of the queues (of a
@@ -156,19 +182,28 @@ class QueueWatch:
         for key in [k for k in (*self._pending, *self._published) if k[1] not in self._regions]:
             self._pending.pop(key, None)
             self._published.pop(key, None)
+        self.remember_speeds()
         for region in sorted(self._regions):
-            for kind in KINDS:
-                speed = self.speed(kind, region)
-                if speed:
-                    self._last_speed[(kind, region)] = speed
             for kind in KINDS:
                 for priority in PRIORITIES:
                     key = (kind, region, priority)
                     self._pending[key] = await self._depth(kind, region, priority)
                     self._published[key] = 0
                     metrics.set_queue_depth(kind, region, priority, self._pending[key])
+                    measured = self.measured_wait_s(kind, region, priority)
+                    metrics.set_queue_wait_measured(kind, region, priority, measured)
             for priority in PRIORITIES:
                 metrics.set_queue_wait(region, priority, self.wait_s(region, priority))
+
+    def remember_speeds(self) -> None:
+        """Keep each pool's speed while it has live workers: the speed its replacement is
+        weighed at while it has none."""
+        for region in self._regions:
+            for kind in KINDS:
+                if speed := self.speed(kind, region):
+                    self._last_speed[(kind, region)] = speed
+                if drain := self._live_drain(kind, region):
+                    self._last_drain[(kind, region)] = drain
 
     async def _depth(self, kind: WorkKind, region: str, priority: Priority) -> int:
         try:
@@ -232,12 +267,69 @@ class QueueWatch:
         """Regions whose workers this edge heard within WORKER_MEMORY_S, and its own."""
         return set(self._regions)
 
+    # Little's law over what the workers measured (see the module docstring)
+
+    def _pool(self, kind: WorkKind, region: str) -> list[WorkerSeen]:
+        return [w for w in self._alive() if w.region == region and ROLES[w.role].pulls == kind]
+
+    def _live_drain(self, kind: WorkKind, region: str) -> float:
+        return sum(w.drain_jobs_s for w in self._pool(kind, region) if w.measures)
+
+    def measured(self, kind: WorkKind, region: str) -> bool:
+        """Whether the pool's workers measure their queue (else the older tokens estimate is used):
+        its live ones, or while it has none, the ones it had."""
+        pool = self._pool(kind, region)
+        return any(w.measures for w in pool) if pool else (kind, region) in self._last_drain
+
+    def drain_jobs_s(self, kind: WorkKind, region: str) -> float:
+        """Jobs per second the pool takes off its queue while work waits (what its workers
+        measured; while it has no live worker, what it had: its replacement's)."""
+        return self._live_drain(kind, region) or self._last_drain.get((kind, region), 0.0)
+
+    def free_jobs(self, kind: WorkKind, region: str) -> int:
+        """Jobs the pool's live workers would take at once (none while it has no live worker)."""
+        return sum(max(0, w.room_jobs) for w in self._pool(kind, region) if w.measures)
+
+    def jobs_ahead(self, kind: WorkKind, region: str, priority: Priority) -> int:
+        """Jobs served before a new request of `priority` in `kind`'s queue. Requests still
+        waiting for prefill will all need decoding too: the decode queue's work ahead counts them."""
+        upstream: tuple[WorkKind, ...] = ("req", "decode") if kind == "decode" else ("req",)
+        return sum(self.depth(k, region, p) for p in at_or_above(priority) for k in upstream)
+
+    def measured_wait_s(self, kind: WorkKind, region: str, priority: Priority) -> float | None:
+        """The longest of the mean queue waits the pool's live workers measured lately for
+        `priority` (None: none took a job of it lately): what the estimate is checked against."""
+        waits = [w.waits_s[priority] for w in self._pool(kind, region) if priority in w.waits_s]
+        return max(waits) if waits else None
+
+    def _queue_wait_s(self, kind: WorkKind, region: str, priority: Priority) -> float:
+        """Seconds until a worker takes a new request's job from `kind`'s queue, were it put there now.
+        A worker with room pulls at once, so jobs of `kind` still pending at or above `priority`
+        when JetStream was read say its room was taken then: the free room its last beat told
+        of (up to a beat period old) counts only when none were."""
+        if not self.measured(kind, region):
+            return self._tokens_wait_s(kind, region, priority)
+        drain = self.drain_jobs_s(kind, region)
+        full = any(self._pending.get((kind, region, p), 0) for p in at_or_above(priority))
+        waiting = self.jobs_ahead(kind, region, priority) - (0 if full else self.free_jobs(kind, region))
+        if not drain or waiting <= 0:  # no speed known yet: no estimate, no refusal
+            return 0.0
+        return waiting / drain
+
+    def _tokens_wait_s(self, kind: WorkKind, region: str, priority: Priority) -> float:
+        """The estimate for workers that do not measure their queue: tokens over their speed."""
+        queued = self.queued_tokens(kind, region, priority)
+        # a pool without a live worker now is weighed at the speed it had: its replacement's
+        speed = self.speed(kind, region) or self._last_speed.get((kind, region), 0.0)
+        return queued / speed if queued and speed else 0.0
+
+    def waits_s(self, region: str, priority: Priority) -> tuple[float, float]:
+        """A new request's estimated waits: for a prefill (before its first token), and after it
+        for a decode slot (the decode pool's queue beyond what it drains meanwhile)."""
+        first = self._queue_wait_s("req", region, priority)
+        decode = max(0.0, self._queue_wait_s("decode", region, priority) - first)
+        return first, decode
+
     def wait_s(self, region: str, priority: Priority) -> float:
-        total = 0.0
-        for kind in KINDS:
-            queued = self.queued_tokens(kind, region, priority)
-            # a pool without a live worker now is weighed at the speed it had: its replacement's
-            speed = self.speed(kind, region) or self._last_speed.get((kind, region), 0.0)
-            if queued and speed:  # no speed known yet (no job served): no estimate, no refusal
-                total += queued / speed
-        return total
+        """The wait a new request of `priority` is judged by: the longer of its two waits."""
+        return max(self.waits_s(region, priority))

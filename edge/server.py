@@ -139,7 +139,8 @@ class Connection:
         try:
             async with self.intake.accept(frame, self.tenant, connection=self.number) as accepted:
                 await self._follow(client_id, accepted.live, -1, resumed=False,
-                                   degraded_max_tokens=accepted.degraded_max_tokens)
+                                   degraded_max_tokens=accepted.degraded_max_tokens,
+                                   estimated_wait_s=accepted.estimated_wait_s)
         except Refusal as refusal:
             await self._error(client_id, refusal.code, refusal.message, refusal.retry_after_s is not None,
                               refusal.retry_after_s)
@@ -174,7 +175,7 @@ class Connection:
             self._forget(client_id)
 
     async def _follow(self, client_id: str, live: LiveRequest, after_seq: int, resumed: bool,
-                      degraded_max_tokens: int | None = None) -> None:
+                      degraded_max_tokens: int | None = None, estimated_wait_s: float | None = None) -> None:
         self.following[client_id] = live
         if client_id in self.cancel_asked:
             await self.live.cancel(live, "client_cancelled")
@@ -182,7 +183,9 @@ class Connection:
             await self.send(AcceptedFrame(id=client_id, request_id=live.request_id, resumed=resumed,
                                           resume_token=self.guard.token(live.tenant, live.request_id),
                                           max_tokens=degraded_max_tokens, region=live.region,
-                                          route=live.route or None))
+                                          route=live.route or None,
+                                          estimated_wait_s=None if estimated_wait_s is None
+                                          else round(estimated_wait_s, 3)))
             async for event in self.live.follow(live, after_seq):
                 await self.send(self._frame(client_id, live, event))
         except ClientTooSlow:

@@ -28,6 +28,7 @@ import asyncio
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -61,6 +62,11 @@ log = structlog.get_logger("grokstack.worker")
 # A job younger than this cannot have been taken over yet (an edge notices a dead region after
 # GROKSTACK_REGION_TIMEOUT_S, 0.75 s by default); an older one is checked first.
 SUPERSEDED_AFTER_S = 0.5
+
+# What a heartbeat says of the worker's queue is measured over this many seconds: long enough
+# to hold a few jobs, short enough to follow a spike within it (QueueMeter).
+QUEUE_WINDOW_S = 10.0
+QUEUE_WINDOW_JOBS = 1024  # jobs remembered at most within the window (a bound, whatever the rate)
 
 # A failed worker's process exit codes: distinct, so a supervisor's log says what happened.
 EXIT_ENGINE_DEAD = 86
@@ -156,8 +162,9 @@ class WorkerCounters:
 
 class FullRate:
     """Tokens per second the worker gets through when its slots are full, from its served jobs:
-    slots x (a job's cost / its duration), smoothed. Edges divide queued tokens by the pool's sum
-    of these to estimate the wait (edge/admission.py)."""
+    slots x (a job's cost / its duration), smoothed: its heartbeat's `rate_tokens_s`. Edges
+    estimate the wait from QueueMeter's measurements; this rate is what they fall back on for a
+    worker that does not report those (edge/queues.py)."""
 
     def __init__(self, slots: int, alpha: float = 0.2) -> None:
         self.slots = slots
@@ -175,6 +182,66 @@ class FullRate:
         return self.per_job * self.slots
 
 
+def published_at(body: Any) -> float:
+    """When the job was put on the queue the worker took it from (unix seconds; 0: unknown): a
+    decode job when its prefill ended, a request when it was published."""
+    prefill = getattr(body, "prefill", None)
+    return getattr(prefill, "done_at", 0.0) or getattr(body, "created_at", 0.0) or 0.0
+
+
+class QueueMeter:
+    """What this worker's queue really does, from the jobs it takes and finishes, for the edges'
+    estimate of a new request's wait (edge/queues.py): Little's law needs the jobs per second the
+    pool takes off its queue while work waits, and the recent waits check it.
+
+    The drain rate is what it finished per second over the last QUEUE_WINDOW_S, or, when more,
+    the jobs it may hold at once over how long a job takes at its current batch size (smoothed).
+    While work waits the two agree (its batch is full); the second keeps a worker that was
+    idle (few jobs finished lately) from looking slow at the start of a spike. Before its first
+    job ends it knows no rate (0): the edges then make no estimate and refuse nothing for it."""
+
+    def __init__(self, window_s: float = QUEUE_WINDOW_S, alpha: float = 0.2) -> None:
+        self.window_s = window_s
+        self.alpha = alpha
+        self.service_s = 0.0  # smoothed time from taking a job to its end, at the current batch size
+        self._taken: deque[tuple[float, Priority, float]] = deque(maxlen=QUEUE_WINDOW_JOBS)  # (when, p, waited)
+        self._done: deque[float] = deque(maxlen=QUEUE_WINDOW_JOBS)
+        self._since = time.monotonic()
+
+    def taken(self, priority: Priority, waited_s: float, now: float | None = None) -> None:
+        self._taken.append((time.monotonic() if now is None else now, priority, max(0.0, waited_s)))
+
+    def done(self, seconds: float, now: float | None = None) -> None:
+        if seconds <= 0:
+            return
+        self._done.append(time.monotonic() if now is None else now)
+        self.service_s = seconds if not self.service_s else self.service_s + self.alpha * (seconds - self.service_s)
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.window_s
+        while self._taken and self._taken[0][0] < horizon:
+            self._taken.popleft()
+        while self._done and self._done[0] < horizon:
+            self._done.popleft()
+
+    def drain_jobs_s(self, holds_at_once: int, now: float | None = None) -> float:
+        """Jobs per second it gets through while work waits for it (0: no job ended yet)."""
+        now = time.monotonic() if now is None else now
+        self._trim(now)
+        if not self.service_s:
+            return 0.0
+        finished = len(self._done) / max(1e-3, min(self.window_s, now - self._since))
+        return max(finished, max(1, holds_at_once) / self.service_s)
+
+    def waits_s(self, now: float | None = None) -> dict[Priority, float]:
+        """The mean queue wait of the jobs it took lately, per priority (those it took any of)."""
+        self._trim(time.monotonic() if now is None else now)
+        waits: dict[Priority, list[float]] = {}
+        for _, priority, waited in self._taken:
+            waits.setdefault(priority, []).append(waited)
+        return {p: round(sum(w) / len(w), 4) for p, w in waits.items()}
+
+
 class PoolWorker:
     def __init__(self, bus: BusConfig, config: WorkerConfig, priorities: PriorityConfig, nc: NATS,
                  service: Service, model_id: str, slots: int, budget: TokenBudget | None = None) -> None:
@@ -190,6 +257,7 @@ class PoolWorker:
         self.budget = budget or TokenBudget(capacity=slots, slots=slots, max_job=1)
         self.clock = GpuClock.of(config)
         self.rate = FullRate(slots)
+        self.queue = QueueMeter()
         self.counters = WorkerCounters()
         self.cancels = CancelWatch(nc, self.subjects.cancel(bus.region), bus.request_ttl_s)
         # An idle worker looks for redelivered jobs (which ring no doorbell) once per renewal
@@ -341,11 +409,20 @@ class PoolWorker:
             started_at=self.counters.started_at, sent_at=time.time(),
             budget_tokens=self.budget.capacity, reserved_tokens=self.budget.reserved,
             rate_tokens_s=round(self.rate.tokens_s, 1), state=self.state,  # type: ignore[arg-type]
-            reason=(self.failure or "")[:512])
+            reason=(self.failure or "")[:512], **self._queue_report())
         try:
             await self.nc.publish(self.subjects.heartbeat(self.bus.region, self.service.role), encode(beat))
         except Exception as exc:  # disconnected: the next beat will tell
             log.debug("heartbeat not sent", error=str(exc))
+
+    def _queue_report(self) -> dict[str, Any]:
+        """What its heartbeat says of its queue (QueueMeter): the jobs it would pull now, the jobs
+        it gets through per second while work waits (with what it holds now and could still
+        take held at once), and the queue wait its recent jobs had."""
+        room = self.budget.room(PRIORITIES[0]) if self.state == "serving" else 0
+        return {"room_jobs": room,
+                "drain_jobs_s": round(self.queue.drain_jobs_s(min(self.slots, self.budget.jobs + room)), 3),
+                "queue_wait_s": self.queue.waits_s()}
 
     # ------------------------------------------------------------------ one job
 
@@ -383,6 +460,8 @@ class PoolWorker:
                      deliveries=deliveries)
             return
         job = Job(msg, body, time.time(), deliveries, cost, self.clock)
+        if deliveries <= 1 and (since := published_at(body)):  # a redelivery's wait is not the queue's
+            self.queue.taken(ticket.priority, job.received_at - since)
         self._serving.add(body.request_id)
         try:
             with request_context(body.request_id, body.region, body.priority, role=self.service.role):
@@ -422,6 +501,7 @@ class PoolWorker:
             self.counters.served += 1
             outcome = "served"
             self.rate.served(job.cost_tokens, time.time() - job.received_at)
+            self.queue.done(time.time() - job.received_at)
             await job.msg.ack()
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # the worker is stopping, not the client

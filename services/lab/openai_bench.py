@@ -9,6 +9,11 @@ streaming, temperature 0: a few single requests one at a time (--think-s apart),
 The OpenAI stream does not say how many tokens a chunk carries; the usage in the last chunk gives
 the total. When there are fewer content chunks than tokens (speculative decoding sends several per
 chunk), the tokens are taken as spread evenly over the gaps between content chunks.
+
+For the stack, admission is checked in the same run (services/lab/spike_report.py wait_lines):
+each request's estimated queue wait (the `X-Grokstack-Estimated-Wait` header of its answer, a
+refusal's message, else the edge's estimate gauge last read before it was sent) against the wait
+it had (its final timings), and how many of the `overloaded` refusals were right.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -26,12 +31,18 @@ from urllib.parse import urlparse
 from services.embedded import free_port
 from services.lab.common import (PROMPTS, Phase, RssSampler, Sample, breakdown, drive, log_file, messages_for, probe,
                                  start_stack)
+from services.lab.spike_client import measured_wait_s, refusal_estimate
+from services.lab.spike_report import WaitSample, gauge_at, wait_lines
+from services.lab.spike_watch import EdgeWaits
 from services.settings import Settings
 from services.supervisor import Stopped, Supervisor
 
 # stack: as GROKSTACK_SERVING_MODE says; stack:<mode> picks the serving mode (see Settings)
 KEYWORDS = ("stack", "stack:aggregated", "stack:disaggregated", "vllm")
 NAN = float("nan")
+ESTIMATE_HEADER = "X-Grokstack-Estimated-Wait"  # the queue wait the edge judged a request by
+# The bench names no priority: without API keys the edge serves a request as interactive.
+DEFAULT_PRIORITY = "interactive"
 
 
 @dataclass
@@ -39,6 +50,9 @@ class TargetPhase(Phase):
     url: str = ""
     started: bool = False  # this command started (and stopped) the target's processes
     missing_usage: int = 0  # responses without usage: their tokens are unknown
+    admission: list[WaitSample] = field(default_factory=list)  # the load's requests as admission saw them
+    gauge: list[tuple[float, str, float]] = field(default_factory=list)  # the edge's estimate, as read
+    gauge_t0: float = 0.0  # the monotonic time its samples count from
 
     def tokens_per_s(self) -> float:
         return NAN if self.missing_usage or not self.samples else super().tokens_per_s()
@@ -109,7 +123,7 @@ async def _model_id(client: Any, fallback: str) -> str:
 
 
 async def openai_phase(label: str, url: str, settings: Settings, args: argparse.Namespace,
-                       pids: list[int]) -> TargetPhase:
+                       pids: list[int], metrics_url: str | None = None) -> TargetPhase:
     import openai
     phase = TargetPhase(label, url=url, started=bool(pids))
     client = openai.AsyncOpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
@@ -120,10 +134,13 @@ async def openai_phase(label: str, url: str, settings: Settings, args: argparse.
         t0 = time.monotonic()
         times: list[float] = []
         usage = extension = finish = None
+        estimate: float | None = None
         try:
-            stream = await client.chat.completions.create(
+            raw = await client.chat.completions.with_raw_response.create(
                 model=model, messages=messages_for(prompt), stream=True, temperature=0.0,
                 max_tokens=args.max_tokens, stream_options={"include_usage": True})
+            estimate = _float(raw.headers.get(ESTIMATE_HEADER))
+            stream = raw.parse()
             async for chunk in stream:
                 now = time.monotonic()
                 if chunk.choices:
@@ -132,6 +149,11 @@ async def openai_phase(label: str, url: str, settings: Settings, args: argparse.
                     finish = chunk.choices[0].finish_reason or finish
                 usage = chunk.usage or usage
                 extension = (chunk.model_extra or {}).get("grokstack") or extension
+        except openai.RateLimitError as exc:  # refused at the door: admission's verdict, kept
+            if into is not None and (said := refusal_estimate(str(exc))) is not None:
+                phase.admission.append(WaitSample(t0, said[0], True, said[1]))
+            phase.errors.append(f"{type(exc).__name__}: {exc}")
+            return
         except Exception as exc:  # noqa: BLE001 - a failed request is reported, the run goes on
             phase.errors.append(f"{type(exc).__name__}: {exc}")
             return
@@ -145,6 +167,9 @@ async def openai_phase(label: str, url: str, settings: Settings, args: argparse.
         tokens = usage.completion_tokens if usage else 0
         into.append(Sample(times[0] - t0, time.monotonic() - t0, tokens, itl_gaps(times, tokens, finish),
                            extension))
+        if into is phase.samples and extension:  # the stack's answer: how long it really waited
+            phase.admission.append(WaitSample(t0, DEFAULT_PRIORITY, False, estimate,
+                                              measured_wait_s(extension.get("timings"))))
 
     try:
         await one(0, PROMPTS[0], into=None)  # warm-up
@@ -152,27 +177,50 @@ async def openai_phase(label: str, url: str, settings: Settings, args: argparse.
             raise SystemExit(f"the warm-up request to {url} failed: {phase.errors[0]}")
         with RssSampler(pids) as rss:
             await probe(phase, args, one)
-            phase.wall_s = await drive(args.concurrency, args.requests, one)
+            gauge = EdgeWaits(metrics_url, 0.0, 0.0)  # the edge's estimate, for answers without the header
+            phase.gauge_t0 = time.monotonic()
+            gauge.start()
+            try:
+                phase.wall_s = await drive(args.concurrency, args.requests, one)
+            finally:
+                await gauge.stop()
+            phase.gauge = gauge.samples
         phase.peak_rss_gib = rss.peak_gib
     finally:
         await client.close()
     return phase
 
 
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def admission_samples(phase: TargetPhase) -> list[WaitSample]:
+    """The phase's requests as admission saw them, each with an estimate where one is known."""
+    return [s if s.estimated_s is not None or not phase.gauge else
+            WaitSample(s.at, s.priority, s.refused, gauge_at(phase.gauge, s.at - phase.gauge_t0, s.priority),
+                       s.measured_s) for s in phase.admission]
+
+
 async def run_target(target: str, settings: Settings, args: argparse.Namespace) -> TargetPhase:
+    metrics_url: str | None = None  # the edge's, for a stack this command starts
     with Supervisor() as supervisor:  # what it starts is stopped before the next target starts
         if target == "vllm":
             url, log = start_vllm(supervisor, settings)
         elif target.startswith("stack"):
             mode = target.partition(":")[2] or settings.stack.serving_mode
             log = log_file(settings, f"stack-{mode}")
-            url = start_stack(supervisor, settings.replace(serving_mode=mode), log, settings.edge.api_port).api_url
+            stack = start_stack(supervisor, settings.replace(serving_mode=mode), log, settings.edge.api_port)
+            url, metrics_url = stack.api_url, stack.metrics_url
         else:
             url = target
         pids = [child.pid for child in supervisor.children()]
         if pids:
             print(f"{target}: up at {url} (log {log}); measuring", file=sys.stderr, flush=True)
-        return await openai_phase(label_for(target), url, settings, args, pids)
+        return await openai_phase(label_for(target), url, settings, args, pids, metrics_url)
 
 
 # --- the report ---
@@ -185,7 +233,9 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and a == a and b == b else NAN
 
 
-def targets_report(phases: list[TargetPhase], failed: list[str], args: argparse.Namespace) -> str:
+def targets_report(phases: list[TargetPhase], failed: list[str], args: argparse.Namespace,
+                   budgets: dict[str, float] | None = None) -> str:
+    """The side-by-side table; with the priorities' queue `budgets`, admission's check per target."""
     ms, n = 1000.0, args.concurrency
     rows = [("TTFT p50, one at a time (ms)", lambda p: p.probe_ttft(0.5) * ms, True),
             (f"TTFT p50, {n} at once (ms)", lambda p: p.ttft(0.5) * ms, True),
@@ -214,6 +264,9 @@ def targets_report(phases: list[TargetPhase], failed: list[str], args: argparse.
         if p.missing_usage:
             out.append(f"{p.name}: {p.missing_usage} responses carried no usage, so its tokens/s is not known")
     out += goal_lines(phases, args)
+    for p in phases:
+        if p.admission and budgets:
+            out += [f"\n{p.name}:", *wait_lines(admission_samples(p), budgets)]
     for p in phases:
         for label, samples in (("one at a time", p.probe), (f"{n} at once", p.samples)):
             out += breakdown(f"{p.name}, {label}", [s.done for s in samples if s.done])
@@ -252,5 +305,6 @@ async def run_targets(settings: Settings, args: argparse.Namespace) -> int:
         except (SystemExit, Exception) as exc:  # noqa: BLE001 - report it and go on with the next target
             failed.append(f"{label_for(target)}: FAILED, not measured: {exc}")
             print(failed[-1], file=sys.stderr, flush=True)
-    print(targets_report(phases, failed, args))
+    budgets = {p: policy.queue_budget_s for p, policy in settings.priorities.table().items()}
+    print(targets_report(phases, failed, args, budgets))
     return 1 if failed or any(p.errors for p in phases) else 0

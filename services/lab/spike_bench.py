@@ -26,7 +26,8 @@ import json
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from services.lab.sim_calibration import Calibration, calibration_file
@@ -36,7 +37,8 @@ from services.settings import Settings
 from services.supervisor import Supervisor
 from services.lab.spike_client import Outcome, drive, schedule
 from bus.priorities import PRIORITIES
-from services.lab.spike_report import as_json, goal, render, table
+from services.lab.spike_report import (WaitSample, as_json, goal, outcome_samples, precision, render, table,
+                                       wait_lines)
 from services.lab.spike_watch import CpuUse, EdgeWaits
 
 # README's measurement of the disaggregated stack at 8 chats: 34.5 tokens/s on 2 cores, about
@@ -220,12 +222,13 @@ def header(what: str, plan: Plan, url: str, settings: Settings, args: argparse.N
 
 
 async def load(backend: Backend, url: str, plan: Plan, settings: Settings,
-               args: argparse.Namespace) -> tuple[list[Outcome], CpuUse, EdgeWaits]:
+               args: argparse.Namespace) -> tuple[list[Outcome], CpuUse, EdgeWaits, list[WaitSample]]:
     arrivals = schedule(plan.rate, plan.spike_x, plan.steady_s, plan.spike_s, plan.mix, PROMPTS,
                         random.Random(args.seed))
     cpu = CpuUse(backend.processes())
     waits = EdgeWaits(backend.metrics_url(), plan.steady_s, plan.spike_s)
     cpu.start()
+    waits_t0 = time.monotonic()  # the clock of its samples (EdgeWaits starts it now)
     waits.start()
     try:
         outcomes = await drive(url, arrivals, plan.max_tokens, settings.edge.max_inflight_per_connection,
@@ -233,7 +236,7 @@ async def load(backend: Backend, url: str, plan: Plan, settings: Settings,
     finally:
         await waits.stop()
     cpu.stop()
-    return outcomes, cpu, waits
+    return outcomes, cpu, waits, outcome_samples(outcomes, waits.samples, waits_t0)
 
 
 async def run_spike(settings: Settings, args: argparse.Namespace) -> int:
@@ -246,12 +249,13 @@ async def run_spike(settings: Settings, args: argparse.Namespace) -> int:
         url, what = backend.start()
         started = True
         print(header(what, plan, url, settings, args), flush=True)
-        outcomes, cpu, waits = await load(backend, url, plan, settings, args)
+        outcomes, cpu, waits, admitted = await load(backend, url, plan, settings, args)
         cells = table(outcomes)
         verdict = goal(cells)
         lost = sum(row["all"].lost for row in cells.values())
         print("\n" + "\n".join(render(cells, outcomes, bool(args.retry))))
         print(waits.describe(budgets(settings), PRIORITIES))
+        print("\n".join(wait_lines(admitted, budgets(settings))))
         print(cpu.describe())
         print(verdict.text)
         print(f"lost (accepted, no done frame): {lost} -> {'OK' if lost == 0 else 'FAILED'}")
@@ -259,6 +263,7 @@ async def run_spike(settings: Settings, args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps({
                 "engine": plan.engine, "plan": plan.__dict__, "cpu_cores": cpu.cores,
                 "machine_busy": cpu.machine_busy, "edge_wait_peaks_s": {p: waits.peaks(p) for p in PRIORITIES},
+                "admission": {p: asdict(precision(admitted, p, budgets(settings)[p])) for p in PRIORITIES},
                 **as_json(cells, verdict)}, indent=2, default=str) + "\n")
     finally:
         backend.stop(keep_logs=lost > 0 or not started)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from services.lab.common import REFUSALS, retry_delay
 
 PHASES = ("before", "during", "after")
 RNG = random.Random(0)  # retries' jitter
+# what an `overloaded` refusal's message says (edge/admission.py)
+REFUSAL_ESTIMATE = re.compile(r"queue wait for (\w+) requests is ([0-9.]+) s, over its budget of ([0-9.]+) s")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,21 @@ def schedule(rate: float, spike_x: float, steady_s: float, spike_s: float, mix: 
     return out
 
 
+def refusal_estimate(message: str) -> tuple[str, float, float] | None:
+    """(priority, estimated wait, budget) from an `overloaded` refusal's message (edge/admission.py)."""
+    found = REFUSAL_ESTIMATE.search(message or "")
+    return (found[1], float(found[2]), float(found[3])) if found else None
+
+
+def measured_wait_s(timings: dict | None) -> float | None:
+    """A served request's queue wait, from its final timings: the longer of its waits for a
+    prefill (queue_ms) and after its first token for a decode slot (decode_queue_ms), as admission
+    estimates it (edge/queues.py)."""
+    if not timings or timings.get("queue_ms") is None:
+        return None
+    return max(timings.get("queue_ms") or 0.0, timings.get("decode_queue_ms") or 0.0) / 1000
+
+
 @dataclass
 class Outcome:
     arrival: Arrival
@@ -60,6 +78,12 @@ class Outcome:
     completion_tokens: int = 0
     degraded: bool = False  # served with fewer tokens than asked (the edge capped max_tokens)
     retries: int = 0  # refusals retried before this outcome (--retry)
+    # Admission (services/lab/spike_report.py wait_lines): when its last attempt was sent
+    # (monotonic), the queue wait the edge judged it by (the accepted frame's, or a refusal's
+    # message) and, served, the one it had (its final timings).
+    sent_at: float | None = None
+    estimated_wait_s: float | None = None
+    measured_wait_s: float | None = None
 
 
 class ConnectionPool:
@@ -89,13 +113,14 @@ class ConnectionPool:
 async def attempt(client: EdgeClient, out: Outcome) -> None:
     """One chat frame and its answer, into `out`."""
     accepted = False
-    sent = time.monotonic()
+    sent = out.sent_at = time.monotonic()
     async for frame in client.stream([{"role": "user", "content": out.arrival.prompt}],
                                      max_tokens=out.max_tokens, temperature=0.0,
                                      priority=out.arrival.priority):
         kind = frame["type"]
         if kind == "accepted":
             accepted = True
+            out.estimated_wait_s = frame.get("estimated_wait_s", out.estimated_wait_s)
             # under load the edge may cap a (batch) request's max_tokens, and says so here
             out.degraded = out.degraded or (frame.get("max_tokens") or out.max_tokens) < out.max_tokens
         elif kind == "token" and out.ttft_s is None:
@@ -109,6 +134,7 @@ async def attempt(client: EdgeClient, out: Outcome) -> None:
 def _served(out: Outcome, frame: dict[str, Any]) -> None:
     out.status, out.code = "served", ""
     out.completion_tokens = frame["usage"]["completion_tokens"]
+    out.measured_wait_s = measured_wait_s(frame.get("timings"))
     out.degraded = out.degraded or (frame["finish_reason"] == "length" and out.completion_tokens < out.max_tokens)
 
 
@@ -121,6 +147,8 @@ def _failed(out: Outcome, frame: dict[str, Any], accepted: bool) -> None:
     out.status = "refused" if not accepted and out.code in REFUSALS else "lost"
     out.retry_after_s = frame.get("retry_after_s")
     out.ttft_s = None
+    if (said := refusal_estimate(frame.get("message", ""))) is not None:
+        out.estimated_wait_s = said[1]
 
 
 async def request(pool: ConnectionPool, out: Outcome, retries: int) -> None:

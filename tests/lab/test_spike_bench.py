@@ -48,8 +48,11 @@ async def test_the_sim_spike_bench_reports_every_priority_and_phase_and_loses_no
     assert "engine sim: SIMULATED fleet of 2 prefill + 3 decode workers" in out
     assert "calibration:" in out and "load: Poisson arrivals" in out and "goal: interactive p99 TTFT" in out
     assert "edge's estimated queue wait (admission's input), peak" in out  # read from the edge's /metrics
+    assert "admission: estimated vs measured queue wait" in out and "refusal precision:" in out
     data = json.loads(report.read_text())
     assert data["engine"] == "sim" and data["lost"] == 0
+    assert set(data["admission"]) == set(PRIORITIES)
+    assert all(set(p) == {"refused", "judged", "over_any", "over_median"} for p in data["admission"].values())
     cells = data["cells"]
     assert set(cells) == set(PRIORITIES)
     for row in cells.values():

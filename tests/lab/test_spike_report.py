@@ -97,3 +97,46 @@ async def test_a_refusal_is_retried_only_when_asked_and_a_capped_answer_counts_a
     await request(FakeEdge(2), retried, retries=3)
     assert (retried.status, retried.retries, retried.degraded) == ("served", 2, True)
     assert retried.ttft_s is not None and retried.completion_tokens == 16
+
+
+def test_admission_is_judged_by_the_waits_of_the_requests_served_near_each_refusal():
+    from services.lab.spike_report import WaitSample, precision, wait_lines
+    budget = {"interactive": 2.0, "standard": 8.0, "batch": 20.0}
+    samples = [
+        WaitSample(0.0, "interactive", False, 0.2, 0.3),
+        WaitSample(1.0, "interactive", False, 1.8, 2.6),  # served, but waited over the budget
+        WaitSample(1.5, "interactive", True, 2.4),  # refused then: right (a neighbour waited 2.6 s)
+        WaitSample(2.5, "interactive", False, 1.0, 0.4),
+        WaitSample(4.2, "interactive", True, 2.1),  # refused: its only neighbour waited 0.4 s
+        WaitSample(9.0, "interactive", True, 2.2),  # nobody served near it: not judged
+        WaitSample(1.5, "batch", False, 5.0, 25.0),  # another priority's wait says nothing of it
+    ]
+    p = precision(samples, "interactive", 2.0)
+    assert (p.refused, p.judged, p.over_any, p.over_median) == (3, 2, 1, 0)
+    assert precision(samples, "interactive", 2.0, near_s=0.4).judged == 0
+    lines = wait_lines(samples, budget)
+    row = next(line for line in lines if line.startswith("interactive"))
+    # estimates of all six (p50 2.1, p95 2.4), measured of the three served (p50 0.4, p95 2.6)
+    assert row.split() == ["interactive", "2", "6", "2.10", "2.40", "3", "0.40", "2.60", "3", "1/2", "0/2"]
+    assert "1 of 2 judged refusals" in lines[-1] and "(50%)" in lines[-1] and "1 of 3 refusals had no" in lines[-1]
+
+
+def test_the_spike_client_keeps_what_admission_said_and_what_the_request_then_waited():
+    from services.lab.spike_client import _failed, _served, measured_wait_s, refusal_estimate
+    from services.lab.spike_report import outcome_samples
+    message = "the estimated queue wait for batch requests is 31.2 s, over its budget of 20 s; retry after 11.2 s"
+    assert refusal_estimate(message) == ("batch", 31.2, 20.0)
+    assert refusal_estimate("tenant 'acme' may use 600 tokens per minute") is None
+    assert measured_wait_s({"queue_ms": 120.0, "prefill_ms": 5.0, "decode_queue_ms": 900.0}) == 0.9
+    assert measured_wait_s({"queue_ms": 120.0}) == 0.12 and measured_wait_s(None) is None
+
+    refused = outcome("batch", "during", status="lost", sent_at=101.0)
+    _failed(refused, {"type": "error", "code": "overloaded", "message": message, "retry_after_s": 11.2}, False)
+    limited = outcome("batch", "during", status="lost", sent_at=101.0)
+    _failed(limited, {"type": "error", "code": "rate_limited", "message": "tenant", "retry_after_s": 3}, False)
+    served = outcome("batch", "during", status="lost", sent_at=102.0)  # its answer carried no estimate
+    _served(served, {"usage": {"completion_tokens": 32}, "finish_reason": "stop",
+                     "timings": {"queue_ms": 2500.0, "decode_queue_ms": 1.0}})
+    gauge = [(0.5, "batch", 3.0), (1.5, "batch", 12.0), (2.5, "batch", 40.0)]  # seconds since 100.0
+    samples = outcome_samples([refused, limited, served], gauge, gauge_t0=100.0)
+    assert [(s.refused, s.estimated_s, s.measured_s) for s in samples] == [(True, 31.2, None), (False, 12.0, 2.5)]

@@ -182,3 +182,61 @@ async def test_every_answer_reports_what_it_cost(settings):
     assert cost["decode_gpu_s"] > 0.1  # about 20 tokens x 10 ms, alone on its worker
     assert cost["prefill_gpu_s"] > 0  # the prompt's time on its prefill worker (its KV write included)
     assert abs(cost["usd"] - (cost["prefill_gpu_s"] + cost["decode_gpu_s"]) * 0.01) < 1e-6
+
+
+def fake_pools(settings, prefill_s: float, token_s: float):
+    """A prefill engine that takes `prefill_s` a prompt and a decode engine `token_s` a token."""
+    store = BlockStore(settings.kv.redis_url, 60)
+    return (FakeEngine("prefill", token_delay_s=prefill_s, store=store, key_prefix=settings.kv.kv_key_prefix),
+            FakeEngine("decode", token_delay_s=token_s, store=store, key_prefix=settings.kv.kv_key_prefix))
+
+
+async def warm(client: EdgeClient, queues, n: int = 2) -> None:
+    """Served jobs give both pools a measured drain rate."""
+    for i in range(n):
+        assert (await client.complete(**chat(f"warm up {i}", "interactive"))).done
+    assert await eventually(lambda: all(queues.drain_jobs_s(kind, "local") > 0 for kind in ("req", "decode")))
+
+
+async def test_a_steady_load_the_pools_keep_up_with_is_never_refused(settings):
+    """12 chats at once, closed loop (the issue's bench, smaller): prefill (4 slots, 0.1 s a
+    prompt) takes them within a few tenths of a second and decode (16 slots) has room for all, so
+    no request waits near the 0.5 s budget. The old estimate added the decode pool's time to clear
+    every answer ahead (11 x 1.2 s / 16 slots) to the first token's wait, and refused them."""
+    settings = settings.replace(prefill_slots=4, decode_slots=16, queue_poll_s=0.1, queue_budget_interactive_s=0.5,
+                                max_inflight_per_connection=64)
+    async with running_stack(settings, *fake_pools(settings, prefill_s=0.1, token_s=0.05)) as stack:
+        queues = stack.edge.gateway.queues
+        async with await EdgeClient.connect(stack.url) as client:
+            await warm(client, queues)
+
+            async def lane(n: int) -> list:
+                return [await client.complete(**chat(f"steady question {n}.{i}", "interactive"))
+                        for i in range(3)]
+            results = [r for rs in await asyncio.gather(*(lane(n) for n in range(12))) for r in rs]
+    refused = [r.error for r in results if r.error]
+    assert not refused, f"{len(refused)} of {len(results)} refused: {refused[:2]}"
+    waits = [r.done["timings"]["queue_ms"] / 1000 for r in results]
+    assert max(waits) < 0.5, waits  # and indeed none waited over the budget
+
+
+async def test_an_overload_is_still_refused_with_a_retry_after_and_what_is_accepted_waits_within_budget(settings):
+    """40 at once on a prefill pool that takes 10 a second (2 slots, 0.2 s a prompt), with a 1 s
+    budget: about the first dozen are accepted and the rest refused at once with a retry-after;
+    those accepted wait about up to the budget, not far past it nor far short of it."""
+    settings = settings.replace(prefill_slots=2, decode_slots=16, queue_poll_s=0.1, queue_budget_interactive_s=1.0,
+                                max_inflight_per_connection=64)
+    async with running_stack(settings, *fake_pools(settings, prefill_s=0.2, token_s=0.01)) as stack:
+        queues = stack.edge.gateway.queues
+        async with await EdgeClient.connect(stack.url) as client:
+            await warm(client, queues)
+            await asyncio.sleep(0.5)  # the warm-up's jobs have left the queues the edge reads
+            results = await asyncio.gather(*(client.complete(**chat(f"rush {n}", "interactive")) for n in range(40)))
+    refused = [r.error for r in results if r.error]
+    accepted = [r for r in results if not r.error]
+    assert refused and all(e["code"] == "overloaded" and e["retry_after_s"] >= 1.0 for e in refused), refused[:2]
+    assert all("over its budget of 1 s" in e["message"] for e in refused)
+    assert 5 <= len(accepted) <= 25, len(accepted)
+    waits = sorted(r.done["timings"]["queue_ms"] / 1000 for r in accepted)
+    assert waits[-1] < 1.0 * 1.6, waits  # the estimate tracks the wait: none far past the budget
+    assert waits[-1] > 0.4, waits  # nor refused while the queue was still short

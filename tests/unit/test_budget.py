@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bus.work_queue import ServedShares
 from bus.roles import Role, job_cost
 from inference.budget import TokenBudget, budget_for
@@ -141,3 +143,27 @@ def test_cost_is_priced_per_pool():
     assert cost.usd == round(11.0 * 0.002, 9)
     cost = clock.price(prefill_gpu_s=1.0, decode_gpu_s=10.0, prefill_usd=0.5)  # the prefill pool's own price
     assert cost.usd == round(0.5 + 10.0 * 0.002, 9)
+
+
+def test_the_queue_meter_reports_the_drain_and_the_waits_its_jobs_had():
+    from inference.worker import QueueMeter
+    meter = QueueMeter(window_s=10.0, alpha=0.5)
+    start = meter._since
+    assert meter.drain_jobs_s(4, now=start + 1) == 0.0  # no job ended yet: no rate, no estimate
+    for n in range(4):  # 4 at once, each taking 2 s at this batch size
+        meter.taken("interactive", 0.1 * n, now=start + n * 0.1)
+    meter.taken("batch", 3.0, now=start + 0.5)
+    for n in range(4):
+        meter.done(2.0, now=start + 2 + n * 0.1)
+    assert meter.service_s == 2.0
+    # Little's law: 4 held at once over 2 s each; it finished 4 in its first 2.5 s (1.6/s)
+    assert meter.drain_jobs_s(4, now=start + 2.5) == 2.0
+    # when it would hold fewer at once, what it finished lately is the more
+    assert meter.drain_jobs_s(1, now=start + 2.5) == 1.6
+    assert meter.waits_s(now=start + 2.5) == {"interactive": pytest.approx(0.15), "batch": 3.0}
+    # a batch grown slower (4 s a job) drains less
+    for _ in range(20):
+        meter.done(4.0, now=start + 3)
+    assert meter.drain_jobs_s(4, now=start + 3) == pytest.approx(24 / 3)  # 24 ended in 3 s
+    assert meter.drain_jobs_s(4, now=start + 13.5) == pytest.approx(1.0, abs=0.01)  # they aged out: 4 / 4 s
+    assert meter.waits_s(now=start + 13.5) == {}  # none taken within the window

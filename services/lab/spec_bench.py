@@ -1,8 +1,9 @@
 """`grokstack bench --speculation`: speculative decoding on and off, side by side, in one run.
 
-The same engine (model, profile, decode slots) is started once per speculation setting, one after
-the other, in this process (no bus, no KV connector: only the engine's own speed is measured).
-Each runs the same requests at each concurrency of --spec-streams, on two prompt sets:
+The same engine (model, profile, decode slots) is started once per speculation setting, all in this
+process at once (no bus, no KV connector: only the engine's own speed is measured), and the settings
+take turns on each cell, --spec-rounds times. Each runs the same requests (twice as many as streams)
+at each concurrency of --spec-streams, on two prompt sets:
 
 - grounded: answers that copy from their prompt (rewrite code with a name changed, copy a
   paragraph and add a sentence, extract matching lines): where n-gram drafts are accepted;
@@ -63,8 +64,11 @@ def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-streams", default="1,4,16", help="concurrencies to run, comma-separated")
     g.add_argument("--spec-settings", default="off,ngram",
                    help="speculation settings to compare, the first is the baseline: spec_method values, "
-                        "each optionally with @N for spec_max_batch (speculate while at most N sequences decode)")
+                        "each optionally with @N for spec_max_batch (speculate while at most N sequences decode) "
+                        "and /K for spec_tokens (draft tokens at most): off,ngram,ngram@4/10")
     g.add_argument("--spec-max-tokens", type=int, default=128)
+    g.add_argument("--spec-rounds", type=int, default=2,
+                   help="each cell runs this many times on each setting, the settings taking turns")
 
 
 @dataclass
@@ -90,7 +94,7 @@ def spec_counters() -> tuple[float, float]:
 async def run_cell(engine, prompts: list[str], streams: int, max_tokens: int) -> Cell:
     cell = Cell()
     sampling = SamplingSpec(max_tokens=max_tokens, temperature=0.0)
-    requests = [(n, prompts[n % len(prompts)]) for n in range(max(streams, len(prompts)))]
+    requests = [(n, prompts[n % len(prompts)]) for n in range(max(2 * streams, len(prompts)))]
     queue: asyncio.Queue = asyncio.Queue()
     for item in requests:
         queue.put_nowait(item)
@@ -118,21 +122,50 @@ async def run_cell(engine, prompts: list[str], streams: int, max_tokens: int) ->
     return cell
 
 
-async def run_setting(settings: Settings, method: str, streams: list[int],
-                      max_tokens: int) -> dict[tuple[str, int], Cell]:
-    from services.processes import engine_setup
+def engine_for(settings: Settings, setting: str):
+    """An engine with this speculation setting: a spec_method, optionally @N for spec_max_batch and
+    /K for spec_tokens (ngram@4/10)."""
     from inference.vllm_engine import VllmEngine
-    name, _, max_batch = method.partition("@")
-    changes = {"spec_method": name} | ({"spec_max_batch": int(max_batch)} if max_batch else {})
-    engine = VllmEngine(engine_setup(settings.replace(**changes)), SPECULATING)
-    await engine.start()
+    from services.processes import engine_setup
+    rest, _, tokens = setting.partition("/")
+    name, _, max_batch = rest.partition("@")
+    changes = ({"spec_method": name} | ({"spec_max_batch": int(max_batch)} if max_batch else {})
+               | ({"spec_tokens": int(tokens)} if tokens else {}))
+    return VllmEngine(engine_setup(settings.replace(**changes)), SPECULATING)
+
+
+def merge(into: Cell | None, cell: Cell) -> Cell:
+    if into is None:
+        return cell
+    into.tokens += cell.tokens
+    into.wall_s += cell.wall_s
+    into.longest_gap_s = max(into.longest_gap_s, cell.longest_gap_s)
+    into.draft_tokens += cell.draft_tokens
+    into.accepted_tokens += cell.accepted_tokens
+    return into  # the texts of the first round stand for all: greedy answers repeat
+
+
+async def run_all(settings: Settings, setups: list[str], streams: list[int], max_tokens: int,
+                  rounds: int) -> dict[str, dict[tuple[str, int], Cell]]:
+    """Every engine alive at once (about 4 GiB each), each cell run on each in turn, `rounds`
+    times: whatever else the machine does in the meantime falls on all settings alike."""
+    engines = {setup: engine_for(settings, setup) for setup in setups}
+    results: dict[str, dict[tuple[str, int], Cell]] = {setup: {} for setup in setups}
     try:
-        await run_cell(engine, GENERIC[:1], 1, 8)  # warm-up
-        await run_cell(engine, GENERIC[:2], 2, 8)  # and a first batched step
-        return {(name, n): await run_cell(engine, prompts, n, max_tokens)
-                for n in streams for name, prompts in SETS.items()}
+        for engine in engines.values():
+            await engine.start()
+            await run_cell(engine, GENERIC[:1], 1, 8)  # warm-up
+            await run_cell(engine, GENERIC[:2], 2, 8)  # and a first batched step
+        for _ in range(rounds):
+            for n in streams:
+                for kind, prompts in SETS.items():
+                    for setup, engine in engines.items():
+                        cell = await run_cell(engine, prompts, n, max_tokens)
+                        results[setup][(kind, n)] = merge(results[setup].get((kind, n)), cell)
     finally:
-        await engine.shutdown()
+        for engine in engines.values():
+            await engine.shutdown()
+    return results
 
 
 def report(results: dict[str, dict[tuple[str, int], Cell]], args: argparse.Namespace) -> str:
@@ -157,8 +190,7 @@ def report(results: dict[str, dict[tuple[str, int], Cell]], args: argparse.Names
 
 async def run_speculation(settings: Settings, args: argparse.Namespace) -> int:
     streams = [int(s) for s in args.spec_streams.split(",")]
-    results = {}
-    for method in args.spec_settings.split(","):
-        results[method] = await run_setting(settings, method, streams, args.spec_max_tokens)
+    results = await run_all(settings, args.spec_settings.split(","), streams, args.spec_max_tokens,
+                            args.spec_rounds)
     print(report(results, args))
     return 0

@@ -140,7 +140,7 @@ def test_measured_figures_by_hand():
     #   blend 3:1: (3 x 5/3 + 25/24) / 4 = $1.51
     #   spent: $0.35 / (600,000 + 801,000 tokens) x 1e6 = $0.2498
     scrapes = [Scrape("p", parse_metrics(PREFILL_WORKER), 1000.0), Scrape("d", parse_metrics(DECODE_WORKER), 1000.0)]
-    out = "\n".join(report_lines(Settings(), scrapes, (3, 1), None, "since each process started"))
+    out = "\n".join(report_lines(Settings(spec_tokens=5), scrapes, (3, 1), None, "since each process started"))
     assert "500,000 / 50 GPU-s x 1 GPU per replica = 10,000 tok/s per replica" in out
     assert "utilization = 50 / (1 x 1,000) = 0.05" in out
     assert "800,000 / 400 GPU-s x 1 GPU per replica = 2,000 tok/s per replica" in out

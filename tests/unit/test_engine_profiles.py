@@ -14,14 +14,19 @@ def spec_with(**changes):
     return S.spec.replace(**changes)
 
 
-def test_cpu_profile_is_float32_eager_and_speculates_on_decode_only_when_asked():
+def test_cpu_profile_is_float32_eager_and_speculates_with_the_stacks_drafter_on_decode():
     cpu = PROFILES["cpu"]
     assert (cpu.dtype, cpu.enforce_eager) == ("float32", True)
-    assert speculative_config(S.spec, cpu, DECODE) is None  # auto: off on CPU (see profiles.py)
-    decode = speculative_config(spec_with(spec_method="ngram"), cpu, DECODE)
-    assert decode["method"] == "ngram" and decode["num_speculative_tokens"] == 5
-    # speculation stops above spec_max_batch sequences
-    assert decode["num_speculative_tokens_per_batch_size"] == [[1, 1, 5], [2, 4096, 0]]
+    decode = speculative_config(S.spec, cpu, DECODE)  # auto: the stack's drafter (see profiles.py)
+    # the stack's drafter, by qualname, told its limits through vLLM's additional_config
+    assert decode == {"method": "custom_class", "model": "inference.lookup_drafter.LookupDrafter",
+                      "num_speculative_tokens": 8}
+    args = engine_args(engine_setup(S.replace(spec_method="ngram", spec_max_batch=3)), cpu, DECODE)
+    assert args["additional_config"]["grokstack_lookup_drafter"]["max_batch"] == 3
+    # vLLM's own n-gram proposer stays selectable: speculation stops above spec_max_batch sequences
+    native = speculative_config(spec_with(spec_method="ngram_vllm"), cpu, DECODE)
+    assert native["method"] == "ngram"
+    assert native["num_speculative_tokens_per_batch_size"] == [[1, 1, 8], [2, 4096, 0]]
     assert speculative_config(S.spec, cpu, PREFILL) is None
     assert speculative_config(spec_with(spec_method="off"), cpu, DECODE) is None
 
@@ -57,6 +62,6 @@ async def test_fake_engine_continues_from_prompt_plus_first_token():
 
 def test_aggregated_engines_save_and_load_kv_and_speculate_only_when_asked():
     cpu = PROFILES["cpu"]
-    assert speculative_config(spec_with(spec_method="ngram"), cpu, AGGREGATED)["method"] == "ngram"
-    assert speculative_config(S.spec, PROFILES["gpu"], AGGREGATED)["method"] == "ngram"
+    assert speculative_config(spec_with(spec_method="ngram"), cpu, AGGREGATED)["method"] == "custom_class"
+    assert speculative_config(S.spec, PROFILES["gpu"], AGGREGATED)["method"] == "ngram"  # vLLM's own
     assert kv_transfer_config(SETUP, AGGREGATED)["kv_role"] == "kv_both"

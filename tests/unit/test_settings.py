@@ -29,7 +29,7 @@ def test_environment_is_parsed_by_type_into_sections():
 @pytest.mark.parametrize("variable, value, says", [
     ("GROKSTACK_EDGE_PORT", "lots", "valid integer"),
     ("GROKSTACK_EDGE_PORT", "70000", "less than or equal to 65535"),
-    ("GROKSTACK_SPEC_METHOD", "none", "'ngram', 'draft', 'off' or 'auto'"),
+    ("GROKSTACK_SPEC_METHOD", "none", "'ngram', 'ngram_vllm', 'draft', 'off' or 'auto'"),
     ("GROKSTACK_SERVING_MODE", "both", "'disaggregated' or 'aggregated'"),
     ("GROKSTACK_MAX_SHARE_BATCH", "1.5", "less than or equal to 1"),
     ("GROKSTACK_REGION", "eu.west", "pattern"),
@@ -48,7 +48,7 @@ def test_checks_across_fields_of_a_section():
 
 
 @pytest.mark.parametrize("env, names", [
-    ({"GROKSTACK_SPEC_METHOD": "none"}, ["GROKSTACK_SPEC_METHOD", "'ngram', 'draft', 'off' or 'auto'"]),
+    ({"GROKSTACK_SPEC_METHOD": "none"}, ["GROKSTACK_SPEC_METHOD", "'ngram', 'ngram_vllm', 'draft', 'off' or 'auto'"]),
     ({"GROKSTACK_ACK_WAIT_S": "-1"}, ["GROKSTACK_ACK_WAIT_S", "greater than 0"]),
 ])
 def test_a_bad_setting_stops_the_process_at_once(env, names):

@@ -169,6 +169,15 @@ class TokenEvent(Message, tag="token"):
     attempt: int = 0  # the request's attempt that sent it (ChatRequest.attempt)
 
 
+class Speculation(Struct, frozen=True, forbid_unknown_fields=True):
+    """How speculative decoding went for one answer (vLLM's per-request counts, from the worker
+    that finished it; zeros when nothing was drafted). Each verification step yields the accepted
+    draft tokens plus one of the model's own."""
+    steps: int = 0  # verification steps: engine steps that checked a draft of this answer
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+
 class FinalEvent(Message, tag="final"):
     request_id: Id
     seq: int
@@ -178,6 +187,7 @@ class FinalEvent(Message, tag="final"):
     kv: KvTransfer = KvTransfer()
     cost: Cost = Cost()
     attempt: int = 0
+    speculation: Speculation = Speculation()
 
 
 class ErrorEvent(Message, tag="error"):

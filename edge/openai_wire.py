@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Timings, TokenEvent
+from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Speculation, Timings, TokenEvent
 from bus.priorities import Priority
 from edge.config import EdgeConfig
 from edge.protocol import ChatFrame, FrameError, UsageFrame, check_chat
@@ -138,6 +138,7 @@ class GrokstackInfo(Struct):
     timings: Timings
     kv: KvTransfer
     cost: Cost  # its share of the accelerators' time, priced (inference/cost_meter.py)
+    speculation: Speculation  # draft tokens accepted, tokens per engine step
 
 
 class ChatCompletionChunk(Struct, omit_defaults=True):
@@ -210,7 +211,8 @@ def usage_of(event: FinalEvent) -> CompletionUsage:
 
 
 def info_of(request_id: str, event: FinalEvent, usage: UsageFrame) -> GrokstackInfo:
-    return GrokstackInfo(request_id, event.finish_reason, usage, event.timings, event.kv, event.cost)
+    return GrokstackInfo(request_id, event.finish_reason, usage, event.timings, event.kv, event.cost,
+                         event.speculation)
 
 
 def token_chunk(cid: str, created: int, model: str, event: TokenEvent) -> ChatCompletionChunk:

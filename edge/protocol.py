@@ -41,7 +41,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Timings
+from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Speculation, Timings
 from bus.priorities import PRIORITIES, Priority
 from edge.config import EdgeConfig
 
@@ -138,6 +138,7 @@ class DoneFrame(Struct, tag="done", tag_field="type"):
     timings: Timings
     kv: KvTransfer
     cost: Cost
+    speculation: Speculation
 
 
 class ErrorFrame(Struct, tag="error", tag_field="type", omit_defaults=True):

@@ -202,7 +202,7 @@ class Connection:
                      total_ms=round(total_ms, 1))
             return DoneFrame(id=client_id, finish_reason=event.finish_reason,
                              usage=usage_frame(event, live.ttft_ms, total_ms, live.region, live.route),
-                             timings=event.timings, kv=event.kv, cost=event.cost)
+                             timings=event.timings, kv=event.kv, cost=event.cost, speculation=event.speculation)
         log.info("request failed", code=event.code, reason=event.message)
         return ErrorFrame(id=client_id, code=event.code, message=event.message, retryable=event.retryable)
 

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from bus.codec import decode
 from bus.subjects import Subjects
-from bus.messages import ChatRequest, Cost, TokenEvent
+from bus.messages import ChatRequest, Cost, Speculation, TokenEvent
 from bus.roles import Role, job_cost
 from inference import metrics
 from inference.decode import EngineAborted
@@ -58,7 +58,7 @@ class AggregatedService:
         prompt = prompt_of(self.render, req, self.engine.max_model_len)
         t0 = time.perf_counter()
         first_at = 0.0
-        completion, finish, cached = 0, None, 0
+        completion, finish, cached, spec = 0, None, 0, None
         clock = job.clock
         if clock:  # while its prompt is computed, it weighs its tokens in the engine's time
             clock.reweigh(req.request_id, len(prompt))
@@ -74,7 +74,7 @@ class AggregatedService:
                 completion += len(chunk.token_ids)
                 await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(),
                                            text=chunk.text, token_ids=chunk.token_ids))
-            finish, cached = chunk.finish_reason, chunk.cached_tokens
+            finish, cached, spec = chunk.finish_reason, chunk.cached_tokens, chunk.speculation or spec
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")
         done = time.perf_counter()
@@ -89,6 +89,6 @@ class AggregatedService:
             prompt=PromptStage(tokens=len(prompt) - answered(req), cached_tokens=cached, queue_ms=queue_ms(job),
                                prefill_ms=prefill_ms, written=record.save),
             cost=cost, decode=DecodeStage(decode_ms=(done - (first_at or done)) * 1000, loaded_tokens=cached,
-                                          read=record.load))
+                                          read=record.load, speculation=spec or Speculation()))
         await emit.emit(final)
         metrics.observe_final(self.role, req.priority, final)

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 
 from bus.capture import sent_so_far
 from bus.codec import decode
-from bus.messages import Cost, DecodeJob, FinalEvent, TokenEvent
+from bus.messages import Cost, DecodeJob, FinalEvent, Speculation, TokenEvent
 from bus.subjects import Subjects
 from bus.roles import Role, job_cost
 from inference import metrics
@@ -86,7 +86,7 @@ class DecodeService:
         sent = await self._already_sent(job, emit)
         if sent is None:
             return
-        completion, finish, loaded, report = 1 + len(sent), None, 0, None
+        completion, finish, loaded, report, spec = 1 + len(sent), None, 0, None, None
         if completion >= j.sampling.max_tokens:
             finish = "length"
         else:
@@ -100,17 +100,18 @@ class DecodeService:
                     completion += len(chunk.token_ids)
                     await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
                                                text=chunk.text, token_ids=chunk.token_ids))
-                finish, report = chunk.finish_reason, chunk.kv
+                finish, report, spec = chunk.finish_reason, chunk.kv, chunk.speculation or spec
                 loaded = report.loaded_tokens if report is not None else chunk.cached_tokens
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")
         final = await self._final(job, emit.next_seq(), finish or "stop", completion, loaded,
-                                  report.load_reason if report is not None else "", time.perf_counter() - t0)
+                                  report.load_reason if report is not None else "", time.perf_counter() - t0,
+                                  spec or Speculation())
         await emit.emit(final)
         metrics.observe_final(self.role, j.priority, final, handle_tokens=j.kv.num_tokens if j.kv else 0)
 
     async def _final(self, job: Job[DecodeJob], seq: int, finish: str, completion: int,
-                     loaded: int, load_reason: str, seconds: float) -> FinalEvent:
+                     loaded: int, load_reason: str, seconds: float, spec: Speculation) -> FinalEvent:
         j = job.body
         record = await self.transfers.read(j.request_id) if self.transfers else TransferRecord()
         if j.kv is not None:  # blocks evicted between lookup and load were recomputed by vLLM
@@ -127,4 +128,4 @@ class DecodeService:
             cost=cost, decode=DecodeStage(
                 decode_ms=seconds * 1000, loaded_tokens=loaded, read=record.load,
                 queue_ms=max(0.0, (job.received_at - j.prefill.done_at) * 1000),
-                recomputed=recomputed, reason=load_reason))
+                recomputed=recomputed, reason=load_reason, speculation=spec))

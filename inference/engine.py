@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol, Sequence
 
-from bus.messages import ChatMessage, SamplingSpec
+from bus.messages import ChatMessage, SamplingSpec, Speculation
 from kv_store.records import KvReport, KvRequest
 
 
@@ -27,6 +27,7 @@ class EngineChunk:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was loaded, not computed
     kv: KvReport | None = None  # the KV connector's report, on the last chunk (None without one)
+    speculation: Speculation | None = None  # drafts verified for it, on the last chunk (when any)
 
 
 class Engine(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bus.messages import Cost, FinalEvent, KvTransfer, PrefillStats, Timings, Usage
+from bus.messages import Cost, FinalEvent, KvTransfer, PrefillStats, Speculation, Timings, Usage
 from kv_store.records import TransferStats
 
 
@@ -40,6 +40,7 @@ class DecodeStage:
     queue_ms: float = 0.0  # waiting for a decode worker (none when the prefilling worker went on)
     recomputed: bool = False  # decode could not use the prompt's KV and computed the prompt itself
     reason: str = ""  # why not all of it was loaded (the connector's report)
+    speculation: Speculation = field(default_factory=Speculation)  # the engine's drafts for it
 
 
 def final_event(request_id: str, seq: int, finish_reason: str, completion_tokens: int,
@@ -57,4 +58,4 @@ def final_event(request_id: str, seq: int, finish_reason: str, completion_tokens
         kv=KvTransfer(bytes_written=prompt.written.bytes, write_ms=prompt.written.ms,
                       bytes_read=decode.read.bytes, read_ms=decode.read.ms, loaded_tokens=decode.loaded_tokens,
                       recomputed=decode.recomputed, reason=decode.reason if decode.recomputed else ""),
-        cost=cost)
+        cost=cost, speculation=decode.speculation)

@@ -136,6 +136,7 @@ def engine_args(setup: EngineSetup, profile: Profile, pool: Pool) -> dict[str, A
     spec = speculative_config(setup.spec, profile, pool)
     if spec:
         args["speculative_config"] = spec
+        args["per_request_spec_decode_metrics"] = "summary"  # each answer's drafts, in its final event
         if spec["method"] == "custom_class":
             args["additional_config"] = drafter_config(setup.spec)
     kv = kv_transfer_config(setup, pool)

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import structlog
 
-from bus.messages import ChatMessage, SamplingSpec
+from bus.messages import ChatMessage, SamplingSpec, Speculation
 from inference.config import EngineSetup
 from inference.engine import EngineChunk, EngineDead
 from inference.pools import Pool
@@ -20,6 +20,15 @@ from inference.profiles import apply_vllm_environment, engine_args, resolve_prof
 from kv_store.records import KvRequest, report_from_params, request_to_params
 
 log = structlog.get_logger("grokstack.engine")
+
+
+def speculation_of(metrics: Any) -> Speculation | None:
+    """vLLM's per-request speculation counts (engine arg per_request_spec_decode_metrics)."""
+    if metrics is None:
+        return None
+    steps = sum(metrics.histogram)
+    accepted = sum(j * count for j, count in enumerate(metrics.histogram))
+    return Speculation(steps=steps, drafted_tokens=metrics.num_draft_tokens, accepted_tokens=accepted)
 
 
 class VllmEngine:
@@ -104,7 +113,8 @@ class VllmEngine:
                     finish_reason=completion.finish_reason if out.finished else None,
                     prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                     cached_tokens=out.num_cached_tokens or 0,
-                    kv=report_from_params(out.kv_transfer_params) if out.finished else None)
+                    kv=report_from_params(out.kv_transfer_params) if out.finished else None,
+                    speculation=speculation_of(completion.spec_decode_metrics) if out.finished else None)
         except EngineDeadError as exc:
             raise EngineDead(self.dead_reason() or f"vLLM's engine core is gone: {exc}") from exc
         except Exception as exc:

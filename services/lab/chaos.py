@@ -79,7 +79,7 @@ class Outcome:
     priority: str = ""  # "" when the tenant's default
     request_id: str = ""
     accepted_at: float = 0.0  # monotonic, 0 when never accepted
-    token_seqs: list[int] = field(default_factory=list)
+    token_frames: list[tuple[int, int]] = field(default_factory=list)  # (seq, tokens) of each token frame
     token_times: list[float] = field(default_factory=list)
     text: str = ""
     status: str = "lost"  # completed | refused | error | lost
@@ -105,7 +105,7 @@ async def one_request(client: EdgeClient, prompt: int, max_tokens: int, deadline
             if frame["type"] == "accepted":
                 outcome.request_id, outcome.accepted_at = frame["request_id"], time.monotonic()
             elif frame["type"] == "token":
-                outcome.token_seqs.append(frame["seq"])
+                outcome.token_frames.append((frame["seq"], frame["tokens"]))
                 outcome.token_times.append(time.monotonic())
                 outcome.text += frame["text"]
             elif frame["type"] == "done":
@@ -208,7 +208,7 @@ def migration_delays(outcomes: list[Outcome], migrated: set[str], faults: list[F
 
 
 def token_faults(o: Outcome) -> tuple[int, int]:
-    return common_token_faults(o.token_seqs, o.status == "completed", o.completion_tokens)
+    return common_token_faults(o.token_frames, o.status == "completed", o.completion_tokens)
 
 
 def refused_after(outcomes: list[Outcome], faults: list[Fault], end: float) -> list[str]:

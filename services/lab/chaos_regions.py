@@ -55,7 +55,7 @@ class Outcome:
     home: str
     started: float
     request_id: str = ""
-    token_seqs: list[int] = field(default_factory=list)
+    token_frames: list[tuple[int, int]] = field(default_factory=list)  # (seq, tokens) of each token frame
     token_times: list[float] = field(default_factory=list)
     status: str = "lost"  # completed | error | lost
     code: str = ""
@@ -91,7 +91,7 @@ async def one_request(client: RegionalClient, home: str, rng: random.Random, max
             elif kind == "token":
                 if not outcome.token_times:
                     outcome.ttft_s = time.monotonic() - outcome.started
-                outcome.token_seqs.append(frame["seq"])
+                outcome.token_frames.append((frame["seq"], frame["tokens"]))
                 outcome.token_times.append(time.monotonic())
             elif kind == "done":
                 usage = frame["usage"]
@@ -147,7 +147,7 @@ async def fault_loop(cluster: RegionCluster, args: argparse.Namespace, stop_at: 
 
 
 def token_faults(o: Outcome) -> tuple[int, int]:
-    return common_token_faults(o.token_seqs, o.status == "completed", o.completion_tokens)
+    return common_token_faults(o.token_frames, o.status == "completed", o.completion_tokens)
 
 
 def gaps_at_deaths(outcomes: list[Outcome], faults: list[Fault]) -> dict[str, list[float]]:

@@ -269,9 +269,17 @@ class Drilled(Protocol):
     def stop(self) -> None: ...
 
 
-def token_faults(token_seqs: list[int], completed: bool, completion_tokens: int) -> tuple[int, int]:
-    """(duplicated, missing) tokens of one answer as its client saw them: the sequence numbers it
-    got, against the final usage's count (or, unfinished, up to the last one it got)."""
-    duplicated = len(token_seqs) - len(set(token_seqs))
-    expected = completion_tokens if completed else (max(token_seqs) + 1 if token_seqs else 0)
-    return duplicated, len(set(range(expected)) - set(token_seqs))
+def token_faults(frames: list[tuple[int, int]], completed: bool, completion_tokens: int) -> tuple[int, int]:
+    """(duplicated, missing) tokens of one answer as its client saw them, from its token frames
+    as (sequence number, tokens it carried): a frame carries several tokens when speculation was
+    accepted. Duplicated: the tokens of frames seen again. Missing: a finished answer's tokens its
+    final usage counts that no frame brought; an unfinished one's frames missing below the last."""
+    seen: dict[int, int] = {}
+    duplicated = 0
+    for seq, tokens in frames:
+        if seq in seen:
+            duplicated += tokens
+        seen[seq] = tokens
+    if completed:
+        return duplicated, max(0, completion_tokens - sum(seen.values()))
+    return duplicated, len(set(range(max(seen, default=-1) + 1)) - set(seen))

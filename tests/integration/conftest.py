@@ -17,6 +17,7 @@ import pytest
 from bus.messages import ChatMessage, SamplingSpec
 from bus.subjects import Subjects
 from services.embedded import free_port
+from services.lab.spec_bench import GROUNDED
 from services.settings import ENV, Settings
 from services.supervisor import Supervisor, child_environment
 from tests.conftest import REPO, provisioned, unique_prefix
@@ -29,7 +30,9 @@ LONG = [{"role": "system", "content": "You are a careful assistant. " * 20},
 DIRECT = [{"role": "user", "content": "What is the capital of Italy?"}]
 # The OpenAI API and resume tests likewise (several runs of it: later ones hit the KV cache).
 API = [{"role": "user", "content": "Name three rivers in Europe and the countries they cross."}]
-REFERENCE_PROMPTS = {"short": SHORT, "long": LONG, "direct": DIRECT, "api": API}
+# An answer that copies from its prompt: speculation (on by default) drafts and is accepted.
+COPY = [{"role": "user", "content": GROUNDED[1]}]
+REFERENCE_PROMPTS = {"short": SHORT, "long": LONG, "direct": DIRECT, "api": API, "copy": COPY}
 MAX_TOKENS = 40
 
 

@@ -18,7 +18,7 @@ from bus.messages import DecodeJob, Heartbeat
 from bus.signing import Signer
 from edge.client import EdgeClient
 from kv_store.block_store import TAG_BYTES, seal
-from tests.integration.conftest import LONG, MAX_TOKENS, SHORT, RunningStack, spawn_worker
+from tests.integration.conftest import COPY, LONG, MAX_TOKENS, SHORT, RunningStack, spawn_worker
 
 pytestmark = pytest.mark.engine
 
@@ -75,6 +75,15 @@ async def test_websocket_chat_streams_the_same_text_as_one_vllm_engine(vllm_stac
         # every full 32-token block of the prompt went prefill -> Redis -> decode
         assert kv["loaded_tokens"] == len(ref.prompt_token_ids) // 32 * 32 > 0, name
         assert not kv["recomputed"] and kv["bytes_read"] == kv["bytes_written"] > 0
+
+
+async def test_speculation_is_on_by_default_changes_no_token_and_the_answer_says_what_it_drafted(
+        vllm_stack, reference):
+    result = await chat(vllm_stack, COPY)
+    assert result.error is None and result.text == reference["copy"].text  # the engine without speculation
+    spec = result.done["speculation"]
+    assert spec["accepted_tokens"] > 0 and spec["drafted_tokens"] >= spec["accepted_tokens"], spec
+    assert sum(n for _, n in result.token_times) > len(result.token_times)  # frames carried several tokens
 
 
 async def test_second_turn_is_served_from_the_first_turns_prompt_and_answer_kv(vllm_stack, redis_server):

@@ -38,3 +38,13 @@ def test_each_priority_is_reported_refused_from_its_first_refusal_to_its_first_a
     assert "prefill" in lines[0] and "interactive 7.5 s (2 refusals)" in lines[0]
     assert "batch until the end (2 refusals)" in lines[0]
     assert "interactive not refused" in lines[1] and "batch not refused" in lines[1]
+
+
+def test_frames_that_carry_several_tokens_are_not_missing_tokens():
+    from services.lab.common import token_faults
+    # speculation: 10 tokens in 4 frames
+    assert token_faults([(0, 1), (1, 4), (2, 3), (3, 2)], True, 10) == (0, 0)
+    # frame 2 lost: its 3 tokens are missing; frame 1 seen twice: its 4 tokens duplicated
+    assert token_faults([(0, 1), (1, 4), (1, 4), (3, 2)], True, 10) == (4, 3)
+    # unfinished: frames missing below the last one seen
+    assert token_faults([(0, 1), (2, 1)], False, 0) == (0, 1)

@@ -57,3 +57,18 @@ def test_an_aggregated_worker_reports_both_stages_from_its_own_record():
         timings=Timings(queue_ms=30.0, prefill_ms=150.0, decode_ms=900.0),
         kv=KvTransfer(bytes_written=6144, write_ms=2.5, bytes_read=3072, read_ms=3.5, loaded_tokens=48),
         cost=COST)
+
+
+def test_the_answers_speculation_counts_reach_its_final_event():
+    from types import SimpleNamespace
+
+    from bus.messages import Speculation
+    from inference.vllm_engine import speculation_of
+    # vLLM's per-request histogram: steps by accepted draft tokens (3 steps took none, 1 took one,
+    # 2 took two), and the draft tokens proposed in all
+    spec = speculation_of(SimpleNamespace(histogram=[3, 1, 2], num_draft_tokens=12))
+    assert spec == Speculation(steps=6, drafted_tokens=12, accepted_tokens=5)
+    assert speculation_of(None) is None  # speculation off
+    event = final_event("r1", 9, "stop", 8, prompt=PromptStage.of(100, PREFILL), cost=COST,
+                        decode=DecodeStage(decode_ms=1.0, loaded_tokens=0, speculation=spec))
+    assert event.speculation == spec

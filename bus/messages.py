@@ -228,7 +228,7 @@ class Heartbeat(Message, tag="heartbeat"):
     budget_tokens: int = 0
     reserved_tokens: int = 0
     rate_tokens_s: float = 0.0
-    # What its queue really does lately (inference/worker.py QueueMeter), from which edges
+    # What its queue really does lately (inference/queue_meter.py), from which edges
     # estimate a new request's wait (edge/queues.py): the jobs it would pull now (-1: not
     # reported, an older worker), the jobs per second it gets through while work waits for it
     # (0: none ended yet), and the mean queue wait (publish -> taken) of the jobs it took lately.

@@ -2,7 +2,7 @@
 
 Depth comes from JetStream (each (kind, region, priority) consumer's pending count: jobs not yet
 taken by any worker, read every `queue_poll_s`, plus what this edge published since). Speed comes
-from what the workers measure and say in their heartbeats (inference/worker.py QueueMeter): the
+from what the workers measure and say in their heartbeats (inference/queue_meter.py): the
 jobs per second each gets through while work waits for it, at its current batch size, and the
 jobs it would pull now.
 

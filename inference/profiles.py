@@ -71,10 +71,17 @@ def apply_vllm_environment(engine: EngineConfig, profile: Profile, cache_root: P
         os.environ.setdefault(key, value)
 
 
+def spec_method(spec: SpecConfig, profile: Profile, pool: Pool) -> str:
+    """The speculation an engine of this pool runs: a spec_method value, "off" for none."""
+    if not pool.speculates:
+        return "off"  # prefill samples one token: speculation has nothing to do there
+    return profile.spec_method if spec.spec_method == "auto" else spec.spec_method
+
+
 def speculative_config(spec: SpecConfig, profile: Profile, pool: Pool) -> dict[str, Any] | None:
-    method = profile.spec_method if spec.spec_method == "auto" else spec.spec_method
-    if not pool.speculates or method == "off":
-        return None  # prefill samples one token: speculation has nothing to do there
+    method = spec_method(spec, profile, pool)
+    if method == "off":
+        return None
     if method == "ngram":  # our drafter: drafts only while few requests run, and only where accepted
         return {"method": "custom_class", "model": LOOKUP_DRAFTER, "num_speculative_tokens": spec.spec_tokens}
     # Speculate only while few sequences decode: at high load the CPU/GPU is compute-bound

@@ -16,7 +16,7 @@ from bus.messages import ChatMessage, SamplingSpec, Speculation
 from inference.config import EngineSetup
 from inference.engine import EngineChunk, EngineDead
 from inference.pools import Pool
-from inference.profiles import apply_vllm_environment, engine_args, resolve_profile
+from inference.profiles import apply_vllm_environment, engine_args, resolve_profile, spec_method
 from kv_store.records import KvRequest, report_from_params, request_to_params
 
 log = structlog.get_logger("grokstack.engine")
@@ -56,7 +56,7 @@ class VllmEngine:
         args = engine_args(self.setup, self.profile, self.pool)
         log.info("engine starting", role=self.pool.name, profile=self.profile.name,
                  model=args["model"], block_size=args["block_size"],
-                 speculative=args.get("speculative_config", {}).get("method", "off"))
+                 speculative=spec_method(self.setup.spec, self.profile, self.pool))
         # our stat logger feeds the metrics from each scheduler step (inference/vllm_stats.py)
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=stat_loggers(self.pool.name))
         self._tokenizer = self._llm.tokenizer

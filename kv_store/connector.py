@@ -209,6 +209,9 @@ class RedisKVConnector(KVConnectorBase_V1):
         so a block is complete once this step's tokens fill it, provided their ids are known and
         final: a speculative draft token is neither (it may be rejected), and the scheduler's
         `num_tokens` counts only accepted tokens, so the frontier stops before any draft."""
+        # Computed tokens below what was saved: vLLM is computing blocks again (a load that
+        # failed its check, or a preempted request): save them again, over the bad or lost ones.
+        state.saved = min(state.saved, computed // self._block_size)
         frontier = min(computed + scheduled, state.request.num_tokens)
         end = min(frontier // self._block_size, len(state.block_ids))
         if end <= state.saved:

@@ -16,8 +16,8 @@ REGION = "agg"  # its own region, so the disaggregated workers never take these 
 
 @pytest.fixture(scope="module")
 def aggregated_worker(vllm_stack):
-    # n-gram speculation on (off by default on CPU), so the real engine's speculative path is
-    # held to the same greedy answer
+    # n-gram speculation on (the default on CPU too, said here so it stays on), so the real
+    # engine's speculative path is held to the same greedy answer
     settings = vllm_stack.settings.replace(region=REGION, worker_id=f"{vllm_stack.settings.bus.worker_id}-agg",
                                            engine_step_lock="", spec_method="ngram")
     proc = spawn_worker(vllm_stack, settings, "aggregated")

@@ -39,7 +39,7 @@ def admission_of(queues: QueueWatch, priorities=SETTINGS.priorities) -> Admissio
 
 
 def measuring(worker: str, role: str, room: int, drain: float, **waits: float) -> Heartbeat:
-    """The beat of a worker that measures its queue (inference/worker.py QueueMeter)."""
+    """The beat of a worker that measures its queue (inference/queue_meter.py)."""
     return Heartbeat(worker_id=worker, role=role, region="local", model_id="m", slots=4, rate_tokens_s=1.0,
                      room_jobs=room, drain_jobs_s=drain, queue_wait_s=waits)
 

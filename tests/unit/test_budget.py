@@ -146,7 +146,7 @@ def test_cost_is_priced_per_pool():
 
 
 def test_the_queue_meter_reports_the_drain_and_the_waits_its_jobs_had():
-    from inference.worker import QueueMeter
+    from inference.queue_meter import QueueMeter
     meter = QueueMeter(window_s=10.0, alpha=0.5)
     start = meter._since
     assert meter.drain_jobs_s(4, now=start + 1) == 0.0  # no job ended yet: no rate, no estimate

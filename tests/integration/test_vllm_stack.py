@@ -268,6 +268,6 @@ async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vl
         replayed, final = await replay_decode(vllm_stack, job, region="draft")
         assert text.endswith(replayed) and len(replayed) < len(text)
         assert final["kv"]["loaded_tokens"] == job.kv.num_tokens and not final["kv"]["recomputed"]
-        assert '"speculative": "draft_model"' in log.read_text()
+        assert '"speculative": "draft"' in log.read_text()
     finally:
         vllm_stack.supervisor.stop(settings.bus.worker_id)

@@ -32,3 +32,33 @@ def test_a_waiting_engine_gets_the_next_turn_before_the_one_that_just_released(t
     a.release()
     thread.join(5)
     assert order == ["a1", "b", "a2"]
+
+
+def test_a_vllm_process_waiting_for_the_next_step_sleeps_instead_of_spinning():
+    """vLLM's shared-memory queue reader spins for a second after each message; on a shared CPU
+    that spinning takes the cores from the other engine's forward pass."""
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    from kv_store.step_lock import wait_without_spinning
+
+    context = zmq.Context()
+    writer = SpinCondition(is_reader=False, context=context, notify_address="inproc://step-notify")
+    reader = SpinCondition(is_reader=True, context=context, notify_address="inproc://step-notify")
+    wait_without_spinning()
+    used: list[float] = []
+
+    def waiting_reader() -> None:  # as acquire_read does while the step is not written yet
+        reader.record_read()
+        start, cpu = time.monotonic(), time.thread_time()
+        while time.monotonic() - start < 0.5:
+            reader.wait()
+        used.append(time.thread_time() - cpu)
+
+    thread = threading.Thread(target=waiting_reader)
+    thread.start()
+    thread.join(5)
+    writer.local_notify_socket.close()
+    reader.local_notify_socket.close()
+    # spinning, the reader takes about the whole half second of a core; sleeping, a few per cent
+    assert used and used[0] < 0.1, f"the waiting reader used {used} s of CPU in 0.5 s"

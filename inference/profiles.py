@@ -32,12 +32,11 @@ class Profile:
     enforce_eager: bool
     block_size: int
     spec_method: str
-    quiet_waits: bool  # vLLM's processes sleep while they wait for each other (kv_store/step_lock.py)
 
 
 PROFILES = {
-    "cpu": Profile("cpu", "float32", True, 32, "ngram", quiet_waits=True),
-    "gpu": Profile("gpu", "bfloat16", False, 16, "ngram_vllm", quiet_waits=False),
+    "cpu": Profile("cpu", "float32", True, 32, "ngram"),
+    "gpu": Profile("gpu", "bfloat16", False, 16, "ngram_vllm"),
 }
 
 
@@ -104,7 +103,7 @@ def drafter_config(spec: SpecConfig) -> dict[str, Any]:
                          "max_batch": spec.spec_max_batch, "min_acceptance": spec.spec_min_acceptance}}
 
 
-def kv_transfer_config(setup: EngineSetup, pool: Pool, profile: Profile) -> dict[str, Any] | None:
+def kv_transfer_config(setup: EngineSetup, pool: Pool) -> dict[str, Any] | None:
     if pool.kv_role is None:
         return None
     return {
@@ -119,7 +118,6 @@ def kv_transfer_config(setup: EngineSetup, pool: Pool, profile: Profile) -> dict
             "model_id": setup.served.model_id,
             "step_lock": str(setup.engine.engine_step_lock),
             "secret_file": setup.secret_file,
-            "quiet_waits": profile.quiet_waits,
         },
     }
 
@@ -148,7 +146,7 @@ def engine_args(setup: EngineSetup, profile: Profile, pool: Pool) -> dict[str, A
         args["per_request_spec_decode_metrics"] = "summary"  # each answer's drafts, in its final event
         if spec["method"] == "custom_class":
             args["additional_config"] = drafter_config(setup.spec)
-    kv = kv_transfer_config(setup, pool, profile)
+    kv = kv_transfer_config(setup, pool)
     if kv:
         from vllm.config import KVTransferConfig
         args["kv_transfer_config"] = KVTransferConfig(**kv)

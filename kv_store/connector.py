@@ -22,8 +22,8 @@ worker (moves the bytes, in the model worker process).
   that fails the check is a missing block (`kv_store/block_store.py`).
 - Loads and saves are synchronous within the engine step. A block that cannot be loaded is
   reported to vLLM, which recomputes it (`kv_load_failure_policy="recompute"`).
-- With `step_lock` set, engines sharing this machine's cores take turns per forward pass; with
-  `quiet_waits`, vLLM's processes wait for each other without spinning (`kv_store/step_lock.py`).
+- With `step_lock` set, engines sharing this machine's cores take turns per forward pass, and
+  vLLM's processes wait for each other without spinning (`kv_store/step_lock.py`).
 
 Block bytes: for each layer (in sorted name order) the block's slice of that layer's KV tensor,
 concatenated; the layout fingerprint in every key guarantees reader and writer agree on it.
@@ -138,7 +138,7 @@ class RedisKVConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         lock_path = extra.get("step_lock", "")
         self._step_lock = StepLock(lock_path) if lock_path and role == KVConnectorRole.WORKER else None
-        if extra.get("quiet_waits"):
+        if lock_path:
             wait_without_spinning()  # in this process: the scheduler's or the worker's
 
     # ------------------------------------------------------------------ scheduler side

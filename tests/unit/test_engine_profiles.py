@@ -5,8 +5,6 @@ from inference.profiles import PROFILES, engine_args, kv_transfer_config, specul
 from services.processes import engine_setup
 from services.settings import Settings
 
-CPU = PROFILES["cpu"]
-
 S = Settings(redis_url="redis://r:1/0")
 SETUP = engine_setup(S)
 PREFILL, DECODE, AGGREGATED = (pool_named(name) for name in ("prefill", "decode", "aggregated"))
@@ -39,10 +37,10 @@ def test_draft_model_mode_is_selectable():
 
 
 def test_roles_get_their_kv_connector_role():
-    assert kv_transfer_config(SETUP, PREFILL, CPU)["kv_role"] == "kv_both"
-    assert kv_transfer_config(SETUP, DECODE, CPU)["kv_role"] == "kv_both"  # it saves the answer's blocks
-    assert kv_transfer_config(SETUP, DIRECT, CPU) is None
-    extra = kv_transfer_config(SETUP, DECODE, CPU)["kv_connector_extra_config"]
+    assert kv_transfer_config(SETUP, PREFILL)["kv_role"] == "kv_both"
+    assert kv_transfer_config(SETUP, DECODE)["kv_role"] == "kv_both"  # it saves the answer's blocks
+    assert kv_transfer_config(SETUP, DIRECT) is None
+    extra = kv_transfer_config(SETUP, DECODE)["kv_connector_extra_config"]
     assert extra["redis_url"] == "redis://r:1/0"
 
 
@@ -66,4 +64,4 @@ def test_aggregated_engines_save_and_load_kv_and_speculate_only_when_asked():
     cpu = PROFILES["cpu"]
     assert speculative_config(spec_with(spec_method="ngram"), cpu, AGGREGATED)["method"] == "custom_class"
     assert speculative_config(S.spec, PROFILES["gpu"], AGGREGATED)["method"] == "ngram"  # vLLM's own
-    assert kv_transfer_config(SETUP, AGGREGATED, CPU)["kv_role"] == "kv_both"
+    assert kv_transfer_config(SETUP, AGGREGATED)["kv_role"] == "kv_both"

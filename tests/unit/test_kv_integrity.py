@@ -126,7 +126,7 @@ def test_the_secret_files_path_reaches_the_connector_never_the_key(tmp_path):
     import dataclasses
 
     from inference.pools import pool_named
-    from inference.profiles import PROFILES, kv_transfer_config
+    from inference.profiles import kv_transfer_config
     from services.processes import engine_setup
     from services.settings import Settings
 
@@ -134,7 +134,7 @@ def test_the_secret_files_path_reaches_the_connector_never_the_key(tmp_path):
     settings = Settings(redis_url="redis://r:1/0", secret_file=str(tmp_path / "secret"))
     for role in ("prefill", "decode", "aggregated"):
         extra = kv_transfer_config(dataclasses.replace(engine_setup(settings), secret_file=str(tmp_path / "secret")),
-                                   pool_named(role), PROFILES["cpu"])["kv_connector_extra_config"]
+                                   pool_named(role))["kv_connector_extra_config"]
         assert extra["secret_file"] == str(tmp_path / "secret")
         assert "signing-key" not in repr(extra)
     assert engine_setup(settings).secret_file == settings.bus.secret_file  # services/processes.py composes it

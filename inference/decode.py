@@ -53,6 +53,9 @@ class DecodeService:
     def starts_at(self, job: DecodeJob) -> int:
         return job.first_seq
 
+    def queued_at(self, job: DecodeJob) -> float:
+        return job.prefill.done_at  # published when its prefill ended
+
     def cost(self, job: DecodeJob) -> int:
         return job_cost(self.role, len(job.prompt_token_ids), job.sampling.max_tokens)
 

@@ -87,6 +87,9 @@ class PrefillService:
     def starts_at(self, req: ChatRequest) -> int:
         return first_seq_of(req)
 
+    def queued_at(self, req: ChatRequest) -> float:
+        return req.created_at
+
     def cost(self, req: ChatRequest) -> int:
         # The whole prompt: which of its blocks are cached is known only once vLLM looked.
         return job_cost(self.role, len(self.render(req.messages)) + answered(req), req.sampling.max_tokens)

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
-
 from bus.priorities import Priority
 
 # What a heartbeat says of the worker's queue is measured over this many seconds: long enough
 # to hold a few jobs, short enough to follow a spike within it (QueueMeter).
 QUEUE_WINDOW_S = 10.0
 QUEUE_WINDOW_JOBS = 1024  # jobs remembered at most within the window (a bound, whatever the rate)
-
-
-def published_at(body: Any) -> float:
-    """When the job was put on the queue the worker took it from (unix seconds; 0: unknown): a
-    decode job when its prefill ended, a request when it was published."""
-    prefill = getattr(body, "prefill", None)
-    return getattr(prefill, "done_at", 0.0) or getattr(body, "created_at", 0.0) or 0.0
 
 
 class QueueMeter:

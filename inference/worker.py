@@ -54,7 +54,7 @@ from inference import metrics
 from inference.config import WorkerConfig
 from inference.cost_meter import GpuClock
 from inference.engine import Engine, EngineDead
-from inference.queue_meter import QueueMeter, published_at
+from inference.queue_meter import QueueMeter
 from inference.resend import RecentEvents, resend_after_reconnects
 
 log = structlog.get_logger("grokstack.worker")
@@ -109,6 +109,9 @@ class Service(Protocol[J]):
 
     def cost(self, body: J) -> int:
         """Tokens of the worker's budget the job holds (inference/budget.py)."""
+
+    def queued_at(self, body: J) -> float:
+        """When the job was put on the queue this worker took it from (unix seconds; 0: unknown)."""
 
     async def serve(self, job: Job[J], emit: "Emitter") -> None: ...
 
@@ -395,7 +398,7 @@ class PoolWorker:
                      deliveries=deliveries)
             return
         job = Job(msg, body, time.time(), deliveries, cost, self.clock)
-        if deliveries <= 1 and (since := published_at(body)):  # a redelivery's wait is not the queue's
+        if deliveries <= 1 and (since := self.service.queued_at(body)):  # a redelivery's wait is not the queue's
             self.queue.taken(ticket.priority, job.received_at - since)
         self._serving.add(body.request_id)
         try:

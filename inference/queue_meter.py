@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+
 from bus.priorities import Priority
 
 # What a heartbeat says of the worker's queue is measured over this many seconds: long enough

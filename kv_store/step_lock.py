@@ -7,8 +7,8 @@ and both slow down several-fold. With this lock the passes alternate instead, ea
 
 The KV connector is our code that runs in vLLM's model worker around every forward pass, so it
 holds the lock from `bind_connector_metadata` (before the pass) to `clear_connector_metadata`
-(after it). An flock on a file releases itself if the process dies. Off unless a path is given (`grokstack up`
-gives one when engines share this machine's cores: services/up.py).
+(after it). An flock on a file releases itself if the process dies. Off unless a path is given
+(`grokstack up` gives one when engines share this machine's cores: services/up.py).
 
 Turns must alternate: a bare flock lets the engine that just released take it straight back while
 the other sleeps (measured: a TTFT p95 of 15 s at 8 streams). So a second lock, the gate, is held
@@ -35,6 +35,10 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+
+# A waiting vLLM process naps this long at first, up to this long as its wait goes on (1% of it).
+MIN_NAP_S = 0.00005
+MAX_NAP_S = 0.002
 
 
 class StepLock:
@@ -77,7 +81,3 @@ def wait_without_spinning() -> None:
 
     condition.wait = wait
     condition._grokstack_sleeps = True
-
-
-MIN_NAP_S = 0.00005
-MAX_NAP_S = 0.002

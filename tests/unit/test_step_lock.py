@@ -34,7 +34,7 @@ def test_a_waiting_engine_gets_the_next_turn_before_the_one_that_just_released(t
     assert order == ["a1", "b", "a2"]
 
 
-def test_a_vllm_process_waiting_for_the_next_step_sleeps_instead_of_spinning():
+def test_a_vllm_process_waiting_for_the_next_step_sleeps_instead_of_spinning(monkeypatch):
     """vLLM's shared-memory queue reader spins for a second after each message; on a shared CPU
     that spinning takes the cores from the other engine's forward pass."""
     import zmq
@@ -45,6 +45,8 @@ def test_a_vllm_process_waiting_for_the_next_step_sleeps_instead_of_spinning():
     context = zmq.Context()
     writer = SpinCondition(is_reader=False, context=context, notify_address="inproc://step-notify")
     reader = SpinCondition(is_reader=True, context=context, notify_address="inproc://step-notify")
+    monkeypatch.setattr(SpinCondition, "wait", SpinCondition.wait)  # the patch below ends with the test
+    monkeypatch.setattr(SpinCondition, "_grokstack_sleeps", False, raising=False)
     wait_without_spinning()
     used: list[float] = []
 

@@ -201,11 +201,13 @@ async def warm(client: EdgeClient, queues, n: int = 2) -> None:
 async def test_a_steady_load_the_pools_keep_up_with_is_never_refused(settings):
     """12 chats at once, closed loop (the issue's bench, smaller): prefill (4 slots, 0.1 s a
     prompt) takes them within a few tenths of a second and decode (16 slots) has room for all, so
-    no request waits near the 0.5 s budget. The old estimate added the decode pool's time to clear
-    every answer ahead (11 x 1.2 s / 16 slots) to the first token's wait, and refused them."""
-    settings = settings.replace(prefill_slots=4, decode_slots=16, queue_poll_s=0.1, queue_budget_interactive_s=0.5,
+    no request waits near the 1.5 s budget. The old estimate added the decode pool's time to clear
+    every answer ahead (11 x 3.6 s / 16 slots = 2.5 s) to the first token's wait, and refused them.
+    (The margins are wide both ways: with a 0.5 s budget, a loaded CI machine's slower warm-up
+    prompts once put the estimate at the budget.)"""
+    settings = settings.replace(prefill_slots=4, decode_slots=16, queue_poll_s=0.1, queue_budget_interactive_s=1.5,
                                 max_inflight_per_connection=64)
-    async with running_stack(settings, *fake_pools(settings, prefill_s=0.1, token_s=0.05)) as stack:
+    async with running_stack(settings, *fake_pools(settings, prefill_s=0.1, token_s=0.15)) as stack:
         queues = stack.edge.gateway.queues
         async with await EdgeClient.connect(stack.url) as client:
             await warm(client, queues)
@@ -217,7 +219,7 @@ async def test_a_steady_load_the_pools_keep_up_with_is_never_refused(settings):
     refused = [r.error for r in results if r.error]
     assert not refused, f"{len(refused)} of {len(results)} refused: {refused[:2]}"
     waits = [r.done["timings"]["queue_ms"] / 1000 for r in results]
-    assert max(waits) < 0.5, waits  # and indeed none waited over the budget
+    assert max(waits) < 1.5, waits  # and indeed none waited over the budget
 
 
 async def test_an_overload_is_still_refused_with_a_retry_after_and_what_is_accepted_waits_within_budget(settings):

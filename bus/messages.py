@@ -188,6 +188,10 @@ class FinalEvent(Message, tag="final"):
     cost: Cost = Cost()
     attempt: int = 0
     speculation: Speculation = Speculation()
+    # The worker that ended the answer (its job's room is free again: edges count it at once,
+    # before that worker's next heartbeat says so; edge/queues.py). "" from an edge's own end.
+    worker_id: str = ""
+    worker_role: Role | None = None
 
 
 class ErrorEvent(Message, tag="error"):
@@ -197,6 +201,8 @@ class ErrorEvent(Message, tag="error"):
     message: str
     retryable: bool = False
     attempt: int = 0
+    worker_id: str = ""  # as in FinalEvent
+    worker_role: Role | None = None
 
 
 Event = Union[TokenEvent, FinalEvent, ErrorEvent]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from bus.messages import ChatMessage, ChatRequest, Event, FinalEvent, TokenEvent
+from bus.messages import ChatMessage, ChatRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from bus.priorities import Priority, PriorityConfig
 from edge.live import LiveRequest
 from edge.queues import QueueWatch
@@ -138,11 +138,14 @@ class Admission:
         return msgspec.structs.replace(request, sampling=sampling), cap
 
     def track(self, live: LiveRequest, admitted: Admitted) -> None:
-        """When the request ends: learn its real prompt size, and give the tenant back what the
-        answer did not use."""
+        """When the request ends: count the room its worker has again, learn its real prompt
+        size, and give the tenant back what the answer did not use."""
         live.when_ended(lambda: self.finished(live.tenant, admitted, live.events))
 
     def finished(self, tenant: str, admitted: Admitted, events: list[Event]) -> None:
+        last = events[-1] if events else None
+        if isinstance(last, (FinalEvent, ErrorEvent)) and last.worker_id:
+            self.queues.job_ended(last.worker_id, last.worker_role)
         final = next((e for e in reversed(events) if isinstance(e, FinalEvent)), None)
         if final is not None:
             self.scale.learn(admitted.estimated_prompt_tokens, final.usage.prompt_tokens)

@@ -71,10 +71,17 @@ class WorkerSeen:
     room_jobs: int = -1  # jobs it would pull now; -1: it does not measure its queue (older worker)
     drain_jobs_s: float = 0.0  # jobs per second it gets through while work waits (0: unknown yet)
     waits_s: dict[Priority, float] = field(default_factory=dict)  # its recent jobs' measured queue wait
+    active: int = 0  # jobs it held at its beat
+    ended: int = 0  # of those, the ones this edge saw end since (their answers' last events)
 
     @property
     def measures(self) -> bool:
         return self.room_jobs >= 0
+
+    @property
+    def room(self) -> int:
+        """Jobs it would pull now: what its beat said, and the room of the jobs seen ending since."""
+        return max(0, self.room_jobs) + self.ended
 
 
 class MeanCost:
@@ -122,9 +129,16 @@ class QueueWatch:
             return False
         self._workers[key] = WorkerSeen(
             beat.role, beat.region, beat.rate_tokens_s, time.monotonic(), max(0, beat.slots - beat.active),
-            beat.room_jobs, beat.drain_jobs_s, dict(beat.queue_wait_s))
+            beat.room_jobs, beat.drain_jobs_s, dict(beat.queue_wait_s), active=beat.active)
         self._regions.add(beat.region)
         return True
+
+    def job_ended(self, worker_id: str, role: Role | None) -> None:
+        """An answer's last event came from `worker_id` as `role`: its job's room is free, though
+        the worker's last beat (sent while it ran) says it is taken. Its next beat says it."""
+        worker = self._workers.get((worker_id, role)) if role is not None else None
+        if worker is not None and worker.ended < worker.active:
+            worker.ended += 1
 
     def roles_alive(self, region: str, since: float) -> set[Role]:
         """Roles of `region` with a serving worker heard since `since` (monotonic)."""
@@ -288,7 +302,7 @@ class QueueWatch:
 
     def free_jobs(self, kind: WorkKind, region: str) -> int:
         """Jobs the pool's live workers would take at once (none while it has no live worker)."""
-        return sum(max(0, w.room_jobs) for w in self._pool(kind, region) if w.measures)
+        return sum(w.room for w in self._pool(kind, region) if w.measures)
 
     def jobs_ahead(self, kind: WorkKind, region: str, priority: Priority) -> int:
         """Jobs served before a new request of `priority` in `kind`'s queue. Requests still
@@ -304,14 +318,16 @@ class QueueWatch:
 
     def _queue_wait_s(self, kind: WorkKind, region: str, priority: Priority) -> float:
         """Seconds until a worker takes a new request's job from `kind`'s queue, were it put there now.
-        A worker with room pulls at once, so jobs of `kind` still pending at or above `priority`
-        when JetStream was read say its room was taken then: the free room its last beat told
-        of (up to a beat period old) counts only when none were."""
+        A worker with room pulls at once, so more jobs of `kind` pending at or above `priority`
+        when JetStream was read than the free room its workers' beats told of say that room was
+        taken since: then none counts. Fewer may be jobs on their way to that room (a read
+        lands between a publish and the pull it rings for), and the room counts."""
         if not self.measured(kind, region):
             return self._tokens_wait_s(kind, region, priority)
         drain = self.drain_jobs_s(kind, region)
-        full = any(self._pending.get((kind, region, p), 0) for p in at_or_above(priority))
-        waiting = self.jobs_ahead(kind, region, priority) - (0 if full else self.free_jobs(kind, region))
+        free = self.free_jobs(kind, region)
+        full = sum(self._pending.get((kind, region, p), 0) for p in at_or_above(priority)) > free
+        waiting = self.jobs_ahead(kind, region, priority) - (0 if full else free)
         if not drain or waiting <= 0:  # no speed known yet: no estimate, no refusal
             return 0.0
         return waiting / drain

@@ -43,7 +43,7 @@ from bus.config import BusConfig
 from bus.dead_letters import dead_letter
 from bus.exhausted import ExhaustedJobs
 from bus.log_context import request_context
-from bus.messages import ChatRequest, ErrorEvent, Heartbeat, Message
+from bus.messages import ChatRequest, ErrorEvent, FinalEvent, Heartbeat, Message
 from bus.priorities import PRIORITIES, Priority, PriorityConfig
 from bus.roles import ROLES, Role
 from bus.subjects import Subjects, WorkKind
@@ -67,6 +67,10 @@ SUPERSEDED_AFTER_S = 0.5
 EXIT_ENGINE_DEAD = 86
 EXIT_LOOP_STALLED = 87
 TICK_S = 1.0  # how often a serving worker's loop shows it runs (and looks at its engine)
+# Beats a heartbeat period may carry when the worker's room keeps changing (one every period
+# otherwise): a 2 s period tells of room within 0.2 s. Beats stay in their region (a region's
+# edges hear its workers only), so a pool of N busy workers sends each edge at most 5 N a second.
+EARLY_BEATS = 10
 
 J = TypeVar("J", bound=Any)
 
@@ -121,7 +125,8 @@ class Emitter:
     request's attempt."""
 
     def __init__(self, nc: NATS, subjects: Subjects, reply_to: str, request_id: str, seq: int,
-                 recent: RecentEvents | None = None, attempt: int = 0) -> None:
+                 recent: RecentEvents | None = None, attempt: int = 0,
+                 worker: tuple[str, Role] | None = None) -> None:
         if not subjects.is_event_subject(reply_to, request_id):
             raise BadMessage(f"reply_to {reply_to!r} is not this request's event subject "
                              f"({subjects.prefix}.evt.<region>.<client>.{request_id})")
@@ -130,6 +135,7 @@ class Emitter:
         self.request_id = request_id
         self.seq = seq
         self.attempt = attempt
+        self.worker = worker  # stamped on the last event: who ended the answer
         self._recent = recent  # kept to send again after a reconnect (inference/resend.py)
 
     def next_seq(self) -> int:
@@ -140,6 +146,8 @@ class Emitter:
     async def emit(self, event: Message) -> None:
         if self.attempt:
             event = msgspec.structs.replace(event, attempt=self.attempt)  # type: ignore[type-var]
+        if self.worker is not None and isinstance(event, (FinalEvent, ErrorEvent)):
+            event = msgspec.structs.replace(event, worker_id=self.worker[0], worker_role=self.worker[1])
         data = encode(event)
         if self._recent is not None:
             self._recent.record(self.request_id, self.reply_to, data)
@@ -209,6 +217,7 @@ class PoolWorker:
         self._serving: set[str] = set()  # request ids of the jobs running here
         self._recent = RecentEvents()
         self._slot_freed = asyncio.Event()
+        self._room_changed = asyncio.Event()  # a job taken or ended since the last beat
         self._stopping = asyncio.Event()
         self.serving = False  # pulling work (its /readyz), from the puller's start to the drain
         self.state = "serving"  # what its heartbeats say: serving, draining or failed
@@ -323,20 +332,31 @@ class PoolWorker:
                 task = asyncio.create_task(self._run(msg, ticket))
                 self._active[task] = msg
                 task.add_done_callback(self._done)
+            self._room_changed.set()
 
     def _done(self, task: asyncio.Task) -> None:
         self._active.pop(task, None)
         self._slot_freed.set()
+        self._room_changed.set()
 
     async def _heartbeats(self) -> None:
+        """A beat every heartbeat period, and sooner when its room changed (a job taken or
+        ended): the edges judge a new request by the room the last beat told of, and a burst
+        or a batch of answers ending together must not wait a whole period to be seen. At
+        most EARLY_BEATS a period, however fast jobs come and go."""
         busy_s = 0.0
         while True:
             self.clock.tick()  # busy_s up to now
             metrics.add_busy_seconds(self.service.role, self.clock.busy_s - busy_s)
             busy_s = self.clock.busy_s
             metrics.set_worker_budget(self.service.role, self.budget.capacity, self.budget.reserved)
+            self._room_changed.clear()
             await self._beat()
-            await asyncio.sleep(self.bus.heartbeat_s)
+            await asyncio.sleep(self.bus.heartbeat_s / EARLY_BEATS)
+            try:
+                await asyncio.wait_for(self._room_changed.wait(), self.bus.heartbeat_s * (1 - 1 / EARLY_BEATS))
+            except asyncio.TimeoutError:
+                pass
 
     async def _beat(self) -> None:
         beat = Heartbeat(
@@ -412,7 +432,8 @@ class PoolWorker:
         body = job.body
         try:
             emitter = Emitter(self.nc, self.subjects, body.reply_to, body.request_id,
-                              self.service.starts_at(body), self._recent, body.attempt)
+                              self.service.starts_at(body), self._recent, body.attempt,
+                              (self.bus.worker_name, self.service.role))
         except BadMessage as exc:
             await self._poison(job.msg, exc.reason, job.deliveries)
             return
@@ -497,7 +518,7 @@ class PoolWorker:
                 route.reply_to, route.request_id):
             try:
                 emitter = Emitter(self.nc, self.subjects, route.reply_to, route.request_id,
-                                  self.service.first_seq)
+                                  self.service.first_seq, worker=(self.bus.worker_name, self.service.role))
                 await emitter.error("invalid_request", reason)
             except Exception:  # the record below is what matters
                 pass

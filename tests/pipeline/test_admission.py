@@ -6,14 +6,17 @@ its token budget, and every answer reports its cost."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 
+from bus.codec import decode as decode_message, decode_event
+from bus.messages import FinalEvent, Heartbeat
 from edge.client import EdgeClient
 from edge.tenants import add_key
 from services.lab.fake_engine import FakeEngine
 from kv_store.block_store import BlockStore
-from tests.pipeline.harness import eventually, running_stack
+from tests.pipeline.harness import bus_client, eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 
 
@@ -242,3 +245,31 @@ async def test_an_overload_is_still_refused_with_a_retry_after_and_what_is_accep
     waits = sorted(r.done["timings"]["queue_ms"] / 1000 for r in accepted)
     assert waits[-1] < 1.0 * 1.6, waits  # the estimate tracks the wait: none far past the budget
     assert waits[-1] > 0.4, waits  # nor refused while the queue was still short
+
+
+async def test_a_worker_tells_of_its_room_when_it_changes_and_the_last_event_names_who_ended_it(settings):
+    """Edges judge a request by the room the last beats told of: a worker beats when it takes or
+    ends a job, not only once a period, and the answer's last event names its worker, whose room
+    the edge counts free at once."""
+    settings = settings.replace(heartbeat_s=5.0)  # a period far longer than the answer
+    async with running_stack(settings, *engines(settings, delay=0.02)) as stack, bus_client(settings) as nc:
+        beats: list[tuple[float, Heartbeat]] = []
+        finals: list[FinalEvent] = []
+
+        async def heard(msg) -> None:
+            beats.append((time.monotonic(), decode_message(msg.data, Heartbeat)))
+
+        async def event(msg) -> None:
+            if isinstance(message := decode_event(msg.data), FinalEvent):
+                finals.append(message)
+        await nc.subscribe(stack.subjects.heartbeat(settings.bus.region, "decode"), cb=heard)
+        await nc.subscribe(stack.subjects.all_events(), cb=event)
+        async with await EdgeClient.connect(stack.url) as client:
+            answer = await client.complete(**chat("tell me of your room", "interactive"))
+            ended = time.monotonic()
+        assert answer.done, answer.error
+        assert await eventually(lambda: any(b.active == 0 and b.served == 1 for _, b in beats), timeout=2), beats
+        told = next(at for at, b in beats if b.active == 0 and b.served == 1)
+        assert told - ended < 1.0, "the room of an ended job waited for the next period's beat"
+        assert any(b.active == 1 for _, b in beats), "taking a job did not beat"
+        assert [(f.worker_id, f.worker_role) for f in finals] == [(settings.bus.worker_name, "decode")]

@@ -81,7 +81,8 @@ async def test_a_malformed_direct_publish_gets_an_error_event_and_a_dead_letter(
                                            max_tokens=50, temperature=0.0)
     assert events == [{"type": "error", "v": 1, "request_id": "bad1", "seq": 0,
                        "code": "invalid_request", "message": events[0]["message"],
-                       "retryable": False, "attempt": 0}]
+                       "retryable": False, "attempt": 0, "worker_id": settings.bus.worker_name,
+                       "worker_role": "prefill"}]
     assert "max_tokens" in events[0]["message"] and ">= 1" in events[0]["message"]
     record = decode(dead.data, DeadLetter)
     assert record.subject == f"{prefix}.req.local.interactive.public.bad1" and "max_tokens" in record.reason

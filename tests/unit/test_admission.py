@@ -93,10 +93,36 @@ def test_work_the_free_room_takes_at_once_does_not_wait():
     assert queues.wait_s("local", "interactive") == pytest.approx(0.5)
     queues.on_beat(measuring("p1", "prefill", room=2, drain=4.0))
     queues._published.clear()
-    queues._pending[("req", "local", "batch")] = 2  # pending below it: interactive still has room
+    queues._pending[("req", "local", "batch")] = 3  # pending below it: interactive still has room
     assert queues.wait_s("local", "interactive") == 0.0
-    queues._pending[("req", "local", "interactive")] = 2  # pending at its priority: that room was taken
-    assert queues.wait_s("local", "interactive") == pytest.approx(0.5)
+    queues._pending[("req", "local", "interactive")] = 2  # no more than the room: on their way to it
+    assert queues.wait_s("local", "interactive") == 0.0
+    queues._pending[("req", "local", "interactive")] = 3  # more than the room: it was taken since the beat
+    assert queues.wait_s("local", "interactive") == pytest.approx(3 / 4)
+
+
+def test_answers_seen_ending_free_their_worker_s_room_before_its_next_beat():
+    """A closed loop's next requests come as the answers before them end, before the workers'
+    beats say their room is free again."""
+    queues = QueueWatch(SETTINGS.bus, SETTINGS.edge, js=None)  # type: ignore[arg-type]
+    queues.on_beat(measuring("p1", "prefill", room=4, drain=40.0))
+    queues.on_beat(Heartbeat(worker_id="d1", role="decode", region="local", model_id="m", slots=16, active=12,
+                             rate_tokens_s=1.0, room_jobs=4, drain_jobs_s=4.0))
+    for _ in range(12):
+        queues.published("local", "interactive", 100, 100)
+    # decode: 12 ahead, 4 free, 8 at 4 jobs/s = 2 s, less the prefill's (12 - 4) / 40 = 0.2 s
+    assert queues.waits_s("local", "interactive") == (pytest.approx(0.2), pytest.approx(1.8))
+    for _ in range(12):
+        queues.job_ended("d1", "decode")
+    assert queues.free_jobs("decode", "local") == 16
+    assert queues.waits_s("local", "interactive") == (pytest.approx(0.2), 0.0)
+    queues.job_ended("d1", "decode")  # no more than it held at its beat
+    queues.job_ended("d1", "prefill")  # not a worker of that role
+    queues.job_ended("d9", "decode")  # not one it heard
+    assert queues.free_jobs("decode", "local") == 16 and queues.free_jobs("req", "local") == 4
+    queues.on_beat(Heartbeat(worker_id="d1", role="decode", region="local", model_id="m", slots=16, active=16,
+                             rate_tokens_s=1.0, room_jobs=0, drain_jobs_s=4.0))
+    assert queues.free_jobs("decode", "local") == 0  # its next beat says what it holds now
 
 
 def test_the_issue_s_load_is_not_over_budget():

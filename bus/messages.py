@@ -237,9 +237,12 @@ class Heartbeat(Message, tag="heartbeat"):
     # What its queue really does lately (inference/queue_meter.py), from which edges
     # estimate a new request's wait (edge/queues.py): the jobs it would pull now (-1: not
     # reported, an older worker), the jobs per second it gets through while work waits for it
-    # (0: none ended yet), and the mean queue wait (publish -> taken) of the jobs it took lately.
+    # (0: none ended yet), and of that, what work of each priority gets while it waits (less the
+    # jobs above it taken meanwhile; absent: an older worker, all of it), and the mean queue wait
+    # (publish -> taken) of the jobs it took lately.
     room_jobs: int = -1
     drain_jobs_s: float = 0.0
+    drain_by_priority_s: dict[Priority, float] = {}
     queue_wait_s: dict[Priority, float] = {}
     # "draining": it stopped pulling (SIGTERM) and finishes what it holds; "failed": its engine
     # died or its loop stalled, it handed its jobs back and exits. An edge counts a worker that

@@ -8,9 +8,11 @@ jobs it would pull now.
 
 The wait of priority p in one queue is Little's law: the jobs ahead of it (queued at p and above,
 which are served first) that the pool's free room does not take at once, over the jobs per
-second the pool takes off the queue. (Jobs JetStream still held at the last read say the room
-was taken: then nothing is taken at once.) Counting jobs, not tokens, keeps it to what was
-measured: the rate comes from the same jobs the queue holds, whatever they cost.
+second the pool takes off p's queue: its drain less the jobs of higher priorities it takes
+meanwhile (they keep coming after the request and are served before it), as each worker
+measures. (More jobs than that room held by JetStream at the last read say the room was taken:
+then nothing is taken at once.) Counting jobs, not tokens, keeps it to what was measured: the
+rate comes from the same jobs the queue holds, whatever they cost.
 
 A request waits in the request queue for a prefill (its first token: what the budget protects
 first) and then, after its first token, in the decode queue for a decode slot. Every request
@@ -71,6 +73,7 @@ class WorkerSeen:
     room_jobs: int = -1  # jobs it would pull now; -1: it does not measure its queue (older worker)
     drain_jobs_s: float = 0.0  # jobs per second it gets through while work waits (0: unknown yet)
     waits_s: dict[Priority, float] = field(default_factory=dict)  # its recent jobs' measured queue wait
+    drain_by_priority_s: dict[Priority, float] = field(default_factory=dict)  # of it, each priority's
     active: int = 0  # jobs it held at its beat
     ended: int = 0  # of those, the ones this edge saw end since (their answers' last events)
 
@@ -129,7 +132,8 @@ class QueueWatch:
             return False
         self._workers[key] = WorkerSeen(
             beat.role, beat.region, beat.rate_tokens_s, time.monotonic(), max(0, beat.slots - beat.active),
-            beat.room_jobs, beat.drain_jobs_s, dict(beat.queue_wait_s), active=beat.active)
+            beat.room_jobs, beat.drain_jobs_s, dict(beat.queue_wait_s), dict(beat.drain_by_priority_s),
+            active=beat.active)
         self._regions.add(beat.region)
         return True
 
@@ -286,8 +290,9 @@ class QueueWatch:
     def _pool(self, kind: WorkKind, region: str) -> list[WorkerSeen]:
         return [w for w in self._alive() if w.region == region and ROLES[w.role].pulls == kind]
 
-    def _live_drain(self, kind: WorkKind, region: str) -> float:
-        return sum(w.drain_jobs_s for w in self._pool(kind, region) if w.measures)
+    def _live_drain(self, kind: WorkKind, region: str, priority: Priority | None = None) -> float:
+        return sum(w.drain_by_priority_s.get(priority, w.drain_jobs_s) if priority else w.drain_jobs_s
+                   for w in self._pool(kind, region) if w.measures)
 
     def measured(self, kind: WorkKind, region: str) -> bool:
         """Whether the pool's workers measure their queue (else the older tokens estimate is used):
@@ -295,10 +300,11 @@ class QueueWatch:
         pool = self._pool(kind, region)
         return any(w.measures for w in pool) if pool else (kind, region) in self._last_drain
 
-    def drain_jobs_s(self, kind: WorkKind, region: str) -> float:
+    def drain_jobs_s(self, kind: WorkKind, region: str, priority: Priority | None = None) -> float:
         """Jobs per second the pool takes off its queue while work waits (what its workers
-        measured; while it has no live worker, what it had: its replacement's)."""
-        return self._live_drain(kind, region) or self._last_drain.get((kind, region), 0.0)
+        measured; while it has no live worker, what it had: its replacement's), for `priority`:
+        what is left of it to that priority's queue, as its workers measured that too."""
+        return self._live_drain(kind, region, priority) or self._last_drain.get((kind, region), 0.0)
 
     def free_jobs(self, kind: WorkKind, region: str) -> int:
         """Jobs the pool's live workers would take at once (none while it has no live worker)."""
@@ -324,7 +330,7 @@ class QueueWatch:
         lands between a publish and the pull it rings for), and the room counts."""
         if not self.measured(kind, region):
             return self._tokens_wait_s(kind, region, priority)
-        drain = self.drain_jobs_s(kind, region)
+        drain = self.drain_jobs_s(kind, region, priority)
         free = self.free_jobs(kind, region)
         full = sum(self._pending.get((kind, region, p), 0) for p in at_or_above(priority)) > free
         waiting = self.jobs_ahead(kind, region, priority) - (0 if full else free)

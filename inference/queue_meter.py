@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from bus.priorities import Priority
+from bus.priorities import PRIORITIES, Priority
 
 # What a heartbeat says of the worker's queue is measured over this many seconds: long enough
 # to hold a few jobs, short enough to follow a spike within it (QueueMeter).
@@ -57,6 +57,24 @@ class QueueMeter:
             return 0.0
         finished = len(self._done) / max(1e-3, min(self.window_s, now - self._since))
         return max(finished, max(1, holds_at_once) / self.service_s)
+
+    def drain_by_priority_s(self, holds_at_once: int, min_shares: dict[Priority, float],
+                            now: float | None = None) -> dict[Priority, float]:
+        """Jobs per second it gets through for each priority while work of that priority waits:
+        its drain less the jobs of the priorities above it it takes meanwhile (served first,
+        they keep arriving after a request that waits, which a count of the jobs ahead of it
+        cannot hold), but never below the priority's minimum share of it (bus/priorities.py)."""
+        now = time.monotonic() if now is None else now
+        drain = self.drain_jobs_s(holds_at_once, now)
+        span = max(1e-3, min(self.window_s, now - self._since))
+        taken = {p: 0 for p in PRIORITIES}
+        for _, priority, _ in self._taken:
+            taken[priority] += 1
+        out, above = {}, 0.0
+        for p in PRIORITIES:
+            out[p] = round(max(drain * min_shares.get(p, 0.0), drain - above), 3)
+            above += taken[p] / span
+        return out
 
     def waits_s(self, now: float | None = None) -> dict[Priority, float]:
         """The mean queue wait of the jobs it took lately, per priority (those it took any of)."""

@@ -208,7 +208,8 @@ class PoolWorker:
         self.cancels = CancelWatch(nc, self.subjects.cancel(bus.region), bus.request_ttl_s)
         # An idle worker looks for redelivered jobs (which ring no doorbell) once per renewal
         # period, so a dead worker's job is picked up soon after its lease lapses.
-        shares = ServedShares({p: policy.min_share for p, policy in priorities.table().items()})
+        self.min_shares = {p: policy.min_share for p, policy in priorities.table().items()}
+        shares = ServedShares(self.min_shares)
         self._puller = PriorityPuller(nc, self.subjects, service.kind, bus.region,
                                       idle_poll_s=min(2.0, self.renewal_s), shares=shares)
         self._pulled: list[tuple[Msg, Ticket]] = []
@@ -376,10 +377,12 @@ class PoolWorker:
     def _queue_report(self) -> dict[str, Any]:
         """What its heartbeat says of its queue (QueueMeter): the jobs it would pull now, the jobs
         it gets through per second while work waits (with what it holds now and could still
-        take held at once), and the queue wait its recent jobs had."""
+        take held at once), in all and for each priority, and the queue wait its recent jobs had."""
         room = self.budget.room(PRIORITIES[0]) if self.state == "serving" else 0
+        holds = min(self.slots, self.budget.jobs + room)
         return {"room_jobs": room,
-                "drain_jobs_s": round(self.queue.drain_jobs_s(min(self.slots, self.budget.jobs + room)), 3),
+                "drain_jobs_s": round(self.queue.drain_jobs_s(holds), 3),
+                "drain_by_priority_s": self.queue.drain_by_priority_s(holds, self.min_shares),
                 "queue_wait_s": self.queue.waits_s()}
 
     # ------------------------------------------------------------------ one job

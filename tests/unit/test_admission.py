@@ -295,3 +295,16 @@ def test_the_prompt_estimate_learns_the_real_token_counts():
     assert scale.tokens(100) == pytest.approx(200, abs=2)
     scale.learn(0, 50)  # nothing to learn from
     assert scale.tokens(100) == pytest.approx(200, abs=2)
+
+
+def test_a_priority_s_queue_drains_at_what_its_workers_say_is_left_to_it():
+    queues = QueueWatch(SETTINGS.bus, SETTINGS.edge, js=None)  # type: ignore[arg-type]
+    queues.on_beat(Heartbeat(worker_id="p1", role="prefill", region="local", model_id="m", slots=4,
+                             rate_tokens_s=1.0, room_jobs=0, drain_jobs_s=4.0,
+                             drain_by_priority_s={"interactive": 4.0, "standard": 2.0, "batch": 0.2}))
+    queues.on_beat(measuring("p2", "prefill", room=0, drain=4.0))  # an older worker: all of it to each
+    queues._pending[("req", "local", "batch")] = 12
+    assert queues.waits_s("local", "interactive")[0] == 0.0
+    assert queues.waits_s("local", "batch")[0] == pytest.approx(12 / (0.2 + 4.0))
+    queues._pending[("req", "local", "standard")] = 6
+    assert queues.waits_s("local", "standard")[0] == pytest.approx(6 / (2.0 + 4.0))

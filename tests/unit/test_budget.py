@@ -167,3 +167,23 @@ def test_the_queue_meter_reports_the_drain_and_the_waits_its_jobs_had():
     assert meter.drain_jobs_s(4, now=start + 3) == pytest.approx(24 / 3)  # 24 ended in 3 s
     assert meter.drain_jobs_s(4, now=start + 13.5) == pytest.approx(1.0, abs=0.01)  # they aged out: 4 / 4 s
     assert meter.waits_s(now=start + 13.5) == {}  # none taken within the window
+
+
+def test_each_priority_drains_what_the_priorities_above_it_leave_of_the_rate():
+    """Work above a waiting request keeps arriving after it and is served first: its queue drains
+    at what is left, never below its minimum share."""
+    from inference.queue_meter import QueueMeter
+    meter = QueueMeter(window_s=10.0, alpha=1.0)
+    start = meter._since
+    meter.done(1.0, now=start)  # 4 at once, 1 s each: 4 jobs/s
+    for n in range(20):  # in the last 10 s: 20 interactive (2/s) and 10 standard (1/s) taken
+        meter.taken("interactive", 0.0, now=start + n * 0.5)
+    for n in range(10):
+        meter.taken("standard", 0.0, now=start + n)
+    shares = {"interactive": 0.0, "standard": 0.1, "batch": 0.05}
+    drains = meter.drain_by_priority_s(4, shares, now=start + 10)
+    assert drains == {"interactive": 4.0, "standard": 2.0, "batch": 1.0}
+    for n in range(20):  # more interactive than it drains: standard and batch keep their shares
+        meter.taken("interactive", 0.0, now=start + 10 + n * 0.1)
+    drains = meter.drain_by_priority_s(4, shares, now=start + 12)
+    assert drains == {"interactive": 4.0, "standard": pytest.approx(0.4), "batch": pytest.approx(0.2)}

@@ -234,11 +234,12 @@ def breakdown(label: str, done: list[dict[str, Any]]) -> list[str]:
         return [d["kv"][key] for d in done]
 
     ttft = med([d["usage"]["ttft_ms"] for d in done])
-    bus = ttft - timing("queue_ms") - timing("prefill_ms")
+    # per answer, then the median: the medians of its parts do not add up to the median TTFT
+    bus = med([d["usage"]["ttft_ms"] - d["timings"]["queue_ms"] - d["timings"]["prefill_ms"] for d in done])
     return [
         f"\nwhere the stack's time goes, {label} (medians, ms):",
-        f"  TTFT {ttft:.1f} = prefill queue {timing('queue_ms'):.1f} + prefill engine {timing('prefill_ms'):.1f}"
-        f" (of which KV write {med(kv('write_ms')):.1f}) + bus and edge {bus:.1f}",
+        f"  TTFT {ttft:.1f}: prefill queue {timing('queue_ms'):.1f}, prefill engine {timing('prefill_ms'):.1f}"
+        f" (of which KV write {med(kv('write_ms')):.1f}), bus and edge (the rest of each answer's) {bus:.1f}",
         f"  decode: queue {timing('decode_queue_ms'):.1f}, KV read {med(kv('read_ms')):.1f}, "
         f"generation {timing('decode_ms'):.1f}",
         f"  KV moved: {sum(kv('bytes_written')) / 1e6:.1f} MB written, {sum(kv('bytes_read')) / 1e6:.1f} MB read;"

@@ -58,14 +58,15 @@ class QueueMeter:
         finished = len(self._done) / max(1e-3, min(self.window_s, now - self._since))
         return max(finished, max(1, holds_at_once) / self.service_s)
 
-    def drain_by_priority_s(self, holds_at_once: int, min_shares: dict[Priority, float],
+    def drain_by_priority_s(self, drain: float, min_shares: dict[Priority, float],
                             now: float | None = None) -> dict[Priority, float]:
-        """Jobs per second it gets through for each priority while work of that priority waits:
-        its drain less the jobs of the priorities above it it takes meanwhile (served first,
-        they keep arriving after a request that waits, which a count of the jobs ahead of it
-        cannot hold), but never below the priority's minimum share of it (bus/priorities.py)."""
+        """Of its `drain` (drain_jobs_s), the jobs per second it gets through for each priority
+        while work of that priority waits: less the jobs of the priorities above it it takes
+        meanwhile (served first, they keep arriving after a request that waits, which a count of
+        the jobs ahead of it cannot hold), but never below the priority's minimum share of it
+        (bus/priorities.py)."""
         now = time.monotonic() if now is None else now
-        drain = self.drain_jobs_s(holds_at_once, now)
+        self._trim(now)
         span = max(1e-3, min(self.window_s, now - self._since))
         taken = {p: 0 for p in PRIORITIES}
         for _, priority, _ in self._taken:

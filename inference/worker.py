@@ -379,10 +379,10 @@ class PoolWorker:
         it gets through per second while work waits (with what it holds now and could still
         take held at once), in all and for each priority, and the queue wait its recent jobs had."""
         room = self.budget.room(PRIORITIES[0]) if self.state == "serving" else 0
-        holds = min(self.slots, self.budget.jobs + room)
+        drain = self.queue.drain_jobs_s(min(self.slots, self.budget.jobs + room))
         return {"room_jobs": room,
-                "drain_jobs_s": round(self.queue.drain_jobs_s(holds), 3),
-                "drain_by_priority_s": self.queue.drain_by_priority_s(holds, self.min_shares),
+                "drain_jobs_s": round(drain, 3),
+                "drain_by_priority_s": self.queue.drain_by_priority_s(drain, self.min_shares),
                 "queue_wait_s": self.queue.waits_s()}
 
     # ------------------------------------------------------------------ one job

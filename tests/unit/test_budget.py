@@ -181,9 +181,9 @@ def test_each_priority_drains_what_the_priorities_above_it_leave_of_the_rate():
     for n in range(10):
         meter.taken("standard", 0.0, now=start + n)
     shares = {"interactive": 0.0, "standard": 0.1, "batch": 0.05}
-    drains = meter.drain_by_priority_s(4, shares, now=start + 10)
+    drains = meter.drain_by_priority_s(meter.drain_jobs_s(4, now=start + 10), shares, now=start + 10)
     assert drains == {"interactive": 4.0, "standard": 2.0, "batch": 1.0}
     for n in range(20):  # more interactive than it drains: standard and batch keep their shares
         meter.taken("interactive", 0.0, now=start + 10 + n * 0.1)
-    drains = meter.drain_by_priority_s(4, shares, now=start + 12)
+    drains = meter.drain_by_priority_s(meter.drain_jobs_s(4, now=start + 12), shares, now=start + 12)
     assert drains == {"interactive": 4.0, "standard": pytest.approx(0.4), "batch": pytest.approx(0.2)}

@@ -31,9 +31,10 @@ CHECKED_IN = Path(__file__).with_name("asyncapi.json")
 # in this order, so a stream name (`PREFIXX_KINDX_REGIONX`) becomes one parameter, not three.
 _PARAMS = {"PREFIXX_KINDX_REGIONX": "stream", "PREFIXX": "prefix", "REGIONX": "region", "PRIORITYX": "priority",
            "CLIENTX": "client", "TENANTX": "tenant", "REQUESTX": "request_id", "ROLEX": "role", "KINDX": "kind",
-           "CONSUMERX": "consumer"}
+           "CONSUMERX": "consumer", "WORKERX": "worker"}
 _PLACEHOLDERS = Tokens(region="REGIONX", priority="PRIORITYX", client="CLIENTX", tenant="TENANTX",
-                       request_id="REQUESTX", role="ROLEX", kind="KINDX", consumer="CONSUMERX")
+                       request_id="REQUESTX", role="ROLEX", kind="KINDX", consumer="CONSUMERX",
+                       worker="WORKERX")
 _PARAM_DOCS = {
     "prefix": {"description": "subject prefix of one deployment (GROKSTACK_SUBJECT_PREFIX)",
                "default": "gs"},
@@ -51,6 +52,8 @@ _PARAM_DOCS = {
     "stream": {"description": "a region's work stream: the prefix in capitals, _REQ or _DECODE, "
                               "then _<region>",
                "examples": [Subjects().stream(kind, "local") for kind in work_kinds()]},
+    "worker": {"description": "the worker's name (GROKSTACK_WORKER_ID, else host-pid), or the first 16 "
+                              "hex digits of its SHA-256 when it is not a token"},
     "consumer": {"description": "the work consumer, <kind>-<region>-<priority>",
                  "examples": [Subjects().consumer("req", "local", "interactive")]},
 }

@@ -249,6 +249,10 @@ class Heartbeat(Message, tag="heartbeat"):
     # is not "serving" as gone at once, without waiting for its beats to stop. `reason` says why.
     state: Literal["serving", "draining", "failed"] = "serving"
     reason: Annotated[str, Meta(max_length=512)] = ""
+    # The jobs it holds now, as their JetStream ack subjects (`$JS.ACK.<stream>...`, the lease of
+    # each): the peer that watches it (inference/peer_watch.py) naks them the moment it finds
+    # this worker dead, so they are redelivered at once rather than when their leases lapse.
+    leases: Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=1024)] = []
 
 
 class Echo(Struct, frozen=True, forbid_unknown_fields=True):

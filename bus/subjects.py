@@ -13,6 +13,8 @@ and a region's streams never pull another region's traffic across the WAN:
                                     that asked, in the client's region (captured there)
   gs.cancel.<region>                cancellations, to every worker of a region (captured)
   gs.hb.<region>.<role>             worker heartbeats (not captured)
+  gs.alive.<region>.<role>.<worker> each worker's liveness address: subscribed while its connection
+                                    lives, so a probe there gets "no responders" once it died
   gs.region.<region>                a region's aggregate heartbeat, for every edge (not captured)
   gs.dlq.<region>.<kind>            dead letters          (stream GS_DLQ_<region>)
 
@@ -29,6 +31,7 @@ capture holds).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -222,6 +225,15 @@ class Subjects:
 
     def heartbeats_of_role(self, role: str) -> str:
         return f"{self.prefix}.hb.*.{check_token(role, 'role')}"
+
+    def alive(self, region: str, role: str, worker: str) -> str:
+        """A worker's liveness address. Its last token stands for the worker's name (a host name
+        may hold dots), the first 16 hex digits of its SHA-256, unless it is a token already."""
+        token = worker if _TOKEN.match(worker) else hashlib.sha256(worker.encode()).hexdigest()[:16]
+        return f"{self.prefix}.alive.{check_token(region, 'region')}.{check_token(role, 'role')}.{token}"
+
+    def liveness_of_role(self, role: str) -> str:
+        return f"{self.prefix}.alive.*.{check_token(role, 'role')}.*"
 
     def region_beat(self, region: str) -> str:
         return f"{self.prefix}.region.{check_token(region, 'region')}"

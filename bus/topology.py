@@ -50,6 +50,7 @@ class Tokens:
     role: str
     kind: str
     consumer: str
+    worker: str
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,20 @@ CHANNELS: tuple[Channel, ...] = (
         everywhere=lambda s: s.all_heartbeats(), owned_by="role",
         own=lambda s, role, region: s.heartbeats_of_role(role),
         uses=(Use("send", WORKER_ROLES, "Workers announce they are alive, each as its own role only.", own=True),
-              Use("receive", (Role.EDGE,), "The edge sees which stages of its region are served, and how fast."))),
+              Use("receive", (Role.EDGE,), "The edge sees which stages of its region are served, and how fast."),
+              Use("receive", WORKER_ROLES, "A worker keeps the last beat of each peer of its pool (the jobs it "
+                  "holds), to hand them on the moment it dies (inference/peer_watch.py).", own=True))),
+    Channel(
+        "liveness",
+        "Each worker's own address, subscribed for as long as its connection lives: a request there "
+        "gets NATS's no-responders answer within a round trip once the worker is gone (nobody replies "
+        "to one that lives).",
+        (),
+        address=lambda s, t: s.alive(t.region, t.role, t.worker),
+        everywhere=None, owned_by="role",
+        own=lambda s, role, region: s.liveness_of_role(role),
+        uses=(Use("receive", WORKER_ROLES, "A worker holds its own liveness address.", own=True),
+              Use("send", WORKER_ROLES, "A worker probes the peers of its pool it watches.", own=True))),
     Channel(
         "regionBeats",
         "Each region's state (live workers, queue waits, draining, model, JetStream domain) from each "

@@ -167,6 +167,10 @@ class PriorityPuller:
     async def _ring(self, _msg: Msg) -> None:
         self._bell.set()
 
+    def wake(self) -> None:
+        """Look for work now: jobs were handed back for redelivery, which rings no doorbell."""
+        self._bell.set()
+
     async def take(self, room: Callable[[Priority], int],
                    hold: Callable[[Priority, Msg], None]) -> list[Msg]:
         """Messages for as much as `room(priority)` allows, asked in `shares.order()`; each is

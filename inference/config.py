@@ -90,6 +90,10 @@ class WorkerConfig(Section):
     # (its engine's start, which blocks the loop, does not count); at 3 times it the process
     # exits (inference/worker.py EXIT_LOOP_STALLED), so its jobs move on as after a crash.
     worker_loop_stall_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
+    # How often a worker asks whether the peer of its pool it watches still has its connection
+    # (inference/peer_watch.py): a worker killed outright has its jobs handed on within about this
+    # long, not when their leases lapse (GROKSTACK_ACK_WAIT_S). 0: no watching, leases only.
+    peer_probe_s: Annotated[float, Field(ge=0.0, le=60.0)] = 0.1
 
 
 @dataclass(frozen=True)

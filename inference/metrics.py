@@ -76,6 +76,12 @@ JOBS = Counter(
     "grokstack_jobs_total", "Worker: jobs ended, by outcome (served, cancelled, refused, failed, dead_lettered, "
     "superseded, handed_over: given back at once as its worker stopped or its engine died).",
     ["role", "outcome"])
+PEERS_GONE = Counter(
+    "grokstack_peers_found_gone_total", "Worker: peers of its pool it found dead (their connection gone) "
+    "while they held jobs, whose jobs it handed on at once (inference/peer_watch.py).", ["role"])
+PEER_JOBS_HANDED_ON = Counter(
+    "grokstack_peer_jobs_handed_on_total", "Worker: jobs of dead peers it nak'ed for redelivery before their "
+    "leases lapsed.", ["role"])
 
 
 def _ex(request_id: str) -> dict[str, str] | None:
@@ -139,6 +145,11 @@ def _cost(role: str, gpu_s: float, usd: float) -> None:
 
 def observe_job(role: str, outcome: str) -> None:
     JOBS.labels(role, outcome).inc()
+
+
+def observe_peer_gone(role: str, jobs: int) -> None:
+    PEERS_GONE.labels(role).inc()
+    PEER_JOBS_HANDED_ON.labels(role).inc(jobs)
 
 
 def set_worker_budget(role: str, budget_tokens: int, reserved_tokens: int) -> None:

@@ -53,6 +53,7 @@ from inference.cancels import CancelWatch
 from inference import metrics
 from inference.config import WorkerConfig
 from inference.cost_meter import GpuClock
+from inference.peer_watch import PeerWatch
 from inference.engine import Engine, EngineDead
 from inference.queue_meter import QueueMeter
 from inference.resend import RecentEvents, resend_after_reconnects
@@ -213,6 +214,9 @@ class PoolWorker:
         self._puller = PriorityPuller(nc, self.subjects, service.kind, bus.region,
                                       idle_poll_s=min(2.0, self.renewal_s), shares=shares)
         self._pulled: list[tuple[Msg, Ticket]] = []
+        self._peers = PeerWatch(nc, self.subjects, bus.region, service.role, service.kind, bus.worker_name,
+                                config.peer_probe_s, bus.ack_wait_s, forget_after_s=3 * bus.heartbeat_s,
+                                on_handed_on=self._puller.wake)
         self._exhausted = ExhaustedJobs(nc, self.subjects, service.kind, bus.region, bus.worker_name)
         self._active: dict[asyncio.Task, Msg] = {}
         self._serving: set[str] = set()  # request ids of the jobs running here
@@ -237,6 +241,7 @@ class PoolWorker:
         await self.cancels.start()
         await self._exhausted.start()
         await self._puller.start()
+        await self._peers.start()
         heartbeats = asyncio.create_task(self._heartbeats())
         resends = asyncio.create_task(resend_after_reconnects(self.nc, self._recent, self.renewal_s))
         self._ticked_at = time.monotonic()
@@ -256,6 +261,9 @@ class PoolWorker:
             heartbeats.cancel()
             resends.cancel()
             await self._puller.stop()
+            await self._peers.stop()
+            if not self._active:  # else `stop` gives its address up once they are done
+                await self._peers.release()
             await self._exhausted.stop()
             await self.cancels.stop()
 
@@ -270,6 +278,8 @@ class PoolWorker:
             log.info("draining", running=len(self._active), grace_s=grace_s)
             await asyncio.wait(list(self._active), timeout=grace_s)
         await self._hand_back()
+        await self._beat()  # holding nothing now: its watcher must not nak what it handed back
+        await self._peers.release()
 
     async def _hand_back(self) -> None:
         """Nak every job still running here at once (see `_serve`), so other workers take them."""
@@ -368,11 +378,15 @@ class PoolWorker:
             started_at=self.counters.started_at, sent_at=time.time(),
             budget_tokens=self.budget.capacity, reserved_tokens=self.budget.reserved,
             rate_tokens_s=round(self.rate.tokens_s, 1), state=self.state,  # type: ignore[arg-type]
-            reason=(self.failure or "")[:512], **self._queue_report())
+            reason=(self.failure or "")[:512], leases=self._leases(), **self._queue_report())
         try:
             await self.nc.publish(self.subjects.heartbeat(self.bus.region, self.service.role), encode(beat))
         except Exception as exc:  # disconnected: the next beat will tell
             log.debug("heartbeat not sent", error=str(exc))
+
+    def _leases(self) -> list[str]:
+        """The ack subjects of the jobs it holds: its watcher naks them if it dies (peer_watch.py)."""
+        return [msg.reply for task, msg in self._active.items() if msg.reply and not task.done()][:1024]
 
     def _queue_report(self) -> dict[str, Any]:
         """What its heartbeat says of its queue (QueueMeter): the jobs it would pull now, the jobs

@@ -54,7 +54,7 @@ def _sample(address: str, prefix: str, role: Role) -> str:
     subjects = Subjects(prefix)
     values = {"prefix": prefix, "region": "eu", "priority": "batch", "client": "e1", "tenant": "acme",
               "request_id": "r1", "role": str(role), "kind": kind, "stream": subjects.stream(kind, "eu"),
-              "consumer": subjects.consumer(kind, "eu", "batch")}
+              "consumer": subjects.consumer(kind, "eu", "batch"), "worker": "w1"}
     return ".".join(values[t[1:-1]] if t.startswith("{") else t for t in address.split("."))
 
 

@@ -30,7 +30,8 @@ def test_the_work_queues_are_pulled_by_the_roles_that_pull_them():
 
 def test_every_worker_wakes_up_beats_and_hears_cancels_and_exhausted_jobs():
     for name, action in (("doorbells", "receive"), ("maxDeliveries", "receive"), ("cancels", "receive"),
-                         ("heartbeats", "send"), ("events", "send"), ("deadLetters", "send")):
+                         ("heartbeats", "send"), ("events", "send"), ("deadLetters", "send"),
+                         ("heartbeats", "receive"), ("liveness", "receive"), ("liveness", "send")):
         assert set(roles_that(action, name)) >= set(WORKER_ROLES), name
     assert roles_that("send", "heartbeats") == WORKER_ROLES  # the document's `role` parameter
 
@@ -45,7 +46,7 @@ OTHER = {"role": lambda role: "decode" if role != Role.DECODE else "prefill",
 def own_tokens(role: Role) -> Tokens:
     kind = ROLES[role].pulls or "req"
     return Tokens(region="eu", priority="batch", client="e1", tenant="acme", request_id="r1", role=str(role), kind=kind,
-                  consumer=S.consumer(kind, "eu", "batch"))
+                  consumer=S.consumer(kind, "eu", "batch"), worker="w1")
 
 
 @pytest.mark.parametrize("channel", [c for c in CHANNELS if c.owned_by], ids=lambda c: c.name)
@@ -72,6 +73,10 @@ def test_addresses_are_built_from_the_subjects():
     assert channel_named("requests").address(S, mine) == S.request("eu", "batch", "acme", "r1")
     assert channel_named("captureCopies").address(S, mine) == "gs.cap.req.eu.batch"
     assert channel_named("doorbells").address(S, mine) == "gs.bell.req.eu.batch"
+    assert channel_named("liveness").address(S, mine) == "gs.alive.eu.prefill.w1"
+    host_pid = replace(mine, worker="node-3.example.com-41")  # not a token: its hash stands for it
+    assert channel_named("liveness").address(S, host_pid) == S.alive("eu", "prefill", "node-3.example.com-41")
+    assert S.alive("eu", "prefill", "node-3.example.com-41").count(".") == 4
     assert channel_named("maxDeliveries").address(S, mine) == \
         "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.GS_REQ_eu.req-eu-batch"
 

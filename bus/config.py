@@ -27,9 +27,12 @@ class BusConfig(Section):
     worker_id: str = ""  # this process's name on the bus (heartbeats, edge id); "" means host-pid
     heartbeat_s: Seconds = 2.0
     # The lease on a job: a worker renews it 6 times per period while it works on the job, and
-    # JetStream hands the job to another worker once it lapses. It is how fast a dead worker's
-    # requests move on, so keep it short; renewals are tiny messages.
-    ack_wait_s: Seconds = 0.6
+    # JetStream hands the job to another worker once it lapses. A worker killed outright has its
+    # jobs handed on by the peer that watches it long before (inference/peer_watch.py), if its
+    # loop was seen running within half a lease; so the lease is what a worker whose loop stalls
+    # then dies costs, and what a loop stall must outlast to cost nothing. On a shared 2-core
+    # machine decode loops lag 0.3-0.4 s behind under load: 0.6 s made the watcher give up.
+    ack_wait_s: Seconds = 1.5
     max_deliver: Count = 5  # deliveries of one job before it is dead-lettered
     request_ttl_s: Seconds = 600.0  # queued requests older than this are dropped by the server
     # Publishing a request whose id (Nats-Msg-Id) was seen within this window stores it once:

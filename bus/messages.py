@@ -255,6 +255,23 @@ class Heartbeat(Message, tag="heartbeat"):
     leases: Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=1024)] = []
 
 
+WorkerName = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class LivenessProbe(Message, tag="liveness_probe"):
+    """A worker asking the peer it watches whether it still runs (inference/peer_watch.py): sent
+    as a request, so NATS answers "no responders" once the peer's connection is gone."""
+    sent_at: float  # the prober's monotonic clock, handed back in the answer
+    prober: WorkerName  # whose liveness address the answer goes to
+
+
+class LivenessAnswer(Message, tag="liveness_answer"):
+    """A probe answered from the peer's event loop: the loop that renews its jobs' leases ran
+    after the probe was sent (a stalled loop answers nothing)."""
+    sent_at: float  # the probe's
+    worker: WorkerName  # who answers
+
+
 class Echo(Struct, frozen=True, forbid_unknown_fields=True):
     """A region beat heard, handed back: its sender subtracts `held_s` from the time since it sent
     it, and has the round trip between the regions without comparing clocks."""

@@ -179,15 +179,16 @@ CHANNELS: tuple[Channel, ...] = (
                   "holds), to hand them on the moment it dies (inference/peer_watch.py).", own=True))),
     Channel(
         "liveness",
-        "Each worker's own address, subscribed for as long as its connection lives: a request there "
-        "gets NATS's no-responders answer within a round trip once the worker is gone (nobody replies "
-        "to one that lives).",
-        (),
+        "Each worker's own address, subscribed for as long as its connection lives: a probe there (a "
+        "request) gets NATS's no-responders answer within a round trip once the worker is gone; a live "
+        "worker answers it from its event loop, to the prober's own address.",
+        (m.LivenessProbe, m.LivenessAnswer),
         address=lambda s, t: s.alive(t.region, t.role, t.worker),
         everywhere=None, owned_by="role",
         own=lambda s, role, region: s.liveness_of_role(role),
         uses=(Use("receive", WORKER_ROLES, "A worker holds its own liveness address.", own=True),
-              Use("send", WORKER_ROLES, "A worker probes the peers of its pool it watches.", own=True))),
+              Use("send", WORKER_ROLES, "A worker probes the peer of its pool it watches, and answers the "
+                  "probes of the one that watches it.", own=True))),
     Channel(
         "regionBeats",
         "Each region's state (live workers, queue waits, draining, model, JetStream domain) from each "

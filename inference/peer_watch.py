@@ -3,24 +3,23 @@
 A worker killed outright (SIGKILL, the OOM killer, a lost node) acks nothing and renews nothing:
 JetStream hands its jobs on only when their leases (ack_wait, 0.6 s by default) lapse, most of a
 migrated answer's pause. Its NATS connection ends at once though, and with it its subscription to
-its liveness address (bus/subjects.py `alive`): a request there is answered "no responders" within
-a round trip. So every worker holds its own address, keeps the last heartbeat of each peer of its
-pool in its region (a beat lists the ack subjects of the jobs its sender holds), probes the peer it
-watches every `peer_probe_s` while that peer holds jobs, and on "no responders" naks the jobs its
-last beat listed: JetStream redelivers them now, and the watcher pulls at once.
+its liveness address (bus/subjects.py `alive`): a probe sent there as a request is answered "no
+responders" within a round trip. So every worker holds its own address, keeps the last heartbeat of
+each peer of its pool in its region (a beat lists the ack subjects of the jobs its sender holds),
+probes the peer it watches every `peer_probe_s` while that peer holds jobs, and on "no responders"
+naks the jobs its last beat listed: JetStream redelivers them now, and the watcher pulls at once.
 
-Only one worker may nak a dead peer's jobs: a nak that comes after the job was redelivered applies
-to the new delivery (nats-server 2.15), which would hand it on a second time. So each peer is
-watched by the next live worker in name order (a ring), on which the workers agree but for the
-moments a worker joins or leaves the pool; and a peer found dead is not watched again until a newer
-beat of its name is heard (a restart). Nor may a nak come after JetStream redelivered the job on
-its own, when the lease lapsed: a dead peer's jobs are nak'ed only within half a lease of the last
-sign of its life (a beat heard, a probe delivered to it), else left to lapse. Probing costs one
-request per busy worker per period, whatever the pool's size; a worker alone in its pool is watched
-by nobody, and its leases cover it.
-
-A live peer never answers a probe (its subscription is the answer, and a worker may not publish to
-inboxes): a probe that times out means alive.
+Only one worker may nak a dead peer's job, and only before JetStream redelivered it on its own: a
+nak that comes after a redelivery applies to the new delivery (nats-server 2.15) and would hand the
+job on a second time. So each peer is watched by the next live worker in name order (a ring), on
+which the workers agree but for the moments a worker joins or leaves the pool; a peer found dead is
+not watched again until a newer beat of its name is heard (a restart); and its jobs are nak'ed only
+within half a lease of the last time its event loop was seen running, which is the loop that renews
+the leases: a beat heard, or a probe it answered (`LivenessAnswer`, sent from that loop to the
+prober's own address). A peer whose loop stalled long enough for its leases to lapse answers
+nothing, and its jobs are left to JetStream. Probing costs a request and an answer per busy worker
+per period, whatever the pool's size; a worker alone in its pool is watched by nobody, and its
+leases cover it.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus.codec import BadMessage, decode
-from bus.messages import Heartbeat
+from bus.codec import BadMessage, decode, encode
+from bus.messages import Heartbeat, LivenessAnswer, LivenessProbe
 from bus.subjects import Subjects, WorkKind
 from inference import metrics
 
@@ -60,7 +59,9 @@ class Peer:
     leases: tuple[str, ...]  # the ack subjects of the jobs its last beat said it holds
     sent_at: float  # its last beat's own time (its clock): a beat older than that is stale
     heard_at: float  # when that beat came (our monotonic clock)
-    alive_at: float  # the last sign of life: that beat, or a probe it got (our monotonic clock)
+    # when its event loop, which renews its leases, was last seen running (our monotonic clock):
+    # that beat came, or a probe it answered was sent
+    loop_seen_at: float
 
 
 class PeerWatch:
@@ -72,8 +73,8 @@ class PeerWatch:
         self.role = role
         self.me = me
         self.probe_s = probe_s
-        # A dead peer's jobs are nak'ed only this soon after its last sign of life: its leases,
-        # renewed 6 times a lease, cannot have lapsed by then (ours is the only nak).
+        # A dead peer's jobs are nak'ed only this soon after its loop was last seen running: its
+        # leases, renewed 6 times a lease from that loop, cannot have lapsed by then.
         self.nak_within_s = lease_s / 2
         self.forget_after_s = forget_after_s  # a peer not heard from this long has left the pool
         self.on_handed_on = on_handed_on
@@ -86,7 +87,8 @@ class PeerWatch:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._subs = [await self.nc.subscribe(self.subjects.alive(self.region, self.role, self.me), cb=_unanswered),
+        address = self.subjects.alive(self.region, self.role, self.me)
+        self._subs = [await self.nc.subscribe(address, cb=self._on_address),
                       await self.nc.subscribe(self.subjects.heartbeat(self.region, self.role), cb=self._on_beat)]
         if self.probe_s > 0:
             self._task = asyncio.create_task(self._watch())
@@ -102,6 +104,27 @@ class PeerWatch:
         """Give up its address: a worker that holds no job any more (it drained or handed its jobs
         back, and said so in a last beat) may look dead to its watcher."""
         await _unsubscribe(self._subs[:1])
+
+    async def _on_address(self, msg: Msg) -> None:
+        """A probe from the peer that watches us (answer it), or an answer from the one we watch."""
+        try:
+            said = decode(msg.data, LivenessProbe | LivenessAnswer)
+        except BadMessage as exc:
+            log.warning("dropped malformed liveness message", reason=exc.reason)
+            return
+        if isinstance(said, LivenessProbe):
+            answer = LivenessAnswer(sent_at=said.sent_at, worker=self.me)
+            try:
+                await self.nc.publish(self.subjects.alive(self.region, self.role, said.prober), encode(answer))
+            except Exception as exc:  # disconnected: the prober sees no answer, as from a stalled loop
+                log.debug("liveness answer not sent", error=str(exc))
+        else:
+            self.answered(said)
+
+    def answered(self, answer: LivenessAnswer, now: float | None = None) -> None:
+        peer = self.peers.get(answer.worker)
+        if peer is not None and answer.sent_at <= (time.monotonic() if now is None else now):
+            peer.loop_seen_at = max(peer.loop_seen_at, answer.sent_at)
 
     async def _on_beat(self, msg: Msg) -> None:
         try:
@@ -122,14 +145,18 @@ class PeerWatch:
         if len(leases) < len(beat.leases):
             log.warning("heartbeat lists leases of another pool; ignored", peer=name,
                         ignored=len(beat.leases) - len(leases))
-        now = time.monotonic() if now is None else now
-        self.peers[name] = Peer(leases, beat.sent_at, now, now)
+        if now is None:  # when it was sent, on our clock: it may have waited for our loop to read it
+            now = time.monotonic()
+            sent = now - max(0.0, time.time() - beat.sent_at)
+        else:
+            sent = now
+        self.peers[name] = Peer(leases, beat.sent_at, now, sent)
 
     def forget_silent(self, now: float) -> None:
         """Peers not heard from for a while have left the pool, unless they hold jobs that may
         still be handed on (a dead peer's jobs need its watcher's probe, however late it runs)."""
         for name in [n for n, p in self.peers.items() if now - p.heard_at > self.forget_after_s
-                     and not (p.leases and now - p.alive_at <= self.nak_within_s)]:
+                     and not (p.leases and now - p.loop_seen_at <= self.nak_within_s)]:
             del self.peers[name]
         for name in [n for n, (_, found) in self._gone.items() if now - found > self.forget_after_s]:
             del self._gone[name]  # a dead peer's beats still on their way come long before
@@ -145,25 +172,26 @@ class PeerWatch:
             await asyncio.sleep(max(0.0, self.probe_s - (time.monotonic() - started)))
 
     async def _probe(self, name: str, peer: Peer) -> None:
-        """Ask the server whether anyone holds the peer's address; hand its jobs on if nobody does."""
-        asked_at = time.monotonic()
+        """Ask the server whether anyone holds the peer's address; hand its jobs on if nobody does.
+        A live peer answers to our own address (`answered`), not to the request."""
+        probe = LivenessProbe(sent_at=time.monotonic(), prober=self.me)
         try:
-            await self.nc.request(self.subjects.alive(self.region, self.role, name), b"", timeout=self.probe_s)
+            await self.nc.request(self.subjects.alive(self.region, self.role, name), encode(probe),
+                                  timeout=self.probe_s)
         except nats.errors.NoRespondersError:
             await self._hand_on(name, peer)
-        except nats.errors.TimeoutError:  # delivered to it, so it lived then: no answer is the answer
-            peer.alive_at = max(peer.alive_at, asked_at)
-        except Exception as exc:  # our own connection is down: nothing to say of the peer
-            log.debug("peer not probed", peer=name, error=str(exc))
+        except Exception as exc:  # delivered (no reply comes to a request), or our connection is down
+            if not isinstance(exc, nats.errors.TimeoutError):
+                log.debug("peer not probed", peer=name, error=str(exc))
 
     async def _hand_on(self, name: str, peer: Peer) -> None:
         if self.peers.get(name) is not peer:
             return  # a newer beat came while we asked: judge that one next time
         del self.peers[name]
         self._gone[name] = (peer.sent_at, time.monotonic())
-        if (silent_s := time.monotonic() - peer.alive_at) > self.nak_within_s:
-            log.warning("peer gone too long ago to hand its jobs on; their leases lapse", peer=name,
-                        jobs=len(peer.leases), silent_s=round(silent_s, 3))
+        if (stalled_s := time.monotonic() - peer.loop_seen_at) > self.nak_within_s:
+            log.warning("peer gone, its loop not seen running for too long to hand its jobs on; their "
+                        "leases lapse", peer=name, jobs=len(peer.leases), loop_unseen_s=round(stalled_s, 3))
             return
         handed = 0
         for ack in peer.leases:
@@ -186,5 +214,3 @@ async def _unsubscribe(subs: list[Subscription]) -> None:
             pass
 
 
-async def _unanswered(_msg: Msg) -> None:
-    """A probe of this worker: holding the subscription is the answer."""

@@ -103,6 +103,9 @@ async def test_a_dead_workers_jobs_move_on_long_before_their_lease_lapses(settin
                             other = spare if victim is stack.decode else stack.decode
                             name = victim.worker.bus.worker_name  # a beat told the other of its job
                             await eventually(lambda: getattr(other.worker._peers.peers.get(name), "leases", ()))  # noqa: B023
+                            # its loop answers the other's probes (a probe sent after its last beat)
+                            assert await eventually(lambda: (p := other.worker._peers.peers.get(name))  # noqa: B023
+                                                    and p.loop_seen_at > p.heard_at)
                             await die(victim)
                 await asyncio.wait_for(read(), 10)
         finally:

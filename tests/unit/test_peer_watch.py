@@ -3,7 +3,9 @@ The probing and the naks run against a real server in tests/pipeline/test_migrat
 
 from __future__ import annotations
 
-from bus.messages import Heartbeat
+import pytest
+
+from bus.messages import Heartbeat, LivenessAnswer
 from bus.subjects import Subjects
 from inference.peer_watch import PeerWatch, watched_by
 
@@ -86,19 +88,36 @@ def test_a_silent_peer_holding_jobs_is_kept_while_its_jobs_may_be_handed_on():
     assert w.peers == {}
 
 
-async def test_a_dead_peers_jobs_are_nakd_once_and_only_before_their_leases_can_lapse(monkeypatch):
-    w = watch()
+async def test_a_dead_peers_jobs_are_nakd_only_while_its_loop_was_seen_lately(monkeypatch):
+    """Within half a lease of its loop last seen running (a beat, a probe it answered) its leases
+    cannot have lapsed; past that they may have, and a nak would hand a redelivered job on twice."""
+    w = watch()  # a 0.6 s lease
     w.nc = Publishes()  # type: ignore[assignment]
     clock = [100.0]
     monkeypatch.setattr("inference.peer_watch.time.monotonic", lambda: clock[0])
-    w.heard(beat("a", 1.0, ACK.format(1), ACK.format(2)))
+    w.heard(beat("a", 1.0, ACK.format(1), ACK.format(2)), now=clock[0])
     clock[0] += 0.2
     await w._hand_on("a", w.peers["a"])
     assert w.nc.sent == [(ACK.format(1), b"-NAK"), (ACK.format(2), b"-NAK")]
     assert "a" not in w.peers
 
     w.nc.sent.clear()
-    w.heard(beat("b2", 1.0, ACK.format(3)))
-    clock[0] += 0.4  # its leases may have lapsed: JetStream redelivers them, a nak now would twice
-    await w._hand_on("b2", w.peers["b2"])
+    w.heard(beat("c", 1.0, ACK.format(3)), now=clock[0])
+    clock[0] += 1.0  # its loop stalled (no answers): JetStream may have redelivered its job already
+    w.answered(LivenessAnswer(sent_at=clock[0] + 0.5, worker="c"))  # not sent yet: not believed
+    await w._hand_on("c", w.peers["c"])
     assert w.nc.sent == []
+
+    w.heard(beat("d", 1.0, ACK.format(4)), now=clock[0])
+    clock[0] += 1.0
+    w.answered(LivenessAnswer(sent_at=clock[0] - 0.1, worker="d"))  # its loop ran after that probe
+    await w._hand_on("d", w.peers["d"])
+    assert w.nc.sent == [(ACK.format(4), b"-NAK")]
+
+
+def test_a_beat_read_late_shows_the_loop_ran_when_it_was_sent(monkeypatch):
+    w = watch()
+    monkeypatch.setattr("inference.peer_watch.time.time", lambda: 1000.0)
+    monkeypatch.setattr("inference.peer_watch.time.monotonic", lambda: 50.0)
+    w.heard(beat("a", 999.2, ACK.format(1)))  # sent 0.8 s ago: our own loop was slow to read it
+    assert w.peers["a"].loop_seen_at == pytest.approx(50.0 - 0.8)

@@ -166,12 +166,12 @@ async def fault_loop(cluster: Cluster, args: argparse.Namespace, stop_at: float,
         if not due:
             due = rng.sample(kinds, len(kinds))
         for kind in list(due):
-            at = time.monotonic()  # the kill comes right after: a pause across it includes it
-            target = await asyncio.to_thread(cluster.inject, kind)
+            target, at = await asyncio.to_thread(cluster.inject, kind)
             if target:
                 due.remove(kind)
                 faults.append(Fault(kind, at, target))
-                print(f"  {time.strftime('%H:%M:%S')} fault: {kind} ({target})", flush=True)
+                when = time.strftime('%H:%M:%S', time.localtime(time.time() - (time.monotonic() - at)))
+                print(f"  {when} fault: {kind} ({target})", flush=True)
                 break
 
 

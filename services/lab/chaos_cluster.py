@@ -129,31 +129,36 @@ class Cluster:
 
     # ------------------------------------------------------------------ faults
 
-    def inject(self, kind: str) -> str:
-        """Break one thing of `kind`; the name of what was broken, or "" when it may not be now."""
+    def inject(self, kind: str) -> tuple[str, float]:
+        """Break one thing of `kind`: the name of what was broken ("" when it may not be now), and
+        when (monotonic, just before the kill: asking who is ready and waiting for the dead to be
+        reaped take seconds on a loaded machine, and a pause measured across the kill must not
+        start before it)."""
         if kind in ("decode", "prefill"):
             return self._kill_worker(kind)
         server = {"nats": self.nats, "redis": self.redis}[kind]
+        at = time.monotonic()
         kill_group(server.proc)  # as a crash: no goodbye to the clients, no final save
         time.sleep(DOWN_S)
         server.start()
-        return f"{kind}-server, down {DOWN_S:.0f} s"
+        return f"{kind}-server, down {DOWN_S:.0f} s", at
 
-    def _kill_worker(self, role: str) -> str:
+    def _kill_worker(self, role: str) -> tuple[str, float]:
         alive = [c.name for c in self.supervisor.children() if c.name.startswith(role + "-") and c.ready()]
         # A decode worker dies only while a spare runs: the drill measures migration, not cold starts.
         if len(alive) < (2 if role == "decode" else 1):
-            return ""
+            return "", 0.0
         victim = self.rng.choice(alive)
+        at = time.monotonic()
         self.supervisor.kill(victim)
         timer = threading.Timer(self.replace_after_s, self._replace, [role])
         timer.daemon = True
         with self._lock:
             if self._stopped:
-                return f"{victim} SIGKILLed"
+                return f"{victim} SIGKILLed", at
             timer.start()
             self._replacements.append(timer)
-        return f"{victim} SIGKILLed, a replacement starts in {self.replace_after_s:.0f} s"
+        return f"{victim} SIGKILLed, a replacement starts in {self.replace_after_s:.0f} s", at
 
     def migrated_requests(self) -> set[str]:
         """Request ids a decode worker continued after another one died (from their logs)."""

@@ -31,14 +31,15 @@ def seal(signer: Signer, key: str, payload: bytes) -> bytes:
     return signer.tag(TAG_PURPOSE, key, payload, size=TAG_BYTES) + payload
 
 
-def unseal(signer: Signer, key: str, blob: bytes) -> bytes | None:
-    """The payload of a stored value, or None when its tag is not the one `seal` gave it."""
+def unseal(signer: Signer, key: str, blob: bytes) -> memoryview | None:
+    """The payload of a stored value (a view into it, read-only: a block's megabytes are copied
+    once, into the engine's cache), or None when its tag is not the one `seal` gave it."""
     if len(blob) < TAG_BYTES:
         return None
-    payload = memoryview(blob)[TAG_BYTES:]  # no copy of a block's megabytes just to check it
+    payload = memoryview(blob)[TAG_BYTES:]
     if not signer.check_tag(blob[:TAG_BYTES], TAG_PURPOSE, key, payload):
         return None
-    return bytes(payload)
+    return payload
 
 
 class BlockStore:
@@ -68,7 +69,7 @@ class BlockStore:
             n += 1
         return n
 
-    def load(self, keys: list[str]) -> tuple[list[bytes | None], TransferStats]:
+    def load(self, keys: list[str]) -> tuple[list[memoryview | None], TransferStats]:
         """The payloads of `keys` (None where missing or failing the integrity check), refreshing
         their TTL as they are read. Stats count the stored bytes of the good blocks."""
         if self._signer is None:
@@ -82,7 +83,7 @@ class BlockStore:
         except redis.RedisError as exc:
             log.warning("kv load of %d blocks failed: %s", len(keys), exc)
             blobs = [None] * len(keys)
-        payloads: list[bytes | None] = []
+        payloads: list[memoryview | None] = []
         stored = 0
         for key, blob in zip(keys, blobs, strict=True):
             payload = unseal(self._signer, key, blob) if blob is not None else None

@@ -32,6 +32,7 @@ concatenated; the layout fingerprint in every key guarantees reader and writer a
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -283,10 +284,13 @@ class RedisKVConnector(KVConnectorBase_V1):
                 1 for b in blobs if b is not None and len(b) == expected)
             self._store.record(transfer_stats_key(self._key_prefix, transfer.request_id), "load", stats)
 
-    def _write_block(self, block_id: int, blob: bytes) -> None:
+    def _write_block(self, block_id: int, blob: memoryview) -> None:
         first = self._block(self._layers[0][1], block_id)
-        per_layer = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(first.dtype).view(
-            len(self._layers), *first.shape)
+        # Read in place, never written: torch's warning that the buffer is read-only does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            stored = torch.frombuffer(blob, dtype=torch.uint8)
+        per_layer = stored.view(first.dtype).view(len(self._layers), *first.shape)
         for i, (_, tensor) in enumerate(self._layers):
             self._block(tensor, block_id).copy_(per_layer[i], non_blocking=False)
 

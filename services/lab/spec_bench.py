@@ -22,7 +22,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from bus.messages import ChatMessage, SamplingSpec
+from inference.lookup_drafter import find_draft
 from inference.pools import Pool
 from services.settings import Settings
 
@@ -79,6 +82,10 @@ class Cell:
     draft_tokens: float = 0.0
     accepted_tokens: float = 0.0
     texts: dict[int, str] = field(default_factory=dict)  # by request number
+    answers: dict[int, list[int]] = field(default_factory=dict)  # token ids, by request number
+    prompts: dict[int, list[int]] = field(default_factory=dict)  # token ids, by request number
+    decode_s: dict[int, float] = field(default_factory=dict)  # first token to last, summed over rounds
+    rounds: int = 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -104,15 +111,17 @@ async def run_cell(engine, prompts: list[str], streams: int, max_tokens: int) ->
         while not queue.empty():
             n, prompt = queue.get_nowait()
             ids = engine.render_chat([ChatMessage("user", prompt)])
-            text, last = "", time.monotonic()
+            text, answer, last, first = "", [], time.monotonic(), None
             async for chunk in engine.generate(f"spec-{streams}-{n}-{time.monotonic_ns()}", ids, sampling, max_tokens):
                 now = time.monotonic()
                 if chunk.token_ids:
                     cell.longest_gap_s = max(cell.longest_gap_s, now - last)
                     cell.tokens += len(chunk.token_ids)
-                    last = now
+                    first, last = first or now, now
+                    answer += chunk.token_ids
                 text += chunk.text
-            cell.texts[n] = text
+            cell.texts[n], cell.answers[n], cell.prompts[n] = text, answer, ids
+            cell.decode_s[n] = last - (first or last)
 
     t0 = time.monotonic()
     await asyncio.gather(*(lane() for _ in range(streams)))
@@ -142,6 +151,9 @@ def merge(into: Cell | None, cell: Cell) -> Cell:
     into.longest_gap_s = max(into.longest_gap_s, cell.longest_gap_s)
     into.draft_tokens += cell.draft_tokens
     into.accepted_tokens += cell.accepted_tokens
+    for n, seconds in cell.decode_s.items():
+        into.decode_s[n] = into.decode_s.get(n, 0.0) + seconds
+    into.rounds += 1
     return into  # the texts of the first round stand for all: greedy answers repeat
 
 
@@ -185,7 +197,44 @@ def report(results: dict[str, dict[tuple[str, int], Cell]], args: argparse.Names
         out.append(row)
     out.append(f"longest gap between two tokens of a stream with {base}: "
                + ", ".join(f"{k} x{s}: {c.longest_gap_s * 1000:.0f} ms" for (k, s), c in results[base].items()))
+    if (singles := [kind for kind, streams in results[base] if streams == 1]):
+        out += per_prompt(results, singles)
     return "\n".join(out)
+
+
+def copy_share(prompt_ids: list[int], answer: list[int]) -> float:
+    """The share of the answer's tokens (after its first) that a perfect lookup drafter would have
+    drafted right: the token after the latest earlier occurrence of the longest suffix (2 to 8
+    tokens) of everything before it. What any n-gram drafter can win on this answer is bounded by it."""
+    if len(answer) < 2:
+        return 0.0
+    context = np.array([*prompt_ids, *answer], dtype=np.int64)
+    start = len(prompt_ids)
+    hits = sum(1 for j in range(start + 1, len(context))
+               if len(d := find_draft(context[:j], 2, 8, 1)) and d[0] == context[j])
+    return hits / (len(answer) - 1)
+
+
+def per_prompt(results: dict[str, dict[tuple[str, int], Cell]], kinds: list[str]) -> list[str]:
+    """One stream, each prompt on its own: decode tokens/s (first token to last, so the prompt's
+    pass is left out) of each setting, and how much of the answer copies from what came before it."""
+    names = list(results)
+    base = names[0]
+    out = ["\none stream, each prompt: decode tok/s (first token to last) and the answer's copy share "
+           "(tokens a perfect lookup drafter gets right)",
+           f"{'prompt':<34}{'copy share':>11}" + "".join(f"{f'{n} tok/s':>14}" for n in names)
+           + "".join(f"{f'{n}/{base}':>12}" for n in names[1:])]
+    for kind in kinds:
+        cells = {n: results[n][(kind, 1)] for n in names}
+        for i, prompt in enumerate(SETS[kind]):
+            answer = cells[base].answers.get(i, [])
+            rate = {n: (len(c.answers.get(i, [])) - 1) * c.rounds / c.decode_s[i]
+                    if c.decode_s.get(i) else float("nan") for n, c in cells.items()}
+            label = f"{kind}: {prompt.split(chr(10))[0][:24]}"
+            out.append(f"{label:<34}{copy_share(cells[base].prompts.get(i, []), answer):>10.0%} "
+                       + "".join(f"{rate[n]:>14.1f}" for n in names)
+                       + "".join(f"{rate[n] / rate[base]:>11.2f}x" for n in names[1:]))
+    return out
 
 
 async def run_speculation(settings: Settings, args: argparse.Namespace) -> int:

@@ -87,3 +87,15 @@ def test_a_new_request_in_a_row_starts_afresh():
     assert drafts == [[]]  # given up on
     fresh = Batch(REPEATING[:-3])  # another request took the row: its count did not follow on
     assert fresh.step(d, [following(fresh.rows[0], 1)])[0] != []
+
+
+def test_the_copy_share_counts_the_answer_tokens_a_perfect_lookup_would_draft():
+    from services.lab.spec_bench import copy_share
+    prompt = list(range(100, 140))
+    # An answer that copies the prompt: every token after its second (a draft needs 2 tokens of
+    # context that occurred before, and the prompt's last token and the answer's first did not).
+    assert copy_share(prompt, prompt[:20]) == 18 / 19
+    assert copy_share(prompt, list(range(500, 520))) == 0.0  # nothing of it occurs before
+    half = [*prompt[:11], *range(600, 610)]  # 9 of its 20 later tokens are drafted right
+    assert copy_share(prompt, half) == 9 / 20
+    assert copy_share(prompt, [7]) == 0.0

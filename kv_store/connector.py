@@ -61,6 +61,9 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("grokstack.kv_store")
+# A loaded block is read in place from Redis's reply (read-only) and never written through, so
+# torch's warning that the buffer is not writable does not apply to this module's frombuffer.
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning, module=__name__)
 
 
 @dataclass
@@ -286,11 +289,8 @@ class RedisKVConnector(KVConnectorBase_V1):
 
     def _write_block(self, block_id: int, blob: memoryview) -> None:
         first = self._block(self._layers[0][1], block_id)
-        # Read in place, never written: torch's warning that the buffer is read-only does not apply.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-            stored = torch.frombuffer(blob, dtype=torch.uint8)
-        per_layer = stored.view(first.dtype).view(len(self._layers), *first.shape)
+        per_layer = torch.frombuffer(blob, dtype=torch.uint8).view(first.dtype).view(
+            len(self._layers), *first.shape)
         for i, (_, tensor) in enumerate(self._layers):
             self._block(tensor, block_id).copy_(per_layer[i], non_blocking=False)
 

@@ -69,19 +69,30 @@ def test_a_vllm_process_waiting_for_the_next_step_sleeps_instead_of_spinning(mon
 def test_a_waiting_vllm_process_wakes_about_a_hundred_times_in_a_forward_pass(monkeypatch):
     """Each wake-up takes a core from the other engine's forward pass (its OpenMP team then waits
     for the preempted thread): over a 170 ms wait a reader looks at its queue at most ~120 times
-    (naps of 0.5 ms, then 5% of the wait). Naps can only run long, so a slow machine looks fewer
-    times; with the old naps (50 us, then 1%) it was about 450."""
+    (naps of 0.5 ms, then 5% of the wait); with the old naps (50 us, then 1%) it was about 450.
+    The clock is the naps' own (each nap moves it on by exactly its length): no machine's speed in it."""
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
-    from kv_store.step_lock import wait_without_spinning
+    from kv_store import step_lock
 
+    class NapClock:
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+    clock = NapClock()
+    monkeypatch.setattr(step_lock, "time", clock)
     monkeypatch.setattr(SpinCondition, "wait", SpinCondition.wait)
     monkeypatch.setattr(SpinCondition, "_grokstack_sleeps", False, raising=False)
-    wait_without_spinning()
+    step_lock.wait_without_spinning()
     reader = SpinCondition.__new__(SpinCondition)  # only last_read is read by the patched wait
     reader.last_read = 1
-    looks, start = 0, time.monotonic()
-    while time.monotonic() - start < 0.17:
+    looks = 0
+    while clock.now < 0.17:
         reader.wait()
         looks += 1
     assert 10 < looks <= 130, looks

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import NamedTuple
 
 from bus.priorities import PRIORITIES, Priority
 
@@ -12,6 +13,15 @@ from bus.priorities import PRIORITIES, Priority
 # to hold a few jobs, short enough to follow a spike within it (QueueMeter).
 QUEUE_WINDOW_S = 10.0
 QUEUE_WINDOW_JOBS = 1024  # jobs remembered at most within the window (a bound, whatever the rate)
+# How long a job takes at a batch size is fitted to the last this many jobs that ended, however
+# long ago: an idle worker keeps the speed it had, and a change of work is followed within them.
+SERVICE_SAMPLES = 64
+
+
+class Ended(NamedTuple):
+    """A job that ended: how many jobs the engine held, on average, while it ran, and how long it took."""
+    held: float
+    seconds: float
 
 
 class QueueMeter:
@@ -20,27 +30,70 @@ class QueueMeter:
     pool takes off its queue while work waits, and the recent waits check it.
 
     The drain rate is what it finished per second over the last QUEUE_WINDOW_S, or, when more,
-    the jobs it may hold at once over how long a job takes at its current batch size (smoothed).
-    While work waits the two agree (its batch is full); the second keeps a worker that was
-    idle (few jobs finished lately) from looking slow at the start of a spike. Before its first
-    job ends it knows no rate (0): the edges then make no estimate and refuse nothing for it."""
+    the jobs it may hold at once over how long a job takes when it holds that many. While work
+    waits the two agree (its batch is full); the second keeps a worker that was idle (few jobs
+    finished lately) from looking slow at the start of a spike.
 
-    def __init__(self, window_s: float = QUEUE_WINDOW_S, alpha: float = 0.2) -> None:
+    How long a job takes depends on how many share the engine with it, and how much differs by
+    engine: a GPU's decode step costs about the same for 1 sequence as for 8 (time per job flat
+    in the batch), a CPU's, or any engine's prompt pass, shares one set of cores (time per job
+    grows in proportion, jobs per second do not). So it is measured, not assumed: each job
+    that ends says how many jobs the engine held on average while it ran, and how long it took,
+    and a line through the recent ones (seconds = fixed + per_job x held) gives the time at
+    the batch size asked about. (Assuming it flat made a shared engine's drain look 4x too fast
+    at a spike's onset, fitted from jobs that ran alone, and the wait 4x too short.) Before its
+    first job ends it knows no rate (0): the edges then make no estimate and refuse nothing for it."""
+
+    def __init__(self, window_s: float = QUEUE_WINDOW_S, samples: int = SERVICE_SAMPLES) -> None:
         self.window_s = window_s
-        self.alpha = alpha
-        self.service_s = 0.0  # smoothed time from taking a job to its end, at the current batch size
         self._taken: deque[tuple[float, Priority, float]] = deque(maxlen=QUEUE_WINDOW_JOBS)  # (when, p, waited)
         self._done: deque[float] = deque(maxlen=QUEUE_WINDOW_JOBS)
+        self._ended: deque[Ended] = deque(maxlen=samples)
         self._since = time.monotonic()
+        self._held = 0  # jobs in the engine now
+        self._held_area, self._area_at = 0.0, self._since  # jobs held x seconds, up to when
 
     def taken(self, priority: Priority, waited_s: float, now: float | None = None) -> None:
         self._taken.append((time.monotonic() if now is None else now, priority, max(0.0, waited_s)))
 
-    def done(self, seconds: float, now: float | None = None) -> None:
-        if seconds <= 0:
-            return
-        self._done.append(time.monotonic() if now is None else now)
-        self.service_s = seconds if not self.service_s else self.service_s + self.alpha * (seconds - self.service_s)
+    def _advance(self, now: float) -> None:
+        self._held_area += self._held * max(0.0, now - self._area_at)
+        self._area_at = max(now, self._area_at)
+
+    def started(self, now: float | None = None) -> tuple[float, float]:
+        """A job went into the engine: what `ended` needs to weigh it."""
+        now = time.monotonic() if now is None else now
+        self._advance(now)
+        self._held += 1
+        return now, self._held_area
+
+    def ended(self, start: tuple[float, float], served: bool, now: float | None = None) -> None:
+        """The job `started` gave `start` for left the engine; only a served one is measured."""
+        now = time.monotonic() if now is None else now
+        self._advance(now)
+        self._held = max(0, self._held - 1)
+        began, area = start
+        if served and (seconds := now - began) > 0:
+            self._done.append(now)
+            self._ended.append(Ended(max(1.0, (self._held_area - area) / seconds), seconds))
+
+    def service_s(self, held: int) -> float:
+        """How long a job takes while the engine holds `held` at once (0: none ended yet): the
+        least-squares line through the recent jobs, with neither part below 0. Jobs that all ran
+        at about one batch size tell nothing of the slope: their mean time is taken as flat."""
+        if not self._ended:
+            return 0.0
+        n = len(self._ended)
+        mean_held = sum(e.held for e in self._ended) / n
+        mean_s = sum(e.seconds for e in self._ended) / n
+        spread = sum((e.held - mean_held) ** 2 for e in self._ended)
+        if spread < 0.25 * n:  # held within about half a job of each other
+            return mean_s
+        per_job = max(0.0, sum((e.held - mean_held) * (e.seconds - mean_s) for e in self._ended) / spread)
+        fixed = mean_s - per_job * mean_held
+        if fixed < 0:  # all of it shared: through the mean, from none
+            fixed, per_job = 0.0, mean_s / mean_held
+        return fixed + per_job * max(1, held)
 
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s
@@ -50,13 +103,14 @@ class QueueMeter:
             self._done.popleft()
 
     def drain_jobs_s(self, holds_at_once: int, now: float | None = None) -> float:
-        """Jobs per second it gets through while work waits for it (0: no job ended yet)."""
+        """Jobs per second it gets through while work waits for it, holding `holds_at_once` (0: no job ended yet)."""
         now = time.monotonic() if now is None else now
         self._trim(now)
-        if not self.service_s:
+        holds = max(1, holds_at_once)
+        if not (service_s := self.service_s(holds)):
             return 0.0
         finished = len(self._done) / max(1e-3, min(self.window_s, now - self._since))
-        return max(finished, max(1, holds_at_once) / self.service_s)
+        return max(finished, holds / service_s)
 
     def drain_by_priority_s(self, drain: float, min_shares: dict[Priority, float],
                             now: float | None = None) -> dict[Priority, float]:

@@ -467,6 +467,7 @@ class PoolWorker:
         # sequence 1 (an aggregated job re-weighs itself when its prompt is done).
         self.clock.start(body.request_id, 1.0 if ROLES[self.service.role].holds_answer else job.cost_tokens)
         task = asyncio.create_task(self.service.serve(job, emitter))
+        in_engine = self.queue.started()
         self.cancels.watch(body.request_id, task, body.attempt)
         if self.cancels.is_cancelled(body.request_id, body.attempt):
             task.cancel()
@@ -477,7 +478,7 @@ class PoolWorker:
             self.counters.served += 1
             outcome = "served"
             self.rate.served(job.cost_tokens, time.time() - job.received_at)
-            self.queue.done(time.time() - job.received_at)
+            self.queue.ended(in_engine, served=True)
             await job.msg.ack()
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # the worker is stopping, not the client
@@ -508,6 +509,8 @@ class PoolWorker:
             else:
                 await self._failed(job, emitter, exc)
         finally:
+            if outcome != "served":
+                self.queue.ended(in_engine, served=False)
             keep_alive.cancel()
             self.clock.stop(body.request_id)
             self.cancels.unwatch(body.request_id)

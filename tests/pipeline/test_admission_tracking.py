@@ -22,7 +22,9 @@ from tests.pipeline.test_admission import chat, fake_pools, warm
 
 class SharedCore(FakeEngine):
     """A prefill engine whose prompts share one core, as vLLM's on a CPU: each needs `work_s` of
-    it, and n at once each take n times as long (its pool's speed does not grow with its batch)."""
+    it, and n at once each take n times as long (its pool's speed does not grow with its batch).
+    The core's time is the wall clock's, not the ticks asked for: a loaded machine's event loop
+    wakes late, and counting ticks would make the pool slower the more it lags."""
 
     def __init__(self, work_s: float, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -32,10 +34,12 @@ class SharedCore(FakeEngine):
     async def generate(self, *args, **kwargs):
         self.running += 1
         try:
-            left = self.work_s
+            left, then = self.work_s, time.monotonic()
             while left > 0:
-                await asyncio.sleep(TICK_S)
-                left -= TICK_S / self.running
+                await asyncio.sleep(min(TICK_S, left * self.running))
+                now = time.monotonic()
+                left -= (now - then) / self.running
+                then = now
         finally:
             self.running -= 1
         async for chunk in super().generate(*args, **kwargs):

@@ -145,37 +145,69 @@ def test_cost_is_priced_per_pool():
     assert cost.usd == round(0.5 + 10.0 * 0.002, 9)
 
 
+def run_jobs(meter, at_once: int, seconds: float, start: float) -> float:
+    """`at_once` jobs go into the engine together and all take `seconds`: when they ended."""
+    handles = [meter.started(now=start) for _ in range(at_once)]
+    for handle in handles:
+        meter.ended(handle, served=True, now=start + seconds)
+    return start + seconds
+
+
 def test_the_queue_meter_reports_the_drain_and_the_waits_its_jobs_had():
     from inference.queue_meter import QueueMeter
-    meter = QueueMeter(window_s=10.0, alpha=0.5)
+    meter = QueueMeter(window_s=10.0)
     start = meter._since
     assert meter.drain_jobs_s(4, now=start + 1) == 0.0  # no job ended yet: no rate, no estimate
-    for n in range(4):  # 4 at once, each taking 2 s at this batch size
+    for n in range(4):
         meter.taken("interactive", 0.1 * n, now=start + n * 0.1)
     meter.taken("batch", 3.0, now=start + 0.5)
-    for n in range(4):
-        meter.done(2.0, now=start + 2 + n * 0.1)
-    assert meter.service_s == 2.0
+    run_jobs(meter, 4, 2.0, start)  # 4 at once, each taking 2 s at this batch size
+    assert meter.service_s(4) == pytest.approx(2.0)
     # Little's law: 4 held at once over 2 s each; it finished 4 in its first 2.5 s (1.6/s)
-    assert meter.drain_jobs_s(4, now=start + 2.5) == 2.0
+    assert meter.drain_jobs_s(4, now=start + 2.5) == pytest.approx(2.0)
     # when it would hold fewer at once, what it finished lately is the more
-    assert meter.drain_jobs_s(1, now=start + 2.5) == 1.6
+    assert meter.drain_jobs_s(1, now=start + 2.5) == pytest.approx(1.6)
     assert meter.waits_s(now=start + 2.5) == {"interactive": pytest.approx(0.15), "batch": 3.0}
-    # a batch grown slower (4 s a job) drains less
-    for _ in range(20):
-        meter.done(4.0, now=start + 3)
-    assert meter.drain_jobs_s(4, now=start + 3) == pytest.approx(24 / 3)  # 24 ended in 3 s
-    assert meter.drain_jobs_s(4, now=start + 13.5) == pytest.approx(1.0, abs=0.01)  # they aged out: 4 / 4 s
+    assert meter.drain_jobs_s(4, now=start + 13.5) == pytest.approx(2.0)  # idle since: the speed it had
     assert meter.waits_s(now=start + 13.5) == {}  # none taken within the window
+    handle = meter.started(now=start + 14)  # a job that failed says nothing of the speed
+    meter.ended(handle, served=False, now=start + 30)
+    assert meter.service_s(4) == pytest.approx(2.0)
+
+
+def test_the_time_a_job_takes_is_fitted_to_the_batch_it_ran_in():
+    """A shared engine (a CPU's, or any prompt pass) gets through as many jobs a second at any
+    batch size: fitted from jobs alone and jobs four at once, it is not taken for one whose jobs
+    take as long at 4 as alone (which gave 4x the drain at a spike's onset)."""
+    from inference.queue_meter import QueueMeter
+    shared, flat = QueueMeter(), QueueMeter()
+    t = shared._since
+    for at_once in (1, 1, 2, 4, 4):
+        run_jobs(shared, at_once, 0.1 * at_once, t)
+        t = run_jobs(flat, at_once, 0.5, t)
+    assert shared.service_s(4) == pytest.approx(0.4)
+    assert shared.drain_jobs_s(4, now=t) == pytest.approx(10.0)
+    assert shared.drain_jobs_s(2, now=t) == pytest.approx(10.0)
+    assert flat.service_s(4) == pytest.approx(0.5)
+    assert flat.drain_jobs_s(4, now=t) == pytest.approx(8.0)
+    # a fixed part and a shared part: 0.2 s + 0.1 s a job held
+    mixed = QueueMeter()
+    for at_once in (1, 3, 5):
+        t = run_jobs(mixed, at_once, 0.2 + 0.1 * at_once, t)
+    assert mixed.service_s(4) == pytest.approx(0.6)
+    # jobs all alone tell nothing of the slope: their time is taken as flat
+    alone = QueueMeter()
+    run_jobs(alone, 1, 0.1, alone._since)
+    assert alone.service_s(4) == pytest.approx(0.1)
 
 
 def test_each_priority_drains_what_the_priorities_above_it_leave_of_the_rate():
     """Work above a waiting request keeps arriving after it and is served first: its queue drains
     at what is left, never below its minimum share."""
     from inference.queue_meter import QueueMeter
-    meter = QueueMeter(window_s=10.0, alpha=1.0)
+    meter = QueueMeter(window_s=10.0)
     start = meter._since
-    meter.done(1.0, now=start)  # 4 at once, 1 s each: 4 jobs/s
+    run_jobs(meter, 1, 1.0, start - 1)  # 1 s a job, flat: 4 at once, 4 jobs/s
     for n in range(20):  # in the last 10 s: 20 interactive (2/s) and 10 standard (1/s) taken
         meter.taken("interactive", 0.0, now=start + n * 0.5)
     for n in range(10):

@@ -7,7 +7,7 @@ jobs per second each gets through while work waits for it, at its current batch 
 jobs it would pull now.
 
 The wait of priority p in one queue is Little's law: the jobs ahead of it (queued at p and above,
-which are served first) that the pool's free room does not take at once, over the jobs per
+which are served first) and itself that the pool's free room does not take at once, over the jobs per
 second the pool takes off p's queue: its drain less the jobs of higher priorities it takes
 meanwhile (they keep coming after the request and are served before it), as each worker
 measures. (More jobs than that room held by JetStream at the last read say the room was taken:
@@ -324,6 +324,10 @@ class QueueWatch:
 
     def _queue_wait_s(self, kind: WorkKind, region: str, priority: Priority) -> float:
         """Seconds until a worker takes a new request's job from `kind`'s queue, were it put there now.
+        It is taken once the jobs ahead of it and it have found a place: the free room takes some
+        at once, the rest as the pool drains, so with none free even the first in line waits for a
+        job to end (1 / drain: a full decode pool that ends an answer a second makes the next
+        request wait a second for its slot, which counting only the jobs ahead called none).
         A worker with room pulls at once, so more jobs of `kind` pending at or above `priority`
         when JetStream was read than the free room its workers' beats told of say that room was
         taken since: then none counts. Fewer may be jobs on their way to that room (a read
@@ -333,7 +337,7 @@ class QueueWatch:
         drain = self.drain_jobs_s(kind, region, priority)
         free = self.free_jobs(kind, region)
         full = sum(self._pending.get((kind, region, p), 0) for p in at_or_above(priority)) > free
-        waiting = self.jobs_ahead(kind, region, priority) - (0 if full else free)
+        waiting = self.jobs_ahead(kind, region, priority) + 1 - (0 if full else free)
         if not drain or waiting <= 0:  # no speed known yet: no estimate, no refusal
             return 0.0
         return waiting / drain

@@ -56,49 +56,51 @@ def test_the_wait_is_the_jobs_ahead_beyond_the_free_room_over_the_measured_drain
     queues = measured_watch()
     for _ in range(10):  # published by this edge since the last read of the queues
         queues.published("local", "interactive", 100, 100)
-    # 10 ahead, 2 taken at once, 8 at 4 jobs/s; the decode pool (16 free) takes all of them at once
-    assert queues.waits_s("local", "interactive") == (pytest.approx(2.0), 0.0)
-    assert queues.wait_s("local", "interactive") == pytest.approx(2.0)
+    # 10 ahead and itself, 2 taken at once, 9 at 4 jobs/s; the decode pool (16 free) takes all at once
+    assert queues.waits_s("local", "interactive") == (pytest.approx(2.25), 0.0)
+    assert queues.wait_s("local", "interactive") == pytest.approx(2.25)
     for _ in range(4):
         queues.published("local", "standard", 100, 100)
-    assert queues.wait_s("local", "standard") == pytest.approx((14 - 2) / 4)
-    assert queues.wait_s("local", "interactive") == pytest.approx(2.0)  # standard is served after it
+    assert queues.wait_s("local", "standard") == pytest.approx((14 + 1 - 2) / 4)
+    assert queues.wait_s("local", "interactive") == pytest.approx(2.25)  # standard is served after it
 
     # the next read: JetStream still holds 6 and 4, so the workers' room was taken then
     queues._published.clear()
     queues._pending[("req", "local", "interactive")] = 6
     queues._pending[("req", "local", "standard")] = 4
-    assert queues.wait_s("local", "interactive") == pytest.approx(6 / 4)
-    assert queues.wait_s("local", "standard") == pytest.approx(10 / 4)
+    assert queues.wait_s("local", "interactive") == pytest.approx(7 / 4)
+    assert queues.wait_s("local", "standard") == pytest.approx(11 / 4)
     queues._pending[("req", "local", "batch")] = 2
-    assert queues.wait_s("local", "batch") == pytest.approx(12 / 4)
+    assert queues.wait_s("local", "batch") == pytest.approx(13 / 4)
 
     # a second prefill worker: twice the drain
     queues.on_beat(measuring("p2", "prefill", room=0, drain=4.0))
-    assert queues.wait_s("local", "interactive") == pytest.approx(6 / 8)
+    assert queues.wait_s("local", "interactive") == pytest.approx(7 / 8)
     # a decode backlog: 20 jobs wait for a slot (so it has no room), and the 6 prefills ahead will
-    # too: 26 at 2 jobs/s is 13 s, less the 0.75 s it drains while the request waits for its prefill
+    # too: 27 with its own at 2 jobs/s is 13.5 s, less the 0.875 s it drains while the request
+    # waits for its prefill
     queues._pending[("decode", "local", "interactive")] = 20
     first, decode = queues.waits_s("local", "interactive")
-    assert (first, decode) == (pytest.approx(0.75), pytest.approx(13 - 0.75))
-    assert queues.wait_s("local", "interactive") == pytest.approx(12.25)  # the longer one
+    assert (first, decode) == (pytest.approx(0.875), pytest.approx(13.5 - 0.875))
+    assert queues.wait_s("local", "interactive") == pytest.approx(12.625)  # the longer one
 
 
 def test_work_the_free_room_takes_at_once_does_not_wait():
     queues = measured_watch()
-    for _ in range(2):
-        queues.published("local", "interactive", 100, 100)
-    assert queues.wait_s("local", "interactive") == 0.0
+    queues.published("local", "interactive", 100, 100)
+    assert queues.wait_s("local", "interactive") == 0.0  # one ahead, and itself: 2 free
+    queues.published("local", "interactive", 100, 100)
+    assert queues.wait_s("local", "interactive") == pytest.approx(1 / 4)  # the third waits for one to end
     queues.on_beat(measuring("p1", "prefill", room=0, drain=4.0))  # its batch filled since
-    assert queues.wait_s("local", "interactive") == pytest.approx(0.5)
+    assert queues.wait_s("local", "interactive") == pytest.approx(3 / 4)
     queues.on_beat(measuring("p1", "prefill", room=2, drain=4.0))
     queues._published.clear()
     queues._pending[("req", "local", "batch")] = 3  # pending below it: interactive still has room
     assert queues.wait_s("local", "interactive") == 0.0
-    queues._pending[("req", "local", "interactive")] = 2  # no more than the room: on their way to it
+    queues._pending[("req", "local", "interactive")] = 1  # less than the room: on its way to it
     assert queues.wait_s("local", "interactive") == 0.0
     queues._pending[("req", "local", "interactive")] = 3  # more than the room: it was taken since the beat
-    assert queues.wait_s("local", "interactive") == pytest.approx(3 / 4)
+    assert queues.wait_s("local", "interactive") == pytest.approx(4 / 4)
 
 
 def test_answers_seen_ending_free_their_worker_s_room_before_its_next_beat():
@@ -110,12 +112,12 @@ def test_answers_seen_ending_free_their_worker_s_room_before_its_next_beat():
                              rate_tokens_s=1.0, room_jobs=4, drain_jobs_s=4.0))
     for _ in range(12):
         queues.published("local", "interactive", 100, 100)
-    # decode: 12 ahead, 4 free, 8 at 4 jobs/s = 2 s, less the prefill's (12 - 4) / 40 = 0.2 s
-    assert queues.waits_s("local", "interactive") == (pytest.approx(0.2), pytest.approx(1.8))
+    # decode: 12 ahead and itself, 4 free, 9 at 4 jobs/s = 2.25 s, less the prefill's (13 - 4) / 40
+    assert queues.waits_s("local", "interactive") == (pytest.approx(0.225), pytest.approx(2.025))
     for _ in range(12):
         queues.job_ended("d1", "decode")
     assert queues.free_jobs("decode", "local") == 16
-    assert queues.waits_s("local", "interactive") == (pytest.approx(0.2), 0.0)
+    assert queues.waits_s("local", "interactive") == (pytest.approx(0.225), 0.0)
     queues.job_ended("d1", "decode")  # no more than it held at its beat
     queues.job_ended("d1", "prefill")  # not a worker of that role
     queues.job_ended("d9", "decode")  # not one it heard
@@ -135,7 +137,7 @@ def test_the_issue_s_load_is_not_over_budget():
     queues.on_beat(measuring("d1", "decode", room=16, drain=16 / 3.0))
     admission = admission_of(queues)
     waits = [admission.admit(request("interactive"), PUBLIC).estimated_wait_s for _ in range(16)]
-    assert waits[0] == 0.0 and max(waits) == pytest.approx((15 - 4) * 0.3 / 4, abs=0.01)
+    assert waits[0] == 0.0 and max(waits) == pytest.approx((15 + 1 - 4) * 0.3 / 4, abs=0.01)
     assert max(waits) < SETTINGS.priorities.queue_budget_interactive_s
 
 
@@ -153,7 +155,7 @@ def test_a_dead_pool_is_weighed_at_the_drain_it_had_with_no_free_room():
                              state="failed"))
     queues._pending[("req", "local", "interactive")] = 10
     assert queues.workers("local") == {"decode": 1}
-    assert queues.wait_s("local", "interactive") == pytest.approx(10 / 4.0)
+    assert queues.wait_s("local", "interactive") == pytest.approx((10 + 1) / 4.0)
 
 
 def test_the_measured_waits_are_kept_per_priority():
@@ -196,7 +198,7 @@ def test_an_aggregated_pool_is_costed_as_one_that_also_decodes():
     # measuring, it is one pool whose queue is the request queue: no decode queue of its own
     queues.on_beat(Heartbeat(worker_id="a1", role="aggregated", region="local", model_id="m", slots=4,
                              room_jobs=0, drain_jobs_s=2.0))
-    assert queues.waits_s("local", "standard") == (pytest.approx(0.5), 0.0)
+    assert queues.waits_s("local", "standard") == (pytest.approx((1 + 1) / 2.0), 0.0)
 
 
 def test_batch_is_refused_first_then_standard_and_interactive_last():
@@ -304,7 +306,7 @@ def test_a_priority_s_queue_drains_at_what_its_workers_say_is_left_to_it():
                              drain_by_priority_s={"interactive": 4.0, "standard": 2.0, "batch": 0.2}))
     queues.on_beat(measuring("p2", "prefill", room=0, drain=4.0))  # an older worker: all of it to each
     queues._pending[("req", "local", "batch")] = 12
-    assert queues.waits_s("local", "interactive")[0] == 0.0
-    assert queues.waits_s("local", "batch")[0] == pytest.approx(12 / (0.2 + 4.0))
+    assert queues.waits_s("local", "interactive")[0] == pytest.approx(1 / (4.0 + 4.0))  # first in line
+    assert queues.waits_s("local", "batch")[0] == pytest.approx(13 / (0.2 + 4.0))
     queues._pending[("req", "local", "standard")] = 6
-    assert queues.waits_s("local", "standard")[0] == pytest.approx(6 / (2.0 + 4.0))
+    assert queues.waits_s("local", "standard")[0] == pytest.approx(7 / (2.0 + 4.0))

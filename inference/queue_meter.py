@@ -16,6 +16,7 @@ QUEUE_WINDOW_JOBS = 1024  # jobs remembered at most within the window (a bound, 
 # How long a job takes at a batch size is fitted to the last this many jobs that ended, however
 # long ago: an idle worker keeps the speed it had, and a change of work is followed within them.
 SERVICE_SAMPLES = 64
+MIN_FIT_JOBS = 5  # fewer ended jobs than this are too few to fit a slope to
 
 
 class Ended(NamedTuple):
@@ -41,7 +42,10 @@ class QueueMeter:
     that ends says how many jobs the engine held on average while it ran, and how long it took,
     and a line through the recent ones (seconds = fixed + per_job x held) gives the time at
     the batch size asked about. (Assuming it flat made a shared engine's drain look 4x too fast
-    at a spike's onset, fitted from jobs that ran alone, and the wait 4x too short.) Before its
+    at a spike's onset, and the wait 4x too short: its smoothed time mixed jobs that ran alone with
+    the spike's first ones.) Jobs that all ran at one batch size tell nothing of the slope and are
+    still taken as flat: a worker whose last 64 jobs all ran alone looks that much too fast at
+    the next spike's onset, until its first jobs at a larger batch end. Before its
     first job ends it knows no rate (0): the edges then make no estimate and refuse nothing for it."""
 
     def __init__(self, window_s: float = QUEUE_WINDOW_S, samples: int = SERVICE_SAMPLES) -> None:
@@ -79,18 +83,25 @@ class QueueMeter:
 
     def service_s(self, held: int) -> float:
         """How long a job takes while the engine holds `held` at once (0: none ended yet): the
-        least-squares line through the recent jobs, with neither part below 0. Jobs that all ran
-        at about one batch size tell nothing of the slope: their mean time is taken as flat."""
-        if not self._ended:
+        least-squares line through the recent jobs, with neither part below 0. The time is taken
+        as flat (their mean) when the jobs tell nothing of a slope: fewer than MIN_FIT_JOBS, all
+        at about one batch size, or a slope within two standard errors of none (answers of
+        different lengths at different batch sizes make one out of noise, and a line through
+        noise would call a flat decode pool slow at a batch it never ran)."""
+        jobs = self._ended
+        if not jobs:
             return 0.0
-        n = len(self._ended)
-        mean_held = sum(e.held for e in self._ended) / n
-        mean_s = sum(e.seconds for e in self._ended) / n
-        spread = sum((e.held - mean_held) ** 2 for e in self._ended)
-        if spread < 0.25 * n:  # held within about half a job of each other
+        n = len(jobs)
+        mean_held = sum(e.held for e in jobs) / n
+        mean_s = sum(e.seconds for e in jobs) / n
+        spread = sum((e.held - mean_held) ** 2 for e in jobs)
+        if n < MIN_FIT_JOBS or spread < 0.25 * n:  # held within about half a job of each other
             return mean_s
-        per_job = max(0.0, sum((e.held - mean_held) * (e.seconds - mean_s) for e in self._ended) / spread)
+        per_job = sum((e.held - mean_held) * (e.seconds - mean_s) for e in jobs) / spread
         fixed = mean_s - per_job * mean_held
+        residual = sum((e.seconds - fixed - per_job * e.held) ** 2 for e in jobs) / (n - 2)
+        if per_job <= 0 or per_job * per_job * spread <= 4 * residual:  # t = slope / its error <= 2
+            return mean_s
         if fixed < 0:  # all of it shared: through the mean, from none
             fixed, per_job = 0.0, mean_s / mean_held
         return fixed + per_job * max(1, held)

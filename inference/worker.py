@@ -467,18 +467,21 @@ class PoolWorker:
         # sequence 1 (an aggregated job re-weighs itself when its prompt is done).
         self.clock.start(body.request_id, 1.0 if ROLES[self.service.role].holds_answer else job.cost_tokens)
         task = asyncio.create_task(self.service.serve(job, emitter))
-        in_engine = self.queue.started()
         self.cancels.watch(body.request_id, task, body.attempt)
         if self.cancels.is_cancelled(body.request_id, body.attempt):
             task.cancel()
         keep_alive = asyncio.create_task(self._keep_alive(job.msg))
         outcome = "failed"
+        in_engine = self.queue.started()
         try:
-            await task
+            try:
+                await task
+            finally:  # it left the engine now, however it ended, and once
+                self.queue.ended(in_engine, served=task.done() and not task.cancelled()
+                                 and task.exception() is None)
             self.counters.served += 1
             outcome = "served"
             self.rate.served(job.cost_tokens, time.time() - job.received_at)
-            self.queue.ended(in_engine, served=True)
             await job.msg.ack()
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # the worker is stopping, not the client
@@ -509,8 +512,6 @@ class PoolWorker:
             else:
                 await self._failed(job, emitter, exc)
         finally:
-            if outcome != "served":
-                self.queue.ended(in_engine, served=False)
             keep_alive.cancel()
             self.clock.stop(body.request_id)
             self.cancels.unwatch(body.request_id)

@@ -99,6 +99,8 @@ def test_work_the_free_room_takes_at_once_does_not_wait():
     assert queues.wait_s("local", "interactive") == 0.0
     queues._pending[("req", "local", "interactive")] = 1  # less than the room: on its way to it
     assert queues.wait_s("local", "interactive") == 0.0
+    queues._pending[("req", "local", "interactive")] = 2  # as many as the room: both on their way
+    assert queues.wait_s("local", "interactive") == pytest.approx(1 / 4)  # and it waits for one to end
     queues._pending[("req", "local", "interactive")] = 3  # more than the room: it was taken since the beat
     assert queues.wait_s("local", "interactive") == pytest.approx(4 / 4)
 

@@ -179,7 +179,7 @@ def test_the_time_a_job_takes_is_fitted_to_the_batch_it_ran_in():
     """A shared engine (a CPU's, or any prompt pass) gets through as many jobs a second at any
     batch size: fitted from jobs alone and jobs four at once, it is not taken for one whose jobs
     take as long at 4 as alone (which gave 4x the drain at a spike's onset)."""
-    from inference.queue_meter import QueueMeter
+    from inference.queue_meter import Ended, QueueMeter
     shared, flat = QueueMeter(), QueueMeter()
     t = shared._since
     for at_once in (1, 1, 2, 4, 4):
@@ -197,8 +197,49 @@ def test_the_time_a_job_takes_is_fitted_to_the_batch_it_ran_in():
     assert mixed.service_s(4) == pytest.approx(0.6)
     # jobs all alone tell nothing of the slope: their time is taken as flat
     alone = QueueMeter()
-    run_jobs(alone, 1, 0.1, alone._since)
-    assert alone.service_s(4) == pytest.approx(0.1)
+    run_jobs(alone, 8, 0.1, alone._since)  # (8 at once, as alike)
+    assert alone.service_s(1) == pytest.approx(0.1)
+    # all of it shared, with a little noise: a line through the mean from none
+    shared = QueueMeter()
+    t = shared._since
+    for at_once, seconds in ((1, 0.12), (2, 0.19), (4, 0.42), (4, 0.38), (8, 0.79)):
+        t = run_jobs(shared, at_once, seconds, t)
+    assert shared.service_s(4) == pytest.approx(0.4, rel=0.05)
+    steeper = QueueMeter()  # a line that would start below 0: through the mean from none instead
+    steeper._ended.extend(Ended(held, seconds) for held, seconds in ((1, 0.1), (2, 0.3), (4, 0.7)) * 2)
+    assert steeper.service_s(4) == pytest.approx(4 * (1.1 / 3) / (7 / 3))
+
+
+def test_a_slope_the_jobs_do_not_show_is_not_fitted():
+    """Answers of different lengths at different batch sizes make a slope out of noise; a line
+    through it would call a flat decode pool slow at a batch it never ran."""
+    from inference.queue_meter import Ended, QueueMeter
+    noisy = QueueMeter()  # one job at a time of each (jobs ending together would weigh as many)
+    noisy._ended.extend(Ended(held, seconds) for held, seconds in
+                        ((1, 4.0), (3, 5.5), (1, 5.0), (3, 6.0), (1, 3.0), (3, 4.5)))
+    assert noisy.service_s(16) == pytest.approx(28 / 6)  # flat: the line's slope is 1.8 errors from none
+    noisy._ended.extend(Ended(held, seconds) for held, seconds in ((1, 4.0), (3, 5.5), (1, 4.1), (3, 5.4)))
+    assert noisy.service_s(16) > 10  # the same slope, steadier: now it shows
+    falling = QueueMeter()  # longer alone than together (other work ran then): flat, never below 0
+    t = falling._since
+    for at_once, seconds in ((1, 2.0), (1, 2.2), (4, 1.0), (4, 1.1)):
+        t = run_jobs(falling, at_once, seconds, t)
+    assert falling.service_s(16) == pytest.approx((2.0 + 2.2 + 4 * 1.0 + 4 * 1.1) / 10)
+    few = QueueMeter()  # one alone and two together: too few to fit
+    t = run_jobs(few, 1, 0.1, few._since)
+    run_jobs(few, 2, 0.2, t)
+    assert few.service_s(4) == pytest.approx(0.5 / 3)
+
+
+def test_the_jobs_held_are_averaged_over_each_job_s_time():
+    from inference.queue_meter import QueueMeter
+    meter = QueueMeter()
+    t = meter._since
+    a = meter.started(now=t)
+    b = meter.started(now=t + 1)  # A alone for 1 s, then both for 1 s
+    meter.ended(a, served=True, now=t + 2)
+    meter.ended(b, served=True, now=t + 2)
+    assert [(e.held, e.seconds) for e in meter._ended] == [(1.5, 2.0), (2.0, 1.0)]
 
 
 def test_each_priority_drains_what_the_priorities_above_it_leave_of_the_rate():
@@ -207,7 +248,8 @@ def test_each_priority_drains_what_the_priorities_above_it_leave_of_the_rate():
     from inference.queue_meter import QueueMeter
     meter = QueueMeter(window_s=10.0)
     start = meter._since
-    run_jobs(meter, 1, 1.0, start - 1)  # 1 s a job, flat: 4 at once, 4 jobs/s
+    run_jobs(meter, 1, 1.0, start)  # 1 s a job, flat: 4 at once, 4 jobs/s
+    start += 1
     for n in range(20):  # in the last 10 s: 20 interactive (2/s) and 10 standard (1/s) taken
         meter.taken("interactive", 0.0, now=start + n * 0.5)
     for n in range(10):

@@ -6,10 +6,11 @@ whether it drains, its model and JetStream domain. Worker heartbeats stay in the
 leaf connection to the transit does not carry them, services/nats_config.py); region beats go
 everywhere, so every edge of every region hears every region, its own included.
 
-A region is dead when no beat of it came for `region_timeout_s`, or when a beat says a stage has
-no live worker. The round trip to a region is measured without comparing clocks: each beat hands
-back the last beat it heard from every edge (`Echo`: when that was sent, by its sender's clock,
-and how long it was held), so the sender takes the time since it sent it, less the holding.
+A region is dead when no beat of it came for `region_timeout_s`, or when its beats have said for
+`region_timeout_s` that a stage has no live worker. The round trip to a region is measured
+without comparing clocks: each beat hands back the last beat it heard from every edge (`Echo`:
+when that was sent, by its sender's clock, and how long it was held), so the sender takes the
+time since it sent it, less the holding.
 
 For the regions this edge hears the workers of (its own), the queue wait comes from its own
 QueueWatch, which also counts what it published since the last poll; for the others, from their
@@ -24,6 +25,7 @@ a region silent for REGION_MEMORY_S is forgotten (long after any request it held
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -182,11 +184,13 @@ class Regions:
         return region in self._seen and not self.alive(region)
 
     def alive(self, region: str) -> bool:
-        """Heard from lately, and every stage of a request has a live worker there."""
+        """Heard from lately, and every stage of a request had a live worker there within
+        `region_timeout_s`: one beat that counts a stage empty (its workers' heartbeats late on a
+        loaded machine) does not kill a region, as one late region beat does not."""
         if not self.heard_within(region, self.config.region_timeout_s):
             return False
-        workers = self._seen[region].beat.workers
-        return all(any(workers.get(role, 0) > 0 for role in roles_serving(stage)) for stage in STAGES)
+        now, stages = time.monotonic(), self._stage_alive_at.get(region, {})
+        return all(now - stages.get(stage, -math.inf) <= self.config.region_timeout_s for stage in STAGES)
 
     def takes_new(self, region: str, model_id: str) -> bool:
         """Alive, not draining, and serving this edge's model."""

@@ -71,6 +71,8 @@ def test_a_dead_home_fails_over_to_the_fastest_alive_region(world):
 def test_a_region_with_a_stage_down_or_draining_or_another_model_takes_nothing_new(world):
     _, regions, router = world
     regions.on_beat(region_beat("eu", workers={"prefill": 1}))  # no decode worker
+    assert regions.alive("eu")  # one beat short of a stage is a late heartbeat, not yet a death
+    regions._stage_alive_at["eu"]["decode"] -= SETTINGS.edge.region_timeout_s + 0.1  # gone since
     regions.on_beat(region_beat("us", draining=True))
     regions.on_beat(region_beat("ap", model="another-model"))
     assert not regions.takes_new("us", MODEL) and not regions.takes_new("ap", MODEL)

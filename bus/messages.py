@@ -141,6 +141,12 @@ class Timings(Struct, frozen=True, forbid_unknown_fields=True):
     decode_queue_ms: float = 0.0  # waiting for a decode worker
     decode_ms: float = 0.0
 
+    @property
+    def queue_wait_s(self) -> float:
+        """The wait admission estimates (edge/queues.py): the longer of the waits for a prefill
+        and, after the first token, for a decode slot."""
+        return max(self.queue_ms, self.decode_queue_ms) / 1000
+
 
 class KvTransfer(Struct, frozen=True, forbid_unknown_fields=True):
     """The prompt's KV on its way from prefill to decode through Redis."""

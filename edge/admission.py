@@ -9,6 +9,9 @@ requests fast and tells the rest when to come back. Checked in this order:
      token), or after it for a decode slot, whichever is longer; never the time to clear a
      backlog that does not delay it. An accepted request carries the estimate it was judged by
      (`Admitted.estimated_wait_s`), so a bench can hold it against the wait it then had.
+     A share of these (`admission_audit_share`, 0 by default) is served instead, as an audit: its
+     real queue wait, held against the budget when it ends, says whether refusing it would have
+     been right (`grokstack_admission_audits_total`, the refusals' precision in production).
 Both refusals are retryable and say after how many seconds a retry is likely to be accepted.
 While a pool has no live worker and its replacement is expected (edge/intake.py), its queue does
 not drain until then: a refused request is told to come back no sooner than that.
@@ -23,6 +26,7 @@ max_tokens; the tenant's bucket gets back what the answer did not use when it en
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import msgspec
@@ -87,6 +91,7 @@ class Admitted:
     degraded_max_tokens: int | None = None  # max_tokens was capped to this (batch under load)
     estimated_prompt_tokens: int = 0  # by characters, before scaling
     estimated_wait_s: float = 0.0  # the queue wait it was judged by (edge/queues.py)
+    audited: bool = False  # over its budget, served to see whether refusing it would have been right
 
 
 class Admission:
@@ -99,6 +104,7 @@ class Admission:
         self.budgets = {p: policy.queue_budget_s for p, policy in self.policies.items()}
         self._buckets: dict[str, TokenBucket] = {}
         self.scale = PromptScale()
+        self._audit_draw = random.Random()  # which overloaded requests are audited
 
     def admit(self, request: ChatRequest, tenant: Tenant, replacement_in_s: float = 0.0) -> Admitted:
         """The request to publish (maybe degraded), or Refused. `replacement_in_s`: a stage of its
@@ -108,7 +114,8 @@ class Admission:
         prompt = self.scale.tokens(estimated)
         wait = self.regions.wait_s(request.region, priority)
         budget = self.budgets[priority]
-        if budget and wait > budget:
+        audited = bool(budget) and wait > budget  # refused, unless drawn for an audit
+        if audited and (replacement_in_s or self._audit_draw.random() >= self.config.admission_audit_share):
             raise self._refuse("overloaded", priority, f"the estimated queue wait for {priority} requests is "
                                f"{wait:.1f} s, over its budget of {budget:g} s", max(wait - budget, replacement_in_s))
         request, degraded = self._degrade(request, wait, budget)
@@ -122,7 +129,7 @@ class Admission:
                                    f"{tenant.tokens_per_minute} tokens per minute; this request needs about "
                                    f"{charged}", short_s)
         self.queues.published(request.region, priority, prompt, request.sampling.max_tokens)
-        return Admitted(request, charged, degraded, estimated, round(wait, 3))
+        return Admitted(request, charged, degraded, estimated, round(wait, 3), audited)
 
     def _refuse(self, code: str, priority: Priority, message: str, after_s: float) -> Refused:
         metrics.observe_refused(code, priority)
@@ -149,6 +156,9 @@ class Admission:
         final = next((e for e in reversed(events) if isinstance(e, FinalEvent)), None)
         if final is not None:
             self.scale.learn(admitted.estimated_prompt_tokens, final.usage.prompt_tokens)
+            if admitted.audited:
+                priority = admitted.request.priority
+                metrics.observe_admission_audit(priority, final.timings.queue_wait_s > self.budgets[priority])
         bucket = self._buckets.get(tenant)
         if bucket is not None and admitted.charged_tokens:
             bucket.give_back(admitted.charged_tokens - used_tokens(events))

@@ -47,6 +47,10 @@ class EdgeConfig(Section):
     # Before refusing batch requests (bus/priorities.py budgets), their max_tokens is capped to
     # this once the batch wait passes half its budget (0: no degradation).
     degraded_batch_max_tokens: Annotated[int, Field(ge=0)] = 64
+    # This share of the requests admission would refuse as overloaded is served instead, and
+    # their real queue wait counted against the budget (grokstack_admission_audits_total): the
+    # refusals' precision, measured in production (0: refuse them all).
+    admission_audit_share: Share = 0.0
     queue_poll_s: Seconds = 0.5  # how often an edge reads the work queues' depth
     # Regions (edge/regions.py, edge/routing.py). Each edge announces the regions whose workers it
     # sees every region_beat_s; a region not heard from for region_timeout_s is dead.

@@ -50,6 +50,12 @@ REQUESTS_REFUSED = Counter(
     "grokstack_requests_refused_total",
     "Edge: requests refused at admission, by reason (overloaded, rate_limited, too_many_requests, unavailable).",
     ["priority", "reason"])
+ADMISSION_AUDITS = Counter(
+    "grokstack_admission_audits_total",
+    "Edge: requests admission would have refused as overloaded but served as an audit "
+    "(GROKSTACK_ADMISSION_AUDIT_SHARE), by whether their real queue wait was over the budget "
+    "(over_budget: the refusal would have been right) or not; unfinished or failed ones are not counted.",
+    ["priority", "verdict"])
 QUEUE_DEPTH = Gauge(
     "grokstack_queue_depth", "Edge: jobs waiting in a work queue (kind req or decode), as the edge last read it.",
     ["kind", "region", "priority"])
@@ -119,6 +125,10 @@ def stream_ended() -> None:
 
 def observe_refused(reason: str, priority: str) -> None:
     REQUESTS_REFUSED.labels(priority, reason).inc()
+
+
+def observe_admission_audit(priority: str, over_budget: bool) -> None:
+    ADMISSION_AUDITS.labels(priority, "over_budget" if over_budget else "within_budget").inc()
 
 
 def set_queue_depth(kind: str, region: str, priority: str, depth: int) -> None:

@@ -33,7 +33,7 @@ class EngineConfig(Section):
     block_size: Annotated[int, Field(ge=0)] = 0  # KV block size in tokens; 0 means the profile's default
     kv_cache_gib: Count = 1  # CPU profile: KV cache space per engine, whole GiB
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85  # GPU profile
-    prefill_slots: Count = 4  # prompts a prefill engine works on at once
+    prefill_slots: Count = 8  # prompts a prefill engine works on at once
     decode_slots: Count = 16  # sequences a decode (or aggregated) engine batches at once
     # A lock file shared by the engines of one machine so they take turns per forward pass
     # instead of fighting over the same cores; `grokstack up` sets it for the CPU profile.

@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from bus.messages import Timings
 from edge.client import EdgeClient
 from services.lab.common import REFUSALS, retry_delay
 
@@ -64,7 +67,7 @@ def measured_wait_s(timings: dict | None) -> float | None:
     estimates it (edge/queues.py)."""
     if not timings or timings.get("queue_ms") is None:
         return None
-    return max(timings.get("queue_ms") or 0.0, timings.get("decode_queue_ms") or 0.0) / 1000
+    return msgspec.convert(timings, Timings).queue_wait_s
 
 
 @dataclass

@@ -5,7 +5,9 @@ its steady value, while batch absorbs the refusals).
 Also what this and `grokstack bench --target` print of admission itself (`wait_lines`): per
 priority, the queue wait the edge estimated for each request against the wait it then had, and
 the refusals' precision: of the refused requests, the share refused when requests of their
-priority accepted around the same moment (within NEAR_S) really waited over its budget.
+priority accepted around the same moment (within NEAR_S) really waited over its budget; and, when
+the edge audits (GROKSTACK_ADMISSION_AUDIT_SHARE), the share of the requests it served although
+their estimate was over the budget that then waited over it: the precision measured directly.
 """
 
 from __future__ import annotations
@@ -152,11 +154,15 @@ class Precision:
     judged: int = 0  # refusals with requests of their priority accepted near them
     over_any: int = 0  # ... of which one of those waited over the budget
     over_median: int = 0  # ... of which their median wait was over it
+    audited: int = 0  # served although estimated over the budget (GROKSTACK_ADMISSION_AUDIT_SHARE)
+    audited_over: int = 0  # ... of which the wait was over it: the refusal would have been right
 
 
 def precision(samples: list[WaitSample], priority: str, budget: float, near_s: float = NEAR_S) -> Precision:
     out = Precision()
     served = [s for s in samples if s.priority == priority and not s.refused and s.measured_s is not None]
+    audited = [s for s in served if s.estimated_s is not None and s.estimated_s > budget > 0]
+    out.audited, out.audited_over = len(audited), sum(1 for s in audited if s.measured_s > budget)  # type: ignore[operator]
     for r in (s for s in samples if s.priority == priority and s.refused):
         out.refused += 1
         near = [s.measured_s for s in served if abs(s.at - r.at) <= near_s]
@@ -212,4 +218,9 @@ def wait_lines(samples: list[WaitSample], budgets: dict[str, float], near_s: flo
                  f"within {near_s:g} s that waited over the budget ({over / judged:.0%}); " if judged else
                  "refusal precision: no refusal could be judged; ")
     lines[-1] += f"{refused - judged} of {refused} refusals had no served request near them to judge by"
+    audited, right = sum(t.audited for t in total), sum(t.audited_over for t in total)
+    if audited:
+        by = ", ".join(f"{p} {t.audited_over}/{t.audited}" for p, t in zip(PRIORITIES, total, strict=True) if t.audited)
+        lines.append(f"audited refusals (served although estimated over the budget): {right} of {audited} waited "
+                     f"over it ({right / audited:.0%}; {by})")
     return lines

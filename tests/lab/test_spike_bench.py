@@ -52,7 +52,8 @@ async def test_the_sim_spike_bench_reports_every_priority_and_phase_and_loses_no
     data = json.loads(report.read_text())
     assert data["engine"] == "sim" and data["lost"] == 0
     assert set(data["admission"]) == set(PRIORITIES)
-    assert all(set(p) == {"refused", "judged", "over_any", "over_median"} for p in data["admission"].values())
+    assert all(set(p) == {"refused", "judged", "over_any", "over_median", "audited", "audited_over"}
+               for p in data["admission"].values())
     cells = data["cells"]
     assert set(cells) == set(PRIORITIES)
     for row in cells.values():

@@ -140,3 +140,22 @@ def test_the_spike_client_keeps_what_admission_said_and_what_the_request_then_wa
     gauge = [(0.5, "batch", 3.0), (1.5, "batch", 12.0), (2.5, "batch", 40.0)]  # seconds since 100.0
     samples = outcome_samples([refused, limited, served], gauge, gauge_t0=100.0)
     assert [(s.refused, s.estimated_s, s.measured_s) for s in samples] == [(True, 31.2, None), (False, 12.0, 2.5)]
+
+
+def test_audited_refusals_are_judged_by_their_own_waits():
+    """An edge that audits (GROKSTACK_ADMISSION_AUDIT_SHARE) serves some requests estimated over
+    the budget: their own measured waits are the refusals' precision, no neighbour needed."""
+    from services.lab.spike_report import WaitSample, precision, wait_lines
+    budget = {"interactive": 2.0, "standard": 8.0, "batch": 20.0}
+    samples = [
+        WaitSample(0.0, "interactive", False, 2.5, 3.1),  # audited: refusing it would have been right
+        WaitSample(0.5, "interactive", False, 2.2, 1.2),  # audited: it would have been wrong
+        WaitSample(1.0, "interactive", False, 1.9, 2.4),  # within the budget: not an audit
+        WaitSample(2.0, "batch", False, 30.0, 25.0),  # audited, right
+        WaitSample(3.0, "batch", True, 31.0),  # refused
+    ]
+    p = precision(samples, "interactive", 2.0)
+    assert (p.audited, p.audited_over) == (2, 1)
+    assert (precision(samples, "batch", 20.0).audited, precision(samples, "batch", 20.0).audited_over) == (1, 1)
+    assert "2 of 3 waited over it (67%; interactive 1/2, batch 1/1)" in wait_lines(samples, budget)[-1]
+    assert not any("audited" in line for line in wait_lines(samples[2:3], budget))

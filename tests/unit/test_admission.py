@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bus.messages import ChatMessage, ChatRequest, FinalEvent, Heartbeat, SamplingSpec, TokenEvent, Usage
+from bus.messages import (ChatMessage, ChatRequest, FinalEvent, Heartbeat, SamplingSpec, Timings, TokenEvent,
+                          Usage)
 from edge.admission import Admission, Refused, estimate_prompt_tokens, used_tokens
 from edge.token_bucket import TokenBucket
 from edge.regions import Regions
@@ -231,6 +232,38 @@ def test_a_refused_request_is_not_counted_as_queued():
         with pytest.raises(Refused):
             admission.admit(request("interactive"), PUBLIC)
     assert queues.depth("req", "local", "interactive") == 2
+
+
+def test_an_audited_refusal_is_served_and_its_real_wait_judges_the_refusal():
+    from edge import metrics
+    queues = watch(prefill_rate=100.0)
+    edge = SETTINGS.edge.replace(admission_audit_share=0.5)
+    admission = Admission(edge, SETTINGS.priorities, queues, Regions("local", "e1", edge, queues))
+    queues.costs.add("req", "interactive", 100)
+    queues._pending[("req", "local", "interactive")] = 4  # 5 s: over the 2 s budget
+    audited, refused = [], 0
+    for _ in range(400):
+        try:
+            audited.append(admission.admit(request("interactive"), PUBLIC))
+        except Refused as exc:
+            refused += exc.code == "overloaded"
+        queues._pending[("req", "local", "interactive")] = 4  # what it published does not pile up
+    assert 150 < len(audited) < 250 and refused == 400 - len(audited)  # half of them, drawn
+    assert all(a.audited and a.estimated_wait_s > 2.0 for a in audited)
+    counted = metrics.ADMISSION_AUDITS.labels("interactive", "over_budget")
+    before_over, before_within = counted._value.get(), metrics.ADMISSION_AUDITS.labels(
+        "interactive", "within_budget")._value.get()
+    for wait_ms, done in zip((2500.0, 2100.0, 300.0), audited[:3], strict=True):  # two really waited over 2 s, one not
+        final = FinalEvent(request_id="r1", seq=1, finish_reason="stop", timings=Timings(queue_ms=wait_ms),
+                           usage=Usage(prompt_tokens=50, cached_prompt_tokens=0, completion_tokens=7))
+        admission.finished("public", done, [final])
+    assert counted._value.get() == before_over + 2
+    assert metrics.ADMISSION_AUDITS.labels("interactive", "within_budget")._value.get() == before_within + 1
+    assert not admission_of(watch()).admit(request("interactive"), PUBLIC).audited  # under budget: no audit
+    with pytest.raises(Refused):  # a pool down and its replacement coming: refused, never audited
+        for _ in range(50):
+            queues._pending[("req", "local", "interactive")] = 4
+            admission.admit(request("interactive"), PUBLIC, replacement_in_s=5.0)
 
 
 def test_batch_is_degraded_before_it_is_refused():

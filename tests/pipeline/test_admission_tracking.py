@@ -16,7 +16,7 @@ import pytest
 from edge.client import EdgeClient
 from services.lab.fake_engine import FakeEngine
 from services.lab.spike_client import measured_wait_s
-from tests.pipeline.harness import running_stack
+from tests.pipeline.harness import eventually, running_stack
 from tests.pipeline.test_admission import chat, fake_pools, warm
 
 
@@ -92,3 +92,23 @@ async def test_the_estimated_wait_tracks_the_measured_wait_under_a_poisson_load(
     assert statistics.mean(map(abs, errors)) < max(0.25, 0.2 * scale), pairs
     assert abs(statistics.median(errors)) < max(0.2, 0.2 * scale), pairs
     assert abs(est[p95] - meas[p95]) < max(0.4, 0.25 * meas[p95]), (est[p95], meas[p95])
+
+
+async def test_every_job_leaves_the_queue_meter_once_and_only_served_ones_are_timed(settings):
+    """PoolWorker._serve: a job enters the meter when it goes into the engine and leaves it once,
+    however it ends; only a served one gives a service time (a cancelled one's time says nothing
+    of how long answers take)."""
+    async with running_stack(settings, *fake_pools(settings, prefill_s=0.05, token_s=0.05)) as stack:
+        meter = stack.decode.worker.queue
+        async with await EdgeClient.connect(stack.url) as client:
+            assert (await client.complete(**chat("served", "interactive", max_tokens=4))).done
+            assert await eventually(lambda: meter._held == 0 and len(meter._ended) == 1)
+            async for frame in client.stream([{"role": "user", "content": "cancel me"}], id="c1",
+                                             priority="interactive", max_tokens=400):
+                if frame["type"] == "token" and frame["seq"] == 2:  # decode's (prefill sampled the first)
+                    assert meter._held == 1
+                    await client.cancel("c1")
+            assert await eventually(lambda: meter._held == 0)
+            assert len(meter._ended) == 1, "a cancelled job was timed as served"
+            assert (await client.complete(**chat("served again", "interactive", max_tokens=4))).done
+            assert await eventually(lambda: meter._held == 0 and len(meter._ended) == 2)

@@ -114,6 +114,7 @@ def kv_transfer_config(setup: EngineSetup, pool: Pool) -> dict[str, Any] | None:
         "kv_connector_extra_config": {
             "redis_url": setup.kv.redis_url,
             "ttl_s": setup.kv.kv_ttl_s,
+            "partial_step": setup.kv.kv_partial_step,
             "key_prefix": setup.kv.kv_key_prefix,
             "model_id": setup.served.model_id,
             "step_lock": str(setup.engine.engine_step_lock),

@@ -52,22 +52,27 @@ class BlockStore:
         self._signer = signer
         self.rejected = 0  # blocks that failed their integrity check, since start
 
-    def present_prefix(self, keys: list[str]) -> int:
-        """How many of `keys`, from the first, exist right now (their tags are checked on load)."""
+    def _exist(self, keys: list[str]) -> list[bool]:
+        """Whether each of `keys` exists right now (none does when the lookup fails)."""
         if not keys:
-            return 0
+            return []
         try:
             pipe = self._redis.pipeline(transaction=False)
             for key in keys:
                 pipe.exists(key)
-            found = pipe.execute()
+            return [bool(hit) for hit in pipe.execute()]
         except redis.RedisError as exc:
             log.warning("kv lookup failed, treating as a miss: %s", exc)
-            return 0
-        n = 0
-        while n < len(found) and found[n]:
-            n += 1
-        return n
+            return [False] * len(keys)
+
+    def present_prefix(self, keys: list[str]) -> int:
+        """How many of `keys`, from the first, exist right now (their tags are checked on load)."""
+        found = self._exist(keys)
+        return next((i for i, hit in enumerate(found) if not hit), len(found))
+
+    def first_present(self, keys: list[str]) -> int | None:
+        """The index of the first of `keys` that exists right now, None when none does."""
+        return next((i for i, hit in enumerate(self._exist(keys)) if hit), None)
 
     def load(self, keys: list[str]) -> tuple[list[memoryview | None], TransferStats]:
         """The payloads of `keys` (None where missing or failing the integrity check), refreshing

@@ -13,6 +13,13 @@ worker (moves the bytes, in the model worker process).
   prompt and answer, then loads all of it, and a decode job that moves to another worker loads
   the tokens it already generated. The handle reported when a request finishes names the
   prompt's blocks (what prefill hands decode). Blocks loaded from the store are not saved again.
+- Besides full blocks, producers save the block being filled every `partial_step` tokens of it,
+  under the key of its first tokens (`keys.partial_block_key`), so a consumer that finds every
+  full block also loads the longest such partial block its prompt allows, and recomputes fewer
+  than `partial_step` tokens of the last block instead of up to a whole block: what the first
+  decode step of every request, and a migrated decode job, would otherwise compute again. A
+  partial block is moved whole, whatever the backend's layout inside a block: past its first
+  tokens it holds what the saver had there, which the loader computes over before reading.
 - Consumer roles (`kv_consumer`, `kv_both`) load the longest run of a prompt's full blocks that
   Redis holds. A request may carry a handle (the decode path): then only the handle's keys are
   used, and only if they match the request's own tokens, tenant and this engine's layout
@@ -46,8 +53,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from bus.messages import KvHandle
 from bus.signing import Signer
 from kv_store.block_store import BlockStore
-from kv_store.keys import (layout_fingerprint, loadable_keys, model_identity, prompt_block_keys,
-                           transfer_stats_key)
+from kv_store.keys import (layout_fingerprint, loadable_keys, model_identity, partial_block_key,
+                           partial_candidates, prompt_block_keys, transfer_stats_key)
 from kv_store.records import KvReport, report_to_params, request_from_params
 from kv_store.step_lock import StepLock, wait_without_spinning
 
@@ -72,6 +79,7 @@ class BlockTransfer:
     request_id: str  # the stack's request id, for the transfer record
     keys: list[str]
     block_ids: list[int]
+    partial: bool = False  # one block of which only the first tokens (named by its key) are good
 
 
 @dataclass
@@ -88,6 +96,7 @@ class _LoadPlan:
     present: int  # blocks from 0 that are in Redis and may be loaded
     reason: str  # why not more was loadable, for logs and usage
     namespace: str  # the tenant's: the keys of the blocks its answer fills are in it too
+    partial: tuple[str, int] | None = None  # (key, tokens) of the block after the full ones, if stored
 
 
 @dataclass
@@ -98,6 +107,7 @@ class _SaveState:
     keys: list[str]  # keys of its full blocks, extended as answer tokens fill blocks
     saved: int  # blocks below this are in the store (loaded, or saved by an earlier step)
     block_ids: list[int] = field(default_factory=list)
+    partial_saved: tuple[int, int] = (0, 0)  # (block, tokens) of the last partial block saved
 
 
 def target_layers(layer_names: list[str]) -> list[str]:
@@ -123,6 +133,7 @@ class RedisKVConnector(KVConnectorBase_V1):
                                  Signer.from_file(extra["secret_file"]))
         self._model_id: str = extra.get("model_id") or vllm_config.model_config.model
         self._block_size = vllm_config.cache_config.block_size
+        self._partial_step = int(extra.get("partial_step", 0))
         self._can_save = self._kv_transfer_config.is_kv_producer
         self._can_load = self._kv_transfer_config.is_kv_consumer
         group = kv_cache_config.kv_cache_groups[0]
@@ -157,8 +168,14 @@ class RedisKVConnector(KVConnectorBase_V1):
         present = self._store.present_prefix(candidates) if self._can_load else 0
         if present < len(candidates) and not reason:
             reason = f"{len(candidates) - present} of {len(candidates)} blocks missing from the store"
+        partial = None
+        if self._can_load and present == len(candidates) and not reason:
+            tails = partial_candidates(self._key_prefix, self._layout, self._block_size,
+                                       list(request.prompt_token_ids or []), kv.namespace, present, self._partial_step)
+            found = self._store.first_present([key for key, _ in tails])
+            partial = tails[found] if found is not None else None
         plan = _LoadPlan(kv.request_id or request.request_id, keys, num_computed_tokens // self._block_size,
-                         present, reason, kv.namespace)
+                         present, reason, kv.namespace, partial)
         self._plans[request.request_id] = plan
         self._requests[request.request_id] = request
         return plan
@@ -166,7 +183,7 @@ class RedisKVConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         plan = self._plan(request, num_computed_tokens)
-        matched = plan.present * self._block_size
+        matched = plan.present * self._block_size + (plan.partial[1] if plan.partial else 0)
         return max(0, matched - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
@@ -175,9 +192,13 @@ class RedisKVConnector(KVConnectorBase_V1):
             return
         plan = self._plans[request.request_id]
         count = num_external_tokens // self._block_size
-        block_ids = blocks.get_block_ids()[0][plan.first_block:plan.first_block + count]
+        ids = blocks.get_block_ids()[0]
+        block_ids = ids[plan.first_block:plan.first_block + count]
         keys = plan.keys[plan.first_block:plan.first_block + count]
         self._pending_loads.append(BlockTransfer(plan.request_id, keys, list(block_ids)))
+        if num_external_tokens % self._block_size and plan.partial:  # the partial block after them
+            block_id = ids[plan.first_block + count]
+            self._pending_loads.append(BlockTransfer(plan.request_id, [plan.partial[0]], [block_id], partial=True))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = RedisConnectorMetadata(loads=self._pending_loads)
@@ -193,8 +214,10 @@ class RedisKVConnector(KVConnectorBase_V1):
             if plan is None or request is None:
                 continue
             # Blocks already computed when it is first scheduled were loaded from the store.
+            loaded = new.num_computed_tokens
             state = _SaveState(plan.request_id, plan.namespace, request, list(plan.keys),
-                               new.num_computed_tokens // self._block_size, list(new.block_ids[0]))
+                               loaded // self._block_size, list(new.block_ids[0]),
+                               (loaded // self._block_size, loaded % self._block_size))
             self._saving[new.req_id] = state
             self._add_save(state, new.num_computed_tokens, out.num_scheduled_tokens[new.req_id], meta)
         cached = out.scheduled_cached_reqs
@@ -220,14 +243,29 @@ class RedisKVConnector(KVConnectorBase_V1):
         state.saved = min(state.saved, computed // self._block_size)
         frontier = min(computed + scheduled, state.request.num_tokens)
         end = min(frontier // self._block_size, len(state.block_ids))
-        if end <= state.saved:
+        if end > state.saved:
+            if end > len(state.keys):  # answer tokens filled new blocks: their keys chain on the prompt's
+                state.keys = prompt_block_keys(self._key_prefix, self._layout, state.request.all_token_ids,
+                                               self._block_size, end, state.namespace)
+            meta.saves.append(BlockTransfer(state.request_id, state.keys[state.saved:end],
+                                            state.block_ids[state.saved:end]))
+            state.saved = end
+        self._add_partial_save(state, frontier, meta)
+
+    def _add_partial_save(self, state: _SaveState, frontier: int, meta: RedisConnectorMetadata) -> None:
+        """Save the first tokens of the block being filled, each time `partial_step` more of them
+        are computed (a full block is saved whole, above)."""
+        if self._partial_step <= 0:
             return
-        if end > len(state.keys):  # answer tokens filled new blocks: their keys chain on the prompt's
-            state.keys = prompt_block_keys(self._key_prefix, self._layout, state.request.all_token_ids,
-                                           self._block_size, end, state.namespace)
-        meta.saves.append(BlockTransfer(state.request_id, state.keys[state.saved:end],
-                                        state.block_ids[state.saved:end]))
-        state.saved = end
+        block = frontier // self._block_size
+        tokens = frontier % self._block_size // self._partial_step * self._partial_step
+        if not tokens or block >= len(state.block_ids) or (block, tokens) <= state.partial_saved:
+            return
+        key = partial_block_key(self._key_prefix, self._layout, state.request.all_token_ids[:block * self._block_size
+                                                                                              + tokens],
+                                self._block_size, state.namespace)
+        meta.saves.append(BlockTransfer(state.request_id, [key], [state.block_ids[block]], partial=True))
+        state.partial_saved = (block, tokens)
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -241,7 +279,8 @@ class RedisKVConnector(KVConnectorBase_V1):
             handle = KvHandle(model_id=self._model_id, layout=self._layout, block_size=self._block_size,
                               keys=plan.keys, num_tokens=len(plan.keys) * self._block_size,
                               content_hash=plan.keys[-1].rsplit(":", 1)[-1])
-        report = KvReport(loaded_tokens=max(0, plan.present - plan.first_block) * self._block_size,
+        partial = plan.partial[1] if plan.partial and plan.present >= plan.first_block else 0
+        report = KvReport(loaded_tokens=max(0, plan.present - plan.first_block) * self._block_size + partial,
                           load_reason=plan.reason, handle=handle)
         return False, report_to_params(report)
 
@@ -275,7 +314,11 @@ class RedisKVConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, RedisConnectorMetadata)
+        broken: set[str] = set()  # requests with a full block that failed: their partial one is of no use
         for transfer in meta.loads:
+            if transfer.partial and transfer.request_id in broken:
+                self._load_errors.update(transfer.block_ids)
+                continue
             blobs, stats = self._store.load(transfer.keys)
             expected = self._block_bytes()
             for blob, block_id in zip(blobs, transfer.block_ids, strict=True):
@@ -285,6 +328,8 @@ class RedisKVConnector(KVConnectorBase_V1):
                 self._write_block(block_id, blob)
             stats.failed = len(transfer.block_ids) - sum(
                 1 for b in blobs if b is not None and len(b) == expected)
+            if stats.failed:
+                broken.add(transfer.request_id)
             self._store.record(transfer_stats_key(self._key_prefix, transfer.request_id), "load", stats)
 
     def _write_block(self, block_id: int, blob: memoryview) -> None:

@@ -56,11 +56,15 @@ def kv_request(request_id: str, tenant: str | None, handle: KvHandle | None = No
     return KvRequest(request_id=request_id, namespace=kv_namespace(tenant), handle=handle)
 
 
+def _chain_root(layout: str, namespace: str) -> bytes:
+    return _digest(layout.encode() + (b"\0" + namespace.encode() if namespace else b""))
+
+
 def block_hashes(layout: str, token_ids: Sequence[int], block_size: int, num_blocks: int,
                  namespace: str = "") -> list[str]:
     """Chained hashes of the first `num_blocks` full blocks of `token_ids`."""
     tokens = array("i", token_ids[: num_blocks * block_size])
-    running = _digest(layout.encode() + (b"\0" + namespace.encode() if namespace else b""))
+    running = _chain_root(layout, namespace)
     out = []
     for i in range(num_blocks):
         running = _digest(running + tokens[i * block_size:(i + 1) * block_size].tobytes())
@@ -76,6 +80,32 @@ def prompt_block_keys(key_prefix: str, layout: str, token_ids: Sequence[int], bl
                       num_blocks: int, namespace: str = "") -> list[str]:
     return [block_key(key_prefix, layout, h)
             for h in block_hashes(layout, token_ids, block_size, num_blocks, namespace)]
+
+
+def partial_block_key(key_prefix: str, layout: str, token_ids: Sequence[int], block_size: int,
+                      namespace: str = "") -> str:
+    """The key of a block's first tokens: the tokens of `token_ids` past its last full block
+    (1 to block_size - 1 of them), chained on the full blocks before them like a full block, and
+    marked partial, so no full block and no partial block of another length shares it."""
+    full = len(token_ids) // block_size
+    assert 0 < len(token_ids) - full * block_size < block_size, "a partial block holds 1 to block_size - 1 tokens"
+    parent = block_hashes(layout, token_ids, block_size, full, namespace)
+    running = bytes.fromhex(parent[-1]) if parent else _chain_root(layout, namespace)
+    tail = array("i", token_ids[full * block_size:])
+    return block_key(key_prefix, layout, _digest(running + b"partial" + tail.tobytes()).hex())
+
+
+def partial_candidates(key_prefix: str, layout: str, block_size: int, prompt: Sequence[int], namespace: str,
+                       full_blocks: int, step: int) -> list[tuple[str, int]]:
+    """(key, tokens) of the partial blocks that may follow a prompt's first `full_blocks` loaded
+    blocks, longest first: those a saver writes every `step` tokens of a block (connector.py),
+    leaving at least one prompt token to compute (to sample from)."""
+    if step <= 0:
+        return []
+    start = full_blocks * block_size
+    room = min(len(prompt) - 1 - start, block_size - 1)
+    return [(partial_block_key(key_prefix, layout, prompt[: start + n], block_size, namespace), n)
+            for n in range(room // step * step, 0, -step)]
 
 
 def loadable_keys(key_prefix: str, layout: str, block_size: int, prompt: Sequence[int],

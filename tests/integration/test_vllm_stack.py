@@ -72,8 +72,10 @@ async def test_websocket_chat_streams_the_same_text_as_one_vllm_engine(vllm_stac
         assert len(result.token_times) > 1  # streamed, not delivered at once
         usage, kv = result.done["usage"], result.done["kv"]
         assert usage["prompt_tokens"] == len(ref.prompt_token_ids)
-        # every full 32-token block of the prompt went prefill -> Redis -> decode
-        assert kv["loaded_tokens"] == len(ref.prompt_token_ids) // 32 * 32 > 0, name
+        # every full 32-token block of the prompt went prefill -> Redis -> decode, and the first
+        # tokens of the last block up to a multiple of kv_partial_step (16)
+        step = vllm_stack.settings.kv.kv_partial_step
+        assert kv["loaded_tokens"] == len(ref.prompt_token_ids) // step * step > 0, name
         assert not kv["recomputed"] and kv["bytes_read"] == kv["bytes_written"] > 0
 
 
@@ -141,7 +143,8 @@ async def test_decode_really_uses_the_loaded_kv(vllm_stack, redis_server):
     for key in job.kv.keys:  # same size, wrong numbers: only a reader that uses them notices
         store.set(key, seal(signer, key, bytes(len(store.get(key)) - TAG_BYTES)), ex=600)
     replayed, final = await replay_decode(vllm_stack, job)
-    assert final["kv"]["loaded_tokens"] == job.kv.num_tokens and not final["kv"]["recomputed"]
+    # the handle's full blocks, and the partial block after them (fewer than a block's tokens)
+    assert 0 <= final["kv"]["loaded_tokens"] - job.kv.num_tokens < 32 and not final["kv"]["recomputed"]
     assert replayed != text[len(text) - len(replayed):]
 
 
@@ -267,7 +270,7 @@ async def test_draft_model_speculation_decodes_the_same_text_from_the_same_kv(vl
         await nc.close()
         replayed, final = await replay_decode(vllm_stack, job, region="draft")
         assert text.endswith(replayed) and len(replayed) < len(text)
-        assert final["kv"]["loaded_tokens"] == job.kv.num_tokens and not final["kv"]["recomputed"]
+        assert 0 <= final["kv"]["loaded_tokens"] - job.kv.num_tokens < 32 and not final["kv"]["recomputed"]
         assert '"speculative": "draft"' in log.read_text()
     finally:
         vllm_stack.supervisor.stop(settings.bus.worker_id)

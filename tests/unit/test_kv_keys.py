@@ -4,7 +4,8 @@ from bus.messages import KvHandle
 from bus.signing import Signer
 from kv_store.block_store import BlockStore
 from kv_store.config import KvConfig
-from kv_store.keys import block_hashes, layout_fingerprint, loadable_keys, model_identity, prompt_block_keys
+from kv_store.keys import (block_hashes, layout_fingerprint, loadable_keys, model_identity, partial_block_key,
+                           partial_candidates, prompt_block_keys)
 
 
 def test_keys_of_a_shared_prefix_are_shared():
@@ -32,6 +33,29 @@ def test_layout_and_model_are_part_of_every_key():
 def test_prompt_block_keys_cover_only_full_blocks():
     keys = prompt_block_keys("p", "L", list(range(70)), 32, 70 // 32)
     assert len(keys) == 2 and all(k.startswith("p:blk:L:") for k in keys)
+
+
+def test_a_partial_block_is_keyed_by_its_whole_prefix_and_its_length():
+    tokens = list(range(100))
+    key = partial_block_key("p", "L", tokens[:72], 32, "t")  # 2 full blocks and 8 tokens
+    assert key.startswith("p:blk:L:") and key not in prompt_block_keys("p", "L", tokens, 32, 3, "t")
+    assert key == partial_block_key("p", "L", list(range(72)), 32, "t")
+    assert key != partial_block_key("p", "L", tokens[:80], 32, "t")  # another length
+    assert key != partial_block_key("p", "L", tokens[:72], 32, "u")  # another tenant
+    assert key != partial_block_key("p", "L", [7] + tokens[1:72], 32, "t")  # another prefix
+    assert partial_block_key("p", "L", tokens[:8], 32, "t") != partial_block_key("p", "L", tokens[:8], 32, "")
+
+
+def test_partial_candidates_are_the_saved_lengths_that_leave_a_token_to_compute():
+    prompt = list(range(90))  # 2 full blocks, 26 tokens after them
+    cands = partial_candidates("p", "L", 32, prompt, "t", 2, 8)
+    assert [n for _, n in cands] == [24, 16, 8]  # longest first
+    assert cands[0][0] == partial_block_key("p", "L", prompt[:88], 32, "t")
+    assert [n for _, n in partial_candidates("p", "L", 32, prompt[:89], "t", 2, 8)] == [24, 16, 8]
+    assert [n for _, n in partial_candidates("p", "L", 32, prompt[:88], "t", 2, 8)] == [16, 8]  # 1 left
+    assert [n for _, n in partial_candidates("p", "L", 32, list(range(96)), "t", 2, 8)] == [24, 16, 8]
+    assert partial_candidates("p", "L", 32, prompt, "t", 2, 0) == []  # partial blocks off
+    assert partial_candidates("p", "L", 32, prompt[:70], "t", 2, 8) == []  # 6 tokens: none saved
 
 
 def test_model_identity_changes_with_the_weights(tmp_path):
@@ -87,3 +111,15 @@ def test_one_tenants_blocks_in_redis_are_invisible_to_another(redis_url):
     assert forged == [] and store.present_prefix(forged) == 0 and reason
     _, unnamed, _ = loadable_keys(prefix, "L", 32, tokens, "", handle_of(gold_keys))  # a job without a tenant
     assert unnamed == []
+
+
+def test_a_reader_finds_the_longest_partial_block_a_saver_left(redis_url):
+    """As connector._plan looks: every full block present, then the longest saved partial block."""
+    prefix = f"{KvConfig().kv_key_prefix}:{uuid.uuid4().hex[:10]}"
+    store = BlockStore(redis_url, 60, Signer(b"s" * 32))
+    answer = list(range(500, 590))  # a prompt and the answer tokens generated so far: 2 blocks and 26
+    store.save([(partial_block_key(prefix, "L", answer[:80], 32, "t"), b"kv")])  # saved at 16 of block 3
+    cands = partial_candidates(prefix, "L", 32, answer, "t", 2, 8)
+    assert store.first_present([k for k, _ in cands]) == 1 and cands[1][1] == 16
+    assert store.first_present([k for k, _ in partial_candidates(prefix, "L", 32, answer, "u", 2, 8)]) is None
+    assert store.present_prefix([k for k, _ in cands]) == 0 and store.first_present([]) is None

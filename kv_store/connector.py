@@ -14,10 +14,10 @@ worker (moves the bytes, in the model worker process).
   the tokens it already generated. The handle reported when a request finishes names the
   prompt's blocks (what prefill hands decode). Blocks loaded from the store are not saved again.
 - Besides full blocks, producers save the block being filled every `partial_step` tokens of it,
-  under the key of its first tokens (`keys.partial_block_key`), so a consumer that finds every
-  full block also loads the longest such partial block its prompt allows, and recomputes fewer
-  than `partial_step` tokens of the last block instead of up to a whole block: what the first
-  decode step of every request, and a migrated decode job, would otherwise compute again. A
+  under the key of its first tokens (`keys.partial_block_key`), and a consumer loads, after the
+  run of full blocks it found, the longest such partial block its prompt allows: it recomputes
+  fewer than `partial_step` tokens of that block instead of up to a whole block (in the first
+  decode step of every request, in a migrated decode job, in a conversation's next turn). A
   partial block is moved whole, whatever the backend's layout inside a block: past its first
   tokens it holds what the saver had there, which the loader computes over before reading.
 - Consumer roles (`kv_consumer`, `kv_both`) load the longest run of a prompt's full blocks that
@@ -166,14 +166,14 @@ class RedisKVConnector(KVConnectorBase_V1):
         keys, candidates, reason = loadable_keys(self._key_prefix, self._layout, self._block_size,
                                                  list(request.prompt_token_ids or []), kv.namespace, kv.handle)
         present = self._store.present_prefix(candidates) if self._can_load else 0
-        if present < len(candidates) and not reason:
-            reason = f"{len(candidates) - present} of {len(candidates)} blocks missing from the store"
         partial = None
-        if self._can_load and present == len(candidates) and not reason:
+        if self._can_load and not reason:  # the block after the run found may be stored in part
             tails = partial_candidates(self._key_prefix, self._layout, self._block_size,
                                        list(request.prompt_token_ids or []), kv.namespace, present, self._partial_step)
             found = self._store.first_present([key for key, _ in tails])
             partial = tails[found] if found is not None else None
+        if present < len(candidates) and not reason:
+            reason = f"{len(candidates) - present} of {len(candidates)} blocks missing from the store"
         plan = _LoadPlan(kv.request_id or request.request_id, keys, num_computed_tokens // self._block_size,
                          present, reason, kv.namespace, partial)
         self._plans[request.request_id] = plan

@@ -11,9 +11,10 @@ client does. Every turn is asked twice through the same stack, one right after t
 
 Per turn it prints the prompt, how many of its tokens were served from cached KV, that share of
 the previous turn's prompt + answer (the history this turn repeats), the most that could be
-cached (whole blocks, and never a prompt's last token), and TTFT warm and cold side by side.
-The history is lost past the last whole block of the previous answer; a larger loss means the
-next prompt tokenized the previous answer differently from the ids the engine generated.
+cached (whole blocks and the partial blocks saved every GROKSTACK_KV_PARTIAL_STEP tokens, never
+a prompt's last token nor the answer's, whose KV is never computed), and TTFT warm and cold side
+by side. The history is lost past the last such mark of the previous answer; a larger loss means
+the next prompt tokenized the previous answer differently from the ids the engine generated.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Turn:
     prompt_tokens: int
     cached_tokens: int
     history_tokens: int  # the previous turn's prompt + answer: what this prompt repeats
-    loadable_tokens: int  # of those, what whole blocks could hold (the last token never)
+    loadable_tokens: int  # of those, what whole and partial blocks could hold (the last tokens never)
     completion_tokens: int
     warm_ttft_s: float
     cold_ttft_s: float
@@ -92,7 +93,8 @@ async def ask(client: EdgeClient, messages: list[dict[str, str]], max_tokens: in
     return result
 
 
-async def converse(url: str, args: argparse.Namespace, block_size: int) -> list[Turn]:
+async def converse(url: str, args: argparse.Namespace, unit: int) -> list[Turn]:
+    """`unit`: the tokens of a block, or of a partial block, the KV store keeps history in."""
     doc = document(args.history_tokens)
     history = [{"role": "system", "content": doc}]
     turns: list[Turn] = []
@@ -107,7 +109,7 @@ async def converse(url: str, args: argparse.Namespace, block_size: int) -> list[
             usage = warm.done["usage"]
             turns.append(Turn(
                 n + 1, usage["prompt_tokens"], usage["cached_prompt_tokens"], previous,
-                max(0, min(previous, usage["prompt_tokens"] - 1)) // block_size * block_size,
+                max(0, min(previous, usage["prompt_tokens"]) - 1) // unit * unit,
                 usage["completion_tokens"], ttft(warm), ttft(cold), cold.done["usage"]["cached_prompt_tokens"],
                 warm.done["timings"]["queue_ms"], warm.done["timings"]["prefill_ms"]))
             previous = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -115,7 +117,7 @@ async def converse(url: str, args: argparse.Namespace, block_size: int) -> list[
     return turns
 
 
-def report(turns: list[Turn], args: argparse.Namespace, block_size: int) -> str:
+def report(turns: list[Turn], args: argparse.Namespace, block_size: int, unit: int) -> str:
     out = [f"\none conversation, {args.turns} turns, a {args.history_tokens}-token document, answers of up to "
            f"{args.answer_tokens} tokens, temperature 0; KV blocks of {block_size} tokens",
            f"{'turn':>4}{'prompt':>8}{'cached':>8}{'history':>9}{'cached/history':>16}{'most cachable':>15}"
@@ -132,7 +134,7 @@ def report(turns: list[Turn], args: argparse.Namespace, block_size: int) -> str:
         short = [t.loadable_tokens - t.cached_tokens for t in later]
         out += [f"\nturns 2-{turns[-1].number}: at least {worst:.1%} of the previous turn's prompt + answer served "
                 f"from cached KV (target >= 90%) -> {'met' if worst >= 0.9 else 'MISSED'}",
-                f"  history tokens recomputed per turn: {lost} (a partial last block is at most {block_size - 1});"
+                f"  history tokens recomputed per turn: {lost} (past the last multiple of {unit}: at most {unit - 1});"
                 f" short of the most cachable: {short}"
                 + ("" if not any(short) else " (the next prompt tokenized an answer differently)"),
                 f"  TTFT cold/warm, median over turns 2-{turns[-1].number}: "
@@ -144,8 +146,10 @@ def report(turns: list[Turn], args: argparse.Namespace, block_size: int) -> str:
 async def run_conversation(settings: Settings, args: argparse.Namespace) -> int:
     from inference.profiles import resolve_profile
     block_size = settings.engine.block_size or resolve_profile(settings.engine).block_size
+    step = settings.kv.kv_partial_step
+    unit = step if step and block_size % step == 0 else block_size
     with Supervisor() as supervisor:
         url = args.url or start_stack(supervisor, settings, log_file(settings, "conversation")).url
-        turns = await converse(url, args, block_size)
-    print(report(turns, args, block_size))
+        turns = await converse(url, args, unit)
+    print(report(turns, args, block_size, unit))
     return 0

@@ -111,7 +111,10 @@ class DecodeJob(Message, tag="decode_job"):
     priority: Priority
     reply_to: Annotated[str, Meta(max_length=256)]
     prompt_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]
-    first_token_id: TokenId
+    # The token prefill computed (and sent as the first event). None: no prefill pass ran (a
+    # short prompt, EngineConfig.decode_prefill_max_tokens); decode computes the prompt in its
+    # own batch and sends the first token itself, at first_seq.
+    first_token_id: TokenId | None
     sampling: SamplingSpec
     prefill: PrefillStats
     kv: KvHandle | None = None
@@ -122,7 +125,7 @@ class DecodeJob(Message, tag="decode_job"):
     # so a handle naming another tenant's blocks is never loaded (it recomputes instead).
     tenant: Tenant | None = None
     attempt: Attempt = 0  # the request's (ChatRequest.attempt)
-    first_seq: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)] = 1  # the seq of decode's first event
+    first_seq: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 1  # the seq of decode's first event
     # Leading tokens of the answer inside prompt_token_ids (a continued request's), counted as
     # completion, not prompt, in the usage.
     answered_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0

@@ -22,6 +22,7 @@ from bus.messages import ChatRequest, Cost, Speculation, TokenEvent
 from bus.roles import Role, job_cost
 from inference import metrics
 from inference.decode import EngineAborted
+from inference.config import EngineConfig
 from inference.engine import Engine
 from inference.final import DecodeStage, PromptStage, final_event
 from inference.prefill import answered, first_seq_of, prompt_of, prompt_renderer, queue_ms
@@ -39,7 +40,8 @@ class AggregatedService:
     first_seq = 0
 
     def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
-                 transfers: TransferRecords | None, worker_id: str = "") -> None:
+                 transfers: TransferRecords | None, worker_id: str = "",
+                 config: EngineConfig | None = None) -> None:
         self.engine = engine
         self.render = prompt_renderer(engine)
         self.transfers = transfers

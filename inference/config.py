@@ -12,6 +12,7 @@ from bus.section import Count, Port, Section, Seconds
 from kv_store.config import KvConfig
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+SHARED_CORES_DECODE_PREFILL_TOKENS = 512  # EngineConfig.decode_prefill_max_tokens's -1
 
 
 class ModelConfig(Section):
@@ -42,6 +43,21 @@ class EngineConfig(Section):
     # gives the decode worker +5 so prompt processing goes first, as vLLM's own scheduler
     # prefers prefills within one engine.
     cpu_nice: Annotated[int, Field(ge=-20, le=19)] = 0
+    # Prompts of at most this many tokens (with the answer so far, for a continued request) skip
+    # the prefill engine: the prefill worker hands them to decode, whose engine computes them
+    # inside its running batch, as one engine would. Long prompts still get a pass of their own,
+    # which is what disaggregation is for: they would stall the batch's other answers. -1: 512
+    # where the engines share cores (engine_step_lock), where a prompt's own pass only takes turns
+    # with decode's, and 0 (every prompt to prefill) where they do not. Dynamo's "conditional
+    # disaggregation" decides alike.
+    decode_prefill_max_tokens: Annotated[int, Field(ge=-1, le=1 << 20)] = -1
+
+    @property
+    def prompts_in_decode_up_to(self) -> int:
+        """decode_prefill_max_tokens, resolved: prompts this long or shorter go to decode."""
+        if self.decode_prefill_max_tokens >= 0:
+            return self.decode_prefill_max_tokens
+        return SHARED_CORES_DECODE_PREFILL_TOKENS if self.engine_step_lock else 0
 
 
 class SpecConfig(Section):

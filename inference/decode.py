@@ -21,6 +21,7 @@ from bus.messages import Cost, DecodeJob, FinalEvent, Speculation, TokenEvent
 from bus.subjects import Subjects
 from bus.roles import Role, job_cost
 from inference import metrics
+from inference.config import EngineConfig
 from inference.engine import Engine
 from inference.final import DecodeStage, PromptStage, final_event
 from inference.worker import Emitter, Job
@@ -38,10 +39,11 @@ class EngineAborted(RuntimeError):
 class DecodeService:
     kind = "decode"
     role = Role.DECODE
-    first_seq = 1  # event 0 is the first token, sent by prefill
+    first_seq = 1  # event 0 is the first token, sent by prefill (unless it handed the prompt on)
 
     def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
-                 transfers: TransferRecords | None, worker_id: str = "") -> None:
+                 transfers: TransferRecords | None, worker_id: str = "",
+                 config: EngineConfig | None = None) -> None:
         self.engine = engine
         self.transfers = transfers
         self.js = js  # read what was sent, to continue a migrated job
@@ -89,17 +91,23 @@ class DecodeService:
         sent = await self._already_sent(job, emit)
         if sent is None:
             return
-        completion, finish, loaded, report, spec = 1 + len(sent), None, 0, None, None
+        # A job without a first token was handed on unprefilled (a short prompt): this engine
+        # computes the prompt in its batch, and its first token is this stage's first event.
+        head = [] if j.first_token_id is None else [j.first_token_id]
+        prompt = _PromptInBatch.of(job, len(sent))
+        completion, finish, loaded, report, spec = len(head) + len(sent), None, 0, None, None
         if completion >= j.sampling.max_tokens:
             finish = "length"
         else:
             async for chunk in self.engine.generate(
-                    j.request_id, [*j.prompt_token_ids, j.first_token_id, *sent], j.sampling,
+                    j.request_id, [*j.prompt_token_ids, *head, *sent], j.sampling,
                     max_tokens=j.sampling.max_tokens - completion, kv=self._kv_request(j)):
                 if chunk.token_ids or chunk.text:
-                    if job.deliveries > 1 and completion == 1 + len(sent):
+                    if job.deliveries > 1 and completion == len(head) + len(sent):
                         log.info("migrated job's first new token",
                                  after_ms=round((time.perf_counter() - t0) * 1000, 1))
+                    if prompt is not None:
+                        prompt.first_token(chunk.cached_tokens)
                     completion += len(chunk.token_ids)
                     await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
                                                text=chunk.text, token_ids=chunk.token_ids))
@@ -109,26 +117,74 @@ class DecodeService:
             raise EngineAborted("the engine aborted the request")
         final = await self._final(job, emit.next_seq(), finish or "stop", completion, loaded,
                                   report.load_reason if report is not None else "", time.perf_counter() - t0,
-                                  spec or Speculation())
+                                  spec or Speculation(), prompt)
         await emit.emit(final)
         metrics.observe_final(self.role, j.priority, final, handle_tokens=j.kv.num_tokens if j.kv else 0)
 
     async def _final(self, job: Job[DecodeJob], seq: int, finish: str, completion: int,
-                     loaded: int, load_reason: str, seconds: float, spec: Speculation) -> FinalEvent:
+                     loaded: int, load_reason: str, seconds: float, spec: Speculation,
+                     in_batch: "_PromptInBatch | None") -> FinalEvent:
         j = job.body
         record = await self.transfers.read(j.request_id) if self.transfers else TransferRecord()
         if j.kv is not None:  # blocks evicted between lookup and load were recomputed by vLLM
             loaded = max(0, loaded - record.load.failed * j.kv.block_size)
         wanted = j.kv.num_tokens if j.kv else 0
         recomputed = loaded < wanted
-        # A migrated job pays for this worker's part; the dead worker's time was not recorded.
-        cost = job.clock.price(j.prefill.gpu_s, job.gpu_seconds(), j.prefill.usd) if job.clock else Cost()
+        tokens = len(j.prompt_token_ids) - j.answered_tokens
+        if in_batch is None:
+            # A migrated job pays for this worker's part; the dead worker's time was not recorded.
+            cost = job.clock.price(j.prefill.gpu_s, job.gpu_seconds(), j.prefill.usd) if job.clock else Cost()
+            prompt = PromptStage.of(tokens, j.prefill)
+        else:
+            cost = in_batch.cost(job)
+            prompt = in_batch.stage(tokens, j.prefill.queue_ms, record)
+            seconds -= in_batch.prefill_s
         log.info("decoded", completion_tokens=completion, kv_loaded_tokens=loaded,
-                 recomputed=recomputed, reason=load_reason, decode_gpu_s=cost.decode_gpu_s, usd=cost.usd)
+                 recomputed=recomputed, reason=load_reason, decode_gpu_s=cost.decode_gpu_s, usd=cost.usd,
+                 prompt_in_batch=in_batch is not None)
         return final_event(
-            j.request_id, seq, finish, j.answered_tokens + completion,
-            prompt=PromptStage.of(len(j.prompt_token_ids) - j.answered_tokens, j.prefill),
+            j.request_id, seq, finish, j.answered_tokens + completion, prompt=prompt,
             cost=cost, decode=DecodeStage(
                 decode_ms=seconds * 1000, loaded_tokens=loaded, read=record.load,
                 queue_ms=max(0.0, (job.received_at - j.prefill.done_at) * 1000),
                 recomputed=recomputed, reason=load_reason, speculation=spec))
+
+
+class _PromptInBatch:
+    """A prompt this engine computes itself, inside its batch (a job handed on unprefilled): its
+    time to the first token and its accelerator time are the prompt stage's, as an aggregated
+    worker measures them. None for a job prefill computed, or one that migrated after its first
+    token (the dead worker's measure of it is gone)."""
+
+    def __init__(self, job: Job[DecodeJob]) -> None:
+        self.job = job
+        self.started = time.perf_counter()
+        self.prefill_s = 0.0
+        self.prefill_gpu_s = 0.0
+        self.cached_tokens = 0
+        self._done = False
+        if job.clock:  # while its prompt is computed, it weighs its tokens in the engine's time
+            job.clock.reweigh(job.body.request_id, len(job.body.prompt_token_ids))
+
+    @classmethod
+    def of(cls, job: Job[DecodeJob], already_sent: int) -> "_PromptInBatch | None":
+        return cls(job) if job.body.first_token_id is None and not already_sent else None
+
+    def first_token(self, cached_tokens: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.prefill_s = time.perf_counter() - self.started
+        self.cached_tokens = cached_tokens
+        if self.job.clock:
+            self.prefill_gpu_s = self.job.clock.seconds(self.job.body.request_id)
+            self.job.clock.reweigh(self.job.body.request_id, 1.0)
+
+    def stage(self, tokens: int, queue_ms: float, record: TransferRecord) -> PromptStage:
+        return PromptStage(tokens=tokens, cached_tokens=self.cached_tokens, queue_ms=queue_ms,
+                           prefill_ms=self.prefill_s * 1000, written=record.save)
+
+    def cost(self, job: Job[DecodeJob]) -> Cost:
+        if not job.clock:
+            return Cost()
+        return job.clock.price(self.prefill_gpu_s, job.gpu_seconds() - self.prefill_gpu_s)

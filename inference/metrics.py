@@ -83,6 +83,10 @@ PEER_JOBS_HANDED_ON = Counter(
     "grokstack_peer_jobs_handed_on_total", "Worker: jobs of dead peers it nak'ed for redelivery before their "
     "leases lapsed.", ["role"])
 
+PROMPTS_IN_DECODE = Counter(
+    "grokstack_prompts_in_decode_total", "Prefill worker: short prompts handed to decode unprefilled, for its "
+    "engine to compute inside its batch (GROKSTACK_DECODE_PREFILL_MAX_TOKENS).", ["priority"])
+
 
 def _ex(request_id: str) -> dict[str, str] | None:
     return {"request_id": request_id} if request_id else None
@@ -99,6 +103,12 @@ def observe_prefill(priority: str, request_id: str, stats: PrefillStats, prompt_
     KV_HIT_TOKENS.labels("prefill").inc(stats.cached_tokens)
     PROMPT_TOKENS.labels("prefill").inc(prompt_tokens)
     _cost("prefill", stats.gpu_s, usd)
+
+
+def observe_prompt_in_decode(priority: str, stats: PrefillStats) -> None:
+    """A prefill worker handed a short prompt to decode without computing it."""
+    QUEUE_TIME.labels("prefill", priority).observe(stats.queue_ms / 1000)
+    PROMPTS_IN_DECODE.labels(priority).inc()
 
 
 def observe_final(role: Role, priority: str, event: FinalEvent, handle_tokens: int | None = None) -> None:

@@ -10,10 +10,11 @@ import structlog
 from nats.js import JetStreamContext
 
 from bus.codec import decode, encode
-from bus.messages import ChatMessage, ChatRequest, Cost, DecodeJob, PrefillStats, TokenEvent
+from bus.messages import ChatMessage, ChatRequest, Cost, DecodeJob, KvHandle, PrefillStats, TokenEvent
 from bus.subjects import Subjects
 from bus.roles import Role, job_cost
 from inference import metrics
+from inference.config import EngineConfig
 from inference.engine import Engine
 from inference.final import PromptStage, final_event
 from inference.worker import Emitter, Job, JobRefused
@@ -73,13 +74,15 @@ class PrefillService:
     first_seq = 0
 
     def __init__(self, engine: Engine, js: JetStreamContext, subjects: Subjects,
-                 transfers: TransferRecords | None, worker_id: str = "") -> None:
+                 transfers: TransferRecords | None, worker_id: str = "",
+                 config: EngineConfig | None = None) -> None:
         self.engine = engine
         self.render = prompt_renderer(engine)
         self.js = js
         self.subjects = subjects
         self.transfers = transfers
         self.worker_id = worker_id
+        self.in_decode_up_to = (config or EngineConfig()).prompts_in_decode_up_to
 
     def parse(self, data: bytes) -> ChatRequest:
         return decode(data, ChatRequest)
@@ -97,6 +100,9 @@ class PrefillService:
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
         prompt = prompt_of(self.render, req, self.engine.max_model_len)
+        if len(prompt) <= self.in_decode_up_to:
+            await self._hand_on(job, prompt)
+            return
         t0 = time.perf_counter()
         token_ids: list[int] = []
         text, finish, cached, report = "", None, 0, None
@@ -121,15 +127,32 @@ class PrefillService:
         if finish != "length" or req.sampling.max_tokens == 1 or not token_ids:
             await self._finish(req, emit, len(prompt), stats, finish or "stop")
             return
+        await self._publish(req, prompt, token_ids[-1], stats, report.handle if report else None)
+
+    async def _hand_on(self, job: Job[ChatRequest], prompt: list[int]) -> None:
+        """A short prompt goes to decode unprefilled: its engine computes it inside the running
+        batch (EngineConfig.decode_prefill_max_tokens), so no pass of this engine takes turns with
+        decode's for it. Decode sends the first token."""
+        req = job.body
+        stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms(job), prefill_ms=0.0, cached_tokens=0,
+                             done_at=time.time())
+        log.info("prompt handed to decode", prompt_tokens=len(prompt), up_to=self.in_decode_up_to,
+                 attempt=req.attempt)
+        metrics.observe_prompt_in_decode(req.priority, stats)
+        await self._publish(req, prompt, None, stats, None)
+
+    async def _publish(self, req: ChatRequest, prompt: list[int], first_token_id: int | None,
+                       stats: PrefillStats, kv: KvHandle | None) -> None:
+        first_seq = first_seq_of(req) + (first_token_id is not None)
         await self.js.publish(
             self.subjects.decode(req.region, req.priority),
             encode(DecodeJob(
                 request_id=req.request_id, region=req.region, priority=req.priority,
-                reply_to=req.reply_to, prompt_token_ids=prompt, first_token_id=token_ids[-1],
-                sampling=req.sampling, prefill=stats, kv=report.handle if report else None,
+                reply_to=req.reply_to, prompt_token_ids=prompt, first_token_id=first_token_id,
+                sampling=req.sampling, prefill=stats, kv=kv,
                 conversation_id=req.conversation_id, created_at=req.created_at,
                 deadline=req.deadline, tenant=req.tenant, attempt=req.attempt,
-                first_seq=first_seq_of(req) + 1, answered_tokens=answered(req))),
+                first_seq=first_seq, answered_tokens=answered(req))),
             # A redelivered request (this worker died after publishing) is deduplicated here.
             headers={"Nats-Msg-Id": f"{req.request_id}.decode.{req.attempt}"}, timeout=5)
 

@@ -101,7 +101,7 @@ class Job(Generic[J]):
 
 class Service(Protocol[J]):
     """Turns one job into events. Every service is built alike (inference/pools.py names them):
-    `Service(engine, js, subjects, transfers, worker_id)`."""
+    `Service(engine, js, subjects, transfers, worker_id, engine_config)`."""
     kind: WorkKind
     role: Role
     engine: Engine

@@ -247,7 +247,7 @@ async def start_worker(settings: Settings, role: Role | str, engine: Engine | No
     except BaseException:
         telemetry.stop_serving(metrics_port)
         raise
-    service: Service = pool.service_class()(engine, js, subjects, records, bus.worker_name)
+    service: Service = pool.service_class()(engine, js, subjects, records, bus.worker_name, settings.engine)
     slots = getattr(settings.engine, pool.slots_field)
     budget = budget_for(settings.worker, settings.priorities, role, slots, engine.max_model_len,
                         engine.kv_capacity_tokens)

@@ -53,8 +53,10 @@ def describe(message: object) -> str:
         case DecodeJob():
             kv = message.kv
             blocks = f"{len(kv.keys)} KV blocks ({kv.num_tokens} tokens)" if kv else "no KV handle"
+            prefill = ("prompt left to decode" if message.first_token_id is None
+                       else f"prefill {message.prefill.prefill_ms:.1f} ms")
             return (f"decode job {message.request_id} {len(message.prompt_token_ids)} prompt "
-                    f"tokens, {blocks}, prefill {message.prefill.prefill_ms:.1f} ms")
+                    f"tokens, {blocks}, {prefill}")
         case TokenEvent():
             return f"token {message.request_id} #{message.seq} {message.text!r}"
         case FinalEvent():

@@ -25,13 +25,15 @@ def timeline(items: list[Captured], request_id: str) -> list[Step]:
     t0 = request.time
     steps = [_request_step(request)]
     tokens = [i for i in items if isinstance(i.message, TokenEvent)]
+    # a prompt handed to decode unprefilled: decode computed it and sent the first token
+    handed = any(isinstance(i.message, DecodeJob) and i.message.first_token_id is None for i in items)
     for item in items:
         at = (item.time - t0) * 1000
         msg = item.message
         if isinstance(msg, DecodeJob):
             steps += _decode_job_steps(msg, at)
         elif isinstance(msg, TokenEvent) and item is tokens[0]:
-            steps.append(Step(at, "decode" if msg.seq else "prefill",
+            steps.append(Step(at, "decode" if msg.seq or handed else "prefill",
                               f"first token on {item.subject}: {msg.text!r} (time to first token {at:.1f} ms)"))
         elif isinstance(msg, FinalEvent):
             steps += _final_steps(msg, at, tokens, t0)
@@ -59,9 +61,13 @@ def _request_step(item: Captured) -> Step:
 def _decode_job_steps(job: DecodeJob, at: float) -> list[Step]:
     p = job.prefill
     steps = [Step(p.queue_ms, "prefill",
-                  f"{p.worker_id} took it after {p.queue_ms:.1f} ms in the queue"),
-             Step(at, "prefill", f"prefill done in {p.prefill_ms:.1f} ms: {len(job.prompt_token_ids)} "
-                                 f"prompt tokens, {p.cached_tokens} from cached KV")]
+                  f"{p.worker_id} took it after {p.queue_ms:.1f} ms in the queue")]
+    if job.first_token_id is None:
+        steps.append(Step(at, "prefill", f"handed the prompt to decode unprefilled: {len(job.prompt_token_ids)} "
+                                         "tokens, computed in the decode engine's batch"))
+    else:
+        steps.append(Step(at, "prefill", f"prefill done in {p.prefill_ms:.1f} ms: {len(job.prompt_token_ids)} "
+                                         f"prompt tokens, {p.cached_tokens} from cached KV"))
     if job.kv is not None:
         steps.append(Step(at, "kv", f"wrote {p.kv_bytes_written / 1e6:.2f} MB in {p.kv_write_ms:.1f} ms: "
                                     f"{len(job.kv.keys)} blocks, {job.kv.num_tokens} tokens"))

@@ -70,7 +70,11 @@ def engine_settings(nats_url: str, nats_credentials: str, redis_url: str) -> Set
                                 subject_prefix=prefix,
                                 kv_key_prefix=f"gskv:{prefix}", data_dir=REPO / ".data", edge_port=free_port(),
                                 api_port=free_port(), heartbeat_s=0.5, worker_id=prefix, log_format="json",
-                                engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock")))
+                                engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock"),
+                                # every prompt through the prefill engine and its KV through Redis:
+                                # the path these tests hold to a plain engine's answers (short
+                                # prompts handed to decode have tests of their own)
+                                decode_prefill_max_tokens=0))
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,21 @@ async def test_decode_recomputes_when_the_handles_blocks_are_gone(vllm_stack, re
     assert final["kv"]["loaded_tokens"] == 0 and final["usage"]["cached_prompt_tokens"] == 0
 
 
+async def test_a_prompt_handed_to_decode_unprefilled_gets_the_whole_answer_from_decode(vllm_stack):
+    """What a prefill worker sends for a short prompt (EngineConfig.decode_prefill_max_tokens): no
+    first token, no KV handle. The real decode engine computes the prompt in its batch and streams
+    the whole answer from its first token, the same greedy text as prefill + decode gave."""
+    job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
+                                                 {"role": "user", "content": "Describe a bird."}])
+    handed = msgspec.structs.replace(job, first_token_id=None, kv=None, first_seq=0)
+    replayed, final = await replay_decode(vllm_stack, handed)
+    assert replayed == text
+    assert final["type"] == "final" and final["finish_reason"] in ("stop", "length")
+    assert final["timings"]["prefill_ms"] > 0 and not final["kv"]["recomputed"]
+    # its prompt's blocks, written when prefill computed it, were found: decode loaded them
+    assert final["usage"]["cached_prompt_tokens"] == final["kv"]["loaded_tokens"] > 0
+
+
 async def test_decode_really_uses_the_loaded_kv(vllm_stack, redis_server):
     job, text = await decode_job_of(vllm_stack, [unique_system("Reply briefly."),
                                                  {"role": "user", "content": "Describe a dog."}])

@@ -65,3 +65,12 @@ def test_aggregated_engines_save_and_load_kv_and_speculate_only_when_asked():
     assert speculative_config(spec_with(spec_method="ngram"), cpu, AGGREGATED)["method"] == "custom_class"
     assert speculative_config(S.spec, PROFILES["gpu"], AGGREGATED)["method"] == "ngram"  # vLLM's own
     assert kv_transfer_config(SETUP, AGGREGATED)["kv_role"] == "kv_both"
+
+
+def test_short_prompts_go_to_decode_only_where_the_engines_share_cores_unless_told():
+    from inference.config import SHARED_CORES_DECODE_PREFILL_TOKENS, EngineConfig
+    assert EngineConfig().prompts_in_decode_up_to == 0  # engines of their own: every prompt to prefill
+    shared = EngineConfig(engine_step_lock="/tmp/x.lock")
+    assert shared.prompts_in_decode_up_to == SHARED_CORES_DECODE_PREFILL_TOKENS > 0
+    assert shared.replace(decode_prefill_max_tokens=0).prompts_in_decode_up_to == 0
+    assert EngineConfig(decode_prefill_max_tokens=100).prompts_in_decode_up_to == 100

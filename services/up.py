@@ -55,8 +55,13 @@ UP_LINE = "grokstack is up"  # printed once every process is ready (lab commands
 
 
 def role_environment(env: dict[str, str], settings: Settings, role: str) -> dict[str, str]:
-    """On a shared CPU, decode yields the cores to prefill (see EngineConfig.cpu_nice)."""
-    if role == Role.DECODE and settings.engine.engine_step_lock and settings.engine.cpu_nice == 0:
+    """On a shared CPU, decode yields the cores to prefill (see EngineConfig.cpu_nice), unless
+    it computes the short prompts itself (EngineConfig.decode_prefill_max_tokens): then the
+    prompts it would slow are its own, and a lower priority only lets every other process of the
+    machine (edge, bus, clients) interrupt its passes."""
+    engine = settings.engine
+    if (role == Role.DECODE and engine.engine_step_lock and engine.cpu_nice == 0
+            and engine.prompts_in_decode_up_to == 0):
         return {**env, ENV["cpu_nice"]: "5"}
     return env
 

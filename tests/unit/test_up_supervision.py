@@ -93,3 +93,15 @@ def test_a_child_that_exits_before_it_reports_fails_the_start_naming_it(start, t
         start(supervisor, "worker", "--exit")
         with pytest.raises(StartFailed, match="worker exited with code 5 while starting"):
             await_reports(supervisor, ["worker"], timeout_s=60)
+
+
+def test_decode_yields_the_cores_only_while_prefill_computes_every_prompt():
+    from services.settings import Settings
+    from services.up import role_environment
+    nice = ENV["cpu_nice"]
+    shared = Settings(engine_step_lock="/tmp/x.lock")  # short prompts ride with decode (the default)
+    assert nice not in role_environment({}, shared, "decode")
+    every_prompt_to_prefill = shared.replace(decode_prefill_max_tokens=0)
+    assert role_environment({}, every_prompt_to_prefill, "decode")[nice] == "5"
+    assert nice not in role_environment({}, every_prompt_to_prefill, "prefill")
+    assert nice not in role_environment({}, Settings(decode_prefill_max_tokens=0), "decode")  # own cores

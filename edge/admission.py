@@ -114,8 +114,8 @@ class Admission:
         prompt = self.scale.tokens(estimated)
         wait = self.regions.wait_s(request.region, priority)
         budget = self.budgets[priority]
-        audited = bool(budget) and wait > budget  # refused, unless drawn for an audit
-        if audited and (replacement_in_s or self._audit_draw.random() >= self.config.admission_audit_share):
+        over = bool(budget) and wait > budget  # refused, unless drawn for an audit
+        if over and (replacement_in_s or self._audit_draw.random() >= self.config.admission_audit_share):
             raise self._refuse("overloaded", priority, f"the estimated queue wait for {priority} requests is "
                                f"{wait:.1f} s, over its budget of {budget:g} s", max(wait - budget, replacement_in_s))
         request, degraded = self._degrade(request, wait, budget)
@@ -129,7 +129,7 @@ class Admission:
                                    f"{tenant.tokens_per_minute} tokens per minute; this request needs about "
                                    f"{charged}", short_s)
         self.queues.published(request.region, priority, prompt, request.sampling.max_tokens)
-        return Admitted(request, charged, degraded, estimated, round(wait, 3), audited)
+        return Admitted(request, charged, degraded, estimated, round(wait, 3), audited=over)
 
     def _refuse(self, code: str, priority: Priority, message: str, after_s: float) -> Refused:
         metrics.observe_refused(code, priority)

@@ -53,7 +53,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from bus.messages import KvHandle
 from bus.signing import Signer
 from kv_store.block_store import BlockStore
-from kv_store.keys import (layout_fingerprint, loadable_keys, model_identity, partial_block_key,
+from kv_store.keys import (hash_of, layout_fingerprint, loadable_keys, model_identity, partial_block_key,
                            partial_candidates, prompt_block_keys, transfer_stats_key)
 from kv_store.records import KvReport, report_to_params, request_from_params
 from kv_store.step_lock import StepLock, wait_without_spinning
@@ -169,7 +169,8 @@ class RedisKVConnector(KVConnectorBase_V1):
         partial = None
         if self._can_load and not reason:  # the block after the run found may be stored in part
             tails = partial_candidates(self._key_prefix, self._layout, self._block_size,
-                                       list(request.prompt_token_ids or []), kv.namespace, present, self._partial_step)
+                                       list(request.prompt_token_ids or []), kv.namespace, present, self._partial_step,
+                                       parent=hash_of(keys[present - 1]) if present else "")
             found = self._store.first_present([key for key, _ in tails])
             partial = tails[found] if found is not None else None
         if present < len(candidates) and not reason:
@@ -261,9 +262,10 @@ class RedisKVConnector(KVConnectorBase_V1):
         tokens = frontier % self._block_size // self._partial_step * self._partial_step
         if not tokens or block >= len(state.block_ids) or (block, tokens) <= state.partial_saved:
             return
+        parent = None if block > len(state.keys) else hash_of(state.keys[block - 1]) if block else ""
         key = partial_block_key(self._key_prefix, self._layout, state.request.all_token_ids[:block * self._block_size
                                                                                               + tokens],
-                                self._block_size, state.namespace)
+                                self._block_size, state.namespace, parent)
         meta.saves.append(BlockTransfer(state.request_id, [key], [state.block_ids[block]], partial=True))
         state.partial_saved = (block, tokens)
 

@@ -76,6 +76,11 @@ def block_key(key_prefix: str, layout: str, block_hash: str) -> str:
     return f"{key_prefix}:blk:{layout}:{block_hash}"
 
 
+def hash_of(key: str) -> str:
+    """The chained hash a block's key ends with (block_key's last part)."""
+    return key.rsplit(":", 1)[-1]
+
+
 def prompt_block_keys(key_prefix: str, layout: str, token_ids: Sequence[int], block_size: int,
                       num_blocks: int, namespace: str = "") -> list[str]:
     return [block_key(key_prefix, layout, h)
@@ -83,28 +88,37 @@ def prompt_block_keys(key_prefix: str, layout: str, token_ids: Sequence[int], bl
 
 
 def partial_block_key(key_prefix: str, layout: str, token_ids: Sequence[int], block_size: int,
-                      namespace: str = "") -> str:
+                      namespace: str = "", parent: str | None = None) -> str:
     """The key of a block's first tokens: the tokens of `token_ids` past its last full block
     (1 to block_size - 1 of them), chained on the full blocks before them like a full block, and
-    marked partial, so no full block and no partial block of another length shares it."""
+    marked partial, so no full block and no partial block of another length shares it.
+
+    `parent`: the last full block's hash ("" when there is none), when the caller has it (a
+    connector holds its request's block keys); else it is computed from `token_ids` again."""
     full = len(token_ids) // block_size
     assert 0 < len(token_ids) - full * block_size < block_size, "a partial block holds 1 to block_size - 1 tokens"
-    parent = block_hashes(layout, token_ids, block_size, full, namespace)
-    running = bytes.fromhex(parent[-1]) if parent else _chain_root(layout, namespace)
+    if parent is None:
+        parent = (block_hashes(layout, token_ids, block_size, full, namespace) or [""])[-1]
+    running = bytes.fromhex(parent) if parent else _chain_root(layout, namespace)
     tail = array("i", token_ids[full * block_size:])
     return block_key(key_prefix, layout, _digest(running + b"partial" + tail.tobytes()).hex())
 
 
 def partial_candidates(key_prefix: str, layout: str, block_size: int, prompt: Sequence[int], namespace: str,
-                       full_blocks: int, step: int) -> list[tuple[str, int]]:
+                       full_blocks: int, step: int, parent: str | None = None) -> list[tuple[str, int]]:
     """(key, tokens) of the partial blocks that may follow a prompt's first `full_blocks` loaded
     blocks, longest first: those a saver writes every `step` tokens of a block (connector.py),
-    leaving at least one prompt token to compute (to sample from)."""
+    leaving at least one prompt token to compute (to sample from). `parent` as in
+    partial_block_key: the hash of block `full_blocks - 1`, when the caller has it."""
     if step <= 0:
         return []
     start = full_blocks * block_size
     room = min(len(prompt) - 1 - start, block_size - 1)
-    return [(partial_block_key(key_prefix, layout, prompt[: start + n], block_size, namespace), n)
+    if room < step:
+        return []
+    if parent is None:  # one chain for every candidate
+        parent = (block_hashes(layout, prompt, block_size, full_blocks, namespace) or [""])[-1]
+    return [(partial_block_key(key_prefix, layout, prompt[: start + n], block_size, namespace, parent), n)
             for n in range(room // step * step, 0, -step)]
 
 

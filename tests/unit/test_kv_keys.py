@@ -4,7 +4,7 @@ from bus.messages import KvHandle
 from bus.signing import Signer
 from kv_store.block_store import BlockStore
 from kv_store.config import KvConfig
-from kv_store.keys import (block_hashes, layout_fingerprint, loadable_keys, model_identity, partial_block_key,
+from kv_store.keys import (block_hashes, hash_of, layout_fingerprint, loadable_keys, model_identity, partial_block_key,
                            partial_candidates, prompt_block_keys)
 
 
@@ -44,6 +44,10 @@ def test_a_partial_block_is_keyed_by_its_whole_prefix_and_its_length():
     assert key != partial_block_key("p", "L", tokens[:72], 32, "u")  # another tenant
     assert key != partial_block_key("p", "L", [7] + tokens[1:72], 32, "t")  # another prefix
     assert partial_block_key("p", "L", tokens[:8], 32, "t") != partial_block_key("p", "L", tokens[:8], 32, "")
+    # a caller holding the chain (a connector's block keys) passes its last hash instead
+    full = prompt_block_keys("p", "L", tokens, 32, 2, "t")
+    assert partial_block_key("p", "L", tokens[:72], 32, "t", hash_of(full[-1])) == key
+    assert partial_block_key("p", "L", tokens[:8], 32, "t", "") == partial_block_key("p", "L", tokens[:8], 32, "t")
 
 
 def test_partial_candidates_are_the_saved_lengths_that_leave_a_token_to_compute():
@@ -56,6 +60,8 @@ def test_partial_candidates_are_the_saved_lengths_that_leave_a_token_to_compute(
     assert [n for _, n in partial_candidates("p", "L", 32, list(range(96)), "t", 2, 8)] == [24, 16, 8]
     assert partial_candidates("p", "L", 32, prompt, "t", 2, 0) == []  # partial blocks off
     assert partial_candidates("p", "L", 32, prompt[:70], "t", 2, 8) == []  # 6 tokens: none saved
+    parent = hash_of(prompt_block_keys("p", "L", prompt, 32, 2, "t")[-1])
+    assert partial_candidates("p", "L", 32, prompt, "t", 2, 8, parent) == cands
 
 
 def test_model_identity_changes_with_the_weights(tmp_path):

@@ -14,10 +14,14 @@ This drafter is plain numpy on the calling thread, and it drafts for a request o
 Verifying a draft token is not free on a CPU (measured: each costs about a fifth of a step), so:
 - nothing is drafted while more than `max_batch` requests run (verifying drafts then costs the
   batch more than it gains on a compute-bound CPU);
-- each request's acceptance (the share of its draft tokens the model took) is tracked: while it
-  is high its drafts are long (`k`), while middling short (`short_k`), and below `min_acceptance`
-  (a generic chat answer) it drafts only a `short_k` probe every `probe_every` steps, to notice
-  when its answer starts copying.
+- each request's acceptance is tracked: the chance that the model takes a draft token, given it
+  took the ones before it (taken tokens over taken ones plus the draft's first rejected one).
+  While it is high its drafts are long (`k`), while middling short (`short_k`), and below
+  `min_acceptance` (a generic chat answer) it drafts only a `short_k` probe every `probe_every`
+  steps, to notice when its answer starts copying. Not the share of drafted tokens taken: an
+  answer that copies runs of about 5 tokens between words of its own has 4 of 8 taken (middling,
+  so short drafts), then 2 of 2 (high, so long ones), and flip-flops at about 2.5x where long
+  drafts give more.
 
 Requests are told apart by their row in the batch (what vLLM hands a custom proposer); a row whose
 token count did not advance by what it was just given is a new request there, and starts afresh. A
@@ -42,7 +46,7 @@ class DrafterConfig:
     min_n: int = 2
     max_n: int = 8
     max_batch: int = 1  # draft only while at most this many requests run
-    min_acceptance: float = 0.4  # below this share of draft tokens accepted, a request stops drafting
+    min_acceptance: float = 0.4  # below this chance of a draft token taken, a request stops drafting
     short_k: int = 2  # draft tokens of a probe, and of a request whose acceptance is middling
     long_above: float = 0.5  # acceptance above which drafts are `k` long
     probe_every: int = 8  # steps between probes of a request that stopped drafting
@@ -53,8 +57,14 @@ class DrafterConfig:
 class _Row:
     num_tokens: int = 0  # the request's tokens after the last step, to recognise it next step
     drafted: int = 0  # draft tokens proposed last step
-    acceptance: float = 0.5  # smoothed share of its draft tokens accepted
+    taken: float = 0.5  # draft tokens taken, decayed over its steps
+    tried: float = 1.0  # ...and those plus the first rejected one of each draft
     idle_steps: int = 0  # steps since it last drafted
+
+    @property
+    def acceptance(self) -> float:
+        """The chance the model takes a draft token, given it took the ones before it."""
+        return self.taken / self.tried if self.tried else 0.0
 
 
 def find_draft(context: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
@@ -104,10 +114,12 @@ class LookupDrafter:
     def _track(self, i: int, sampled: list[int], num_tokens: int) -> _Row:
         row = self._rows.get(i)
         if row is None or num_tokens != row.num_tokens + len(sampled):
-            row = self._rows[i] = _Row(acceptance=self.config.prior)
+            row = self._rows[i] = _Row(taken=self.config.prior)
         elif row.drafted:  # one of the sampled tokens is the model's own; the rest were drafts it accepted
-            accepted = max(0, len(sampled) - 1) / row.drafted
-            row.acceptance += self.alpha * (accepted - row.acceptance)
+            taken = min(row.drafted, max(0, len(sampled) - 1))
+            keep = 1 - self.alpha
+            row.taken = keep * row.taken + taken
+            row.tried = keep * row.tried + taken + (taken < row.drafted)
         row.num_tokens = num_tokens
         return row
 

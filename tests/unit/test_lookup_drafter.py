@@ -99,3 +99,17 @@ def test_the_copy_share_counts_the_answer_tokens_a_perfect_lookup_would_draft():
     half = [*prompt[:11], *range(600, 610)]  # 9 of its 20 later tokens are drafted right
     assert copy_share(prompt, half) == 9 / 20
     assert copy_share(prompt, [7]) == 0.0
+
+
+def test_a_request_that_copies_short_runs_keeps_long_drafts():
+    """The model takes the first 2 tokens of every draft and then says a word of its own: 2 of 3
+    draft tokens tried were taken. Judged by the share of drafted tokens taken (2 of 5) it would
+    fall to short drafts, then (2 of 2) rise again, and flip-flop."""
+    d = drafter(min_acceptance=0.4, k=5, short_k=2)
+    batch = Batch(REPEATING)
+    drafts = batch.step(d, [following(batch.rows[0], 1)])
+    lengths = []
+    for _ in range(12):
+        lengths.append(len(drafts[0]))
+        drafts = batch.step(d, [following(batch.rows[0], min(2, len(drafts[0])) + 1)])
+    assert lengths[0] == 2 and set(lengths[3:]) == {5}, lengths

@@ -54,6 +54,7 @@ class VllmEngine:
 
         t0 = time.monotonic()
         args = engine_args(self.setup, self.profile, self.pool)
+        args.setdefault("use_tqdm_on_load", False)  # its progress bar would break the log format (services/logs.py)
         log.info("engine starting", role=self.pool.name, profile=self.profile.name,
                  model=args["model"], block_size=args["block_size"],
                  speculative=spec_method(self.setup.spec, self.profile, self.pool))

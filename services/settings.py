@@ -8,7 +8,7 @@ it (`GROKSTACK_<FIELD>`; NATS_URL and REDIS_URL keep their conventional names), 
 flag (`--<field>`). Field names are unique across sections, so a name alone says where a value
 goes. Values are validated by pydantic at load: a bad enum or an out-of-range number stops the
 process at once, naming the variable and what it allows (vLLM's own VLLM_* variables are derived
-in inference/profiles.py).
+in inference/profiles.py, its logging ones in services/logs.py).
 """
 
 from __future__ import annotations

@@ -73,9 +73,8 @@ class Stopped(SystemExit):
 
 def child_environment(settings: Settings) -> dict[str, str]:
     """The supervisor's effective settings, handed down the one way processes read them."""
-    env = {**os.environ, **environment_of(settings)}
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console readable
-    return env
+    # vLLM's own level is services/logs.py's (its start-up lines at info), in every process alike.
+    return {**os.environ, **environment_of(settings)}
 
 
 def local_host(host: str) -> str:

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Literal
 
 import msgspec
 import structlog
@@ -236,7 +236,8 @@ class JobClient:
     def new_request(self, messages: list[ChatMessage], sampling: SamplingSpec, priority: Priority, *,
                     region: str | None = None, conversation_id: str | None = None,
                     request_id: str | None = None, timeout_s: float = 300.0,
-                    tenant: str | None = None, route: str = "") -> ChatRequest:
+                    tenant: str | None = None, route: str = "",
+                    prompt_format: Literal["chat", "text"] = "chat") -> ChatRequest:
         """The request this client would publish: a new id (unless given), its events' subject,
         and a deadline. Checked against the wire schema, so a bad value fails here and not in a
         worker (ValueError)."""
@@ -246,7 +247,7 @@ class JobClient:
             request_id=request_id, region=region or self.region, priority=priority, messages=messages,
             sampling=sampling, reply_to=self.reply_to(request_id),
             conversation_id=conversation_id, created_at=now, deadline=now + timeout_s,
-            tenant=tenant or self.tenant, route=route)
+            tenant=tenant or self.tenant, route=route, prompt_format=prompt_format)
         try:
             return decode(encode(ChatRequest(**fields)), ChatRequest)  # type: ignore[arg-type]
         except (BadMessage, ValueError) as exc:

@@ -16,7 +16,7 @@ from bus.roles import Role
 
 SCHEMA_VERSION = 1
 
-ChatRole = Literal["system", "user", "assistant"]
+ChatRole = Literal["system", "user", "assistant", "tool"]
 Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 # Bounds of what a publisher controls: a value beyond them is a malformed message, refused once,
@@ -35,17 +35,65 @@ class Message(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type",
             raise ValueError(f"unsupported schema version {self.v} (this build speaks {SCHEMA_VERSION})")
 
 
-class ChatMessage(Struct, frozen=True, forbid_unknown_fields=True):
+class FunctionCall(Struct, frozen=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(max_length=256)]
+    arguments: Annotated[str, Meta(max_length=1024 * 1024)]  # JSON text, as the model wrote it
+
+
+class ToolCall(Struct, frozen=True, forbid_unknown_fields=True):
+    """A call an assistant's earlier turn made, kept in the history for the chat template."""
+    id: Annotated[str, Meta(max_length=256)]
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class ChatMessage(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     role: ChatRole
     content: Annotated[str, Meta(max_length=8 * 1024 * 1024)]
+    # An assistant turn's tool calls, and which call a tool message answers: both go to the
+    # model's chat template as they are (a template without tool support ignores them).
+    tool_calls: Annotated[tuple[ToolCall, ...], Meta(max_length=128)] = ()
+    tool_call_id: Annotated[str, Meta(max_length=256)] | None = None
+
+    def as_template_input(self) -> dict[str, object]:
+        """The message as chat templates read it (OpenAI's shape): by a worker's engine and by an
+        edge's tokenizer alike."""
+        out: dict[str, object] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": c.type,
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
-class SamplingSpec(Struct, frozen=True, forbid_unknown_fields=True):
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (vLLM's default max_logprobs is 20 too)
+
+
+class SamplingSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """vLLM's SamplingParams as a client may set them, each within the range vLLM accepts (an
+    out-of-range value is refused at the door, not by the engine on every redelivery)."""
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)]
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)] = []
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None  # what vLLM takes
+    top_k: Annotated[int, Meta(ge=-1, le=1 << 20)] = 0  # 0 or -1: off
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = 1.0
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    ignore_eos: bool = False  # go on to max_tokens past the end-of-sequence token (benchmarks)
+    min_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # token id -> bias added to its logit (OpenAI's range and, as OpenAI, at most 300 of them)
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=300)] = {}
+    # The log probability of each chosen token, with this many most likely alternatives; None: none.
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class Continuation(Struct, frozen=True, forbid_unknown_fields=True):
@@ -79,6 +127,14 @@ class ChatRequest(Message, tag="chat_request"):
     # carries it, and edges drop events of an attempt they superseded.
     attempt: Attempt = 0
     continuation: Continuation | None = None  # set on attempts after the first
+    # How the prompt is made of the messages: "chat", the model's chat template, ready for the
+    # assistant's turn; "text", the completions API's prompt: the one message's text as it is.
+    prompt_format: Literal["chat", "text"] = "chat"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompt_format == "text" and len(self.messages) != 1:
+            raise ValueError(f"a text prompt is one message, not {len(self.messages)}")
 
 
 class KvHandle(Struct, frozen=True, forbid_unknown_fields=True):
@@ -170,12 +226,26 @@ class Cost(Struct, frozen=True, forbid_unknown_fields=True):
     usd: float = 0.0  # (prefill_gpu_s + decode_gpu_s) x gpus per worker x price per GPU-hour / 3600
 
 
+class TopLogprob(Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    token: str  # the token's text as the detokenizer gives it alone
+    logprob: float  # >= -9999 (vLLM's floor for -inf, which JSON cannot carry)
+
+
+class TokenLogprob(Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """A chosen token's log probability and the most likely alternatives at its place."""
+    token: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class TokenEvent(Message, tag="token"):
     request_id: Id
     seq: int
     text: str
     token_ids: list[TokenId]
     attempt: int = 0  # the request's attempt that sent it (ChatRequest.attempt)
+    # One per token id, when the request asked for logprobs (SamplingSpec.logprobs).
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Speculation(Struct, frozen=True, forbid_unknown_fields=True):

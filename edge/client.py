@@ -300,12 +300,14 @@ async def complete_anywhere(urls: str | Sequence[str], messages: list[dict[str, 
 
 
 async def chat_repl(urls: str | Sequence[str], priority: str, max_tokens: int, temperature: float,
-                    system: str | None) -> None:
+                    system: str | None, api_key: str | None = None) -> None:
     """A terminal chat: type a message, watch the answer stream; /reset clears, /quit leaves.
     A dropped connection is replaced by one to the next edge of `urls` that answers, and the answer
-    resumed where it stopped (or asked again when no edge knows it any more)."""
+    resumed where it stopped (or asked again when no edge knows it any more). `api_key`: sent as
+    `Authorization: Bearer <key>` to an edge that has keys."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    async with RegionalClient(urls) as edges:
+    auth = {"additional_headers": {"Authorization": f"Bearer {api_key}"}} if api_key else {}
+    async with RegionalClient(urls, **auth) as edges:
         print(f"connected to {edges.url}  (/reset to start over, /quit or Ctrl-D to leave)")
         while True:
             try:

@@ -1,22 +1,36 @@
-"""The OpenAI-compatible HTTP API of the edge node (aiohttp).
+"""The OpenAI-compatible HTTP API of the edge node (aiohttp), on par with what vLLM serves for
+text generation, so that vLLM's clients (its benchmark, the openai SDK, LangChain, LiteLLM,
+lm-eval) work unchanged:
 
     POST /v1/chat/completions                   streaming (SSE) or one JSON response
+    POST /v1/completions                        the same for a plain text prompt (no chat template)
     GET  /v1/chat/completions/{id}/stream       resume a stream: `Last-Event-ID: <seq>` and
-                                                `X-Grokstack-Resume-Token: <token>`
-    GET  /v1/models, /healthz, /readyz
+    GET  /v1/completions/{id}/stream            `X-Grokstack-Resume-Token: <token>`
+    GET  /v1/models
+    POST /tokenize, /detokenize                 the served model's tokenizer (edge/tokenizer.py)
+    GET  /health, /version, /openapi.json       (the document: edge/openapi.py, from the routes)
+    GET  /healthz, /readyz
+
+Bodies take every field vLLM takes (edge/openai_wire.py): what is served goes to vLLM, what vLLM
+knows but this server cannot honour is a 400 naming it, and a field no one knows is ignored,
+logged once and counted (grokstack_openai_ignored_fields_total), as vLLM does.
 
 Prometheus' /metrics is not here (request ids are its exemplars): the edge process serves it,
 with /healthz and /readyz, on its metrics port (services/processes.py start_edge).
 
-Every response to a chat request carries `X-Request-Id` and `X-Grokstack-Resume-Token`; every SSE
-event carries `id: <seq>`, the request's event sequence number. A client that lost the
-connection asks for the rest with the last id it saw (`Last-Event-ID`, or `?last_event_id=`: an
-integer in [-1, MAX_SEQ]) and the token (the header, or `?resume_token=`), and gets exactly the
-missed tokens, then the end (the final chunk even when its id is past the end). Without the
-right token the answer is that of an unknown id (404 `unknown_request`), found without a lookup;
-resumes are rate-limited per client address and tenant (429 `rate_limited`, Retry-After). A
-client that disconnects detaches from its request; the request is cancelled through the pipeline
-when nobody resumes it within `resume_grace_s`.
+Every response to a generation request carries `X-Request-Id` and `X-Grokstack-Resume-Token`.
+An SSE event is `data: <json>` alone, as vLLM streams it (clients such as vLLM's benchmark read
+an event as one data line and fail on any other field), unless the client says it reads SSE
+(`Accept: text/event-stream`, as EventSource does) or resumes: then each event is `data: <json>`
+followed by `id: <seq>`, the request's event sequence number. Without ids the seq of a content
+chunk is its place among them (from 0: events are numbered in order, one per token event). A
+client that lost the connection asks for the rest with the last seq it saw (`Last-Event-ID`, or
+`?last_event_id=`: an integer in [-1, MAX_SEQ]) and the token (the header, or `?resume_token=`),
+and gets exactly the missed tokens, then the end (the final chunk even when its id is past the
+end). Without the right token the answer is that of an unknown id (404 `unknown_request`), found
+without a lookup; resumes are rate-limited per client address and tenant (429 `rate_limited`,
+Retry-After). A client that disconnects detaches from its request; the request is cancelled
+through the pipeline when nobody resumes it within `resume_grace_s`.
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import structlog
@@ -36,22 +52,38 @@ from edge.admission import retry_after_header
 from edge.config import EdgeConfig
 from edge.intake import Intake, Refusal
 from edge.live import LiveRequest, LiveRequests
+from edge import metrics
 from edge.openai_wire import (
+    AnyRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextCompletion,
+    TextCompletionChunk,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    IgnoredFields,
     Model,
     ModelList,
-    completion,
-    completion_id,
+    TokenizeRequest,
+    TokenizeResponse,
+    Version,
+    chat_messages,
     error_body,
     final_chunks,
     info_of,
+    package_version,
     param_of,
     parse_request,
-    token_chunk,
+    shape_of,
 )
 from edge.protocol import MAX_SEQ, ChatFrame, FrameError, usage_frame
 from edge.resume import HEADER as RESUME_HEADER
 from edge.resume import ResumeGuard, ResumeRateLimited
+from edge.openapi import document, operation
 from edge.tenants import ApiKeys, AuthError, Tenant
+from edge.tokenizer import Tokenizer, TokenizerUnavailable
 
 log = structlog.get_logger("grokstack.api")
 
@@ -61,6 +93,7 @@ DEGRADED_HEADER = "X-Grokstack-Degraded-Max-Tokens"
 ESTIMATED_WAIT_HEADER = "X-Grokstack-Estimated-Wait"  # seconds: the queue wait admission judged it by
 ROUTE_HEADER = "X-Grokstack-Route"  # in responses: why the region in X-Grokstack-Region (edge/routing.py)
 _json = msgspec.json.Encoder()
+T = TypeVar("T")
 _SEQ = re.compile(r"-?[0-9]{1,7}")  # ASCII digits only: int() also takes " 5", "1_0" and other scripts' digits
 
 
@@ -77,41 +110,89 @@ def error_response(exc: ApiError) -> web.Response:
                         headers=headers)
 
 
+# The routes whose answers are counted as requests (grokstack_requests_total): generation, not probes.
+COUNTED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/chat/completions/{request_id}/stream",
+                     "/v1/completions/{request_id}/stream"})
+
+
 @web.middleware
 async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
-    """Every error, ours or aiohttp's (404, 405, 413), as OpenAI's error JSON."""
+    """Every error, ours or aiohttp's (404, 405, 413), as OpenAI's error JSON; each generation
+    request counted by status and error type, and each refusal logged with its reason."""
+    error: ApiError | None = None
     try:
-        return await handler(request)
+        response = await handler(request)
     except ApiError as exc:
-        return error_response(exc)
+        error = exc
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(ApiError("frame_too_large", f"the body is too large: {exc.text}"))
+        error = ApiError("frame_too_large", f"the body is too large: {exc.text}")
     except web.HTTPMethodNotAllowed:
-        return error_response(ApiError("method_not_allowed", f"{request.method} is not allowed on {request.path}"))
+        error = ApiError("method_not_allowed", f"{request.method} is not allowed on {request.path}")
     except web.HTTPNotFound:
-        return error_response(ApiError("not_found", f"no route {request.method} {request.path}"))
+        error = ApiError("not_found", f"no route {request.method} {request.path}")
+    except TokenizerUnavailable as exc:
+        error = ApiError("unavailable", str(exc))
+    if error is not None:
+        response = error_response(error)
+        # 4xx at info: the client's doing, with what it was told; 5xx: ours
+        (log.info if response.status < 500 else log.warning)(
+            "request answered with an error", status=response.status, code=error.code, param=error.param,
+            reason=error.message[:512], path=request.path[:256])
+    route = request.match_info.route.resource
+    if route is not None and route.canonical in COUNTED:
+        metrics.observe_request("openai", response.status, error.code if error else "")
+    return response
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What /v1/models says of the model this edge serves, as vLLM's model card does."""
+    id: str
+    root: str = ""  # what it was loaded from (a folder or a hub id): vLLM's clients load its tokenizer
+    max_model_len: int = 0
 
 
 class OpenAIApi:
     def __init__(self, config: EdgeConfig, live: LiveRequests, keys: ApiKeys, intake: Intake,
-                 guard: ResumeGuard) -> None:
+                 guard: ResumeGuard, served: ServedModel | None = None, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         self.guard = guard
         self.live = live
         self.intake = intake
         self.gateway = live.gateway
         self.keys = keys
+        self.served = served or ServedModel(self.gateway.model_id)
+        self.tokenizer = tokenizer
+        self.ignored = IgnoredFields()
         self._runner: web.AppRunner | None = None
+
+    def routes(self) -> list[web.RouteDef]:
+        """Every route, with the handler that serves it: edge/openapi.py writes the document from
+        these and the handlers' declared bodies, so the two cannot drift apart."""
+        return [
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/completions", self.completions),
+            web.get("/v1/chat/completions/{request_id}/stream", self.resume),
+            web.get("/v1/completions/{request_id}/stream", self.resume),
+            web.get("/v1/models", self.models),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
+            web.get("/health", self.health),
+            web.get("/version", self.version),
+            web.get("/openapi.json", self.openapi),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+        ]
+
+    @classmethod
+    def route_table(cls) -> list[web.RouteDef]:
+        """The routes with the class's own functions as handlers: what the OpenAPI document is
+        written from without a running edge (`grokstack openapi`, its test)."""
+        return cls.routes(cls)  # type: ignore[arg-type]
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[openai_errors], client_max_size=self.config.max_frame_bytes)
-        app.add_routes([
-            web.post("/v1/chat/completions", self.chat_completions),
-            web.get("/v1/chat/completions/{request_id}/stream", self.resume),
-            web.get("/v1/models", self.models),
-            web.get("/healthz", self.healthz),
-            web.get("/readyz", self.readyz),
-        ])
+        app.add_routes(self.routes())
         return app
 
     async def start(self) -> int:
@@ -131,36 +212,131 @@ class OpenAIApi:
 
     # ------------------------------------------------------------------ plain endpoints
 
+    @operation("Liveness of the edge process (its bus client)", text=True, auth=False)
     async def healthz(self, request: web.Request) -> web.Response:
         ok, body = self.gateway.health()
         return web.Response(status=200 if ok else 503, text=body)
 
+    @operation("Readiness: the bus is connected; which stages have live workers", text=True, auth=False)
     async def readyz(self, request: web.Request) -> web.Response:
         ok, body = self.gateway.readiness()
         return web.Response(status=200 if ok else 503, text=body)
 
+    @operation("vLLM's health probe: 200, empty, while the edge can serve", auth=False)
+    async def health(self, request: web.Request) -> web.Response:
+        """vLLM's: 200 with an empty body while it can serve (here: the bus client lives)."""
+        ok, _ = self.gateway.health()
+        return web.Response(status=200 if ok else 503)
+
+    @operation("The server's version", returns=Version, auth=False)
+    async def version(self, request: web.Request) -> web.Response:
+        return _ok(Version(version=package_version()))
+
+    @operation("This document", auth=False)
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=_json.encode(document(self.routes())), content_type="application/json")
+
+    @operation("The models served", returns=ModelList)
     async def models(self, request: web.Request) -> web.Response:
         self._tenant(request)
-        body = ModelList("list", [Model(m, "model", 0, "grokstack") for m in self.gateway.models()])
-        return web.Response(body=_json.encode(body), content_type="application/json")
+        s = self.served
+        body = ModelList("list", [Model(m, "model", 0, "grokstack", s.root or m if m == s.id else m, None,
+                                        s.max_model_len) for m in self.gateway.models()])
+        return _ok(body)
 
-    # ------------------------------------------------------------------ chat
+    # ------------------------------------------------------------------ tokenizer
 
+    @operation("A prompt's tokens, or those of messages under the chat template", body=TokenizeRequest,
+               returns=TokenizeResponse)
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: a prompt's tokens, or those of messages under the chat template."""
+        self._tenant(request)
+        body = self._tokenizer_model(await self._body(request, TokenizeRequest))
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError("invalid_request", "give either prompt or messages", "prompt")
+        tokenizer = self._tokenizer()
+        if body.messages is not None:
+            try:
+                messages = chat_messages(body.messages, self.config)
+            except FrameError as exc:
+                raise ApiError(exc.code, exc.message, "messages") from None
+            tokens = await tokenizer.render_chat(messages, body.add_generation_prompt is not False)
+        else:
+            if len(body.prompt or "") > self.config.max_prompt_chars:
+                raise ApiError("invalid_request", f"the prompt holds {len(body.prompt or '')} characters; the "
+                               f"limit is {self.config.max_prompt_chars}", "prompt")
+            tokens = await tokenizer.tokenize(body.prompt or "", body.add_special_tokens is not False)
+        strs = await tokenizer.token_strings(tokens) if body.return_token_strs else None
+        return _ok(TokenizeResponse(count=len(tokens), max_model_len=self.served.max_model_len, tokens=tokens,
+                                    token_strs=strs))
+
+    @operation("The text of tokens", body=DetokenizeRequest, returns=DetokenizeResponse)
+    async def detokenize(self, request: web.Request) -> web.Response:
+        self._tenant(request)
+        body = self._tokenizer_model(await self._body(request, DetokenizeRequest))
+        try:
+            return _ok(DetokenizeResponse(prompt=await self._tokenizer().detokenize(body.tokens)))
+        except ValueError as exc:
+            raise ApiError("invalid_request", str(exc), "tokens") from None
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ApiError("unavailable", "this edge has no tokenizer (the served model's folder or hub id is not "
+                           "configured)")
+        return self.tokenizer
+
+    async def _body(self, request: web.Request, kind: type[T]) -> T:
+        if (request.content_length or 0) > self.config.max_frame_bytes:  # before reading it
+            raise ApiError("frame_too_large", f"the body is {request.content_length} bytes; the limit is "
+                           f"{self.config.max_frame_bytes}")
+        try:
+            return msgspec.json.decode(await request.read(), type=kind)
+        except msgspec.ValidationError as exc:
+            raise ApiError("invalid_request", str(exc), param_of(str(exc))) from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise ApiError("invalid_json", f"the body is not valid JSON: {exc}") from None
+
+    def _model_checked(self, body: T) -> T:
+        model = getattr(body, "model", None)
+        if model is not None and model not in self.gateway.models():
+            raise ApiError("model_not_found", f"the model {model!r} does not exist; GET /v1/models lists "
+                           "the models served", "model")
+        return body
+
+    def _tokenizer_model(self, body: T) -> T:
+        """The edge holds the tokenizer of the model it is configured with, and no other's."""
+        model = getattr(body, "model", None)
+        if model is not None and model != self.served.id:
+            raise ApiError("model_not_found", f"this edge tokenizes for {self.served.id!r} only, not {model!r}",
+                           "model")
+        return body
+
+    # ------------------------------------------------------------------ generation
+
+    @operation("A chat completion", body=ChatCompletionRequest, returns=ChatCompletion,
+               streams=ChatCompletionChunk)
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, ChatCompletionRequest)
+
+    @operation("A completion of a text prompt", body=CompletionRequest, returns=TextCompletion,
+               streams=TextCompletionChunk)
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, CompletionRequest)
+
+    async def _generate(self, request: web.Request, kind: type[AnyRequest]) -> web.StreamResponse:
         tenant = self._tenant(request)
         if (request.content_length or 0) > self.config.max_frame_bytes:  # before reading it
             raise ApiError("frame_too_large", f"the body is {request.content_length} bytes; the limit is "
                            f"{self.config.max_frame_bytes}")
         try:
-            body, frame = parse_request(await request.read(), self.config)
+            body, frame, ignored = parse_request(await request.read(), self.config, kind)
         except FrameError as exc:
-            raise ApiError(exc.code, exc.message, param_of(exc.message)) from None
-        if body.model not in self.gateway.models():
-            raise ApiError("model_not_found", f"the model {body.model!r} does not exist; GET /v1/models lists "
-                           "the models served", "model")
+            raise ApiError(exc.code, exc.message, exc.param or param_of(exc.message)) from None
+        self._note_ignored(ignored)
+        self._model_checked(body)
         chat = self._with_headers(request, frame)
         try:
-            async with self.intake.accept(chat, tenant, api="openai", stream=body.stream) as accepted:
+            async with self.intake.accept(chat, tenant, api="openai", stream=bool(body.stream)) as accepted:
                 live = accepted.live
                 live.api_model = body.model
                 live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -172,11 +348,18 @@ class OpenAIApi:
                 if accepted.estimated_wait_s is not None:
                     headers[ESTIMATED_WAIT_HEADER] = f"{accepted.estimated_wait_s:.3f}"
                 if body.stream:
-                    return await self._stream(request, live, -1, headers)
+                    return await self._stream(request, live, -1, headers, with_ids=reads_sse_ids(request))
                 return await self._complete(live, headers)
         except Refusal as refusal:
             retry = retry_after_header(refusal.retry_after_s) if refusal.retry_after_s is not None else 0
             raise ApiError(refusal.code, refusal.message, refusal.param, retry) from None
+
+    def _note_ignored(self, names: list[str]) -> None:
+        for name in names:
+            label, first = self.ignored.note(name)
+            metrics.observe_ignored_field(label)
+            if first:
+                log.warning("request field ignored: no one here knows it (logged once per name)", field=name[:64])
 
     def _with_headers(self, request: web.Request, frame: ChatFrame) -> ChatFrame:
         """The routing headers stand in for the body's fields, checked as those are (the intake
@@ -190,9 +373,11 @@ class OpenAIApi:
             header = PRIORITY_HEADER if name == "priority" else REGION_HEADER
             raise ApiError("invalid_request", f"{name} (the body's field or {header}): {exc}", name) from None
 
+    @operation("The rest of a stream after Last-Event-ID (with X-Grokstack-Resume-Token)",
+               streams=ChatCompletionChunk)
     async def resume(self, request: web.Request) -> web.StreamResponse:
         tenant = self._tenant(request)
-        request_id = request.match_info["request_id"].removeprefix("chatcmpl-")
+        request_id = request.match_info["request_id"].removeprefix("chatcmpl-").removeprefix("cmpl-")
         name = "Last-Event-ID" if "Last-Event-ID" in request.headers else "last_event_id"
         raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
         if not _SEQ.fullmatch(raw) or not -1 <= int(raw) <= MAX_SEQ:
@@ -217,7 +402,7 @@ class OpenAIApi:
         with request_context(live.request_id, live.request.region, live.request.priority, tenant=tenant.name,
                              api="openai"):
             log.info("request resumed", last_seq=last_seq)
-            return await self._stream(request, live, last_seq, {RESUME_HEADER: token or ""})
+            return await self._stream(request, live, last_seq, {RESUME_HEADER: token or ""}, with_ids=True)
 
     def _tenant(self, request: web.Request) -> Tenant:
         try:
@@ -226,15 +411,16 @@ class OpenAIApi:
             raise ApiError("unauthorized", str(exc)) from None
 
     async def _complete(self, live: LiveRequest, headers: dict[str, str] | None = None) -> web.Response:
-        parts: list[str] = []
+        shape = shape_of(live.request.prompt_format)
+        tokens: list[TokenEvent] = []
         async for event in self.live.follow(live):
             if isinstance(event, TokenEvent):
-                parts.append(event.text)
+                tokens.append(event)
             elif isinstance(event, FinalEvent):
                 usage = usage_frame(event, live.ttft_ms, self._elapsed_ms(live), live.region, live.route)
                 info = info_of(live.request_id, event, usage)
-                body = completion(completion_id(live.request_id), int(live.request.created_at), live.api_model,
-                                  "".join(parts), event, info)
+                body = shape.whole(shape.id_of(live.request_id), int(live.request.created_at), live.api_model,
+                                   tokens, event, info)
                 return web.Response(body=_json.encode(body), content_type="application/json",
                                     headers={"X-Request-Id": live.request_id, **(headers or {})})
             else:
@@ -242,23 +428,27 @@ class OpenAIApi:
         raise ApiError("internal", "the request ended without a final event")
 
     async def _stream(self, request: web.Request, live: LiveRequest, after_seq: int,
-                      headers: dict[str, str] | None = None) -> web.StreamResponse:
+                      headers: dict[str, str] | None = None, with_ids: bool = True) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
             "X-Request-Id": live.request_id, **(headers or {})})
         await response.prepare(request)
-        cid, created = completion_id(live.request_id), int(live.request.created_at)
+        shape = shape_of(live.request.prompt_format)
+        cid, created, model = shape.id_of(live.request_id), int(live.request.created_at), live.api_model
+        # where the next token's text starts in the answer (the completions API's text_offset)
+        offset = sum(len(e.text) for e in live.events[:max(after_seq + 1, 0)] if isinstance(e, TokenEvent))
         try:
             async for event in self.live.follow(live, after_seq):
                 if isinstance(event, TokenEvent):
-                    await self._send(response, event.seq, token_chunk(cid, created, live.api_model, event))
+                    await self._send(response, event.seq, shape.chunk(cid, created, model, event, offset), with_ids)
+                    offset += len(event.text)
                 elif isinstance(event, FinalEvent):
                     usage = usage_frame(event, live.ttft_ms, self._elapsed_ms(live), live.region, live.route)
                     info = info_of(live.request_id, event, usage)
-                    for chunk in final_chunks(cid, created, live.api_model, event, info, live.include_usage):
-                        await self._send(response, event.seq, chunk)
+                    for chunk in final_chunks(shape, cid, created, model, event, info, live.include_usage):
+                        await self._send(response, event.seq, chunk, with_ids)
                 else:
-                    await self._send(response, event.seq, error_body(event.code, event.message)[1])
+                    await self._send(response, event.seq, error_body(event.code, event.message)[1], with_ids)
             await self._write(response, b"data: [DONE]\n\n")
             await response.write_eof()
         except asyncio.TimeoutError:
@@ -269,8 +459,8 @@ class OpenAIApi:
                 request.transport.abort()  # close() would wait to send what it buffered: forever
         return response
 
-    async def _send(self, response: web.StreamResponse, seq: int, payload: object) -> None:
-        await self._write(response, b"id: %d\ndata: %s\n\n" % (seq, _json.encode(payload)))
+    async def _send(self, response: web.StreamResponse, seq: int, payload: object, with_id: bool) -> None:
+        await self._write(response, sse_event(seq if with_id else None, _json.encode(payload)))
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
         await asyncio.wait_for(response.write(data), self.config.send_timeout_s)
@@ -279,3 +469,21 @@ class OpenAIApi:
     def _elapsed_ms(live: LiveRequest) -> float:
         return (time.monotonic() - live.started) * 1000
 
+
+def reads_sse_ids(request: web.Request) -> bool:
+    """Whether the client says it reads server-sent events as the spec has them (fields beside
+    `data`): EventSource and SSE libraries ask for text/event-stream; the OpenAI SDKs and
+    vLLM's benchmark do not."""
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def sse_event(seq: int | None, data: bytes) -> bytes:
+    """One server-sent event: its data line, then its id when it has one (the spec takes the
+    fields of an event in any order)."""
+    if seq is None:
+        return b"data: %s\n\n" % data
+    return b"data: %s\nid: %d\n\n" % (data, seq)
+
+
+def _ok(body: object) -> web.Response:
+    return web.Response(body=_json.encode(body), content_type="application/json")

@@ -41,7 +41,6 @@ import structlog
 
 from bus.client import JobRejected
 from bus.log_context import request_context
-from bus.messages import SamplingSpec
 from bus.priorities import PRIORITIES, Priority
 from bus.subjects import check_token
 from edge import metrics
@@ -49,7 +48,7 @@ from edge.admission import Admission, Refused
 from edge.config import EdgeConfig
 from edge.gateway import Gateway
 from edge.live import LiveRequest, LiveRequests, Overloaded
-from edge.protocol import ChatFrame, stop_list
+from edge.protocol import ChatFrame, sampling_of
 from edge.routing import Route, Router
 from edge.tenants import Tenant
 
@@ -101,11 +100,10 @@ class Intake:
             self.live.check_capacity(tenant.name, tenant.max_concurrent)
         except Overloaded as exc:
             raise self._refuse("too_many_requests", priority, f"{exc}; retry shortly", retry_after_s=1.0) from None
-        sampling = SamplingSpec(max_tokens=chat.max_tokens or self.config.default_max_tokens,
-                                temperature=chat.temperature, top_p=chat.top_p, stop=stop_list(chat), seed=chat.seed)
         request = self.gateway.client.new_request(
-            list(chat.messages), sampling, priority, region=region, conversation_id=chat.conversation_id,
-            timeout_s=self.config.request_timeout_s, tenant=tenant.name, route=route.reason)
+            list(chat.messages), sampling_of(chat, self.config), priority, region=region,
+            conversation_id=chat.conversation_id, timeout_s=self.config.request_timeout_s, tenant=tenant.name,
+            route=route.reason, prompt_format=chat.prompt_format)
         with request_context(request.request_id, region, priority, tenant=tenant.name, **context):
             try:
                 admitted = self.admission.admit(request, tenant, replacement_in_s)

@@ -251,6 +251,8 @@ class LiveRequests:
 
     def _detach(self, live: LiveRequest) -> None:
         live.followers -= 1
+        if live.followers == 0 and not live.finished:
+            metrics.observe_client_disconnect()
         self._start_grace(live)
 
     def _start_grace(self, live: LiveRequest) -> None:

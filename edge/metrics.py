@@ -43,6 +43,22 @@ ACTIVE_STREAMS = Gauge(
     "grokstack_active_streams", "Edge: requests in flight on this edge (accepted, not yet finished).")
 EDGE_PROMPT_TOKENS = Counter(
     "grokstack_edge_prompt_tokens_total", "Edge: prompt tokens of finished requests (final event usage).", EDGE)
+# Token counts, as vLLM's request_prompt_tokens / request_generation_tokens: 1-2-5 steps.
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
+REQUEST_PROMPT_TOKENS = Histogram(
+    "grokstack_request_prompt_tokens", "Edge: prompt tokens of each finished request (final event usage).",
+    EDGE, buckets=LENGTH_BUCKETS)
+REQUEST_GENERATION_TOKENS = Histogram(
+    "grokstack_request_generation_tokens", "Edge: answer tokens of each finished request (final event usage).",
+    EDGE, buckets=LENGTH_BUCKETS)
+REQUESTS = Counter(
+    "grokstack_requests_total",
+    "Edge: generation requests by door (openai, websocket), the HTTP status they were answered with (a "
+    "websocket error: the status of its code) and the error type (its stable code; '' when served).",
+    ["api", "status", "error_type"])
+CLIENT_DISCONNECTS = Counter(
+    "grokstack_client_disconnects_total",
+    "Edge: clients that went away while their request was unfinished (it goes on for resume_grace_s).")
 EDGE_GENERATION_TOKENS = Counter(
     "grokstack_edge_generation_tokens_total",
     "Edge: completion tokens of finished requests (final event usage).", EDGE)
@@ -66,6 +82,10 @@ QUEUE_WAIT_MEASURED = Gauge(
     "grokstack_queue_wait_measured_seconds",
     "Edge: the mean queue wait a pool's workers measured for their recent jobs of this priority (kind req or "
     "decode; the longest of its workers'), to hold the estimate against.", ["kind", "region", "priority"])
+IGNORED_FIELDS = Counter(
+    "grokstack_openai_ignored_fields_total",
+    "Edge: OpenAI API body fields no one here knows, ignored (as vLLM does); by name, the first 64 names "
+    "seen, then 'other'.", ["field"])
 
 REQUESTS_ROUTED = Counter(
     "grokstack_requests_routed_total",
@@ -113,6 +133,17 @@ def observe_request_end(region: str, priority: str, seconds: float, outcome: str
         EDGE_PROMPT_TOKENS.labels(region, priority).inc(prompt_tokens)
     if completion_tokens:
         EDGE_GENERATION_TOKENS.labels(region, priority).inc(completion_tokens)
+    if prompt_tokens or completion_tokens:  # a finished answer (an error has no usage)
+        REQUEST_PROMPT_TOKENS.labels(region, priority).observe(prompt_tokens, _ex(request_id))
+        REQUEST_GENERATION_TOKENS.labels(region, priority).observe(completion_tokens, _ex(request_id))
+
+
+def observe_request(api: str, status: int, error_type: str = "") -> None:
+    REQUESTS.labels(api, str(status), error_type).inc()
+
+
+def observe_client_disconnect() -> None:
+    CLIENT_DISCONNECTS.inc()
 
 
 def stream_started() -> None:
@@ -129,6 +160,10 @@ def observe_refused(reason: str, priority: str) -> None:
 
 def observe_admission_audit(priority: str, over_budget: bool) -> None:
     ADMISSION_AUDITS.labels(priority, "over_budget" if over_budget else "within_budget").inc()
+
+
+def observe_ignored_field(field: str) -> None:
+    IGNORED_FIELDS.labels(field).inc()
 
 
 def set_queue_depth(kind: str, region: str, priority: str, depth: int) -> None:

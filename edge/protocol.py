@@ -4,6 +4,8 @@ Client -> edge
   {"type": "chat", "id": "c1", "messages": [{"role": "user", "content": "Hi"}],
    "max_tokens": 128, "temperature": 0.7, "top_p": 0.95, "stop": ["\\n\\n"], "seed": 7,
    "priority": "interactive", "region": "eu", "conversation_id": "conv-42"}
+       and vLLM's other sampling fields (top_k, min_p, repetition_penalty, presence_penalty,
+       frequency_penalty, ignore_eos, min_tokens, stop_token_ids, logit_bias, logprobs: n, ...)
        only "type" and "messages" are required; "id" names the request on this connection
        (the edge makes one up when it is missing) so several can be in flight at once.
   {"type": "cancel", "id": "c1"}
@@ -21,6 +23,7 @@ Edge -> client
        that: the request id is not one); with "max_tokens": 64 when the edge capped the
        request's max_tokens (batch under load)
   {"type": "token", "id": "c1", "seq": 0, "text": "Hel", "tokens": 1}   in order, no gaps, no repeats
+       (with "logprobs": [[text, logprob, [[text, logprob], ...]], ...] when the chat asked for them)
   {"type": "done", "id": "c1", "finish_reason": "stop", "usage": {…}, "timings": {…}, "kv": {…},
    "cost": {"prefill_gpu_s": …, "decode_gpu_s": …, "usd": …}}
   {"type": "error", "id": "c1" | null, "code": "invalid_request", "message": "…", "retryable": false}
@@ -41,7 +44,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, Speculation, Timings
+from bus.messages import ChatMessage, Cost, FinalEvent, KvTransfer, SamplingSpec, Speculation, Timings, TokenLogprob
 from bus.priorities import PRIORITIES, Priority
 from edge.config import EdgeConfig
 
@@ -85,6 +88,22 @@ class ChatFrame(Struct, tag="chat", tag_field="type", forbid_unknown_fields=True
     priority: Priority | None = None  # None: the tenant's most urgent allowed priority
     conversation_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     region: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None  # None: the edge's own
+    # vLLM's other sampling parameters, bounded as SamplingSpec's (bus/messages.py) say
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] = {}
+    logprobs: int | None = None  # with this many most likely alternatives per token
+    # "text": the one message's text is the prompt as it is, without the chat template
+    prompt_format: Literal["chat", "text"] = "chat"
 
 
 class CancelFrame(Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):
@@ -124,11 +143,14 @@ class AcceptedFrame(Struct, tag="accepted", tag_field="type", omit_defaults=True
     estimated_wait_s: float | None = None  # the queue wait admission judged it by (edge/queues.py)
 
 
-class TokenFrame(Struct, tag="token", tag_field="type"):
+class TokenFrame(Struct, tag="token", tag_field="type", omit_defaults=True):
     id: str
     seq: int
     text: str
     tokens: int  # how many tokens this frame carries (several when speculation is accepted)
+    # One per token, when the chat frame asked for them ("logprobs": n alternatives):
+    # [text, log probability, [[alternative's text, its log probability], ...]]
+    logprobs: list[TokenLogprob] | None = None
 
 
 class DoneFrame(Struct, tag="done", tag_field="type"):
@@ -153,11 +175,12 @@ ServerFrame = Union[AcceptedFrame, TokenFrame, DoneFrame, ErrorFrame]
 
 
 class FrameError(ValueError):
-    def __init__(self, code: str, message: str, id: str | None = None) -> None:
+    def __init__(self, code: str, message: str, id: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.id = id
+        self.param = param  # the field at fault, when the message does not say it as `$.field`
 
 
 _encoder = msgspec.json.Encoder()
@@ -221,8 +244,31 @@ def check_chat(frame: ChatFrame, limits: EdgeConfig) -> None:
     stops = stop_list(frame)
     if len(stops) > 8 or any(not 1 <= len(s) <= 64 for s in stops):
         raise bad("stop takes at most 8 strings of 1 to 64 characters")
+    if frame.prompt_format == "text" and len(frame.messages) != 1:
+        raise bad(f"a text prompt is one message, not {len(frame.messages)}")
+    sampling_of(frame, limits)
     if frame.priority is not None and frame.priority not in PRIORITIES:  # the type guards it too
         raise bad(f"priority must be one of {', '.join(PRIORITIES)}")
+
+
+def sampling_of(frame: ChatFrame, limits: EdgeConfig) -> SamplingSpec:
+    """The frame's sampling parameters as the bus carries them, each checked against the range
+    vLLM takes (FrameError naming the field otherwise)."""
+    spec = SamplingSpec(
+        max_tokens=frame.max_tokens or limits.default_max_tokens, temperature=frame.temperature, top_p=frame.top_p,
+        stop=stop_list(frame), seed=frame.seed, top_k=frame.top_k, min_p=frame.min_p,
+        repetition_penalty=frame.repetition_penalty, presence_penalty=frame.presence_penalty,
+        frequency_penalty=frame.frequency_penalty, ignore_eos=frame.ignore_eos, min_tokens=frame.min_tokens,
+        stop_token_ids=frame.stop_token_ids, include_stop_str_in_output=frame.include_stop_str_in_output,
+        skip_special_tokens=frame.skip_special_tokens,
+        spaces_between_special_tokens=frame.spaces_between_special_tokens, logit_bias=frame.logit_bias,
+        logprobs=frame.logprobs)
+    try:  # a Struct's constructor does not check its constraints; a conversion does
+        return msgspec.convert(msgspec.to_builtins(spec), SamplingSpec, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        name = message.split("`$.", 1)[1].split("`", 1)[0].split("[", 1)[0] if "`$." in message else "sampling"
+        raise FrameError("invalid_request", f"{name}: {message}", frame.id) from None
 
 
 def stop_list(frame: ChatFrame) -> list[str]:

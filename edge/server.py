@@ -25,8 +25,10 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from bus.messages import Event, FinalEvent, TokenEvent
+from edge import metrics
 from edge.intake import Intake, Refusal
 from edge.live import LiveRequest, LiveRequests
+from edge.openai_wire import status_of
 from edge.resume import ResumeGuard, ResumeRateLimited, retry_after_s
 from edge.protocol import (
     AcceptedFrame,
@@ -104,6 +106,8 @@ class Connection:
 
     async def _error(self, client_id: str | None, code: str, message: str, retryable: bool = False,
                      retry_after_s: float | None = None) -> None:
+        metrics.observe_request("websocket", status_of(code), code)
+        log.info("frame refused", code=code, reason=message[:512], client_id=client_id)
         await self.send(ErrorFrame(id=client_id, code=code, message=message, retryable=retryable,
                                    retry_after_s=retry_after_s))
 
@@ -193,17 +197,20 @@ class Connection:
 
     def _frame(self, client_id: str, live: LiveRequest, event: Event) -> ServerFrame:
         if isinstance(event, TokenEvent):
-            return TokenFrame(id=client_id, seq=event.seq, text=event.text, tokens=len(event.token_ids))
+            return TokenFrame(id=client_id, seq=event.seq, text=event.text, tokens=len(event.token_ids),
+                              logprobs=event.logprobs)
         if isinstance(event, FinalEvent):
             total_ms = (time.monotonic() - live.started) * 1000
             u = event.usage
             log.info("request done", finish_reason=event.finish_reason, completion_tokens=u.completion_tokens,
                      cached_prompt_tokens=u.cached_prompt_tokens, ttft_ms=round(live.ttft_ms, 1),
                      total_ms=round(total_ms, 1))
+            metrics.observe_request("websocket", 200)
             return DoneFrame(id=client_id, finish_reason=event.finish_reason,
                              usage=usage_frame(event, live.ttft_ms, total_ms, live.region, live.route),
                              timings=event.timings, kv=event.kv, cost=event.cost, speculation=event.speculation)
         log.info("request failed", code=event.code, reason=event.message)
+        metrics.observe_request("websocket", status_of(event.code), event.code)
         return ErrorFrame(id=client_id, code=event.code, message=event.message, retryable=event.retryable)
 
 

@@ -56,7 +56,7 @@ class AggregatedService:
         return req.created_at
 
     def cost(self, req: ChatRequest) -> int:
-        return job_cost(self.role, len(self.render(req.messages)) + answered(req), req.sampling.max_tokens)
+        return job_cost(self.role, len(self.render(req)) + answered(req), req.sampling.max_tokens)
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
@@ -78,7 +78,7 @@ class AggregatedService:
                 first_at = first_at or time.perf_counter()
                 completion += len(chunk.token_ids)
                 await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(),
-                                           text=chunk.text, token_ids=chunk.token_ids))
+                                           text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs))
             finish, cached, spec = chunk.finish_reason, chunk.cached_tokens, chunk.speculation or spec
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")

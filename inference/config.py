@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from bus.section import Count, Port, Section, Seconds
 from kv_store.config import KvConfig
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
 SHARED_CORES_DECODE_PREFILL_TOKENS = 512  # EngineConfig.decode_prefill_max_tokens's -1
+# The worker pools whose engines have engine-argument settings of their own (inference/pools.py);
+# any other engine (the direct one) gets the shared ones only.
+ENGINE_ARG_ROLES = ("prefill", "decode", "aggregated")
+
+
+def _vllm_flags(value: str) -> str:
+    """Checked at load without vLLM: it splits like a shell line and starts with an option. Which
+    options vLLM has is checked when an engine's arguments are built (inference/profiles.py)."""
+    words = shlex.split(value)  # an unclosed quote raises ValueError, named by the variable
+    if words and not words[0].startswith("-"):
+        raise ValueError(f"vLLM engine arguments start with an option (--name value ...), not {words[0]!r}")
+    return value
+
+
+def _vllm_config_file(value: str) -> str:
+    if value and not value.endswith((".yaml", ".yml")):
+        raise ValueError("a vLLM --config file: a .yaml or .yml path (vLLM refuses other names)")
+    return value
+
+
+# vLLM's own command-line syntax, as `vllm serve` takes it: "--max-num-batched-tokens 8192 --quantization fp8"
+VllmFlags = Annotated[str, AfterValidator(_vllm_flags)]
+# A YAML file in the format of vLLM's `--config`: keys are vLLM's argument names (max-num-batched-tokens: 8192)
+VllmConfigFile = Annotated[str, AfterValidator(_vllm_config_file)]
 
 
 class ModelConfig(Section):
@@ -51,6 +76,30 @@ class EngineConfig(Section):
     # with decode's, and 0 (every prompt to prefill) where they do not. Dynamo's "conditional
     # disaggregation" decides alike.
     decode_prefill_max_tokens: Annotated[int, Field(ge=-1, le=1 << 20)] = -1
+    # Any of vLLM's engine arguments, in vLLM's own syntax, over the profile's defaults and the
+    # settings above (inference/profiles.py, `engine_args`). Lowest first: the profile, the stack's
+    # settings, engine_config (a vLLM --config YAML), engine_args (flags), then the same two of the
+    # engine's role (prefill_engine_config, prefill_engine_args, ...). Arguments the stack owns
+    # (the model, its context, slots, block size, the KV connector, prefix caching, speculation)
+    # are refused with the setting to use instead.
+    engine_config: VllmConfigFile = ""
+    engine_args: VllmFlags = ""
+    prefill_engine_config: VllmConfigFile = ""
+    prefill_engine_args: VllmFlags = ""
+    decode_engine_config: VllmConfigFile = ""
+    decode_engine_args: VllmFlags = ""
+    aggregated_engine_config: VllmConfigFile = ""
+    aggregated_engine_args: VllmFlags = ""
+
+    def engine_arg_settings(self, pool: str) -> list[tuple[str, str]]:
+        """(field, value) of the engine-argument settings an engine of `pool` gets, lowest first:
+        the shared ones, then its role's (a role's setting exists only to differ from the shared
+        one, so it wins); within each, the file, then the flags (vLLM's own rule: flags override
+        its --config file). Unset ones are left out."""
+        fields = ["engine_config", "engine_args"]
+        if pool in ENGINE_ARG_ROLES:
+            fields += [f"{pool}_engine_config", f"{pool}_engine_args"]
+        return [(name, getattr(self, name)) for name in fields if getattr(self, name)]
 
     @property
     def prompts_in_decode_up_to(self) -> int:

@@ -79,6 +79,7 @@ class DecodeService:
             log.info("redelivered job was already finished", deliveries=job.deliveries)
             return None
         tokens, emit.seq = sent.tokens_from(job.body.first_seq)
+        metrics.observe_migration(self.role)
         log.info("continuing a migrated job", deliveries=job.deliveries, tokens_already_sent=len(tokens),
                  next_seq=emit.seq, capture_read_ms=round((time.perf_counter() - t0) * 1000, 1),
                  # about how long ago the dead worker stopped: what the lease cost this answer
@@ -110,7 +111,7 @@ class DecodeService:
                         prompt.first_token(chunk.cached_tokens)
                     completion += len(chunk.token_ids)
                     await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
-                                               text=chunk.text, token_ids=chunk.token_ids))
+                                               text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs))
                 finish, report, spec = chunk.finish_reason, chunk.kv, chunk.speculation or spec
                 loaded = report.loaded_tokens if report is not None else chunk.cached_tokens
         if finish == "abort":
@@ -119,7 +120,10 @@ class DecodeService:
                                   report.load_reason if report is not None else "", time.perf_counter() - t0,
                                   spec or Speculation(), prompt)
         await emit.emit(final)
-        metrics.observe_final(self.role, j.priority, final, handle_tokens=j.kv.num_tokens if j.kv else 0)
+        # What decode looked up: the handle's tokens; for a prompt handed on unprefilled (no
+        # handle), the whole prompt, which it looked up in Redis itself.
+        looked_up = j.kv.num_tokens if j.kv else (len(j.prompt_token_ids) if j.first_token_id is None else 0)
+        metrics.observe_final(self.role, j.priority, final, handle_tokens=looked_up)
 
     async def _final(self, job: Job[DecodeJob], seq: int, finish: str, completion: int,
                      loaded: int, load_reason: str, seconds: float, spec: Speculation,

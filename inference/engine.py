@@ -10,12 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol, Sequence
 
-from bus.messages import ChatMessage, SamplingSpec, Speculation
+from bus.messages import ChatMessage, SamplingSpec, Speculation, TokenLogprob
 from kv_store.records import KvReport, KvRequest
 
 
 class EngineDead(RuntimeError):
     """The engine is gone for good: no job can be served by this process any more."""
+
+
+class JobRefused(Exception):
+    """A job that cannot be served as asked (a prompt too long, sampling parameters the engine
+    refuses): tell the client, no retry."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class EngineChunk:
     cached_tokens: int = 0  # prompt tokens whose KV was loaded, not computed
     kv: KvReport | None = None  # the KV connector's report, on the last chunk (None without one)
     speculation: Speculation | None = None  # drafts verified for it, on the last chunk (when any)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the sampling asked for them
 
 
 class Engine(Protocol):
@@ -44,6 +55,12 @@ class Engine(Protocol):
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The model's chat template applied to `messages`, ready for the assistant's turn."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """A plain text prompt's tokens (the completions API), with the tokenizer's special ones
+        (a beginning-of-sequence token) as vLLM adds them."""
+
+    def detokenize(self, token_ids: list[int]) -> str: ...
 
     def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
                  max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:

@@ -83,6 +83,10 @@ PEER_JOBS_HANDED_ON = Counter(
     "grokstack_peer_jobs_handed_on_total", "Worker: jobs of dead peers it nak'ed for redelivery before their "
     "leases lapsed.", ["role"])
 
+MIGRATIONS = Counter(
+    "grokstack_migrations_total", "Worker: jobs it took over mid-answer after the worker serving them died "
+    "(redelivered by JetStream), continued after the tokens the client was already sent.", ["role"])
+
 PROMPTS_IN_DECODE = Counter(
     "grokstack_prompts_in_decode_total", "Prefill worker: short prompts handed to decode unprefilled, for its "
     "engine to compute inside its batch (GROKSTACK_DECODE_PREFILL_MAX_TOKENS).", ["priority"])
@@ -103,6 +107,10 @@ def observe_prefill(priority: str, request_id: str, stats: PrefillStats, prompt_
     KV_HIT_TOKENS.labels("prefill").inc(stats.cached_tokens)
     PROMPT_TOKENS.labels("prefill").inc(prompt_tokens)
     _cost("prefill", stats.gpu_s, usd)
+
+
+def observe_migration(role: str) -> None:
+    MIGRATIONS.labels(role).inc()
 
 
 def observe_prompt_in_decode(priority: str, stats: PrefillStats) -> None:

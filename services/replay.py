@@ -182,12 +182,10 @@ async def rerun(client: JobClient, items: list[Captured], overrides: dict,
             continue
         rerun_id = f"rr-{uuid.uuid4().hex[:16]}"
         sampling = msgspec.structs.replace(request.sampling, **overrides)
-        fresh = client.request(request.messages, max_tokens=sampling.max_tokens,
-                               temperature=sampling.temperature, top_p=sampling.top_p,
-                               stop=list(sampling.stop), seed=sampling.seed,
-                               priority=request.priority, region=request.region,
-                               conversation_id=request.conversation_id,
-                               idempotency_key=rerun_id, timeout_s=timeout_s, tenant=request.tenant)
+        # the whole sampling (vLLM's every field) and the prompt's format, as captured
+        fresh = client.new_request(list(request.messages), sampling, request.priority, region=request.region,
+                                   conversation_id=request.conversation_id, request_id=rerun_id,
+                                   timeout_s=timeout_s, tenant=request.tenant, prompt_format=request.prompt_format)
         result: JobResult = await (await client.submit(fresh, timeout_s)).result()
         tokens, finish = captured_answer(items, request.request_id)
         yield Rerun(request_id=request.request_id, rerun_id=rerun_id, captured_tokens=tokens,

@@ -24,7 +24,8 @@ from typing import Callable, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from bus import metrics as bus_metrics
@@ -36,12 +37,53 @@ for _package in (bus_metrics, edge_metrics, inference_metrics):
     REGISTRY.register(_package.REGISTRY)
 prometheus_client.ProcessCollector(registry=REGISTRY)
 
+VLLM_PATH = "/metrics/vllm"
+
+
+class ModelNamed:
+    """What a scrape shows: every sample of `registry` with the served model's name as the label
+    `model_name` (vLLM's label for it), so the dashboards of a vLLM operator filter ours alike."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.model_name = ""
+
+    def collect(self):
+        for family in self.registry.collect():
+            named = Metric(family.name, family.documentation, family.type, family.unit)
+            named.samples = [s._replace(labels={**s.labels, "model_name": self.model_name}) for s in family.samples]
+            yield named
+
+
+SERVED = ModelNamed(REGISTRY)
+
+
+def set_model_name(name: str) -> None:
+    """The model this process serves (settings.served.model_id), on every metric it serves."""
+    SERVED.model_name = name
+
+
+class VllmOnly:
+    """vLLM's own metrics (`vllm:*`, in prometheus_client's default registry, where vLLM's engine
+    registers them in a worker process), for its dashboards and autoscalers (production-stack's,
+    KEDA on vllm:num_requests_waiting). Served apart, at /metrics/vllm and in the classic text
+    format only: some of them clash in OpenMetrics, which would make a whole scrape unparseable."""
+
+    def collect(self):
+        for family in prometheus_client.REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
+
 
 def exposition(accept: str) -> tuple[bytes, str]:
     """The registry in the format the scraper's Accept header asks for: OpenMetrics (with
     exemplars) for `application/openmetrics-text`, else the classic text format."""
     encoder, content_type = choose_encoder(accept)
-    return encoder(REGISTRY), content_type
+    return encoder(SERVED), content_type
+
+
+def vllm_exposition() -> bytes:
+    return generate_latest(VllmOnly())  # type: ignore[arg-type]
 
 
 # A health check answers (ok, body): 200 or 503 with the body, as the edge's /healthz and /readyz do.
@@ -58,10 +100,14 @@ class _QuietHandler(WSGIRequestHandler):
 def _app(checks: Mapping[str, HealthCheck]):
     """/metrics as prometheus_client serves it (any other path too, as its own server does), and
     each of `checks` at its path."""
-    metrics = make_wsgi_app(REGISTRY)
+    metrics = make_wsgi_app(SERVED)  # type: ignore[arg-type]
 
     def app(environ, start_response):
-        check = checks.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        if path == VLLM_PATH:
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [vllm_exposition()]
+        check = checks.get(path)
         if check is None:
             return metrics(environ, start_response)
         try:

@@ -17,7 +17,7 @@ import asyncio
 import codecs
 from typing import AsyncIterator, Sequence
 
-from bus.messages import ChatMessage, KvHandle, SamplingSpec
+from bus.messages import ChatMessage, KvHandle, SamplingSpec, TokenLogprob, TopLogprob
 from inference.engine import EngineChunk, EngineDead
 from inference.pools import pool_named
 from kv_store.block_store import BlockStore
@@ -32,6 +32,15 @@ LAYOUT = "fake-layout"
 def reply_for(prompt: bytes) -> bytes:
     last_user = prompt.rsplit(b"<|user|>", 1)[-1].split(b"\n", 1)[0]
     return b"echo: " + last_user.decode("utf-8", "replace")[::-1].encode()
+
+
+def fake_logprobs(byte: int, top_n: int | None) -> list[TokenLogprob] | None:
+    """Made-up but consistent numbers: the chosen byte is the most likely, then the bytes after it."""
+    if top_n is None:
+        return None
+    text = bytes([byte]).decode("utf-8", "replace")
+    top = [TopLogprob(bytes([(byte + i) % 128]).decode(), -0.25 * (i + 1)) for i in range(top_n)]
+    return [TokenLogprob(text, -0.25, top)]
 
 
 class FakeEngine:
@@ -68,6 +77,10 @@ class FakeEngine:
         text = "".join(f"<|{m.role}|>{m.content}\n" for m in messages).encode() + ASSISTANT
         return list(text)
 
+    def tokenize(self, text: str) -> list[int]:
+        # A text prompt is answered as a one-message chat would be (an echo of its text).
+        return list(b"<|user|>" + text.encode() + b"\n" + ASSISTANT)
+
     def detokenize(self, token_ids: list[int]) -> str:
         return bytes(token_ids).decode("utf-8", "replace")
 
@@ -90,7 +103,8 @@ class FakeEngine:
                     raise EngineDead(self._dead)
                 emitted += 1
                 yield EngineChunk([byte], decoder.decode(bytes([byte])),
-                                  prompt_tokens=len(prompt_token_ids), cached_tokens=loaded)
+                                  prompt_tokens=len(prompt_token_ids), cached_tokens=loaded,
+                                  logprobs=fake_logprobs(byte, sampling.logprobs))
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted += 1
             raise

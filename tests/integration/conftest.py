@@ -33,6 +33,8 @@ API = [{"role": "user", "content": "Name three rivers in Europe and the countrie
 # An answer that copies from its prompt: speculation (on by default) drafts and is accepted.
 COPY = [{"role": "user", "content": GROUNDED[1]}]
 REFERENCE_PROMPTS = {"short": SHORT, "long": LONG, "direct": DIRECT, "api": API, "copy": COPY}
+# The completions API's plain text prompt (no chat template)
+TEXT = "The three primary colours of light are"
 MAX_TOKENS = 40
 
 
@@ -92,6 +94,9 @@ def reference(engine_settings: Settings) -> dict[str, Reference]:
             text = "".join([c.text async for c in engine.generate(
                 f"ref-{name}", ids, SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0), MAX_TOKENS)])
             out[name] = Reference(ids, text)
+        ids = engine.tokenize(TEXT)
+        out["text"] = Reference(ids, "".join([c.text async for c in engine.generate(
+            "ref-text", ids, SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0), MAX_TOKENS)]))
         await engine.shutdown()
         return out
 

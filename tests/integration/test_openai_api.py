@@ -13,6 +13,7 @@ import pytest
 import websockets
 
 from tests.integration.conftest import API, MAX_TOKENS
+from tests.sse import sse
 
 pytestmark = pytest.mark.engine
 
@@ -43,20 +44,15 @@ async def test_the_openai_sdk_streaming_and_not_gives_the_engines_answer(vllm_st
 async def sse_events(response: aiohttp.ClientResponse, limit: int | None = None) -> list[tuple[int, dict | None]]:
     """(seq, chunk) per SSE event carrying content or the end, until [DONE] or `limit` contents."""
     out: list[tuple[int, dict | None]] = []
-    seq = -1
-    async for raw in response.content:
-        line = raw.decode().strip()
-        if line.startswith("id: "):
-            seq = int(line[4:])
-        elif line == "data: [DONE]":
-            out.append((seq, None))
+    async for seq, data in sse(response):
+        if data == "[DONE]":
+            out.append((-1, None))
             return out
-        elif line.startswith("data: "):
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                out.append((seq, chunk))
-                if limit is not None and len(out) >= limit:
-                    return out
+        chunk = json.loads(data)
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            out.append((-1 if seq is None else seq, chunk))
+            if limit is not None and len(out) >= limit:
+                return out
     return out
 
 
@@ -68,7 +64,8 @@ async def test_an_sse_stream_dropped_mid_answer_resumes_to_the_same_text(vllm_st
     body = {"model": vllm_stack.settings.served.model_id, "messages": API, "max_tokens": MAX_TOKENS, "temperature": 0,
             "stream": True}
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{vllm_stack.api_url}/chat/completions", json=body) as r:
+        async with http.post(f"{vllm_stack.api_url}/chat/completions", json=body,
+                             headers={"Accept": "text/event-stream"}) as r:
             request_id = r.headers["X-Request-Id"]
             token = r.headers["X-Grokstack-Resume-Token"]  # only the asker is told it
             before = await sse_events(r, limit=4)

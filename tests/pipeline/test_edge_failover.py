@@ -82,7 +82,8 @@ async def test_an_sse_client_resumes_on_another_edge_with_last_event_id(settings
         assert await eventually(lambda: all(doomed.gateway.workers_alive().values()))
         body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": question}]}
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{doomed.api_url}/chat/completions", json=body) as r:
+            async with http.post(f"{doomed.api_url}/chat/completions", json=body,
+                                 headers={"Accept": "text/event-stream"}) as r:
                 request_id, token = r.headers["X-Request-Id"], r.headers["X-Grokstack-Resume-Token"]
                 before = await read_sse(r, stop_after=5)
                 await crash(doomed)

@@ -26,9 +26,12 @@ class Scrape:
         parse = parse_openmetrics if content_type.startswith("application/openmetrics-text") else parse_text
         self.values: dict[tuple[str, frozenset], float] = {}
         self.exemplars: dict[str, set[str]] = {}
+        self.model_names: set[str | None] = set()  # every sample's model_name, taken off its labels
         for family in parse(body):
             for s in family.samples:
-                self.values[(s.name, frozenset(s.labels.items()))] = s.value
+                labels = dict(s.labels)
+                self.model_names.add(labels.pop("model_name", None))
+                self.values[(s.name, frozenset(labels.items()))] = s.value
                 if s.exemplar is not None:
                     self.exemplars.setdefault(s.name, set()).add(s.exemplar.labels.get("request_id", ""))
 
@@ -64,6 +67,8 @@ async def test_a_chat_moves_the_edge_and_worker_metrics(settings):
         edge, prefill, decode = await scrape(edge_url), await scrape(prefill_url), await scrape(decode_url)
 
     assert edge.content_type.startswith("application/openmetrics-text")
+    # every sample of every process names the model served, as vLLM's metrics do
+    assert edge.model_names == prefill.model_names == decode.model_names == {settings.served.model_id}
     here = {"region": settings.bus.region, "priority": "interactive"}
 
     def moved(now: Scrape, before: Scrape, name: str, **labels: str) -> float:

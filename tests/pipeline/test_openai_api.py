@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import openai
 import pytest
 
+from edge import metrics as edge_metrics
+from edge.client import chat_repl
 from edge.protocol import MAX_SEQ
 from edge.tenants import add_key
 from services.lab.fake_engine import FakeEngine
 from tests.pipeline.harness import eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
+from tests.sse import sse
 
 
 async def ready(stack) -> None:
@@ -66,8 +70,10 @@ BAD_BODIES = [
     (b"{not json", 400, "invalid_json", None),
     (b'{"model": "fake"}', 400, "invalid_request", "messages"),
     (b'{"model": "fake", "messages": []}', 400, "invalid_request", "messages"),
-    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "bogus": 1}', 400,
-     "invalid_request", None),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400,
+     "invalid_request", "tools"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "use_beam_search": true}', 400,
+     "invalid_request", "use_beam_search"),
     (b'{"model": "fake", "messages": [{"role": "wizard", "content": "x"}]}', 400, "invalid_request", "messages"),
     (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "temperature": 5}', 400,
      "invalid_request", "temperature"),
@@ -164,7 +170,7 @@ async def test_overload_gets_429_with_retry_after(settings):
         assert first.choices[0].delta.content + rest == expected("a slow one " * 5)
 
 
-async def test_api_keys_map_to_tenants_and_their_priorities(settings, tmp_path):
+async def test_api_keys_map_to_tenants_and_their_priorities(settings, tmp_path, monkeypatch, capsys):
     keys_file = tmp_path / "keys.json"
     gold = add_key(keys_file, "gold", ["interactive", "standard", "batch"], 8)
     bulk = add_key(keys_file, "bulk", ["batch"], 8)
@@ -172,6 +178,15 @@ async def test_api_keys_map_to_tenants_and_their_priorities(settings, tmp_path):
     settings = settings.replace(api_keys_file=str(keys_file))
     async with running_stack(settings, *engines(settings)) as stack:
         await ready(stack)
+        # `grokstack chat --api-key`: the terminal chat sends the key
+        typed = iter(["key please"])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(typed, None) or (_ for _ in ()).throw(EOFError))
+        await asyncio.wait_for(chat_repl([stack.url], "batch", 64, 0.0, None, api_key=bulk), 30)
+        # the stack's own log lines go to the same stdout here, between the streamed tokens
+        printed = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[[^\n]*\n", "", capsys.readouterr().out)
+        assert expected("key please") in printed
+        with pytest.raises(Exception, match="401|unauthorized|rejected"):
+            await asyncio.wait_for(chat_repl([stack.url], "batch", 64, 0.0, None), 30)
         question = [{"role": "user", "content": "who am i"}]
         with pytest.raises(openai.AuthenticationError):
             await sdk(stack, "wrong").chat.completions.create(model="fake", messages=question)
@@ -192,16 +207,10 @@ async def test_api_keys_map_to_tenants_and_their_priorities(settings, tmp_path):
 async def read_sse(response: aiohttp.ClientResponse, stop_after: int | None = None) -> list[tuple[int | None, str]]:
     """(id, data) of each event, until [DONE] or `stop_after` events."""
     events: list[tuple[int | None, str]] = []
-    event_id = None
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if line.startswith("id: "):
-            event_id = int(line[4:])
-        elif line.startswith("data: "):
-            events.append((event_id, line[6:]))
-            event_id = None
-            if line[6:] == "[DONE]" or (stop_after is not None and len(events) >= stop_after):
-                return events
+    async for event_id, data in sse(response):
+        events.append((event_id if data != "[DONE]" else None, data))
+        if data == "[DONE]" or (stop_after is not None and len(events) >= stop_after):
+            return events
     return events
 
 
@@ -225,7 +234,8 @@ async def test_an_sse_stream_resumes_after_a_dropped_connection_with_no_gap_or_r
         await ready(stack)
         body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": question}]}
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{api(stack)}/chat/completions", json=body) as r:
+            async with http.post(f"{api(stack)}/chat/completions", json=body,
+                                 headers={"Accept": "text/event-stream"}) as r:
                 request_id, token = r.headers["X-Request-Id"], r.headers["X-Grokstack-Resume-Token"]
                 before = await read_sse(r, stop_after=5)
             # the connection is gone; tokens keep coming meanwhile
@@ -267,10 +277,12 @@ async def test_an_sse_client_that_goes_away_cancels_its_request_after_the_grace(
     async with running_stack(settings, FakeEngine("prefill"), decode) as stack:
         await ready(stack)
         body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "long " * 40}]}
+        disconnects = edge_metrics.REGISTRY.get_sample_value("grokstack_client_disconnects_total") or 0.0
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{api(stack)}/chat/completions", json=body) as r:
                 await read_sse(r, stop_after=3)
         await eventually(lambda: stack.decode.worker.counters.cancelled == 1)
+        assert edge_metrics.REGISTRY.get_sample_value("grokstack_client_disconnects_total") == disconnects + 1
         assert decode.aborted == 1
 
 

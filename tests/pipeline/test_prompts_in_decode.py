@@ -23,6 +23,8 @@ async def test_a_short_prompt_is_computed_by_decode_and_a_long_one_by_prefill(se
     prefill, decode = engine("prefill"), engine("decode")
     handed = metrics.PROMPTS_IN_DECODE.labels("interactive")
     before = handed._value.get()
+    queried, hits = metrics.KV_QUERY_TOKENS.labels("decode"), metrics.KV_HIT_TOKENS.labels("decode")
+    queried_before, hits_before = queried._value.get(), hits._value.get()
     async with running_stack(settings, prefill, decode) as stack:
         async with await EdgeClient.connect(stack.url) as client:
             frames = [f async for f in client.stream([{"role": "user", "content": SHORT}], max_tokens=100)]
@@ -45,6 +47,9 @@ async def test_a_short_prompt_is_computed_by_decode_and_a_long_one_by_prefill(se
     assert second.text == expected("and again") and second.done["usage"]["cached_prompt_tokens"] > 0
     assert long.text == expected(LONG) and long.done["usage"]["cached_prompt_tokens"] == 0
     assert handed._value.get() == before + 3
+    # decode looked up the handed-on prompts itself: what it found is part of what it looked up
+    found = hits._value.get() - hits_before
+    assert 0 < found <= queried._value.get() - queried_before
 
 
 async def test_a_handed_on_prompts_answer_survives_its_decode_worker(settings):

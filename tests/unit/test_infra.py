@@ -253,7 +253,8 @@ def test_the_pod_monitor_scrapes_the_series_the_wait_triggers_query():
                 for endpoint in monitor["spec"]["podMetricsEndpoints"]:
                     port = _port_number(_container(edge), endpoint["port"])
                     assert port == int(config["GROKSTACK_METRICS_PORT"]), "scraped off the metrics port"
-                    assert endpoint.get("path", "/metrics") == "/metrics"
+                paths = [e.get("path", "/metrics") for e in monitor["spec"]["podMetricsEndpoints"]]
+                assert "/metrics" in paths and "/metrics/vllm" in paths, paths  # ours, and vLLM's own
 
 
 def test_every_pool_is_scraped():
@@ -439,11 +440,12 @@ def test_each_pod_holds_only_its_own_role_s_nats_login():
 
 def test_the_provision_job_runs_the_stack_s_image_and_config_as_ops():
     """Streams are provisioned once, before the runtime pools, by `grokstack provision` with the
-    ops login; the runtime roles may not create or update streams."""
+    ops login; the runtime roles may not create or update streams. Like the edges it needs no engine,
+    so it runs their image (tests/unit/test_images.py checks which images the pods run)."""
     [job] = _of("Job").values()
     container = _container(job)
     assert container["command"] == ["grokstack", "provision"]
-    assert {_container(d)["image"] for d in _of("Deployment").values()} == {container["image"]}
+    assert container["image"] == _container(_deployment("edge"))["image"]
     assert {"configMapRef": {"name": "grokstack-config"}} in container["envFrom"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
     assert job["spec"].get("ttlSecondsAfterFinished") is not None, "else a later apply never runs it again"

@@ -289,5 +289,71 @@ def test_the_dashboard_is_importable_grafana_json():
     titles = " ".join(p["title"] for p in panels).lower()
     for topic in ("time to first token", "inter-token", "end-to-end", "queue depth", "queue wait", "refused",
                   "tokens in / out", "kv bytes", "kv transfer", "hits / misses", "recomputes", "acceptance",
-                  "active streams", "dead letters", "gpu-seconds", "per 1m tokens"):
+                  "active streams", "dead letters", "gpu-seconds", "per 1m tokens", "by status and error type",
+                  "answer length", "migrations", "vllm requests running"):
         assert topic in titles, topic
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_families() -> dict[str, tuple[str, ...]]:
+    """The README's metrics table: each family named in a row, with the row's labels."""
+    section = README.read_text().split("## Metrics and dashboards", 1)[1].split("\n## ", 1)[0]
+    out: dict[str, tuple[str, ...]] = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`grokstack_"):
+            continue
+        labels = tuple(label.strip() for label in cells[2].split(",") if label.strip())
+        for name in re.findall(r"`(grokstack_[a-z0-9_]+)`", cells[0]):
+            out[name] = labels
+    return out
+
+
+def defined_families() -> dict[str, tuple[str, ...]]:
+    out = {}
+    for module in (bus_metrics, edge_metrics, worker_metrics):
+        for metric in vars(module).values():
+            if isinstance(metric, MetricWrapperBase):
+                suffix = "_total" if metric._type == "counter" else ""
+                out[metric._name + suffix] = tuple(metric._labelnames)
+    return out
+
+
+def test_every_documented_family_exists_with_its_labels_and_every_family_is_documented():
+    documented, defined = documented_families(), defined_families()
+    assert len(documented) >= 45, documented
+    assert documented == defined, {name: (documented.get(name), defined.get(name))
+                                   for name in documented.keys() | defined.keys()
+                                   if documented.get(name) != defined.get(name)}
+
+
+def test_a_scrape_names_the_served_model_on_every_sample_and_vllms_metrics_are_served_apart():
+    import prometheus_client
+
+    telemetry.set_model_name("Some-Model-8B")
+    edge_metrics.observe_request("openai", 400, "invalid_request")
+    name = f"vllm:test_requests_waiting_{uuid.uuid4().hex[:8]}"
+    waiting = prometheus_client.Gauge(name, "a stand-in for one of vLLM's", ["model_name"])
+    waiting.labels("Some-Model-8B").set(3)
+    port = telemetry.serve_metrics("127.0.0.1", 0)
+    try:
+        ours = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        samples = [line for line in ours.splitlines() if line and not line.startswith("#")]
+        assert samples and all('model_name="Some-Model-8B"' in line for line in samples), \
+            [line for line in samples if "model_name" not in line][:3]
+        counted = [dict(re.findall(r'(\w+)="([^"]*)"', line)) for line in samples
+                   if line.startswith("grokstack_requests_total{")]
+        assert {"api": "openai", "status": "400", "error_type": "invalid_request",
+                "model_name": "Some-Model-8B"} in counted, counted
+        assert "vllm:" not in ours
+        vllm = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics/vllm", timeout=5)
+        text = vllm.read().decode()
+        assert vllm.headers["Content-Type"].startswith("text/plain")
+        assert f'{name}{{model_name="Some-Model-8B"}} 3.0' in text
+        assert all(line.startswith(("# HELP vllm:", "# TYPE vllm:", "vllm:")) for line in text.splitlines() if line)
+    finally:
+        telemetry.stop_serving(port)
+        prometheus_client.REGISTRY.unregister(waiting)
+        telemetry.set_model_name("")

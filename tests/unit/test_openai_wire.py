@@ -6,7 +6,17 @@ import msgspec
 import pytest
 
 from bus.messages import FinalEvent, TokenEvent, Usage
-from edge.openai_wire import error_body, final_chunks, info_of, param_of, parse_request, token_chunk
+from bus.messages import TokenLogprob, TopLogprob
+from edge.openai_wire import (
+    ChatShape,
+    CompletionRequest,
+    TextShape,
+    error_body,
+    final_chunks,
+    info_of,
+    param_of,
+    parse_request,
+)
 from edge.config import EdgeConfig
 from edge.protocol import FrameError, UsageFrame
 
@@ -19,7 +29,7 @@ def body(**fields) -> bytes:
 
 
 def test_content_parts_developer_role_and_max_completion_tokens_map_onto_a_chat_frame():
-    request, frame = parse_request(body(
+    request, frame, _ = parse_request(body(
         messages=[{"role": "developer", "content": "be brief"},
                   {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         max_tokens=10, max_completion_tokens=20, temperature=0, stop="\n", priority="batch", region="eu"), LIMITS)
@@ -32,17 +42,71 @@ def test_content_parts_developer_role_and_max_completion_tokens_map_onto_a_chat_
 @pytest.mark.parametrize("fields, code, param", [
     ({"n": 3}, "invalid_request", "n"),
     ({"tools": [{"type": "function"}]}, "invalid_request", "tools"),
-    ({"presence_penalty": 0.5}, "invalid_request", "presence_penalty"),
+    ({"use_beam_search": True}, "invalid_request", "use_beam_search"),
+    ({"response_format": {"type": "json_object"}}, "invalid_request", "response_format"),
+    ({"continue_final_message": True}, "invalid_request", "continue_final_message"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, "invalid_request", "chat_template_kwargs"),
+    ({"presence_penalty": 2.5}, "invalid_request", "presence_penalty"),
+    ({"top_k": -2}, "invalid_request", "top_k"),
+    ({"min_p": 1.5}, "invalid_request", "min_p"),
+    ({"repetition_penalty": 0}, "invalid_request", "repetition_penalty"),
+    ({"logprobs": True, "top_logprobs": 21}, "invalid_request", "top_logprobs"),
+    ({"logit_bias": {"x": 1}}, "invalid_request", "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "invalid_request", "logit_bias"),
+    ({"priority": 3}, "invalid_request", "priority"),
+    ({"stream_options": {"continuous_usage_stats": True}}, "invalid_request", "stream_options"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "invalid_request",
      "messages"),
     ({"region": "eu.west"}, "invalid_request", "region"),
     ({"max_tokens": 100000}, "invalid_request", "max_tokens"),
-    ({"unknown": True}, "invalid_request", "unknown"),
 ])
-def test_unsupported_or_bad_fields_name_the_field(fields, code, param):
+def test_fields_that_cannot_be_honoured_or_are_out_of_range_name_the_field(fields, code, param):
     with pytest.raises(FrameError) as caught:
         parse_request(body(**fields), LIMITS)
-    assert caught.value.code == code and param_of(caught.value.message) == param, caught.value.message
+    assert caught.value.code == code and (caught.value.param or param_of(caught.value.message)) == param, \
+        caught.value.message
+
+
+def test_every_field_vllm_clients_send_at_its_default_is_accepted_and_unknown_ones_are_reported():
+    """What vLLM's benchmark, LangChain and LiteLLM send (null where they mean 'unset')."""
+    request, frame, ignored = parse_request(body(
+        top_k=-1, min_p=0.05, repetition_penalty=1.1, ignore_eos=True, logprobs=None, top_logprobs=None, n=None,
+        presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"7": -100}, min_tokens=2, stop_token_ids=[2],
+        stream_options={"include_usage": True, "continuous_usage_stats": False}, tool_choice=None, tools=None,
+        priority=0, request_id="client-id", echo=False, use_beam_search=False, add_generation_prompt=True,
+        response_format={"type": "text"}, parallel_tool_calls=True, service_tier="auto", my_extension={"x": 1},
+        messages=[{"role": "user", "content": "what's the weather?"},
+                  {"role": "assistant", "content": None, "refusal": None,
+                   "tool_calls": [{"id": "c1", "type": "function",
+                                   "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "12 C"}]), LIMITS)
+    assert sorted(ignored) == ["my_extension", "request_id", "service_tier"]
+    assert (frame.top_k, frame.min_p, frame.repetition_penalty, frame.ignore_eos, frame.logprobs) == (
+        -1, 0.05, 1.1, True, None)
+    assert (frame.presence_penalty, frame.frequency_penalty, frame.logit_bias, frame.min_tokens,
+            frame.stop_token_ids) == (0.5, -0.5, {7: -100.0}, 2, [2])
+    assert frame.priority is None  # vLLM's 0: the tenant's default
+    assistant, tool = frame.messages[1], frame.messages[2]
+    assert assistant.tool_calls[0].function.arguments == '{"city": "Oslo"}' and assistant.content == ""
+    assert (tool.role, tool.tool_call_id, tool.content) == ("tool", "c1", "12 C")
+    assert tool.as_template_input() == {"role": "tool", "content": "12 C", "tool_call_id": "c1"}
+
+
+def test_logprobs_ask_for_top_logprobs_alternatives_and_completions_take_a_count():
+    assert parse_request(body(logprobs=True, top_logprobs=3), LIMITS).frame.logprobs == 3
+    assert parse_request(body(logprobs=True), LIMITS).frame.logprobs == 0
+    assert parse_request(body(logprobs=False, top_logprobs=3), LIMITS).frame.logprobs is None
+    text = msgspec.json.encode({"model": "m", "prompt": "Once upon", "logprobs": 2, "max_tokens": 5})
+    request, frame, _ = parse_request(text, LIMITS, CompletionRequest)
+    assert (frame.logprobs, frame.prompt_format, frame.max_tokens) == (2, "text", 5)
+    assert [(m.role, m.content) for m in frame.messages] == [("user", "Once upon")]
+    default = parse_request(msgspec.json.encode({"model": "m", "prompt": ["x"]}), LIMITS, CompletionRequest)
+    assert default.frame.max_tokens == 16  # OpenAI's and vLLM's default for completions
+    for bad, name in (({"prompt": [1, 2]}, "prompt"), ({"prompt": "x", "echo": True}, "echo"),
+                      ({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": "x", "best_of": 2}, "best_of")):
+        with pytest.raises(FrameError) as caught:
+            parse_request(msgspec.json.encode({"model": "m", **bad}), LIMITS, CompletionRequest)
+        assert (caught.value.param or param_of(caught.value.message)) == name, caught.value.message
 
 
 def test_an_oversize_body_is_refused_by_size_before_parsing():
@@ -52,20 +116,44 @@ def test_an_oversize_body_is_refused_by_size_before_parsing():
 
 
 def test_chunks_role_first_then_finish_then_usage_with_the_grokstack_details_last():
-    first = token_chunk("chatcmpl-x", 1, "m", TokenEvent(request_id="x", seq=0, text="He", token_ids=[1]))
-    later = token_chunk("chatcmpl-x", 1, "m", TokenEvent(request_id="x", seq=1, text="y", token_ids=[2]))
+    chat = ChatShape()
+    first = chat.chunk("chatcmpl-x", 1, "m", TokenEvent(request_id="x", seq=0, text="He", token_ids=[1]), 0)
+    later = chat.chunk("chatcmpl-x", 1, "m", TokenEvent(request_id="x", seq=1, text="y", token_ids=[2]), 2)
     assert first.choices[0].delta.role == "assistant" and later.choices[0].delta.role is None
     assert msgspec.json.decode(msgspec.json.encode(later))["choices"][0]["delta"] == {"content": "y"}
     final = FinalEvent(request_id="x", seq=2, finish_reason="length",
                        usage=Usage(prompt_tokens=5, cached_prompt_tokens=2, completion_tokens=2))
     info = info_of("x", final, UsageFrame(5, 2, 2, 10.0, 20.0))
-    finish, usage = final_chunks("chatcmpl-x", 1, "m", final, info, include_usage=True)
+    finish, usage = final_chunks(chat, "chatcmpl-x", 1, "m", final, info, include_usage=True)
     assert finish.choices[0].finish_reason == "length" and finish.grokstack is None
     assert usage.choices == [] and usage.usage.total_tokens == 7
     assert usage.usage.prompt_tokens_details.cached_tokens == 2
     assert usage.grokstack.usage.ttft_ms == 10.0
-    (only,) = final_chunks("chatcmpl-x", 1, "m", final, info, include_usage=False)
+    (only,) = final_chunks(chat, "chatcmpl-x", 1, "m", final, info, include_usage=False)
     assert only.usage is None and only.grokstack is info
+
+
+def test_logprobs_in_the_chat_and_the_completions_shapes():
+    lp = [TokenLogprob("é", -0.1, [TopLogprob("é", -0.1), TopLogprob("e", -2.5)]), TokenLogprob("t", -0.2, [])]
+    tokens = [TokenEvent(request_id="x", seq=0, text="é", token_ids=[1], logprobs=lp[:1]),
+              TokenEvent(request_id="x", seq=1, text="t", token_ids=[2], logprobs=lp[1:])]
+    final = FinalEvent(request_id="x", seq=2, finish_reason="stop",
+                       usage=Usage(prompt_tokens=5, cached_prompt_tokens=0, completion_tokens=2))
+    info = info_of("x", final, UsageFrame(5, 0, 2, 1.0, 2.0))
+    chat = msgspec.to_builtins(ChatShape().whole("chatcmpl-x", 1, "m", tokens, final, info))
+    (first, second) = chat["choices"][0]["logprobs"]["content"]
+    assert first == {"token": "é", "logprob": -0.1, "bytes": [195, 169],
+                     "top_logprobs": [{"token": "é", "logprob": -0.1, "bytes": [195, 169]},
+                                      {"token": "e", "logprob": -2.5, "bytes": [101]}]}
+    assert second["top_logprobs"] == []
+    text = msgspec.to_builtins(TextShape().whole("cmpl-x", 1, "m", tokens, final, info))
+    assert text["object"] == "text_completion" and text["choices"][0]["text"] == "ét"
+    assert text["choices"][0]["logprobs"] == {"tokens": ["é", "t"], "token_logprobs": [-0.1, -0.2],
+                                              "top_logprobs": [{"é": -0.1, "e": -2.5}, {}], "text_offset": [0, 1]}
+    streamed = msgspec.to_builtins(TextShape().chunk("cmpl-x", 1, "m", tokens[1], 1))
+    assert streamed["choices"][0]["logprobs"]["text_offset"] == [1]
+    plain = [msgspec.structs.replace(t, logprobs=None) for t in tokens]
+    assert msgspec.to_builtins(ChatShape().whole("c", 1, "m", plain, final, info))["choices"][0]["logprobs"] is None
 
 
 def test_error_codes_map_to_http_statuses():

@@ -1,0 +1,68 @@
+"""The served model's tokenizer at the edge, for /tokenize and /detokenize (vLLM's endpoints).
+
+Loaded on first use from the model's folder or hub id (only its tokenizer files are read), in a
+thread: tokenizing a long prompt takes milliseconds the event loop must not spend. The chat
+template is the model's own, fed the messages as the workers' engines feed it
+(ChatMessage.as_template_input), so the tokens are those a worker would compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+import structlog
+
+from bus.messages import ChatMessage
+
+log = structlog.get_logger("grokstack.tokenizer")
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The model's tokenizer could not be loaded here (its files are not reachable from this edge)."""
+
+
+class Tokenizer:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._loaded: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _tokenizer(self) -> Any:
+        async with self._lock:
+            if self._loaded is None:
+                self._loaded = await asyncio.to_thread(self._load)
+        return self._loaded
+
+    def _load(self) -> Any:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.source)
+        except Exception as exc:  # no transformers, a missing folder, no way to the hub, a broken file: alike here
+            raise TokenizerUnavailable(f"the tokenizer of {self.source!r} could not be loaded: {exc}") from exc
+        log.info("tokenizer loaded", source=self.source, vocab=len(tokenizer))
+        return tokenizer
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tokenizer = await self._tokenizer()
+        return list(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens))
+
+    async def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        tokenizer = await self._tokenizer()
+        rendered = await asyncio.to_thread(
+            tokenizer.apply_chat_template, [m.as_template_input() for m in messages],
+            add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+    async def token_strings(self, tokens: list[int]) -> list[str]:
+        tokenizer = await self._tokenizer()
+        return list(tokenizer.convert_ids_to_tokens(tokens))
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """ValueError naming the first id past the vocabulary."""
+        tokenizer = await self._tokenizer()
+        size = len(tokenizer)
+        if (bad := next((t for t in tokens if t >= size), None)) is not None:
+            raise ValueError(f"token id {bad} is not in the vocabulary ({size} tokens)")
+        return str(await asyncio.to_thread(tokenizer.decode, tokens))

@@ -1,0 +1,174 @@
+"""What vLLM's clients use beside chat: the completions API, logprobs, extra sampling fields,
+tool messages in the history, the tokenizer endpoints, /health, /version and the OpenAPI
+document, the SSE framing they read, over the whole pipeline (fake engines; the real engine's
+side is in tests/integration/test_openai_dropin.py)."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from edge import metrics as edge_metrics
+from edge.openapi import PATH, render
+from services.lab.fake_engine import reply_for
+from tests.pipeline.harness import running_stack
+from tests.pipeline.test_chat_flow import engines, expected
+from tests.pipeline.test_openai_api import api, ready, sdk
+
+
+def text_expected(prompt: str) -> str:
+    return reply_for(f"<|user|>{prompt}\n<|assistant|>".encode()).decode()
+
+
+def ignored(field: str) -> float:
+    return edge_metrics.REGISTRY.get_sample_value("grokstack_openai_ignored_fields_total", {"field": field}) or 0.0
+
+
+def requests(status: str, error_type: str = "", api: str = "openai") -> float:
+    labels = {"api": api, "status": status, "error_type": error_type}
+    return edge_metrics.REGISTRY.get_sample_value("grokstack_requests_total", labels) or 0.0
+
+
+async def test_completions_stream_and_not_with_logprobs_and_every_event_starts_with_data(settings):
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        client = sdk(stack)
+        served, refused = requests("200"), requests("400", "invalid_request")
+        whole = await client.completions.create(model="fake", prompt="once upon", max_tokens=100, logprobs=2)
+        choice = whole.choices[0]
+        assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+        assert choice.text == text_expected("once upon") and choice.finish_reason == "stop"
+        assert choice.logprobs.tokens == list(choice.text) and len(choice.logprobs.top_logprobs[0]) == 2
+        assert choice.logprobs.text_offset == list(range(len(choice.text)))
+        assert whole.usage.completion_tokens == len(choice.text)
+
+        stream = await client.completions.create(model="fake", prompt="once upon", max_tokens=5, stream=True,
+                                                 stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text_expected("once upon")[:5]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].usage.completion_tokens == 5
+
+        # The framing vLLM's benchmark client reads: each event is one data line. A client that
+        # says it reads SSE gets each event's id (its seq, for Last-Event-ID) after its data line;
+        # without ids a content chunk's seq is its place among them.
+        body = {"model": "fake", "prompt": "hi", "max_tokens": 4, "stream": True}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{api(stack)}/completions", json=body) as r:
+                plain = [e for e in (await r.read()).decode().split("\n\n") if e]
+            async with http.post(f"{api(stack)}/completions", json=body,
+                                 headers={"Accept": "text/event-stream"}) as r:
+                with_ids = [e for e in (await r.read()).decode().split("\n\n") if e]
+        assert plain[-1] == with_ids[-1] == "data: [DONE]"
+        assert all(e.startswith("data: {") and "\n" not in e for e in plain[:-1]), plain
+        for event in with_ids[:-1]:
+            data, event_id = event.split("\n")
+            assert data.startswith("data: {") and event_id.startswith("id: "), event
+        assert [int(e.split("\nid: ")[1]) for e in with_ids[:-2]] == list(range(len(with_ids) - 2))
+        assert [json.loads(e[6:])["choices"][0]["text"] for e in plain[:4]] == list(text_expected("hi")[:4])
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{api(stack)}/completions", json={**body, "best_of": 3}) as r:
+                assert r.status == 400
+            async with http.get(f"{api(stack).removesuffix('/v1')}/health") as r:  # not a request: not counted
+                assert r.status == 200
+        # every generation request counted by its status and error type
+        assert (requests("200") - served, requests("400", "invalid_request") - refused) == (4, 1)
+
+
+class Recorder:
+    """Stands in for a module's logger: keeps what it was told at warning level."""
+    def __init__(self, real) -> None:
+        self.real, self.warnings = real, []
+
+    def warning(self, event: str, **fields) -> None:
+        self.warnings.append((event, fields))
+        self.real.warning(event, **fields)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+async def test_vllm_sampling_fields_tool_history_and_unknown_fields_are_taken(settings, monkeypatch):
+    import edge.http_api
+
+    recorder = Recorder(edge.http_api.log)
+    monkeypatch.setattr(edge.http_api, "log", recorder)
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        client = sdk(stack)
+        history = [{"role": "user", "content": "weather?"},
+                   {"role": "assistant", "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function",
+                                    "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "12 C"},
+                   {"role": "user", "content": "and so?"}]
+        before = ignored("my_router_hint")
+        for _ in range(2):
+            reply = await client.chat.completions.create(
+                model="fake", messages=history, max_tokens=100, logprobs=True, top_logprobs=3, n=None,
+                extra_body={"top_k": 20, "min_p": 0.1, "repetition_penalty": 1.05, "ignore_eos": False,
+                            "my_router_hint": "x"})
+            assert reply.choices[0].message.content == expected("and so?")
+            content = reply.choices[0].logprobs.content
+            assert [c.token for c in content] == list(expected("and so?"))
+            assert all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) for c in content)
+        assert ignored("my_router_hint") == before + 2  # counted each time...
+        logged = [w for w in recorder.warnings if w[1].get("field") == "my_router_hint"]
+        assert len(logged) == 1, recorder.warnings  # ...logged once
+
+
+async def test_tokenize_detokenize_health_version_models_and_the_openapi_document(settings):
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        base = api(stack).removesuffix("/v1")
+        from transformers import AutoTokenizer
+        reference = AutoTokenizer.from_pretrained(settings.served.model)
+        async with aiohttp.ClientSession() as http:
+            hello = {"model": settings.served.model_id, "prompt": "Hello world"}
+            async with http.post(f"{base}/tokenize", json=hello) as r:
+                tokens = await r.json()
+                assert r.status == 200, tokens
+            assert tokens["tokens"] == reference.encode("Hello world") and tokens["count"] == len(tokens["tokens"])
+            assert tokens["max_model_len"] == settings.served.max_model_len
+            chat = [{"role": "user", "content": "Hi"}]
+            async with http.post(f"{base}/tokenize", json={"messages": chat, "return_token_strs": True}) as r:
+                rendered = await r.json()
+            assert rendered["tokens"] == list(reference.apply_chat_template(chat, add_generation_prompt=True,
+                                                                            tokenize=True)["input_ids"])
+            assert rendered["token_strs"] == reference.convert_ids_to_tokens(rendered["tokens"])
+            async with http.post(f"{base}/detokenize", json={"tokens": tokens["tokens"]}) as r:
+                assert (await r.json())["prompt"] == "Hello world"
+            async with http.post(f"{base}/detokenize", json={"tokens": [10**9]}) as r:
+                error = (await r.json())["error"]
+                assert r.status == 400 and error["param"] == "tokens", error
+            async with http.post(f"{base}/tokenize", json={"prompt": "x", "messages": chat}) as r:
+                assert r.status == 400
+            async with http.post(f"{base}/tokenize", json={"model": "fake", "prompt": "x"}) as r:
+                assert r.status == 404  # the fake workers' model: its tokenizer is not this edge's
+            async with http.get(f"{base}/health") as r:
+                assert r.status == 200 and await r.read() == b""
+            async with http.get(f"{base}/version") as r:
+                assert (await r.json())["version"]
+            async with http.get(f"{base}/v1/models") as r:
+                (model,) = [m for m in (await r.json())["data"] if m["id"] == settings.served.model_id]
+            assert model["root"] == settings.served.model and model["max_model_len"] == settings.served.max_model_len
+            async with http.get(f"{base}/openapi.json") as r:
+                served = await r.json()
+        # Every route the app serves is in the document, with its methods, and nothing else.
+        routes = {(info.get("formatter") or info.get("path"), resource_route.method.lower())
+                  for resource_route in stack.edge.api.app().router.routes()
+                  for info in [resource_route.resource.get_info()] if resource_route.method != "HEAD"}
+        documented = {(path, method) for path, ops in served["paths"].items() for method in ops}
+        assert documented == routes
+        schemas = served["components"]["schemas"]
+        assert {"ChatCompletionRequest", "CompletionRequest", "TokenizeRequest", "ErrorBody"} <= set(schemas)
+        assert "top_k" in schemas["ChatCompletionRequest"]["properties"]
+
+
+def test_the_checked_in_openapi_document_is_current():
+    from edge.http_api import OpenAIApi
+
+    assert PATH.read_text() == render(OpenAIApi.route_table()), \
+        "run `grokstack openapi --write` and commit edge/openapi.json"
+    assert json.loads(PATH.read_text())["openapi"] == "3.1.0"

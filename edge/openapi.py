@@ -61,6 +61,7 @@ def _json_content(kind: type) -> dict[str, Any]:
 def document(routes: Iterable[web.RouteDef]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     types: list[type] = [ErrorBody]
+    operation_ids: set[str] = set()
     for route in routes:
         op = declared(route.handler)
         types += [t for t in (op.body, op.returns, op.streams) if t is not None]
@@ -77,8 +78,13 @@ def document(routes: Iterable[web.RouteDef]) -> dict[str, Any]:
             content["text/plain"] = {"schema": {"type": "string"}}
         if content:
             ok["content"] = content
+        # unique, as OpenAPI wants: a handler serving two routes is named by its path too
+        operation_id = route.handler.__name__
+        if operation_id in operation_ids:
+            operation_id += "_" + re.sub(r"[^A-Za-z0-9]+", "_", route.path).strip("_")
+        operation_ids.add(operation_id)
         entry: dict[str, Any] = {
-            "summary": op.summary, "operationId": route.handler.__name__,
+            "summary": op.summary, "operationId": operation_id,
             "responses": {"200": ok, "default": {"description": "An error, as OpenAI's",
                                                  "content": _json_content(ErrorBody)}}}
         params = re.findall(r"{(\w+)}", route.path)

@@ -24,11 +24,14 @@ PARAGRAPH = ("The harbour master opened the ledger at dawn, counted the boats th
 COPY = [ChatMessage(role="user", content=f"Copy this paragraph exactly, word for word:\n\n{PARAGRAPH}")]
 
 
-async def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+async def scrape(port: int, model_name: str) -> dict[tuple[str, frozenset], float]:
+    """Samples by name and labels, less `model_name`, which every one carries (the served model)."""
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
         text = await r.text()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert {s.labels.get("model_name") for s in samples} == {model_name}
+    return {(s.name, frozenset((k, v) for k, v in s.labels.items() if k != "model_name")): s.value
+            for s in samples}
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -42,11 +45,11 @@ async def test_spec_decoding_acceptance_and_kv_capacity_reach_the_metrics(engine
     try:
         cache = worker.engine._llm.vllm_config.cache_config  # type: ignore[attr-defined]
         assert worker.engine.kv_capacity_tokens == cache.num_gpu_blocks * cache.block_size > 0
-        before = await scrape(worker.metrics_port)
+        before = await scrape(worker.metrics_port, settings.served.model_id)
         async with await JobClient.connect(settings.bus.nats_url, settings.bus.subject_prefix, region=REGION,
                                            auth=BusAuth.of(settings.bus, "ops")) as client:
             result = await client.generate(COPY, max_tokens=60, temperature=0.0, timeout_s=120)
-        after = await scrape(worker.metrics_port)
+        after = await scrape(worker.metrics_port, settings.served.model_id)
         # with a vLLM engine in this process, the OpenMetrics scrape (the one with exemplars) parses
         async with aiohttp.ClientSession() as http, http.get(
                 f"http://127.0.0.1:{worker.metrics_port}/metrics",
@@ -54,6 +57,14 @@ async def test_spec_decoding_acceptance_and_kv_capacity_reach_the_metrics(engine
             assert r.headers["Content-Type"].startswith("application/openmetrics-text")
             families = list(openmetrics_families(await r.text()))
         assert any(f.name == "grokstack_generation_tokens" for f in families)
+        # the engine's own vllm:* metrics, apart, for vLLM's dashboards and autoscalers
+        vllm_url = f"http://127.0.0.1:{worker.metrics_port}/metrics/vllm"
+        async with aiohttp.ClientSession() as http, http.get(vllm_url) as r:
+            vllm_samples = [s for f in text_string_to_metric_families(await r.text()) for s in f.samples]
+        names = {s.name for s in vllm_samples}
+        assert {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"} <= names, names
+        assert {s.labels.get("model_name") for s in vllm_samples if s.name == "vllm:num_requests_waiting"} == \
+            {settings.served.model_id}
     finally:
         await worker.stop(5.0)
     assert result.ok and PARAGRAPH[:40] in result.text

@@ -161,6 +161,8 @@ async def test_tokenize_detokenize_health_version_models_and_the_openapi_documen
                   for info in [resource_route.resource.get_info()] if resource_route.method != "HEAD"}
         documented = {(path, method) for path, ops in served["paths"].items() for method in ops}
         assert documented == routes
+        ids = [op["operationId"] for ops in served["paths"].values() for op in ops.values()]
+        assert len(ids) == len(set(ids)), ids
         schemas = served["components"]["schemas"]
         assert {"ChatCompletionRequest", "CompletionRequest", "TokenizeRequest", "ErrorBody"} <= set(schemas)
         assert "top_k" in schemas["ChatCompletionRequest"]["properties"]

@@ -62,6 +62,7 @@ from bus.ordering import RequestStream
 from bus.priorities import Priority
 from bus.roles import Role
 from bus.subjects import Subjects
+from bus.tracing import headers_with_context
 
 log = structlog.get_logger("grokstack.bus")
 
@@ -264,9 +265,9 @@ class JobClient:
         stream = self._new_stream(request.request_id)
         self._streams[request.request_id] = stream  # before publishing: events may come fast
         try:
-            ack = await self.js.publish(
+            ack = await self.js.publish(  # with the caller's trace context (bus/tracing.py)
                 self.request_subject(request), encode(request),
-                timeout=5, headers={"Nats-Msg-Id": request.request_id})
+                timeout=5, headers=headers_with_context({"Nats-Msg-Id": request.request_id}))
         except Exception as exc:
             self._streams.pop(request.request_id, None)
             raise JobRejected(f"the bus did not accept job {request.request_id}: "
@@ -341,8 +342,9 @@ class JobClient:
         try:
             # Its own id per attempt: a region that saw an earlier attempt must not take this one
             # for a repeat of it.
-            await self.js.publish(self.request_subject(request), encode(request),
-                                  timeout=5, headers={"Nats-Msg-Id": f"{request.request_id}.{request.attempt}"})
+            msg_id = f"{request.request_id}.{request.attempt}"
+            await self.js.publish(self.request_subject(request), encode(request), timeout=5,
+                                  headers=headers_with_context({"Nats-Msg-Id": msg_id}))
         except Exception as exc:
             raise JobRejected(f"the bus did not accept attempt {request.attempt} of job {request.request_id}: "
                               f"{type(exc).__name__}: {exc}") from None

@@ -45,6 +45,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from bus import tracing
 from bus.log_context import request_context
 from bus.messages import FinalEvent, TokenEvent
 from bus.subjects import check_token
@@ -336,7 +337,9 @@ class OpenAIApi:
         self._model_checked(body)
         chat = self._with_headers(request, frame)
         try:
-            async with self.intake.accept(chat, tenant, api="openai", stream=bool(body.stream)) as accepted:
+            # a client's own trace (W3C traceparent) goes on through the stack
+            async with self.intake.accept(chat, tenant, tracing.context_of(request.headers), api="openai",
+                                          stream=bool(body.stream)) as accepted:
                 live = accepted.live
                 live.api_model = body.model
                 live.include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -38,8 +38,11 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from bus.client import JobRejected
+from bus import tracing
 from bus.log_context import request_context
 from bus.priorities import PRIORITIES, Priority
 from bus.subjects import check_token
@@ -53,6 +56,7 @@ from edge.routing import Route, Router
 from edge.tenants import Tenant
 
 log = structlog.get_logger("grokstack.edge")
+_TRACER = tracing.tracer("grokstack.edge")
 
 EXPECTED_START_S = 60.0  # a worker's start (its engine loading the model), as measured on CPU
 REPLACEMENT_WINDOW_S = 2 * EXPECTED_START_S  # a stage gone longer has no replacement coming soon
@@ -90,9 +94,11 @@ class Intake:
         self.expected_start_s = EXPECTED_START_S
 
     @asynccontextmanager
-    async def accept(self, chat: ChatFrame, tenant: Tenant, **context: object) -> AsyncIterator[Accepted]:
+    async def accept(self, chat: ChatFrame, tenant: Tenant, trace_parent: otel_context.Context | None = None,
+                     **context: object) -> AsyncIterator[Accepted]:
         """The chat on the bus and followed, for as long as the caller stays in the block (its log
-        lines carry the request's identity and `context`); Refusal when it is not accepted."""
+        lines carry the request's identity and `context`); Refusal when it is not accepted. Its
+        trace goes on from `trace_parent` (a client's traceparent), or starts here."""
         priority = self._priority(chat, tenant)
         route, replacement_in_s = self._route(chat, priority)
         region = route.region
@@ -104,17 +110,26 @@ class Intake:
             list(chat.messages), sampling_of(chat, self.config), priority, region=region,
             conversation_id=chat.conversation_id, timeout_s=self.config.request_timeout_s, tenant=tenant.name,
             route=route.reason, prompt_format=chat.prompt_format)
+        span = _TRACER.start_span("edge request", context=trace_parent, kind=trace.SpanKind.SERVER, attributes={
+            "grokstack.request_id": request.request_id, "grokstack.region": region, "grokstack.priority": priority,
+            "grokstack.tenant": tenant.name, "grokstack.route": route.reason,
+            **{f"grokstack.{k}": str(v) for k, v in context.items()}})
         with request_context(request.request_id, region, priority, tenant=tenant.name, **context):
             try:
-                admitted = self.admission.admit(request, tenant, replacement_in_s)
-            except Refused as exc:
-                log.info("request refused", code=exc.code, retry_after_s=exc.retry_after_s)
-                raise Refusal(exc.code, exc.message, retry_after_s=exc.retry_after_s) from None
-            try:
-                live = await self.live.start(admitted.request, tenant.name)
-            except JobRejected as exc:
-                log.warning("request not accepted", error=str(exc))
-                raise self._refuse("unavailable", priority, str(exc), retry_after_s=1.0) from None
+                try:
+                    admitted = self.admission.admit(request, tenant, replacement_in_s)
+                except Refused as exc:
+                    log.info("request refused", code=exc.code, retry_after_s=exc.retry_after_s)
+                    raise Refusal(exc.code, exc.message, retry_after_s=exc.retry_after_s) from None
+                try:
+                    live = await self.live.start(admitted.request, tenant.name, span)
+                except JobRejected as exc:
+                    log.warning("request not accepted", error=str(exc))
+                    raise self._refuse("unavailable", priority, str(exc), retry_after_s=1.0) from None
+            except BaseException as exc:  # not on the bus: its trace ends here
+                span.set_status(trace.StatusCode.ERROR, exc.code if isinstance(exc, Refusal) else type(exc).__name__)
+                span.end()
+                raise
             self.admission.track(live, admitted)
             self.router.served(chat.conversation_id, region)
             metrics.observe_routed(region, route.reason)

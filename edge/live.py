@@ -33,7 +33,9 @@ from typing import AsyncIterator, Callable
 import structlog
 
 import msgspec
+from opentelemetry import trace
 
+from bus import tracing
 from bus.messages import ChatRequest, Continuation, ErrorEvent, Event, FinalEvent, TokenEvent, Usage
 from bus.client import Job, JobRejected
 from edge.gateway import Gateway
@@ -42,6 +44,7 @@ from edge.config import EdgeConfig
 from edge.routing import Router
 
 log = structlog.get_logger("grokstack.edge")
+_TRACER = tracing.tracer("grokstack.edge")
 
 
 CANCEL_MESSAGES = {"client_cancelled": "cancelled by the client",
@@ -73,6 +76,10 @@ class LiveRequest:
     orphaned: bool = False
     _grace: asyncio.TimerHandle | None = None
     _pump: asyncio.Task | None = None
+    # Its trace (bus/tracing.py): the edge's span, ended with the request, and the span of the
+    # region hop it is on when another region serves it (ended then, or at the next hop).
+    span: trace.Span = trace.INVALID_SPAN
+    hop: trace.Span | None = None
 
     @property
     def request_id(self) -> str:
@@ -97,7 +104,18 @@ class LiveRequest:
         self._observe(event, time.monotonic())
         self.events.append(event)
         self.finished = isinstance(event, (FinalEvent, ErrorEvent))
+        if self.finished:
+            self._end_trace(event)
         self._changed.set()
+
+    def _end_trace(self, event: Event) -> None:
+        if isinstance(event, ErrorEvent):
+            self.span.set_status(trace.StatusCode.ERROR, event.code)
+        else:
+            self.span.set_attribute("grokstack.finish_reason", event.finish_reason)
+        if self.hop is not None:
+            self.hop.end()
+        self.span.end()
 
     def _observe(self, event: Event, now: float) -> None:
         """The client-side latencies and token counts of this request, into the metrics."""
@@ -105,6 +123,7 @@ class LiveRequest:
         if isinstance(event, TokenEvent):
             if not self.first_token_at:
                 self.first_token_at = now
+                self.span.add_event("first token")
                 if self.timed:
                     metrics.observe_first_token(region, priority, now - self.started, rid)
             elif self.timed:
@@ -155,13 +174,30 @@ class LiveRequests:
             raise Overloaded(f"tenant {tenant!r} has {self.per_tenant[tenant]} requests in flight, "
                              "its limit")
 
-    async def start(self, request: ChatRequest, tenant: str) -> LiveRequest:
-        """Publish the request and start collecting its events. Raises JobRejected."""
+    async def start(self, request: ChatRequest, tenant: str, span: trace.Span = trace.INVALID_SPAN) -> LiveRequest:
+        """Publish the request and start collecting its events, as part of the edge's `span`
+        (which it ends with the request). Raises JobRejected."""
         started = time.monotonic()  # its clocks include the publish (a round trip, to another region)
-        job = await self.gateway.client.submit(request, self.config.request_timeout_s)
-        live = LiveRequest(request, tenant, started=started)
+        hop = self._hop(span, self.gateway.region, request.region, request.route) \
+            if request.region != self.gateway.region else None
+        with trace.use_span(hop or span, end_on_exit=False):  # the context the request carries
+            try:
+                job = await self.gateway.client.submit(request, self.config.request_timeout_s)
+            except BaseException:
+                if hop is not None:
+                    hop.end()
+                raise
+        live = LiveRequest(request, tenant, started=started, span=span, hop=hop)
         self._track(live, job)
         return live
+
+    @staticmethod
+    def _hop(span: trace.Span, home: str, region: str, why: str) -> trace.Span:
+        """A span for the request's stay in another region: what that region does is its child."""
+        return _TRACER.start_span("region hop", context=trace.set_span_in_context(span),
+                                  kind=trace.SpanKind.PRODUCER,
+                                  attributes={"grokstack.from_region": home, "grokstack.to_region": region,
+                                              "grokstack.route": why})
 
     async def resumable(self, request_id: str, tenant: str) -> LiveRequest | None:
         """The tenant's request `request_id`, held here or adopted from the capture; None when
@@ -322,11 +358,18 @@ class LiveRequests:
             reply_to=self.gateway.client.reply_to(live.request_id))  # here, whoever asked first
         cause = "client_moved" if live.orphaned else "region_dead"
         detected_s = regions.silent_for(old)
+        hop = self._hop(live.span, old, route.region, cause)
         try:
-            await self.gateway.client.take_over(job, successor)
+            with trace.use_span(hop, end_on_exit=False):
+                await self.gateway.client.take_over(job, successor)
         except JobRejected as exc:
+            hop.set_status(trace.StatusCode.ERROR, "not taken")
+            hop.end()
             log.warning("request not taken over yet", error=str(exc), region=route.region)
             return
+        if live.hop is not None:
+            live.hop.end()
+        live.hop = hop
         live.request = successor
         live.orphaned = False
         # heard if the old region was only cut off; only the old attempt: the new one may run there too

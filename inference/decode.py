@@ -15,6 +15,7 @@ import structlog
 
 from nats.js import JetStreamContext
 
+from bus import tracing
 from bus.capture import sent_so_far
 from bus.codec import decode
 from bus.messages import Cost, DecodeJob, FinalEvent, Speculation, TokenEvent
@@ -30,6 +31,7 @@ from kv_store.records import KvRequest, TransferRecord
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.decode")
+_TRACER = tracing.tracer("grokstack.decode")
 
 
 class EngineAborted(RuntimeError):
@@ -130,6 +132,10 @@ class DecodeService:
                      in_batch: "_PromptInBatch | None") -> FinalEvent:
         j = job.body
         record = await self.transfers.read(j.request_id) if self.transfers else TransferRecord()
+        # blocks are loaded before the engine's first step of this job
+        tracing.measured_span("kv read", _TRACER, job.received_at, record.load.ms / 1000,
+                              {"grokstack.kv.bytes": record.load.bytes, "grokstack.kv.blocks": record.load.blocks,
+                               "grokstack.kv.failed": record.load.failed})
         if j.kv is not None:  # blocks evicted between lookup and load were recomputed by vLLM
             loaded = max(0, loaded - record.load.failed * j.kv.block_size)
         wanted = j.kv.num_tokens if j.kv else 0

@@ -9,6 +9,7 @@ from typing import Callable
 import structlog
 from nats.js import JetStreamContext
 
+from bus import tracing
 from bus.codec import decode, encode
 from bus.messages import ChatMessage, ChatRequest, Cost, DecodeJob, KvHandle, PrefillStats, TokenEvent, TokenLogprob
 from bus.subjects import Subjects
@@ -23,6 +24,7 @@ from kv_store.records import TransferRecord
 from kv_store.transfers import TransferRecords
 
 log = structlog.get_logger("grokstack.prefill")
+_TRACER = tracing.tracer("grokstack.prefill")
 
 
 def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
@@ -122,6 +124,8 @@ class PrefillService:
         await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(), text=text,
                                    token_ids=token_ids, logprobs=logprobs))
         record = await self.transfers.read(req.request_id) if self.transfers else TransferRecord()
+        tracing.measured_span("kv write", _TRACER, time.time() - record.save.ms / 1000, record.save.ms / 1000,
+                              {"grokstack.kv.bytes": record.save.bytes, "grokstack.kv.blocks": record.save.blocks})
         gpu_s = job.gpu_seconds()
         stats = PrefillStats(worker_id=self.worker_id, queue_ms=queue_ms(job), prefill_ms=prefill_ms,
                              cached_tokens=cached, done_at=time.time(),
@@ -160,8 +164,10 @@ class PrefillService:
                 conversation_id=req.conversation_id, created_at=req.created_at,
                 deadline=req.deadline, tenant=req.tenant, attempt=req.attempt,
                 first_seq=first_seq, answered_tokens=answered(req))),
-            # A redelivered request (this worker died after publishing) is deduplicated here.
-            headers={"Nats-Msg-Id": f"{req.request_id}.decode.{req.attempt}"}, timeout=5)
+            # A redelivered request (this worker died after publishing) is deduplicated here. The
+            # trace goes on from this stage's span (inference/worker.py made it current).
+            headers=tracing.headers_with_context({"Nats-Msg-Id": f"{req.request_id}.decode.{req.attempt}"}),
+            timeout=5)
 
     async def _finish(self, req: ChatRequest, emit: Emitter, prompt_tokens: int,
                       stats: PrefillStats, finish: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import structlog
 
+from bus import tracing
 from bus.messages import ChatMessage, SamplingSpec, Speculation, TokenLogprob, TopLogprob
 from inference.config import EngineSetup
 from inference.engine import EngineChunk, EngineDead, JobRefused
@@ -115,6 +116,11 @@ class VllmEngine:
             return None
         return "vLLM's engine core is gone (EngineDeadError; its cause is logged above)"
 
+    def _trace_headers(self) -> dict[str, str] | None:
+        """The current span's context for vLLM, when vLLM traces (else it warns and drops them)."""
+        traced = self._llm.vllm_config.observability_config.otlp_traces_endpoint
+        return tracing.headers_with_context() if traced else None
+
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         rendered = self._tokenizer.apply_chat_template(
             [m.as_template_input() for m in messages], add_generation_prompt=True, tokenize=True)
@@ -137,8 +143,10 @@ class VllmEngine:
             raise EngineDead(reason)
         # AsyncLLM aborts the request in the engine when this generator is cancelled.
         try:
+            # vLLM's own spans (with --otlp-traces-endpoint among the engine arguments) join the
+            # request's trace as children of the worker's span.
             async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params,
-                                                request_id=request_id):
+                                                request_id=request_id, trace_headers=self._trace_headers()):
                 completion = out.outputs[0]
                 if not completion.token_ids and not completion.text and not out.finished:
                     continue

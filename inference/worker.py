@@ -36,7 +36,10 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
+from bus import tracing
 from bus.capture import latest_attempt
 from bus.codec import BadMessage, check_request_subject, encode, reply_route
 from bus.config import BusConfig
@@ -59,6 +62,7 @@ from inference.queue_meter import QueueMeter
 from inference.resend import RecentEvents, resend_after_reconnects
 
 log = structlog.get_logger("grokstack.worker")
+_TRACER = tracing.tracer("grokstack.worker")
 
 # A job younger than this cannot have been taken over yet (an edge notices a dead region after
 # GROKSTACK_REGION_TIMEOUT_S, 0.75 s by default); an older one is checked first.
@@ -457,7 +461,14 @@ class PoolWorker:
         # A job that only computes its prompt weighs its tokens in the engine's time; a decoding
         # sequence 1 (an aggregated job re-weighs itself when its prompt is done).
         self.clock.start(body.request_id, 1.0 if ROLES[self.service.role].holds_answer else job.cost_tokens)
-        task = asyncio.create_task(self.service.serve(job, emitter))
+        span = self._trace(job)
+        # The task runs in a copy of this context: with its span current, what it publishes (a
+        # decode job) and asks vLLM carries the span's context on.
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            task = asyncio.create_task(self.service.serve(job, emitter))
+        finally:
+            otel_context.detach(token)
         self.cancels.watch(body.request_id, task, body.attempt)
         if self.cancels.is_cancelled(body.request_id, body.attempt):
             task.cancel()
@@ -507,6 +518,27 @@ class PoolWorker:
             self.clock.stop(body.request_id)
             self.cancels.unwatch(body.request_id)
             metrics.observe_job(self.service.role, outcome)
+            span.set_attribute("grokstack.outcome", outcome)
+            if outcome in ("failed", "dead_lettered", "refused"):
+                span.set_status(trace.StatusCode.ERROR, outcome)
+            span.end()
+
+    def _trace(self, job: Job) -> trace.Span:
+        """This stage's span of the request's trace, whose context came in the job's headers (the
+        edge's, or prefill's for a decode job), and the job's wait in its queue before it."""
+        body, parent = job.body, tracing.context_of(job.msg.headers)
+        queued = self.service.queued_at(body)
+        if queued and job.received_at > queued:
+            _TRACER.start_span("queue", context=parent, kind=trace.SpanKind.CONSUMER, start_time=tracing.ns(queued),
+                               attributes={"grokstack.kind": self.service.kind}
+                               ).end(end_time=tracing.ns(job.received_at))
+        return _TRACER.start_span(str(self.service.role), context=parent, kind=trace.SpanKind.CONSUMER,
+                                  start_time=tracing.ns(job.received_at),
+                                  attributes={"grokstack.request_id": body.request_id,
+                                              "grokstack.region": body.region, "grokstack.priority": body.priority,
+                                              "grokstack.worker": self.bus.worker_name,
+                                              "grokstack.deliveries": job.deliveries,
+                                              "grokstack.attempt": body.attempt})
 
     async def _failed(self, job: Job, emitter: Emitter, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"

@@ -258,6 +258,8 @@ def with_settings(args: argparse.Namespace) -> int:
     if args.command in CLIENT_COMMANDS and args.log_level is None:
         settings = settings.replace(log_level="warning")  # their stdout/stderr are for the user
     logs.configure(settings.stack.log_level, settings.stack.log_format, process=args.command)
+    from services import telemetry
+    telemetry.trace_to(settings.stack.otlp_traces_endpoint, args.command)
     return RUNS[args.command](settings, args)
 
 

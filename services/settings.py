@@ -41,6 +41,10 @@ class StackConfig(Section):
     redis_maxmemory: Annotated[str, Field(pattern=r"^[0-9]+[kmgKMG]?[bB]?$")] = "2gb"  # embedded server only
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "console"] = "json"
+    # Where each process sends its spans (OTLP over HTTP, e.g. http://otel-collector:4318/v1/traces);
+    # "" sends none, and tracing costs next to nothing (bus/tracing.py). vLLM's own spans: the
+    # engine argument --otlp-traces-endpoint (GROKSTACK_ENGINE_ARGS).
+    otlp_traces_endpoint: str = ""
     # `grokstack up` with several regions ("eu,us"): each its own JetStream domain, transit
     # server, Redis, edge and aggregated worker (services/regions.py); "" is one region.
     regions: Annotated[str, Field(pattern=r"^([A-Za-z0-9_-]{1,64}(,[A-Za-z0-9_-]{1,64})*)?$")] = ""

@@ -15,6 +15,7 @@ by the supervisor could be taken by anything else before the process binds it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -158,3 +159,21 @@ def read_ports(path: str | Path) -> dict[str, int] | None:
         return {str(k): int(v) for k, v in json.loads(Path(path).read_text()).items()}
     except (FileNotFoundError, ValueError, AttributeError):
         return None
+
+
+def trace_to(endpoint: str, service: str) -> None:
+    """Export this process's spans over OTLP/HTTP to `endpoint`, as service `grokstack-<service>`;
+    without an endpoint nothing is set up and OpenTelemetry's API stays a no-op."""
+    if not endpoint:
+        return
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"grokstack-{service}"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
+    atexit.register(provider.shutdown)  # what is still batched goes out on a clean exit
+

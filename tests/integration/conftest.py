@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +66,69 @@ class RunningStack:
         return f"http://127.0.0.1:{self.settings.edge.edge_port}/"
 
 
+@dataclass
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    start_ns: int
+    end_ns: int
+
+
+class OtlpReceiver:
+    """What an OpenTelemetry collector would receive over OTLP/HTTP (protobuf), kept in memory:
+    the stack's processes export their spans here (GROKSTACK_OTLP_TRACES_ENDPOINT)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+        self.spans: list[Span] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    service = next((a.value.string_value for a in resource.resource.attributes
+                                    if a.key == "service.name"), "")
+                    for scope in resource.scope_spans:
+                        receiver.spans += [Span(service, s.name, s.trace_id.hex(), s.span_id.hex(),
+                                                s.parent_span_id.hex(), s.start_time_unix_nano, s.end_time_unix_nano)
+                                           for s in scope.spans]
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="session")
-def engine_settings(nats_url: str, nats_credentials: str, redis_url: str) -> Settings:
+def otlp_receiver() -> OtlpReceiver:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine_settings(nats_url: str, nats_credentials: str, redis_url: str, otlp_receiver: OtlpReceiver) -> Settings:
     prefix = unique_prefix()
     return provisioned(Settings(nats_url=nats_url, nats_credentials=nats_credentials, redis_url=redis_url,
-                                subject_prefix=prefix,
+                                otlp_traces_endpoint=otlp_receiver.url, subject_prefix=prefix,
                                 kv_key_prefix=f"gskv:{prefix}", data_dir=REPO / ".data", edge_port=free_port(),
                                 api_port=free_port(), heartbeat_s=0.5, worker_id=prefix, log_format="json",
                                 engine_step_lock=str(REPO / ".data" / f"{prefix}.step.lock"),

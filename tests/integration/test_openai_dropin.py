@@ -4,6 +4,9 @@ fields, tool messages in the history, the legacy completions call, logprobs."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import aiohttp
 import openai
 import pytest
@@ -104,3 +107,37 @@ async def test_tool_messages_in_the_history_are_rendered_as_the_edge_tokenizes_t
     assert tokenized["count"] == reply.usage.prompt_tokens
 
 
+
+
+async def test_one_request_is_one_trace_across_the_edge_and_worker_processes(vllm_stack, otlp_receiver):
+    """Each process exports its spans over OTLP; linked only by the traceparent in the NATS
+    headers, they make one tree under the client's own span."""
+    trace_id, client_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    # a prompt of its own (no block of it cached yet: prefill writes them all, decode reads them)
+    prompt = f"Trace {uuid.uuid4().hex}: list five colours of the rainbow, then five fruits of the same colours."
+    body = {"model": (await sdk(vllm_stack).models.list()).data[0].id,
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{vllm_stack.api_url}/chat/completions", json=body,
+                             headers={"traceparent": f"00-{trace_id}-{client_span}-01"}) as r:
+            assert r.status == 200
+
+    def spans() -> dict[str, object]:
+        return {s.span_id: s for s in otlp_receiver.spans if s.trace_id == trace_id}
+    wanted = {("grokstack-edge", "edge request"), ("grokstack-prefill", "prefill"), ("grokstack-prefill", "kv write"),
+              ("grokstack-decode", "decode"), ("grokstack-decode", "kv read")}
+    for _ in range(60):  # the processes export in batches, every few seconds
+        if wanted <= {(s.service, s.name) for s in spans().values()}:
+            break
+        await asyncio.sleep(0.5)
+    tree = spans()
+    named = {(s.service, s.name): s for s in tree.values()}
+    assert wanted <= set(named), sorted(set(named))
+    edge, prefill, decode = named[("grokstack-edge", "edge request")], named[("grokstack-prefill", "prefill")], \
+        named[("grokstack-decode", "decode")]
+    assert edge.parent_id == client_span
+    assert prefill.parent_id == edge.span_id and decode.parent_id == prefill.span_id
+    assert named[("grokstack-prefill", "kv write")].parent_id == prefill.span_id
+    assert named[("grokstack-decode", "kv read")].parent_id == decode.span_id
+    for span in tree.values():  # one tree under the client's span
+        assert span.parent_id == client_span or span.parent_id in tree, (span.service, span.name)

@@ -362,7 +362,7 @@ class OpenAIApi:
             label, first = self.ignored.note(name)
             metrics.observe_ignored_field(label)
             if first:
-                log.warning("request field ignored: no one here knows it (logged once per name)", field=name[:64])
+                log.warning("request field ignored: no one here knows it (logged once per name)", field=label)
 
     def _with_headers(self, request: web.Request, frame: ChatFrame) -> ChatFrame:
         """The routing headers stand in for the body's fields, checked as those are (the intake

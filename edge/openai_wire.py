@@ -291,7 +291,9 @@ class IgnoredFields:
         self.seen: set[str] = set()
 
     def note(self, name: str) -> tuple[str, bool]:
-        """The metric label to count it under, and whether this is the first time (to log it)."""
+        """The metric label to count it under, and whether this is the first time (to log it). A
+        name is as long as the client made it: its first 64 characters stand for it."""
+        name = name[:64]
         if name in self.seen:
             return name, False
         if len(self.seen) >= self.most:

@@ -162,3 +162,12 @@ def test_error_codes_map_to_http_statuses():
     assert error_body("unavailable", "m")[0] == 503
     assert error_body("unauthorized", "m")[1].error.type == "authentication_error"
     assert error_body("something_new", "m")[0] == 500
+
+
+def test_ignored_field_names_are_remembered_bounded_in_number_and_length():
+    from edge.openai_wire import IgnoredFields
+
+    ignored = IgnoredFields(most=2)
+    assert ignored.note("a") == ("a", True) and ignored.note("a") == ("a", False)
+    assert ignored.note("b" * 1000) == ("b" * 64, True)  # a label of the client's making, cut
+    assert ignored.note("c") == ("other", False)  # past the first two names: one label for the rest

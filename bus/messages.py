@@ -1,8 +1,9 @@
 """Every message that crosses the bus, as versioned msgspec Structs (wire format: JSON).
 
 These are immutable wire records, kept apart from the workers' mutable state. Each carries a
-`type` tag so one decoder can dispatch on it, and a schema version `v`: a reader rejects a
-version it does not know instead of misreading it.
+`type` tag so one decoder can dispatch on it, and a schema version `v` (absent: 1, in the messages
+that leave their defaults off the wire): a reader rejects a version it does not know instead of
+misreading it.
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ class Continuation(Struct, frozen=True, forbid_unknown_fields=True):
     next_seq: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)]  # the seq of the next event
 
 
-class ChatRequest(Message, tag="chat_request"):
+# ChatRequest and TokenEvent leave their defaults off the wire: a reader of an earlier build
+# (forbid_unknown_fields) still reads what carries none of the fields added since (prompt_format,
+# logprobs), while a rolling update runs both builds side by side.
+class ChatRequest(Message, tag="chat_request", omit_defaults=True):
     """Edge (or any client publishing directly) -> prefill pool."""
     request_id: Id
     region: Id
@@ -238,7 +242,7 @@ class TokenLogprob(Struct, frozen=True, forbid_unknown_fields=True, array_like=T
     top: list[TopLogprob] = []
 
 
-class TokenEvent(Message, tag="token"):
+class TokenEvent(Message, tag="token", omit_defaults=True):
     request_id: Id
     seq: int
     text: str

@@ -341,7 +341,7 @@ class OpenAIApi:
             async with self.intake.accept(chat, tenant, tracing.context_of(request.headers), api="openai",
                                           stream=bool(body.stream)) as accepted:
                 live = accepted.live
-                live.api_model = body.model
+                live.api_model = body.model or self.served.id
                 live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 # A batch request's max_tokens capped under load says so (edge/admission.py).
                 headers = {REGION_HEADER: live.region, ROUTE_HEADER: live.route,

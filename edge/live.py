@@ -323,6 +323,11 @@ class LiveRequests:
                     await self.gateway.client.cancel(live.request_id, live.request.region, "stream_gap")
                 live.append(event)
         finally:
+            if not live.finished:  # stopped without an end (the edge stopping): its trace ends here
+                live.span.set_status(trace.StatusCode.ERROR, "edge stopped")
+                if live.hop is not None:
+                    live.hop.end()
+                live.span.end()
             self.gateway.client.forget(live.request_id)
             self.per_tenant[live.tenant] -= 1
             if self.per_tenant[live.tenant] <= 0:
@@ -362,9 +367,11 @@ class LiveRequests:
         try:
             with trace.use_span(hop, end_on_exit=False):
                 await self.gateway.client.take_over(job, successor)
-        except JobRejected as exc:
+        except BaseException as exc:
             hop.set_status(trace.StatusCode.ERROR, "not taken")
             hop.end()
+            if not isinstance(exc, JobRejected):
+                raise
             log.warning("request not taken over yet", error=str(exc), region=route.region)
             return
         if live.hop is not None:

@@ -72,7 +72,7 @@ class SamplingBody(Struct, kw_only=True):
     """What the chat and completions bodies share: vLLM's sampling fields, then the ones this
     server does not serve (refused unless at their default: NOT_SERVED), then grokstack's.
     A field no one here knows is ignored, logged once and counted (as vLLM does): IgnoredFields."""
-    model: str
+    model: str | None = None  # None: the model this edge serves (as vLLM)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
@@ -524,7 +524,8 @@ def text_logprobs(logprobs: list[TokenLogprob] | None, offset: int) -> TextLogpr
         offsets.append(offset)
         offset += len(t.token)
     return TextLogprobs([t.token for t in logprobs], [t.logprob for t in logprobs],
-                        [{o.token: o.logprob for o in t.top} for t in logprobs], offsets)
+                        # the chosen token first, then the most likely ones (vLLM's and OpenAI's shape)
+                        [{t.token: t.logprob, **{o.token: o.logprob for o in t.top}} for t in logprobs], offsets)
 
 
 class ChatShape:

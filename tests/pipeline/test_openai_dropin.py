@@ -114,6 +114,12 @@ async def test_vllm_sampling_fields_tool_history_and_unknown_fields_are_taken(se
             assert [c.token for c in content] == list(expected("and so?"))
             assert all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) for c in content)
         assert ignored("my_router_hint") == before + 2  # counted each time...
+        async with aiohttp.ClientSession() as http:  # no model: the one this edge serves, as vLLM does
+            async with http.post(f"{api(stack)}/chat/completions",
+                                 json={"messages": [{"role": "user", "content": "any model"}]}) as r:
+                answer = await r.json()
+        assert answer["choices"][0]["message"]["content"] == expected("any model")
+        assert answer["model"] == settings.served.model_id
         logged = [w for w in recorder.warnings if w[1].get("field") == "my_router_hint"]
         assert len(logged) == 1, recorder.warnings  # ...logged once
 

@@ -37,7 +37,9 @@ def test_events_decode_by_their_type_tag():
 
 def test_wire_format_is_plain_json_with_a_type_tag_and_version():
     wire = msgspec.json.decode(encode(REQUEST))
-    assert wire["type"] == "chat_request" and wire["v"] == 1
+    # the version at its default (1) stays off the wire of a request; a reader takes its absence as 1
+    assert wire["type"] == "chat_request" and wire.get("v", 1) == 1 and decode(encode(REQUEST), ChatRequest).v == 1
+    assert msgspec.json.decode(encode(Cancel(request_id="r1", reason="x")))["v"] == 1
     assert wire["messages"][1] == {"role": "user", "content": "hi"}
 
 
@@ -93,7 +95,28 @@ def test_a_request_names_its_tenant_and_one_without_a_tenant_still_decodes():
     tagged = msgspec.structs.replace(REQUEST, tenant="acme-eu")
     assert decode(encode(tagged), ChatRequest).tenant == "acme-eu"
     older = msgspec.json.decode(encode(REQUEST))
-    del older["tenant"]  # published before requests carried one, or straight to the bus
+    older.pop("tenant", None)  # published before requests carried one, or straight to the bus
     assert decode(msgspec.json.encode(older), ChatRequest).tenant is None
     with pytest.raises(BadMessage):
         decode(encode(msgspec.structs.replace(REQUEST, tenant="no spaces")), ChatRequest)
+
+
+def test_a_default_request_and_token_event_encode_without_the_fields_added_since():
+    """A worker or edge of the previous build (forbid_unknown_fields) reads them during a rolling
+    update: fields at their defaults stay off the wire."""
+    import msgspec
+
+    from bus.messages import ChatMessage, ChatRequest, SamplingSpec, TokenEvent, TokenLogprob
+
+    request = ChatRequest(request_id="r1", region="eu", priority="standard", messages=[ChatMessage("user", "hi")],
+                          sampling=SamplingSpec(max_tokens=8), reply_to="gs.ev.eu.c.r1")
+    fields = msgspec.json.decode(msgspec.json.encode(request))
+    assert "prompt_format" not in fields and "top_k" not in fields["sampling"]
+    assert fields["messages"] == [{"role": "user", "content": "hi"}]
+    event = msgspec.json.decode(msgspec.json.encode(TokenEvent(request_id="r1", seq=0, text="a", token_ids=[1])))
+    assert "logprobs" not in event
+    # and what carries them still round-trips
+    with_lp = TokenEvent(request_id="r1", seq=0, text="a", token_ids=[1], logprobs=[TokenLogprob("a", -0.5)])
+    assert msgspec.json.decode(msgspec.json.encode(with_lp), type=TokenEvent) == with_lp
+    text = msgspec.structs.replace(request, prompt_format="text")
+    assert msgspec.json.decode(msgspec.json.encode(text), type=ChatRequest).prompt_format == "text"

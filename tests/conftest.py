@@ -8,12 +8,14 @@ Redis URL carries the stack's user and password."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import uuid
 from pathlib import Path
 
 import pytest
+import structlog
 
 from services.embedded import EmbeddedNats, EmbeddedRedis
 from services.provision import provision_now
@@ -70,6 +72,16 @@ def _dump_tasks(_signum, _frame) -> None:
 
 
 signal.signal(signal.SIGUSR1, _dump_tasks)
+
+# The stacks that tests run in this process log through structlog, whose default prints to stdout:
+# between a terminal chat's tokens, which tests read from stdout. Through the standard library
+# instead, where pytest captures them per test and shows them with a failure (WARNING and above).
+structlog.configure(
+    processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.dev.ConsoleRenderer(colors=False)],
+    wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    logger_factory=structlog.stdlib.LoggerFactory(),
+)
 
 
 def unique_prefix() -> str:

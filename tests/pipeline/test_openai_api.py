@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 import openai
@@ -79,7 +78,7 @@ BAD_BODIES = [
      "invalid_request", "temperature"),
     (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400,
      "invalid_request", "max_tokens"),
-    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "invalid_request", "n"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "n": 17}', 400, "invalid_request", "n"),
     (b'{"model": "fake", "messages": [{"role": "user", "content": "   "}]}', 400, "invalid_request", None),
     (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "priority": "vip"}', 400,
      "invalid_request", "priority"),
@@ -182,9 +181,7 @@ async def test_api_keys_map_to_tenants_and_their_priorities(settings, tmp_path, 
         typed = iter(["key please"])
         monkeypatch.setattr("builtins.input", lambda prompt="": next(typed, None) or (_ for _ in ()).throw(EOFError))
         await asyncio.wait_for(chat_repl([stack.url], "batch", 64, 0.0, None, api_key=bulk), 30)
-        # the stack's own log lines go to the same stdout here, between the streamed tokens
-        printed = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[[^\n]*\n", "", capsys.readouterr().out)
-        assert expected("key please") in printed
+        assert expected("key please") in capsys.readouterr().out
         with pytest.raises(Exception, match="401|unauthorized|rejected"):
             await asyncio.wait_for(chat_repl([stack.url], "batch", 64, 0.0, None), 30)
         question = [{"role": "user", "content": "who am i"}]

@@ -222,7 +222,7 @@ class JobClient:
     # ------------------------------------------------------------------ building requests
 
     def request(self, messages: list[ChatMessage], *, max_tokens: int = 256,
-                temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
+                temperature: float | None = None, top_p: float | None = None, stop: list[str] | None = None,
                 seed: int | None = None, priority: Priority = "standard",
                 region: str | None = None, conversation_id: str | None = None,
                 idempotency_key: str | None = None, timeout_s: float = 300.0,

@@ -76,15 +76,17 @@ class SamplingSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     """vLLM's SamplingParams as a client may set them, each within the range vLLM accepts (an
     out-of-range value is refused at the door, not by the engine on every redelivery)."""
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)]
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    # These seven, None when the client left them unset: the engine's model defaults (as vLLM
+    # takes them from the model's generation config), else vLLM's neutral value (MODEL_DEFAULTED).
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None  # neutral 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None  # neutral 1.0
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)] = []
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None  # what vLLM takes
-    top_k: Annotated[int, Meta(ge=-1, le=1 << 20)] = 0  # 0 or -1: off
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = 1.0
-    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    top_k: Annotated[int, Meta(ge=-1, le=1 << 20)] | None = None  # 0 or -1: off; neutral 0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None  # neutral 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None  # neutral 1.0
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None  # neutral 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None  # neutral 0.0
     ignore_eos: bool = False  # go on to max_tokens past the end-of-sequence token (benchmarks)
     min_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
@@ -95,6 +97,15 @@ class SamplingSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     logit_bias: Annotated[dict[TokenId, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=300)] = {}
     # The log probability of each chosen token, with this many most likely alternatives; None: none.
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Token events carry the prompt's token count (TokenEvent.prompt_tokens), for a client that
+    # wants the usage on every chunk (the OpenAI API's stream_options.continuous_usage_stats).
+    count_prompt: bool = False
+
+
+# vLLM's neutral value of each sampling field a model's generation config may set a default for
+# (vLLM's _DEFAULT_SAMPLING_PARAMS): what an unset field (None) is without such a default.
+MODEL_DEFAULTED: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                                     "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 class Continuation(Struct, frozen=True, forbid_unknown_fields=True):
@@ -107,7 +118,7 @@ class Continuation(Struct, frozen=True, forbid_unknown_fields=True):
 
 # ChatRequest and TokenEvent leave their defaults off the wire: a reader of an earlier build
 # (forbid_unknown_fields) still reads what carries none of the fields added since (prompt_format,
-# logprobs), while a rolling update runs both builds side by side.
+# logprobs, count_prompt, prompt_tokens), while a rolling update runs both builds side by side.
 class ChatRequest(Message, tag="chat_request", omit_defaults=True):
     """Edge (or any client publishing directly) -> prefill pool."""
     request_id: Id
@@ -250,6 +261,9 @@ class TokenEvent(Message, tag="token", omit_defaults=True):
     attempt: int = 0  # the request's attempt that sent it (ChatRequest.attempt)
     # One per token id, when the request asked for logprobs (SamplingSpec.logprobs).
     logprobs: list[TokenLogprob] | None = None
+    # The prompt's tokens (the client's: not an answer's tokens a continued attempt computes as
+    # prompt), when the request asked (SamplingSpec.count_prompt); 0 otherwise.
+    prompt_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
 
 
 class Speculation(Struct, frozen=True, forbid_unknown_fields=True):

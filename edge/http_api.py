@@ -11,14 +11,18 @@ lm-eval) work unchanged:
     GET  /health, /version, /openapi.json       (the document: edge/openapi.py, from the routes)
     GET  /healthz, /readyz
 
-Bodies take every field vLLM takes (edge/openai_wire.py): what is served goes to vLLM, what vLLM
-knows but this server cannot honour is a 400 naming it, and a field no one knows is ignored,
-logged once and counted (grokstack_openai_ignored_fields_total), as vLLM does.
+Bodies take every field vLLM takes (edge/openai_wire.py; the answers: edge/openai_responses.py):
+what is served goes to vLLM, what vLLM knows but this server cannot honour is a 400 naming it, and
+a field no one knows is ignored, logged once and counted (grokstack_openai_ignored_fields_total),
+as vLLM does.
 
 Prometheus' /metrics is not here (request ids are its exemplars): the edge process serves it,
 with /healthz and /readyz, on its metrics port (services/processes.py start_edge).
 
 Every response to a generation request carries `X-Request-Id` and `X-Grokstack-Resume-Token`.
+A body asking for `n` > 1 choices is n requests (choice i sampled with seed + i, as vLLM's
+parallel sampling), streamed or answered together, its usage their prompt once and their
+completions summed; it is not resumable (no token, no ids) and is cancelled when its client leaves.
 An SSE event is `data: <json>` alone, as vLLM streams it (clients such as vLLM's benchmark read
 an event as one data line and fail on any other field), unless the client says it reads SSE
 (`Accept: text/event-stream`, as EventSource does) or resumes: then each event is `data: <json>`
@@ -36,6 +40,7 @@ through the pipeline when nobody resumes it within `resume_grace_s`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -54,30 +59,37 @@ from edge.config import EdgeConfig
 from edge.intake import Intake, Refusal
 from edge.live import LiveRequest, LiveRequests
 from edge import metrics
-from edge.openai_wire import (
-    AnyRequest,
+from edge.openai_responses import (
+    Answer,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
-    CompletionRequest,
-    TextCompletion,
-    TextCompletionChunk,
-    DetokenizeRequest,
     DetokenizeResponse,
-    IgnoredFields,
+    GrokstackInfo,
     Model,
     ModelList,
-    TokenizeRequest,
+    RunningUsage,
+    StreamEnd,
+    TextCompletion,
+    TextCompletionChunk,
     TokenizeResponse,
     Version,
-    chat_messages,
     error_body,
-    final_chunks,
     info_of,
     package_version,
     param_of,
-    parse_request,
     shape_of,
+)
+from edge.openai_wire import (
+    AnyRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    IgnoredFields,
+    TokenizeRequest,
+    chat_messages,
+    choice_frames,
+    continuous_usage,
+    parse_request,
 )
 from edge.protocol import MAX_SEQ, ChatFrame, FrameError, usage_frame
 from edge.resume import HEADER as RESUME_HEADER
@@ -286,12 +298,18 @@ class OpenAIApi:
                            "configured)")
         return self.tokenizer
 
-    async def _body(self, request: web.Request, kind: type[T]) -> T:
-        if (request.content_length or 0) > self.config.max_frame_bytes:  # before reading it
+    async def _read_bounded(self, request: web.Request) -> bytes:
+        """The body, refused by its declared length before it is read (aiohttp's client_max_size
+        bounds one sent without a length)."""
+        if (request.content_length or 0) > self.config.max_frame_bytes:
             raise ApiError("frame_too_large", f"the body is {request.content_length} bytes; the limit is "
                            f"{self.config.max_frame_bytes}")
+        return await request.read()
+
+    async def _body(self, request: web.Request, kind: type[T]) -> T:
+        raw = await self._read_bounded(request)
         try:
-            return msgspec.json.decode(await request.read(), type=kind)
+            return msgspec.json.decode(raw, type=kind)
         except msgspec.ValidationError as exc:
             raise ApiError("invalid_request", str(exc), param_of(str(exc))) from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -326,36 +344,47 @@ class OpenAIApi:
 
     async def _generate(self, request: web.Request, kind: type[AnyRequest]) -> web.StreamResponse:
         tenant = self._tenant(request)
-        if (request.content_length or 0) > self.config.max_frame_bytes:  # before reading it
-            raise ApiError("frame_too_large", f"the body is {request.content_length} bytes; the limit is "
-                           f"{self.config.max_frame_bytes}")
+        raw = await self._read_bounded(request)
         try:
-            body, frame, ignored = parse_request(await request.read(), self.config, kind)
+            body, frame, ignored = parse_request(raw, self.config, kind)
         except FrameError as exc:
             raise ApiError(exc.code, exc.message, exc.param or param_of(exc.message)) from None
         self._note_ignored(ignored)
         self._model_checked(body)
         chat = self._with_headers(request, frame)
-        try:
-            # a client's own trace (W3C traceparent) goes on through the stack
-            async with self.intake.accept(chat, tenant, tracing.context_of(request.headers), api="openai",
-                                          stream=bool(body.stream)) as accepted:
-                live = accepted.live
+        n = body.n or 1
+        async with contextlib.AsyncExitStack() as held:
+            lives: list[LiveRequest] = []
+            try:
+                for choice in choice_frames(chat, n):  # each choice a request of its own
+                    # a client's own trace (W3C traceparent) goes on through the stack
+                    accepted = await held.enter_async_context(self.intake.accept(
+                        choice, tenant, tracing.context_of(request.headers), count_prompt=continuous_usage(body),
+                        api="openai", stream=bool(body.stream)))
+                    lives.append(accepted.live)
+            except Refusal as refusal:
+                await self._cancel(lives, "choice_failed")
+                retry = retry_after_header(refusal.retry_after_s) if refusal.retry_after_s is not None else 0
+                raise ApiError(refusal.code, refusal.message, refusal.param, retry) from None
+            for live in lives:
                 live.api_model = body.model or self.served.id
                 live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                # A batch request's max_tokens capped under load says so (edge/admission.py).
-                headers = {REGION_HEADER: live.region, ROUTE_HEADER: live.route,
-                           RESUME_HEADER: self.guard.token(tenant.name, live.request_id)}
-                if accepted.degraded_max_tokens is not None:
-                    headers[DEGRADED_HEADER] = str(accepted.degraded_max_tokens)
-                if accepted.estimated_wait_s is not None:
-                    headers[ESTIMATED_WAIT_HEADER] = f"{accepted.estimated_wait_s:.3f}"
+            first = lives[0]
+            headers = {REGION_HEADER: first.region, ROUTE_HEADER: first.route}
+            if n == 1:  # several choices are several requests: not resumed as one stream
+                headers[RESUME_HEADER] = self.guard.token(tenant.name, first.request_id)
+            # A batch request's max_tokens capped under load says so (edge/admission.py).
+            if accepted.degraded_max_tokens is not None:
+                headers[DEGRADED_HEADER] = str(accepted.degraded_max_tokens)
+            if accepted.estimated_wait_s is not None:
+                headers[ESTIMATED_WAIT_HEADER] = f"{accepted.estimated_wait_s:.3f}"
+            try:
                 if body.stream:
-                    return await self._stream(request, live, -1, headers, with_ids=reads_sse_ids(request))
-                return await self._complete(live, headers)
-        except Refusal as refusal:
-            retry = retry_after_header(refusal.retry_after_s) if refusal.retry_after_s is not None else 0
-            raise ApiError(refusal.code, refusal.message, refusal.param, retry) from None
+                    return await self._stream(request, lives, -1, headers, with_ids=n == 1 and reads_sse_ids(request))
+                return await self._complete(lives, headers)
+            finally:
+                if n > 1:  # nobody can come back for them
+                    await self._cancel(lives, "choices_left")
 
     def _note_ignored(self, names: list[str]) -> None:
         for name in names:
@@ -405,7 +434,7 @@ class OpenAIApi:
         with request_context(live.request_id, live.request.region, live.request.priority, tenant=tenant.name,
                              api="openai"):
             log.info("request resumed", last_seq=last_seq)
-            return await self._stream(request, live, last_seq, {RESUME_HEADER: token or ""}, with_ids=True)
+            return await self._stream(request, [live], last_seq, {RESUME_HEADER: token or ""}, with_ids=True)
 
     def _tenant(self, request: web.Request) -> Tenant:
         try:
@@ -413,54 +442,84 @@ class OpenAIApi:
         except AuthError as exc:
             raise ApiError("unauthorized", str(exc)) from None
 
-    async def _complete(self, live: LiveRequest, headers: dict[str, str] | None = None) -> web.Response:
-        shape = shape_of(live.request.prompt_format)
-        tokens: list[TokenEvent] = []
-        async for event in self.live.follow(live):
+    async def _complete(self, lives: list[LiveRequest], headers: dict[str, str] | None = None) -> web.Response:
+        """The whole answer of one body: its choices (`lives`, one request each) when all end."""
+        first = lives[0]
+        shape = shape_of(first.request.prompt_format)
+        tokens: list[list[TokenEvent]] = [[] for _ in lives]
+        finals: dict[int, FinalEvent] = {}
+        async for index, event in self.live.follow_all(lives):
             if isinstance(event, TokenEvent):
-                tokens.append(event)
+                tokens[index].append(event)
             elif isinstance(event, FinalEvent):
-                usage = usage_frame(event, live.ttft_ms, self._elapsed_ms(live), live.region, live.route)
-                info = info_of(live.request_id, event, usage)
-                body = shape.whole(shape.id_of(live.request_id), int(live.request.created_at), live.api_model,
-                                   tokens, event, info)
-                return web.Response(body=_json.encode(body), content_type="application/json",
-                                    headers={"X-Request-Id": live.request_id, **(headers or {})})
+                finals[index] = event
             else:
                 raise ApiError(event.code, event.message, retry_after_s=1 if event.retryable else 0)
-        raise ApiError("internal", "the request ended without a final event")
+        if len(finals) < len(lives):
+            raise ApiError("internal", "the request ended without a final event")
+        info = self._info(first, finals[0])
+        body = shape.whole(shape.id_of(first.request_id), int(first.request.created_at), first.api_model,
+                           [Answer(tokens[i], finals[i]) for i in range(len(lives))], info)
+        return web.Response(body=_json.encode(body), content_type="application/json",
+                            headers={"X-Request-Id": first.request_id, **(headers or {})})
 
-    async def _stream(self, request: web.Request, live: LiveRequest, after_seq: int,
+    async def _stream(self, request: web.Request, lives: list[LiveRequest], after_seq: int,
                       headers: dict[str, str] | None = None, with_ids: bool = True) -> web.StreamResponse:
+        """The choices of one body (`lives`), streamed; `after_seq` and ids for one only."""
+        first = lives[0]
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-            "X-Request-Id": live.request_id, **(headers or {})})
+            "X-Request-Id": first.request_id, **(headers or {})})
         await response.prepare(request)
-        shape = shape_of(live.request.prompt_format)
-        cid, created, model = shape.id_of(live.request_id), int(live.request.created_at), live.api_model
-        # where the next token's text starts in the answer (the completions API's text_offset)
-        offset = sum(len(e.text) for e in live.events[:max(after_seq + 1, 0)] if isinstance(e, TokenEvent))
+        shape = shape_of(first.request.prompt_format)
+        cid, created, model = shape.id_of(first.request_id), int(first.request.created_at), first.api_model
+        # usage on every chunk: asked on the request itself (so a resume on another edge has it too)
+        continuous = first.request.sampling.count_prompt
+        end = StreamEnd(shape, cid, created, model, len(lives), first.include_usage or continuous)
+        running = RunningUsage(len(lives)) if continuous else None
+        # where each choice's next token's text starts in its answer (the completions API's text_offset)
+        offsets = [0] * len(lives)
+        for index, live in enumerate(lives):  # what a resumed stream's client had before
+            for earlier in live.events[:max(after_seq + 1, 0)]:
+                if isinstance(earlier, TokenEvent):
+                    offsets[index] += len(earlier.text)
+                    if running:
+                        running.seen(index, earlier)
         try:
-            async for event in self.live.follow(live, after_seq):
+            async for index, event in self.live.follow_all(lives, after_seq):
                 if isinstance(event, TokenEvent):
-                    await self._send(response, event.seq, shape.chunk(cid, created, model, event, offset), with_ids)
-                    offset += len(event.text)
+                    chunk = shape.chunk(cid, created, model, event, offsets[index], index)
+                    if running:
+                        chunk.usage = running.seen(index, event)
+                    await self._send(response, event.seq, chunk, with_ids)
+                    offsets[index] += len(event.text)
                 elif isinstance(event, FinalEvent):
-                    usage = usage_frame(event, live.ttft_ms, self._elapsed_ms(live), live.region, live.route)
-                    info = info_of(live.request_id, event, usage)
-                    for chunk in final_chunks(shape, cid, created, model, event, info, live.include_usage):
+                    chunks = end.finished(index, event, self._info(lives[index], event))
+                    if running:
+                        chunks[0].usage = running.of(index)
+                    for chunk in chunks:
                         await self._send(response, event.seq, chunk, with_ids)
                 else:
                     await self._send(response, event.seq, error_body(event.code, event.message)[1], with_ids)
+                    if len(lives) > 1:  # as vLLM: one choice's error ends the body's stream
+                        break
             await self._write(response, b"data: [DONE]\n\n")
             await response.write_eof()
         except asyncio.TimeoutError:
             # The client stopped reading: drop it rather than let it hold memory and workers.
-            log.warning("client too slow, dropping", request_id=live.request_id)
-            await self.live.cancel(live, "client_too_slow")
+            log.warning("client too slow, dropping", request_id=first.request_id)
+            await self._cancel(lives, "client_too_slow")
             if request.transport is not None:
                 request.transport.abort()  # close() would wait to send what it buffered: forever
         return response
+
+    def _info(self, live: LiveRequest, event: FinalEvent) -> GrokstackInfo:
+        usage = usage_frame(event, live.ttft_ms, self._elapsed_ms(live), live.region, live.route)
+        return info_of(live.request_id, event, usage)
+
+    async def _cancel(self, lives: list[LiveRequest], reason: str) -> None:
+        for live in lives:
+            await self.live.cancel(live, reason)  # nothing for one that ended
 
     async def _send(self, response: web.StreamResponse, seq: int, payload: object, with_id: bool) -> None:
         await self._write(response, sse_event(seq if with_id else None, _json.encode(payload)))

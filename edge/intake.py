@@ -95,10 +95,11 @@ class Intake:
 
     @asynccontextmanager
     async def accept(self, chat: ChatFrame, tenant: Tenant, trace_parent: otel_context.Context | None = None,
-                     **context: object) -> AsyncIterator[Accepted]:
+                     count_prompt: bool = False, **context: object) -> AsyncIterator[Accepted]:
         """The chat on the bus and followed, for as long as the caller stays in the block (its log
         lines carry the request's identity and `context`); Refusal when it is not accepted. Its
-        trace goes on from `trace_parent` (a client's traceparent), or starts here."""
+        trace goes on from `trace_parent` (a client's traceparent), or starts here. With
+        `count_prompt`, its token events carry the prompt's token count (SamplingSpec)."""
         priority = self._priority(chat, tenant)
         route, replacement_in_s = self._route(chat, priority)
         region = route.region
@@ -107,7 +108,7 @@ class Intake:
         except Overloaded as exc:
             raise self._refuse("too_many_requests", priority, f"{exc}; retry shortly", retry_after_s=1.0) from None
         request = self.gateway.client.new_request(
-            list(chat.messages), sampling_of(chat, self.config), priority, region=region,
+            list(chat.messages), sampling_of(chat, self.config, count_prompt), priority, region=region,
             conversation_id=chat.conversation_id, timeout_s=self.config.request_timeout_s, tenant=tenant.name,
             route=route.reason, prompt_format=chat.prompt_format)
         span = _TRACER.start_span("edge request", context=trace_parent, kind=trace.SpanKind.SERVER, attributes={

@@ -48,7 +48,9 @@ _TRACER = tracing.tracer("grokstack.edge")
 
 
 CANCEL_MESSAGES = {"client_cancelled": "cancelled by the client",
-                   "client_gone": "the client did not come back within the grace period"}
+                   "client_gone": "the client did not come back within the grace period",
+                   "choice_failed": "another choice of the same body failed",
+                   "choices_left": "the client left before the choices of its body ended"}
 
 
 class Overloaded(RuntimeError):
@@ -234,6 +236,39 @@ class LiveRequests:
                 await live.changed()
         finally:
             self._detach(live)
+
+    async def follow_all(self, lives: list[LiveRequest], after_seq: int = -1) -> AsyncIterator[tuple[int, Event]]:
+        """The events of several requests (the `n` choices of one body), each with the request's
+        index in `lives`, in the order they come; each request's in its own order."""
+        if len(lives) == 1:
+            async for event in self.follow(lives[0], after_seq):
+                yield 0, event
+            return
+        queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+        async def forward(index: int, live: LiveRequest) -> None:
+            try:
+                async for event in self.follow(live, after_seq):
+                    queue.put_nowait((index, event))
+                queue.put_nowait((index, None))
+            except Exception as exc:  # noqa: BLE001 - raised to the reader below
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.create_task(forward(i, live)) for i, live in enumerate(lives)]
+        try:
+            running = len(tasks)
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def cancel(self, live: LiveRequest, reason: str) -> None:
         if live.finished:

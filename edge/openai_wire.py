@@ -1,36 +1,24 @@
-"""The OpenAI chat-completions wire format: request and response schemas, and the pure
-functions between them and the stack's own frames and events. No sockets here.
+"""The OpenAI API as clients send it: the request bodies of the chat-completions and completions
+APIs (and vLLM's /tokenize, /detokenize), and the pure functions from them to the stack's own
+chat frames. No sockets here; what goes back is edge/openai_responses.py.
 
-Requests are validated as strictly as OpenAI does (an unknown field is an error naming it) and
-then through the same checks as a websocket chat frame, so both doors take the same input.
-Extensions: `priority`, `region` and `conversation_id` body fields; responses carry a
-`grokstack` object (usage with timings, worker timings and the KV transfer) on the last chunk.
+A body takes every field vLLM's does: what is served becomes the chat frame's (then checked as a
+websocket chat frame is, so both doors take the same input), what vLLM knows but this server
+cannot honour is refused unless at its default (NOT_SERVED), and a field no one knows is ignored
+and reported (IgnoredFields). Extensions: `priority`, `region` and `conversation_id`.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-from typing import Annotated, Any, Literal, NamedTuple, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 import msgspec
 from msgspec import Meta, Struct
 
-from bus.messages import (
-    MAX_LOGPROBS,
-    ChatMessage,
-    Cost,
-    FinalEvent,
-    FunctionCall,
-    KvTransfer,
-    Speculation,
-    Timings,
-    TokenEvent,
-    TokenLogprob,
-    ToolCall,
-)
+from bus.messages import MAX_LOGPROBS, ChatMessage, FunctionCall, ToolCall
 from bus.priorities import Priority
 from edge.config import EdgeConfig
-from edge.protocol import ChatFrame, FrameError, UsageFrame, check_chat
+from edge.protocol import MAX_SEED, ChatFrame, FrameError, check_chat
 
 
 class TextPart(Struct, tag="text", tag_field="type"):
@@ -104,6 +92,15 @@ class SamplingBody(Struct, kw_only=True):
     structured_outputs: msgspec.Raw | None = None
     truncate_prompt_tokens: int | None = None
     echo: bool | None = False
+    logprob_token_ids: list[int] | None = None
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_offsets: bool | None = False
+    thinking_token_budget: int | None = None
+    repetition_detection: msgspec.Raw | None = None
+    watermarking: bool | None = None
+    cache_salt: str | None = None
+    vllm_xargs: msgspec.Raw | None = None
     # As OpenAI bounds it: 16 pairs, keys of 64 characters, values of 512.
     metadata: Annotated[dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]],
                         Meta(max_length=16)] | None = None
@@ -128,6 +125,11 @@ class ChatCompletionRequest(SamplingBody, kw_only=True):
     chat_template: str | None = None
     chat_template_kwargs: msgspec.Raw | None = None
     documents: msgspec.Raw | None = None
+    reasoning_effort: str | None = None
+    return_prompt_text: bool | None = None
+    add_special_tokens: bool | None = False
+    # vLLM's defaults of the fields above that differ by API
+    defaults: ClassVar[dict[str, tuple[object, ...]]] = {"add_special_tokens": (None, False)}
 
 
 class CompletionRequest(SamplingBody, kw_only=True):
@@ -135,14 +137,19 @@ class CompletionRequest(SamplingBody, kw_only=True):
     prompt: Union[str, Annotated[list[Any], Meta(max_length=1)]]
     logprobs: int | None = None
     suffix: str | None = None
+    prompt_embeds: msgspec.Raw | None = None
+    add_special_tokens: bool | None = True
+    defaults: ClassVar[dict[str, tuple[object, ...]]] = {"add_special_tokens": (None, True)}
 
 
 AnyRequest = Union[ChatCompletionRequest, CompletionRequest]
 
 # vLLM's fields this server cannot honour: a value other than the default would get an answer
-# that is not what was asked, so it is refused with a 400 naming the field.
+# that is not what was asked (or, cache_salt, a cache isolation not given), so it is refused with a
+# 400 naming the field. Those it may ignore (no effect on a text model's answer here: request_id,
+# session_id, kv_transfer_params, truncation_side, include_reasoning, mm_processor_kwargs ...) are
+# ignored as unknown fields are.
 NOT_SERVED: dict[str, tuple[object, ...]] = {
-    "n": (None, 1),  # one choice per request: ask n times
     "use_beam_search": (None, False),
     "best_of": (None, 1),
     "prompt_logprobs": (None,),
@@ -157,7 +164,25 @@ NOT_SERVED: dict[str, tuple[object, ...]] = {
     "chat_template": (None,),
     "chat_template_kwargs": (None,),
     "documents": (None,),
+    "prompt_embeds": (None,),
+    "logprob_token_ids": (None, []),
+    "return_token_ids": (None, False),
+    "return_tokens_as_token_ids": (None, False),
+    "return_token_offsets": (None, False),
+    "return_prompt_text": (None, False),
+    "thinking_token_budget": (None,),
+    "reasoning_effort": (None,),  # vLLM hands it to the chat template
+    "repetition_detection": (None,),
+    "watermarking": (None, False),
+    "cache_salt": (None,),
+    "vllm_xargs": (None,),
 }
+MAX_CHOICES = 16  # `n`: each choice is a request of its own in the queues
+
+
+def not_served(kind: type[AnyRequest]) -> dict[str, tuple[object, ...]]:
+    """The fields `kind` takes at their default only, with those defaults."""
+    return {name: NOT_SERVED[name] for name in NOT_SERVED if name in kind.__struct_fields__} | kind.defaults
 
 
 class Parsed(NamedTuple):
@@ -185,6 +210,9 @@ def parse_request(body: bytes, limits: EdgeConfig, kind: type[AnyRequest] = Chat
     if isinstance(request, ChatCompletionRequest):
         messages = [_message(m) for m in request.messages]
         max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
+        if request.top_logprobs and not request.logprobs:  # as vLLM
+            raise FrameError("invalid_request", "when using top_logprobs, logprobs must be set to true",
+                             param="top_logprobs")
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         prompt_format = "chat"
     else:
@@ -196,13 +224,12 @@ def parse_request(body: bytes, limits: EdgeConfig, kind: type[AnyRequest] = Chat
         frame = ChatFrame(
             # `is None`, not `or`: max_completion_tokens 0 is out of range, not absent
             messages=messages, max_tokens=max_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p, stop=request.stop, seed=request.seed,
+            # unset (None): the model's default, as vLLM (bus/messages.py SamplingSpec)
+            temperature=request.temperature, top_p=request.top_p, stop=request.stop, seed=request.seed,
             priority=request.priority if isinstance(request.priority, str) else None,
             conversation_id=request.conversation_id, region=request.region,
-            top_k=request.top_k or 0, min_p=request.min_p or 0.0,
-            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-            presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
+            top_k=request.top_k, min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             ignore_eos=bool(request.ignore_eos), min_tokens=request.min_tokens or 0,
             stop_token_ids=request.stop_token_ids or [],
             include_stop_str_in_output=bool(request.include_stop_str_in_output),
@@ -222,21 +249,28 @@ def parse_request(body: bytes, limits: EdgeConfig, kind: type[AnyRequest] = Chat
     return Parsed(request, frame, [name for name in names if name not in known])
 
 
+def choice_frames(frame: ChatFrame, n: int) -> list[ChatFrame]:
+    """One chat frame per choice (`n`), each a request of its own. With a seed, choice i samples
+    with seed + i, as vLLM's parallel sampling does: the choices differ, each reproducible."""
+    if n == 1 or frame.seed is None:
+        return [frame] * n
+    return [msgspec.structs.replace(frame, seed=(frame.seed + i) % (MAX_SEED + 1)) for i in range(n)]
+
+
 def _refuse_not_served(request: AnyRequest) -> None:
-    for name, defaults in NOT_SERVED.items():
-        value = getattr(request, name, None)
+    for name, defaults in not_served(type(request)).items():
+        value = getattr(request, name)
         if value not in defaults:
             raise FrameError("invalid_request", f"{name} is not served by this server (vLLM's field; only its "
                              f"default is taken here, got {_short(value)})", param=name)
     if request.response_format is not None and request.response_format.type != "text":
         raise FrameError("invalid_request", f"response_format {request.response_format.type!r} is not served "
                          "(structured output): only 'text'", param="response_format")
+    if request.n is not None and not 1 <= request.n <= MAX_CHOICES:
+        raise FrameError("invalid_request", f"n must be between 1 and {MAX_CHOICES}, got {request.n}", param="n")
     if isinstance(request.priority, int) and request.priority != 0:
         raise FrameError("invalid_request", "priority as a number (vLLM's scheduling priority) is taken at 0 only; "
                          "this server's priorities are interactive, standard and batch", param="priority")
-    if request.stream_options is not None and request.stream_options.continuous_usage_stats:
-        raise FrameError("invalid_request", "stream_options.continuous_usage_stats is not served: the usage "
-                         "comes with the last chunk (include_usage)", param="stream_options")
     if isinstance(request, ChatCompletionRequest) and request.tools and request.tool_choice != "none":
         raise FrameError("invalid_request", "tools: tool calling is not served (no tool-call parser); tools are "
                          "taken only with tool_choice 'none', and are not shown to the model", param="tools")
@@ -312,346 +346,13 @@ class TokenizeRequest(Struct, kw_only=True):
     return_token_strs: bool | None = False
 
 
-class TokenizeResponse(Struct, omit_defaults=True):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
 class DetokenizeRequest(Struct, kw_only=True):
     tokens: Annotated[list[Annotated[int, Meta(ge=0, le=2**31 - 1)]], Meta(max_length=1 << 20)]
     model: str | None = None
 
 
-class DetokenizeResponse(Struct):
-    prompt: str
-
-
-class Version(Struct):
-    version: str
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("grokstack")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
-        return "0+unknown"
-
-
-# ---------------------------------------------------------------------------- responses
-
-
-class Delta(Struct, omit_defaults=True):
-    role: str | None = None
-    content: str | None = None
-
-
-class TopLogprobOut(Struct):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprobOut(Struct):
-    token: str
-    logprob: float
-    bytes: list[int]
-    top_logprobs: list[TopLogprobOut]
-
-
-class ChatLogprobs(Struct):
-    content: list[TokenLogprobOut]
-
-
-class TextLogprobs(Struct):
-    """The completions API's (legacy) shape: parallel lists, offsets into the completion's text."""
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class ChunkChoice(Struct):
-    index: int
-    delta: Delta
-    finish_reason: str | None = None
-    logprobs: ChatLogprobs | None = None
-
-
-class TextChoice(Struct):
-    index: int
-    text: str
-    finish_reason: str | None = None
-    logprobs: TextLogprobs | None = None
-
-
-class PromptTokensDetails(Struct):
-    cached_tokens: int
-
-
-class CompletionUsage(Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class GrokstackInfo(Struct):
-    """Where the time went: the websocket `done` frame's fields."""
-    request_id: str
-    finish_reason: str
-    usage: UsageFrame
-    timings: Timings
-    kv: KvTransfer
-    cost: Cost  # its share of the accelerators' time, priced (inference/cost_meter.py)
-    speculation: Speculation  # draft tokens accepted, tokens per engine step
-
-
-class ChatCompletionChunk(Struct, omit_defaults=True):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: CompletionUsage | None = None
-    grokstack: GrokstackInfo | None = None
-
-
-class AssistantMessage(Struct):
-    role: Literal["assistant"]
-    content: str
-
-
-class Choice(Struct):
-    index: int
-    message: AssistantMessage
-    finish_reason: str
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletion(Struct):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: CompletionUsage
-    grokstack: GrokstackInfo
-
-
-class TextCompletionChunk(Struct, omit_defaults=True):
-    """A streamed chunk of the completions API (vLLM's and OpenAI's object name for both shapes)."""
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[TextChoice]
-    usage: CompletionUsage | None = None
-    grokstack: GrokstackInfo | None = None
-
-
-class TextCompletion(Struct):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[TextChoice]
-    usage: CompletionUsage
-    grokstack: GrokstackInfo
-
-
-class Model(Struct):
-    """As vLLM's model card: `root` is what the model was loaded from, `max_model_len` its context."""
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    root: str
-    parent: str | None
-    max_model_len: int
-
-
-class ModelList(Struct):
-    object: Literal["list"]
-    data: list[Model]
-
-
-class ErrorDetail(Struct):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(Struct):
-    error: ErrorDetail
-
-
-def finish_reason(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
-
-
-def usage_of(event: FinalEvent) -> CompletionUsage:
-    u = event.usage
-    return CompletionUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens,
-                           PromptTokensDetails(u.cached_prompt_tokens))
-
-
-def info_of(request_id: str, event: FinalEvent, usage: UsageFrame) -> GrokstackInfo:
-    return GrokstackInfo(request_id, event.finish_reason, usage, event.timings, event.kv, event.cost,
-                         event.speculation)
-
-
-def _bytes(token: str) -> list[int]:
-    return list(token.encode())
-
-
-def chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChatLogprobs | None:
-    if logprobs is None:
-        return None
-    return ChatLogprobs([TokenLogprobOut(t.token, t.logprob, _bytes(t.token),
-                                         [TopLogprobOut(o.token, o.logprob, _bytes(o.token)) for o in t.top])
-                         for t in logprobs])
-
-
-def text_logprobs(logprobs: list[TokenLogprob] | None, offset: int) -> TextLogprobs | None:
-    """`offset`: the length of the completion's text before these tokens."""
-    if logprobs is None:
-        return None
-    offsets = []
-    for t in logprobs:
-        offsets.append(offset)
-        offset += len(t.token)
-    return TextLogprobs([t.token for t in logprobs], [t.logprob for t in logprobs],
-                        # the chosen token first, then the most likely ones (vLLM's and OpenAI's shape)
-                        [{t.token: t.logprob, **{o.token: o.logprob for o in t.top}} for t in logprobs], offsets)
-
-
-class ChatShape:
-    """The chat-completions API's objects, built from the stack's events."""
-    path = "/v1/chat/completions"
-
-    @staticmethod
-    def id_of(request_id: str) -> str:
-        return f"chatcmpl-{request_id}"
-
-    def chunk(self, cid: str, created: int, model: str, event: TokenEvent, offset: int) -> ChatCompletionChunk:
-        delta = Delta(role="assistant" if event.seq == 0 else None, content=event.text)
-        return ChatCompletionChunk(cid, "chat.completion.chunk", created, model,
-                                   [ChunkChoice(0, delta, logprobs=chat_logprobs(event.logprobs))])
-
-    def finish_chunk(self, cid: str, created: int, model: str, event: FinalEvent) -> ChatCompletionChunk:
-        return ChatCompletionChunk(cid, "chat.completion.chunk", created, model,
-                                   [ChunkChoice(0, Delta(), finish_reason(event.finish_reason))])
-
-    def usage_chunk(self, cid: str, created: int, model: str, event: FinalEvent,
-                    info: GrokstackInfo) -> ChatCompletionChunk:
-        return ChatCompletionChunk(cid, "chat.completion.chunk", created, model, [], usage=usage_of(event),
-                                   grokstack=info)
-
-    def whole(self, cid: str, created: int, model: str, tokens: list[TokenEvent], event: FinalEvent,
-              info: GrokstackInfo) -> ChatCompletion:
-        text = "".join(t.text for t in tokens)
-        logprobs = _joined(tokens)
-        return ChatCompletion(cid, "chat.completion", created, model,
-                              [Choice(0, AssistantMessage("assistant", text), finish_reason(event.finish_reason),
-                                      chat_logprobs(logprobs))], usage_of(event), info)
-
-
-class TextShape:
-    """The completions API's objects."""
-    path = "/v1/completions"
-
-    @staticmethod
-    def id_of(request_id: str) -> str:
-        return f"cmpl-{request_id}"
-
-    def chunk(self, cid: str, created: int, model: str, event: TokenEvent, offset: int) -> TextCompletionChunk:
-        return TextCompletionChunk(cid, "text_completion", created, model,
-                                   [TextChoice(0, event.text, logprobs=text_logprobs(event.logprobs, offset))])
-
-    def finish_chunk(self, cid: str, created: int, model: str, event: FinalEvent) -> TextCompletionChunk:
-        return TextCompletionChunk(cid, "text_completion", created, model,
-                                   [TextChoice(0, "", finish_reason(event.finish_reason))])
-
-    def usage_chunk(self, cid: str, created: int, model: str, event: FinalEvent,
-                    info: GrokstackInfo) -> TextCompletionChunk:
-        return TextCompletionChunk(cid, "text_completion", created, model, [], usage=usage_of(event),
-                                   grokstack=info)
-
-    def whole(self, cid: str, created: int, model: str, tokens: list[TokenEvent], event: FinalEvent,
-              info: GrokstackInfo) -> TextCompletion:
-        text = "".join(t.text for t in tokens)
-        return TextCompletion(cid, "text_completion", created, model,
-                              [TextChoice(0, text, finish_reason(event.finish_reason),
-                                          text_logprobs(_joined(tokens), 0))], usage_of(event), info)
-
-
-Shape = Union[ChatShape, TextShape]
-
-
-def shape_of(prompt_format: str) -> Shape:
-    """The API a request came through, by how its prompt is made (ChatRequest.prompt_format)."""
-    return TextShape() if prompt_format == "text" else ChatShape()
-
-
-def _joined(tokens: list[TokenEvent]) -> list[TokenLogprob] | None:
-    if not tokens or any(t.logprobs is None for t in tokens):
-        return None
-    return [lp for t in tokens for lp in t.logprobs or ()]
-
-
-def final_chunks(shape: Shape, cid: str, created: int, model: str, event: FinalEvent, info: GrokstackInfo,
-                 include_usage: bool) -> list[Struct]:
-    """The finish chunk, then the usage chunk when asked for; the last one carries `grokstack`."""
-    finish = shape.finish_chunk(cid, created, model, event)
-    if not include_usage:
-        finish.grokstack = info
-        return [finish]
-    return [finish, shape.usage_chunk(cid, created, model, event, info)]
-
-
-# Stable error code -> (HTTP status, OpenAI error type)
-STATUS: dict[str, tuple[int, str]] = {
-    "invalid_json": (400, "invalid_request_error"),
-    "invalid_frame": (400, "invalid_request_error"),
-    "invalid_request": (400, "invalid_request_error"),
-    "prompt_too_long": (400, "invalid_request_error"),
-    "unauthorized": (401, "authentication_error"),
-    "forbidden": (403, "permission_error"),
-    "model_not_found": (404, "invalid_request_error"),
-    "unknown_request": (404, "invalid_request_error"),
-    "not_found": (404, "invalid_request_error"),
-    "method_not_allowed": (405, "invalid_request_error"),
-    "frame_too_large": (413, "invalid_request_error"),
-    "too_many_requests": (429, "rate_limit_error"),
-    "overloaded": (429, "rate_limit_error"),
-    "rate_limited": (429, "rate_limit_error"),
-    "cancelled": (499, "cancelled"),
-    "unavailable": (503, "service_unavailable"),
-    "timeout": (504, "timeout"),
-}
-
-
-def status_of(code: str) -> int:
-    """The HTTP status of an error code (both doors count their errors by it)."""
-    return STATUS.get(code, (500, ""))[0]
-
-
-def error_body(code: str, message: str, param: str | None = None) -> tuple[int, ErrorBody]:
-    status, kind = STATUS.get(code, (500, "server_error"))
-    return status, ErrorBody(ErrorDetail(message, kind, param, code))
-
-
-def param_of(message: str) -> str | None:
-    """The body field a validation message points at: `$.messages[0].role` -> messages,
-    "missing required field `messages`" -> messages, "max_tokens must be ..." -> max_tokens."""
-    if "`$." in message:
-        return message.split("`$.", 1)[1].split("`", 1)[0].split("[", 1)[0].split(".", 1)[0] or None
-    if "field `" in message:
-        return message.split("field `", 1)[1].split("`", 1)[0] or None
-    for name in ("max_tokens", "temperature", "top_p", "stop", "messages", "priority", "seed"):
-        if message.startswith(name) or f" {name} " in message:
-            return name
-    return None
+def continuous_usage(request: AnyRequest) -> bool:
+    """Usage on every streamed chunk: stream_options.continuous_usage_stats, with include_usage
+    (as vLLM takes them)."""
+    options = request.stream_options
+    return bool(request.stream and options and options.include_usage and options.continuous_usage_stats)

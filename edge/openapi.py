@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import msgspec
 from aiohttp import web
 
-from edge.openai_wire import ErrorBody, package_version
+from edge.openai_responses import ErrorBody, package_version
 
 PATH = Path(__file__).with_name("openapi.json")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -81,19 +81,20 @@ class ChatFrame(Struct, tag="chat", tag_field="type", forbid_unknown_fields=True
     messages: list[ChatMessage]
     id: ClientId | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # None: the model's default (its generation config, as vLLM), else vLLM's neutral one
+    temperature: float | None = None
+    top_p: float | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     priority: Priority | None = None  # None: the tenant's most urgent allowed priority
     conversation_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     region: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None  # None: the edge's own
     # vLLM's other sampling parameters, bounded as SamplingSpec's (bus/messages.py) say
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] = []
@@ -235,9 +236,9 @@ def check_chat(frame: ChatFrame, limits: EdgeConfig) -> None:
         raise bad("the prompt is empty: every message's content is blank")
     if frame.max_tokens is not None and not 1 <= frame.max_tokens <= limits.max_tokens_limit:
         raise bad(f"max_tokens must be between 1 and {limits.max_tokens_limit}, got {frame.max_tokens}")
-    if not 0.0 <= frame.temperature <= 2.0:
+    if frame.temperature is not None and not 0.0 <= frame.temperature <= 2.0:
         raise bad(f"temperature must be between 0 and 2, got {frame.temperature}")
-    if not 0.0 < frame.top_p <= 1.0:
+    if frame.top_p is not None and not 0.0 < frame.top_p <= 1.0:
         raise bad(f"top_p must be greater than 0 and at most 1, got {frame.top_p}")
     if frame.seed is not None and not 0 <= frame.seed <= MAX_SEED:
         raise bad(f"seed must be between 0 and {MAX_SEED} (2**63 - 1), got {frame.seed}")
@@ -251,9 +252,9 @@ def check_chat(frame: ChatFrame, limits: EdgeConfig) -> None:
         raise bad(f"priority must be one of {', '.join(PRIORITIES)}")
 
 
-def sampling_of(frame: ChatFrame, limits: EdgeConfig) -> SamplingSpec:
+def sampling_of(frame: ChatFrame, limits: EdgeConfig, count_prompt: bool = False) -> SamplingSpec:
     """The frame's sampling parameters as the bus carries them, each checked against the range
-    vLLM takes (FrameError naming the field otherwise)."""
+    vLLM takes (FrameError naming the field otherwise); `count_prompt`: SamplingSpec's."""
     spec = SamplingSpec(
         max_tokens=frame.max_tokens or limits.default_max_tokens, temperature=frame.temperature, top_p=frame.top_p,
         stop=stop_list(frame), seed=frame.seed, top_k=frame.top_k, min_p=frame.min_p,
@@ -262,7 +263,7 @@ def sampling_of(frame: ChatFrame, limits: EdgeConfig) -> SamplingSpec:
         stop_token_ids=frame.stop_token_ids, include_stop_str_in_output=frame.include_stop_str_in_output,
         skip_special_tokens=frame.skip_special_tokens,
         spaces_between_special_tokens=frame.spaces_between_special_tokens, logit_bias=frame.logit_bias,
-        logprobs=frame.logprobs)
+        logprobs=frame.logprobs, count_prompt=count_prompt)
     try:  # a Struct's constructor does not check its constraints; a conversion does
         return msgspec.convert(msgspec.to_builtins(spec), SamplingSpec, strict=False)
     except msgspec.ValidationError as exc:

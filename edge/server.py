@@ -24,11 +24,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from bus import tracing
 from bus.messages import Event, FinalEvent, TokenEvent
 from edge import metrics
 from edge.intake import Intake, Refusal
 from edge.live import LiveRequest, LiveRequests
-from edge.openai_wire import status_of
+from edge.openai_responses import status_of
 from edge.resume import ResumeGuard, ResumeRateLimited, retry_after_s
 from edge.protocol import (
     AcceptedFrame,
@@ -78,6 +79,8 @@ class Connection:
         self._send_lock = asyncio.Lock()
         self._auto_ids = (f"r{n}" for n in itertools.count(1))
         self.number = next(self._numbers)
+        # A client's trace (W3C traceparent on the handshake): the parent of each chat it sends here.
+        self.trace_parent = tracing.context_of(ws.request.headers if ws.request else None)
 
     async def run(self) -> None:
         log.info("client connected", connection=self.number, peer=str(self.ws.remote_address),
@@ -141,7 +144,7 @@ class Connection:
 
     async def _chat(self, client_id: str, frame: ChatFrame) -> None:
         try:
-            async with self.intake.accept(frame, self.tenant, connection=self.number) as accepted:
+            async with self.intake.accept(frame, self.tenant, self.trace_parent, connection=self.number) as accepted:
                 await self._follow(client_id, accepted.live, -1, resumed=False,
                                    degraded_max_tokens=accepted.degraded_max_tokens,
                                    estimated_wait_s=accepted.estimated_wait_s)

@@ -24,7 +24,7 @@ from inference import metrics
 from inference.decode import EngineAborted
 from inference.config import EngineConfig
 from inference.engine import Engine
-from inference.final import DecodeStage, PromptStage, final_event
+from inference.final import DecodeStage, PromptStage, counted_prompt, final_event
 from inference.prefill import answered, first_seq_of, prompt_of, prompt_renderer, queue_ms
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_request
@@ -78,7 +78,8 @@ class AggregatedService:
                 first_at = first_at or time.perf_counter()
                 completion += len(chunk.token_ids)
                 await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(),
-                                           text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs))
+                                           text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs,
+                                           prompt_tokens=counted_prompt(req.sampling, len(prompt) - answered(req))))
             finish, cached, spec = chunk.finish_reason, chunk.cached_tokens, chunk.speculation or spec
         if finish == "abort":
             raise EngineAborted("the engine aborted the request")

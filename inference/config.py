@@ -174,3 +174,6 @@ class EngineSetup:
     # The stack secret's file (settings.bus.secret_file): the KV connector seals and checks
     # every block with it. Its path reaches the connector, never the key.
     secret_file: str = ""
+    # The stack's OTLP endpoint (settings.stack.otlp_traces_endpoint): vLLM's own spans go there
+    # too, in the request's trace; "" for none.
+    traces_endpoint: str = ""

@@ -24,7 +24,7 @@ from bus.roles import Role, job_cost
 from inference import metrics
 from inference.config import EngineConfig
 from inference.engine import Engine
-from inference.final import DecodeStage, PromptStage, final_event
+from inference.final import DecodeStage, PromptStage, counted_prompt, final_event
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_request
 from kv_store.records import KvRequest, TransferRecord
@@ -112,8 +112,10 @@ class DecodeService:
                     if prompt is not None:
                         prompt.first_token(chunk.cached_tokens)
                     completion += len(chunk.token_ids)
-                    await emit.emit(TokenEvent(request_id=j.request_id, seq=emit.next_seq(),
-                                               text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs))
+                    await emit.emit(TokenEvent(
+                        request_id=j.request_id, seq=emit.next_seq(), text=chunk.text, token_ids=chunk.token_ids,
+                        logprobs=chunk.logprobs,
+                        prompt_tokens=counted_prompt(j.sampling, len(j.prompt_token_ids) - j.answered_tokens)))
                 finish, report, spec = chunk.finish_reason, chunk.kv, chunk.speculation or spec
                 loaded = report.loaded_tokens if report is not None else chunk.cached_tokens
         if finish == "abort":

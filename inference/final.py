@@ -3,15 +3,22 @@
 An answer ends with one FinalEvent, sent by the worker that finished it: a prefill worker (the
 first token ended the answer), a decode worker, or an aggregated worker that did both. Each
 knows what its stages measured; `final_event` turns that into the event's usage, timings, KV
-transfer and cost, so an event means the same whichever pool sent it.
+transfer and cost, so an event means the same whichever pool sent it. The prompt count that token
+events carry when asked (`counted_prompt`) is the same number as the final event's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bus.messages import Cost, FinalEvent, KvTransfer, PrefillStats, Speculation, Timings, Usage
+from bus.messages import Cost, FinalEvent, KvTransfer, PrefillStats, SamplingSpec, Speculation, Timings, Usage
 from kv_store.records import TransferStats
+
+
+def counted_prompt(sampling: SamplingSpec, prompt_tokens: int) -> int:
+    """A token event's prompt count (TokenEvent.prompt_tokens): the client's prompt tokens when
+    the request asked for them on every event, else 0 (left off the wire)."""
+    return prompt_tokens if sampling.count_prompt else 0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from bus.roles import Role, job_cost
 from inference import metrics
 from inference.config import EngineConfig
 from inference.engine import Engine, JobRefused
-from inference.final import PromptStage, final_event
+from inference.final import PromptStage, counted_prompt, final_event
 from inference.worker import Emitter, Job
 from kv_store.keys import kv_request
 from kv_store.records import TransferRecord
@@ -122,7 +122,8 @@ class PrefillService:
             finish, cached, report = chunk.finish_reason, chunk.cached_tokens, chunk.kv
         prefill_ms = (time.perf_counter() - t0) * 1000
         await emit.emit(TokenEvent(request_id=req.request_id, seq=emit.next_seq(), text=text,
-                                   token_ids=token_ids, logprobs=logprobs))
+                                   token_ids=token_ids, logprobs=logprobs,
+                                   prompt_tokens=counted_prompt(req.sampling, len(prompt) - answered(req))))
         record = await self.transfers.read(req.request_id) if self.transfers else TransferRecord()
         tracing.measured_span("kv write", _TRACER, time.time() - record.save.ms / 1000, record.save.ms / 1000,
                               {"grokstack.kv.bytes": record.save.bytes, "grokstack.kv.blocks": record.save.blocks})

@@ -58,13 +58,15 @@ def resolve_profile(engine: EngineConfig) -> Profile:
     return PROFILES[name]
 
 
-def vllm_environment(engine: EngineConfig, profile: Profile, cache_root: Path) -> dict[str, str]:
+def vllm_environment(engine: EngineConfig, profile: Profile, cache_root: Path, traced: bool = False) -> dict[str, str]:
     """VLLM_* variables for the engine processes; values the operator set are kept."""
     env = {
         "HF_HUB_OFFLINE": "1",  # nothing is downloaded at run time
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_CACHE_ROOT": str(cache_root.resolve()),
     }
+    if traced:  # vLLM's exporter speaks gRPC unless told; the stack's endpoint takes OTLP/HTTP
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
     if profile.name == "cpu":
         cores = os.cpu_count() or 1
         env |= {
@@ -75,9 +77,9 @@ def vllm_environment(engine: EngineConfig, profile: Profile, cache_root: Path) -
     return env
 
 
-def apply_vllm_environment(engine: EngineConfig, profile: Profile, cache_root: Path) -> None:
+def apply_vllm_environment(engine: EngineConfig, profile: Profile, cache_root: Path, traced: bool = False) -> None:
     # vLLM reads these in its own processes, which inherit our environment; set before start.
-    for key, value in vllm_environment(engine, profile, cache_root).items():
+    for key, value in vllm_environment(engine, profile, cache_root, traced).items():
         os.environ.setdefault(key, value)
 
 
@@ -161,6 +163,11 @@ def stack_engine_args(setup: EngineSetup, profile: Profile, pool: Pool) -> dict[
     if kv:
         from vllm.config import KVTransferConfig
         args["kv_transfer_config"] = KVTransferConfig(**kv)
+    if setup.traces_endpoint:
+        # vLLM's `llm_request` span of each request, a child of the worker's span (the request's
+        # trace headers: inference/vllm_engine.py). It is made with the process's tracer provider,
+        # the stack's (services/telemetry.py), set first: vLLM's own is refused, with a warning.
+        args["otlp_traces_endpoint"] = setup.traces_endpoint
     return args
 
 

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Sequence
 import structlog
 
 from bus import tracing
-from bus.messages import ChatMessage, SamplingSpec, Speculation, TokenLogprob, TopLogprob
+from bus.messages import MODEL_DEFAULTED, ChatMessage, SamplingSpec, Speculation, TokenLogprob, TopLogprob
 from inference.config import EngineSetup
 from inference.engine import EngineChunk, EngineDead, JobRefused
 from inference.pools import Pool
@@ -32,15 +32,25 @@ def speculation_of(metrics: Any) -> Speculation | None:
     return Speculation(steps=steps, drafted_tokens=metrics.num_draft_tokens, accepted_tokens=accepted)
 
 
-def sampling_params(sampling: SamplingSpec, max_tokens: int, kv: KvRequest | None) -> Any:
+def model_defaults(model_config: Any) -> dict[str, float]:
+    """The sampling defaults of the engine's model: its generation config's (vLLM's
+    `--generation-config`, `--override-generation-config`), for the fields a client may leave unset."""
+    return {name: value for name, value in model_config.get_diff_sampling_param().items() if name in MODEL_DEFAULTED}
+
+
+def sampling_params(sampling: SamplingSpec, max_tokens: int, kv: KvRequest | None,
+                    defaults: dict[str, float] | None = None) -> Any:
+    """vLLM's SamplingParams of a request; a field it left unset takes `defaults` (the model's),
+    else vLLM's neutral value, as vLLM's own server does."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    unset = {**MODEL_DEFAULTED, **(defaults or {})}
+    chosen = {name: unset[name] if getattr(sampling, name) is None else getattr(sampling, name)
+              for name in MODEL_DEFAULTED}
     return SamplingParams(
-        max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-        stop=list(sampling.stop) or None, seed=sampling.seed, top_k=sampling.top_k, min_p=sampling.min_p,
-        repetition_penalty=sampling.repetition_penalty, presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty, ignore_eos=sampling.ignore_eos,
+        max_tokens=max_tokens, stop=list(sampling.stop) or None, seed=sampling.seed, **chosen,
+        ignore_eos=sampling.ignore_eos,
         min_tokens=min(sampling.min_tokens, max_tokens), stop_token_ids=list(sampling.stop_token_ids) or None,
         include_stop_str_in_output=sampling.include_stop_str_in_output,
         skip_special_tokens=sampling.skip_special_tokens,
@@ -80,12 +90,14 @@ class VllmEngine:
         self._llm: Any = None
         self._tokenizer: Any = None
         self.kv_capacity_tokens = 0  # known after start: the engine's KV cache, in tokens
+        self.sampling_defaults: dict[str, float] = {}  # known after start: the model's (model_defaults)
 
     async def start(self) -> None:
         if not (Path(self.setup.served.model) / "config.json").exists():
             raise SystemExit(f"no model at {self.setup.served.model}: run `grokstack model` to "
                              "prepare the bundled one, or pass --model <HF folder>")
-        apply_vllm_environment(self.setup.engine, self.profile, self.setup.cache_root)
+        apply_vllm_environment(self.setup.engine, self.profile, self.setup.cache_root,
+                               traced=bool(self.setup.traces_endpoint))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -103,8 +115,9 @@ class VllmEngine:
         # The engine core measured its cache at start and told the front end how many blocks.
         cache = self._llm.vllm_config.cache_config
         self.kv_capacity_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
+        self.sampling_defaults = model_defaults(self._llm.model_config)
         log.info("engine ready", role=self.pool.name, seconds=round(time.monotonic() - t0, 1),
-                 kv_capacity_tokens=self.kv_capacity_tokens)
+                 kv_capacity_tokens=self.kv_capacity_tokens, sampling_defaults=self.sampling_defaults)
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -135,7 +148,7 @@ class VllmEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
                        max_tokens: int, kv: KvRequest | None = None) -> AsyncIterator[EngineChunk]:
-        params = sampling_params(sampling, max_tokens, kv)
+        params = sampling_params(sampling, max_tokens, kv, self.sampling_defaults)
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 

@@ -216,7 +216,8 @@ def health_checks(workers: Sequence[RunningWorker]) -> dict[str, telemetry.Healt
 def engine_setup(settings: Settings) -> EngineSetup:
     """What an engine of this stack is built from (inference/config.py)."""
     return EngineSetup(settings.served, settings.engine, settings.spec, settings.kv,
-                       cache_root=settings.stack.data_dir / "vllm-cache", secret_file=settings.bus.secret_file)
+                       cache_root=settings.stack.data_dir / "vllm-cache", secret_file=settings.bus.secret_file,
+                       traces_endpoint=settings.stack.otlp_traces_endpoint)
 
 
 def vllm_engine(settings: Settings, pool: Pool) -> Engine:

@@ -30,8 +30,8 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     region: str | None = None
     priority: Priority = "standard"
     max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the model's default (SamplingSpec)
+    top_p: float | None = None
     stop: list[str] = []
     seed: int | None = None
     conversation_id: str | None = None

@@ -47,8 +47,9 @@ def describe(message: object) -> str:
     match message:
         case ChatRequest():
             last = message.messages[-1].content.replace("\n", " ")
+            temperature = message.sampling.temperature
             return (f"request {message.request_id} {message.priority} max_tokens="
-                    f"{message.sampling.max_tokens} t={message.sampling.temperature} "
+                    f"{message.sampling.max_tokens} t={'model' if temperature is None else temperature} "
                     f"{len(message.messages)} msgs, last: {last[:60]!r}")
         case DecodeJob():
             kv = message.kv

@@ -107,11 +107,31 @@ async def test_tool_messages_in_the_history_are_rendered_as_the_edge_tokenizes_t
     assert tokenized["count"] == reply.usage.prompt_tokens
 
 
+async def test_several_choices_sample_as_vllms_parallel_sampling(vllm_stack, reference):
+    """n > 1 through the real engines: greedy, every choice is the engine's greedy answer;
+    sampled, the choices differ (each its own request, with its own seed: seed + i). That choice i
+    equals a lone request with seed + i is not held here: with speculation switched by batch size
+    (SpecConfig.spec_max_batch), a seeded answer depends on what else the engine was running."""
+    client = sdk(vllm_stack)
+    model = (await client.models.list()).data[0].id
+    greedy = await client.completions.create(model=model, prompt=TEXT, max_tokens=MAX_TOKENS, temperature=0, n=2)
+    assert [(c.index, c.text) for c in greedy.choices] == [(0, reference["text"].text), (1, reference["text"].text)]
+    assert greedy.usage.prompt_tokens == len(reference["text"].prompt_token_ids)
+    sampled = await client.chat.completions.create(model=model, messages=API, max_tokens=12, temperature=1.0,
+                                                   seed=11, n=3)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert len({c.message.content for c in sampled.choices}) > 1
+    assert sampled.usage.prompt_tokens == len(reference["api"].prompt_token_ids)
+    lengths = [12 if c.finish_reason == "length" else None for c in sampled.choices]
+    assert 3 <= sampled.usage.completion_tokens <= 3 * 12  # the three answers' tokens, summed
+    if None not in lengths:
+        assert sampled.usage.completion_tokens == 3 * 12
 
 
 async def test_one_request_is_one_trace_across_the_edge_and_worker_processes(vllm_stack, otlp_receiver):
     """Each process exports its spans over OTLP; linked only by the traceparent in the NATS
-    headers, they make one tree under the client's own span."""
+    headers, they make one tree under the client's own span. vLLM's own span of the request
+    (`llm_request`, in each worker's engine) hangs under the worker's."""
     trace_id, client_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     # a prompt of its own (no block of it cached yet: prefill writes them all, decode reads them)
     prompt = f"Trace {uuid.uuid4().hex}: list five colours of the rainbow, then five fruits of the same colours."
@@ -125,7 +145,8 @@ async def test_one_request_is_one_trace_across_the_edge_and_worker_processes(vll
     def spans() -> dict[str, object]:
         return {s.span_id: s for s in otlp_receiver.spans if s.trace_id == trace_id}
     wanted = {("grokstack-edge", "edge request"), ("grokstack-prefill", "prefill"), ("grokstack-prefill", "kv write"),
-              ("grokstack-decode", "decode"), ("grokstack-decode", "kv read")}
+              ("grokstack-decode", "decode"), ("grokstack-decode", "kv read"),
+              ("grokstack-prefill", "llm_request"), ("grokstack-decode", "llm_request")}
     for _ in range(60):  # the processes export in batches, every few seconds
         if wanted <= {(s.service, s.name) for s in spans().values()}:
             break
@@ -139,5 +160,7 @@ async def test_one_request_is_one_trace_across_the_edge_and_worker_processes(vll
     assert prefill.parent_id == edge.span_id and decode.parent_id == prefill.span_id
     assert named[("grokstack-prefill", "kv write")].parent_id == prefill.span_id
     assert named[("grokstack-decode", "kv read")].parent_id == decode.span_id
+    assert named[("grokstack-prefill", "llm_request")].parent_id == prefill.span_id
+    assert named[("grokstack-decode", "llm_request")].parent_id == decode.span_id
     for span in tree.values():  # one tree under the client's span
         assert span.parent_id == client_span or span.parent_id in tree, (span.service, span.name)

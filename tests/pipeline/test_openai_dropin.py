@@ -10,9 +10,10 @@ import json
 import aiohttp
 
 from edge import metrics as edge_metrics
+from edge.live import CANCEL_MESSAGES
 from edge.openapi import PATH, render
 from services.lab.fake_engine import reply_for
-from tests.pipeline.harness import running_stack
+from tests.pipeline.harness import eventually, running_stack
 from tests.pipeline.test_chat_flow import engines, expected
 from tests.pipeline.test_openai_api import api, ready, sdk
 
@@ -122,6 +123,68 @@ async def test_vllm_sampling_fields_tool_history_and_unknown_fields_are_taken(se
         assert answer["model"] == settings.served.model_id
         logged = [w for w in recorder.warnings if w[1].get("field") == "my_router_hint"]
         assert len(logged) == 1, recorder.warnings  # ...logged once
+
+
+async def test_several_choices_are_several_requests_answered_together(settings):
+    """`n`: one request per choice, answered and streamed together with each choice's index, the
+    usage's prompt counted once; not resumable, so cancelled when its client leaves."""
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        client = sdk(stack)
+        question = [{"role": "user", "content": "three ways"}]
+        one = await client.chat.completions.create(model="fake", messages=question, max_tokens=100)
+        three = await client.chat.completions.create(model="fake", messages=question, max_tokens=100, n=3, seed=5)
+        assert [(c.index, c.message.content, c.finish_reason) for c in three.choices] == [
+            (i, expected("three ways"), "stop") for i in range(3)]
+        assert three.usage.prompt_tokens == one.usage.prompt_tokens
+        assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+        assert len({three.id, one.id}) == 2
+
+        stream = await client.completions.create(model="fake", prompt="two", max_tokens=100, n=2, stream=True,
+                                                 stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        texts = ["", ""]
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+        assert texts == [text_expected("two")] * 2
+        finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert sorted(c.choices[0].index for c in finished) == [0, 1]
+        assert len({c.model_extra["grokstack"]["request_id"] for c in finished}) == 2  # each choice's own
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2 * len(text_expected("two"))
+
+        # stream_options.continuous_usage_stats: each choice's usage so far on every chunk, as vLLM
+        stream = await client.chat.completions.create(model="fake", messages=question, max_tokens=100, n=2,
+                                                      stream=True, stream_options={"include_usage": True,
+                                                                                   "continuous_usage_stats": True})
+        chunks = [c async for c in stream]
+        counted = [0, 0]
+        for chunk in chunks[:-1]:
+            (choice,) = chunk.choices
+            counted[choice.index] += bool(choice.delta.content)
+            assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (
+                one.usage.prompt_tokens, counted[choice.index]), chunk
+        assert counted == [one.usage.completion_tokens] * 2
+        assert chunks[-1].usage.completion_tokens == 2 * one.usage.completion_tokens
+        async with aiohttp.ClientSession() as http:
+            body = {"prompt": "x", "max_tokens": 3, "n": 2, "stream": True}
+            async with http.post(f"{api(stack)}/completions", json=body,
+                                 headers={"Accept": "text/event-stream"}) as r:
+                events = [e for e in (await r.read()).decode().split("\n\n") if e]
+                assert "X-Grokstack-Resume-Token" not in r.headers
+        assert not any("\nid: " in e for e in events), events  # no ids to resume with
+
+    async with running_stack(settings, *engines(settings, delay=0.2)) as stack:
+        await ready(stack)
+        async with aiohttp.ClientSession() as http:
+            body = {"prompt": "a long one " * 5, "max_tokens": 50, "n": 2, "stream": True}
+            async with http.post(f"{api(stack)}/completions", json=body) as r:
+                await r.content.readline()  # the first event: the choices are under way
+                lives = [stack.edge.live.get(i) for i in list(stack.edge.live._live)]
+        # gone well before the resume grace period would end a request of one choice
+        assert stack.edge.live.config.resume_grace_s >= 10
+        await eventually(lambda: stack.edge.live.in_flight == 0, timeout=5)
+        assert len(lives) == 2 and all(live.events[-1].message == CANCEL_MESSAGES["choices_left"] for live in lives)
 
 
 async def test_tokenize_detokenize_health_version_models_and_the_openapi_document(settings):

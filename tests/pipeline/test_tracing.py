@@ -5,8 +5,11 @@ and Redis, fake engines; spans caught by OpenTelemetry's in-memory exporter."""
 
 from __future__ import annotations
 
+import json
+
 import aiohttp
 import pytest
+import websockets
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -73,3 +76,22 @@ async def test_one_request_is_one_connected_trace_across_the_stages(settings, sp
     for span in by_id.values():  # one tree: each span's parent is in it, or is the client's
         assert span is edge or span.parent.span_id in by_id, span.name
     assert edge.end_time >= decode.end_time and "first token" in [e.name for e in edge.events]
+
+
+async def test_a_websocket_clients_traceparent_is_the_parent_of_its_chats(settings, spans):
+    trace_id, client_span = "5bf92f3577b34da6a3ce929d0e0e4737", "01f067aa0ba902b8"
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        async with websockets.connect(stack.url, additional_headers={
+                "traceparent": f"00-{trace_id}-{client_span}-01"}) as ws:
+            await ws.send(json.dumps({"type": "chat", "id": "c1", "max_tokens": 100,
+                                      "messages": [{"role": "user", "content": "trace my socket"}]}))
+            while json.loads(await ws.recv())["type"] != "done":
+                pass
+
+        def edges():
+            return [s for s in spans.get_finished_spans()
+                    if s.context.trace_id == int(trace_id, 16) and s.name == "edge request"]
+        assert await eventually(edges)
+    (edge,) = edges()
+    assert edge.parent.span_id == int(client_span, 16)

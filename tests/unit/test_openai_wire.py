@@ -7,16 +7,8 @@ import pytest
 
 from bus.messages import FinalEvent, TokenEvent, Usage
 from bus.messages import TokenLogprob, TopLogprob
-from edge.openai_wire import (
-    ChatShape,
-    CompletionRequest,
-    TextShape,
-    error_body,
-    final_chunks,
-    info_of,
-    param_of,
-    parse_request,
-)
+from edge.openai_responses import Answer, ChatShape, StreamEnd, TextShape, error_body, info_of, param_of
+from edge.openai_wire import MAX_CHOICES, CompletionRequest, choice_frames, parse_request
 from edge.config import EdgeConfig
 from edge.protocol import FrameError, UsageFrame
 
@@ -40,7 +32,17 @@ def test_content_parts_developer_role_and_max_completion_tokens_map_onto_a_chat_
 
 
 @pytest.mark.parametrize("fields, code, param", [
-    ({"n": 3}, "invalid_request", "n"),
+    ({"n": 0}, "invalid_request", "n"),
+    ({"n": MAX_CHOICES + 1}, "invalid_request", "n"),
+    ({"top_logprobs": 2}, "invalid_request", "top_logprobs"),  # without logprobs: as vLLM
+    ({"return_token_ids": True}, "invalid_request", "return_token_ids"),
+    ({"logprobs": True, "logprob_token_ids": [5]}, "invalid_request", "logprob_token_ids"),
+    ({"add_special_tokens": True}, "invalid_request", "add_special_tokens"),  # the chat API's default: false
+    ({"reasoning_effort": "low"}, "invalid_request", "reasoning_effort"),
+    ({"thinking_token_budget": 10}, "invalid_request", "thinking_token_budget"),
+    ({"cache_salt": "tenant-a"}, "invalid_request", "cache_salt"),
+    ({"vllm_xargs": {"a": 1}}, "invalid_request", "vllm_xargs"),
+    ({"repetition_detection": {"max_pattern_size": 4}}, "invalid_request", "repetition_detection"),
     ({"tools": [{"type": "function"}]}, "invalid_request", "tools"),
     ({"use_beam_search": True}, "invalid_request", "use_beam_search"),
     ({"response_format": {"type": "json_object"}}, "invalid_request", "response_format"),
@@ -54,7 +56,6 @@ def test_content_parts_developer_role_and_max_completion_tokens_map_onto_a_chat_
     ({"logit_bias": {"x": 1}}, "invalid_request", "logit_bias"),
     ({"logit_bias": {"5": 101}}, "invalid_request", "logit_bias"),
     ({"priority": 3}, "invalid_request", "priority"),
-    ({"stream_options": {"continuous_usage_stats": True}}, "invalid_request", "stream_options"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "invalid_request",
      "messages"),
     ({"region": "eu.west"}, "invalid_request", "region"),
@@ -74,13 +75,14 @@ def test_every_field_vllm_clients_send_at_its_default_is_accepted_and_unknown_on
         presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"7": -100}, min_tokens=2, stop_token_ids=[2],
         stream_options={"include_usage": True, "continuous_usage_stats": False}, tool_choice=None, tools=None,
         priority=0, request_id="client-id", echo=False, use_beam_search=False, add_generation_prompt=True,
+        add_special_tokens=False, return_token_ids=None, cache_salt=None, kv_transfer_params=None,
         response_format={"type": "text"}, parallel_tool_calls=True, service_tier="auto", my_extension={"x": 1},
         messages=[{"role": "user", "content": "what's the weather?"},
                   {"role": "assistant", "content": None, "refusal": None,
                    "tool_calls": [{"id": "c1", "type": "function",
                                    "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
                   {"role": "tool", "tool_call_id": "c1", "content": "12 C"}]), LIMITS)
-    assert sorted(ignored) == ["my_extension", "request_id", "service_tier"]
+    assert sorted(ignored) == ["kv_transfer_params", "my_extension", "request_id", "service_tier"]
     assert (frame.top_k, frame.min_p, frame.repetition_penalty, frame.ignore_eos, frame.logprobs) == (
         -1, 0.05, 1.1, True, None)
     assert (frame.presence_penalty, frame.frequency_penalty, frame.logit_bias, frame.min_tokens,
@@ -95,15 +97,19 @@ def test_every_field_vllm_clients_send_at_its_default_is_accepted_and_unknown_on
 def test_logprobs_ask_for_top_logprobs_alternatives_and_completions_take_a_count():
     assert parse_request(body(logprobs=True, top_logprobs=3), LIMITS).frame.logprobs == 3
     assert parse_request(body(logprobs=True), LIMITS).frame.logprobs == 0
-    assert parse_request(body(logprobs=False, top_logprobs=3), LIMITS).frame.logprobs is None
+    assert parse_request(body(logprobs=False, top_logprobs=0), LIMITS).frame.logprobs is None
     text = msgspec.json.encode({"model": "m", "prompt": "Once upon", "logprobs": 2, "max_tokens": 5})
     request, frame, _ = parse_request(text, LIMITS, CompletionRequest)
     assert (frame.logprobs, frame.prompt_format, frame.max_tokens) == (2, "text", 5)
     assert [(m.role, m.content) for m in frame.messages] == [("user", "Once upon")]
     default = parse_request(msgspec.json.encode({"model": "m", "prompt": ["x"]}), LIMITS, CompletionRequest)
     assert default.frame.max_tokens == 16  # OpenAI's and vLLM's default for completions
+    assert parse_request(msgspec.json.encode({"prompt": "x", "add_special_tokens": True}), LIMITS,
+                         CompletionRequest).frame.prompt_format == "text"  # the completions API's default
     for bad, name in (({"prompt": [1, 2]}, "prompt"), ({"prompt": "x", "echo": True}, "echo"),
-                      ({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": "x", "best_of": 2}, "best_of")):
+                      ({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": "x", "best_of": 2}, "best_of"),
+                      ({"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
+                      ({"prompt": "x", "prompt_embeds": "AAAA"}, "prompt_embeds")):
         with pytest.raises(FrameError) as caught:
             parse_request(msgspec.json.encode({"model": "m", **bad}), LIMITS, CompletionRequest)
         assert (caught.value.param or param_of(caught.value.message)) == name, caught.value.message
@@ -124,13 +130,40 @@ def test_chunks_role_first_then_finish_then_usage_with_the_grokstack_details_las
     final = FinalEvent(request_id="x", seq=2, finish_reason="length",
                        usage=Usage(prompt_tokens=5, cached_prompt_tokens=2, completion_tokens=2))
     info = info_of("x", final, UsageFrame(5, 2, 2, 10.0, 20.0))
-    finish, usage = final_chunks(chat, "chatcmpl-x", 1, "m", final, info, include_usage=True)
+    finish, usage = StreamEnd(chat, "chatcmpl-x", 1, "m", 1, include_usage=True).finished(0, final, info)
     assert finish.choices[0].finish_reason == "length" and finish.grokstack is None
     assert usage.choices == [] and usage.usage.total_tokens == 7
     assert usage.usage.prompt_tokens_details.cached_tokens == 2
     assert usage.grokstack.usage.ttft_ms == 10.0
-    (only,) = final_chunks(chat, "chatcmpl-x", 1, "m", final, info, include_usage=False)
+    (only,) = StreamEnd(chat, "chatcmpl-x", 1, "m", 1, include_usage=False).finished(0, final, info)
     assert only.usage is None and only.grokstack is info
+
+
+def test_several_choices_each_finish_with_their_details_and_share_one_usage_chunk():
+    """n > 1: the prompt counted once, the completions summed (as vLLM counts them)."""
+    end = StreamEnd(TextShape(), "cmpl-x", 1, "m", 2, include_usage=True)
+    finals = [FinalEvent(request_id=r, seq=k, finish_reason="stop",
+                         usage=Usage(prompt_tokens=5, cached_prompt_tokens=c, completion_tokens=k))
+              for r, k, c in (("a", 3, 4), ("b", 2, 0))]
+    infos = [info_of(f.request_id, f, UsageFrame(5, 0, f.usage.completion_tokens, 1.0, 2.0)) for f in finals]
+    (second_done,) = end.finished(1, finals[1], infos[1])
+    assert second_done.choices[0].index == 1 and second_done.grokstack is infos[1]
+    first_done, usage = end.finished(0, finals[0], infos[0])
+    assert first_done.choices[0].index == 0 and first_done.grokstack is infos[0]
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens, usage.usage.total_tokens) == (5, 5, 10)
+    assert usage.usage.prompt_tokens_details.cached_tokens == 4 and usage.grokstack is None
+    tokens = [[TokenEvent(request_id="a", seq=0, text="x", token_ids=[1])],
+              [TokenEvent(request_id="b", seq=0, text="y", token_ids=[2])]]
+    whole = ChatShape().whole("c", 1, "m", [Answer(t, f) for t, f in zip(tokens, finals, strict=True)], infos[0])
+    assert [(c.index, c.message.content) for c in whole.choices] == [(0, "x"), (1, "y")]
+    assert whole.usage.completion_tokens == 5
+
+
+def test_with_a_seed_each_choice_samples_with_the_next_seed_as_vllm():
+    _, frame, _ = parse_request(body(n=3, seed=2**63 - 2), LIMITS)
+    assert [f.seed for f in choice_frames(frame, 3)] == [2**63 - 2, 2**63 - 1, 0]
+    _, unseeded, _ = parse_request(body(n=2), LIMITS)
+    assert [f.seed for f in choice_frames(unseeded, 2)] == [None, None]
 
 
 def test_logprobs_in_the_chat_and_the_completions_shapes():
@@ -140,13 +173,13 @@ def test_logprobs_in_the_chat_and_the_completions_shapes():
     final = FinalEvent(request_id="x", seq=2, finish_reason="stop",
                        usage=Usage(prompt_tokens=5, cached_prompt_tokens=0, completion_tokens=2))
     info = info_of("x", final, UsageFrame(5, 0, 2, 1.0, 2.0))
-    chat = msgspec.to_builtins(ChatShape().whole("chatcmpl-x", 1, "m", tokens, final, info))
+    chat = msgspec.to_builtins(ChatShape().whole("chatcmpl-x", 1, "m", [Answer(tokens, final)], info))
     (first, second) = chat["choices"][0]["logprobs"]["content"]
     assert first == {"token": "é", "logprob": -0.1, "bytes": [195, 169],
                      "top_logprobs": [{"token": "é", "logprob": -0.1, "bytes": [195, 169]},
                                       {"token": "e", "logprob": -2.5, "bytes": [101]}]}
     assert second["top_logprobs"] == []
-    text = msgspec.to_builtins(TextShape().whole("cmpl-x", 1, "m", tokens, final, info))
+    text = msgspec.to_builtins(TextShape().whole("cmpl-x", 1, "m", [Answer(tokens, final)], info))
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "ét"
     assert text["choices"][0]["logprobs"] == {"tokens": ["é", "t"], "token_logprobs": [-0.1, -0.2],
                                               "top_logprobs": [{"é": -0.1, "e": -2.5}, {"t": -0.2}],
@@ -154,7 +187,8 @@ def test_logprobs_in_the_chat_and_the_completions_shapes():
     streamed = msgspec.to_builtins(TextShape().chunk("cmpl-x", 1, "m", tokens[1], 1))
     assert streamed["choices"][0]["logprobs"]["text_offset"] == [1]
     plain = [msgspec.structs.replace(t, logprobs=None) for t in tokens]
-    assert msgspec.to_builtins(ChatShape().whole("c", 1, "m", plain, final, info))["choices"][0]["logprobs"] is None
+    assert msgspec.to_builtins(ChatShape().whole("c", 1, "m", [Answer(plain, final)], info))["choices"][0][
+        "logprobs"] is None
 
 
 def test_error_codes_map_to_http_statuses():

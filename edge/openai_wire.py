@@ -18,7 +18,7 @@ from msgspec import Meta, Struct
 from bus.messages import MAX_LOGPROBS, ChatMessage, FunctionCall, ToolCall
 from bus.priorities import Priority
 from edge.config import EdgeConfig
-from edge.protocol import MAX_SEED, ChatFrame, FrameError, check_chat
+from edge.protocol import MAX_SEED, ChatFrame, FrameError, check_chat, prompt_chars
 
 
 class TextPart(Struct, tag="text", tag_field="type"):
@@ -286,7 +286,7 @@ def chat_messages(messages: list[ApiMessage], limits: EdgeConfig) -> list[ChatMe
     if len(messages) > limits.max_messages:
         raise FrameError("invalid_request", f"{len(messages)} messages; the limit is {limits.max_messages}")
     out = [_message(m) for m in messages]
-    chars = sum(len(m.content) for m in out)
+    chars = prompt_chars(out)
     if chars > limits.max_prompt_chars:
         raise FrameError("invalid_request", f"the messages hold {chars} characters; the limit is "
                          f"{limits.max_prompt_chars}")

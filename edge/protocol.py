@@ -221,6 +221,13 @@ def parse_frame(raw: str | bytes, limits: EdgeConfig) -> ClientFrame:
     return frame
 
 
+def prompt_chars(messages: list[ChatMessage]) -> int:
+    """The characters of a history that the prompt is made of (its contents and tool calls),
+    bounded by max_prompt_chars."""
+    return sum(len(m.content) + sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls)
+               for m in messages)
+
+
 def check_chat(frame: ChatFrame, limits: EdgeConfig) -> None:
     def bad(message: str) -> FrameError:
         return FrameError("invalid_request", message, frame.id)
@@ -229,7 +236,7 @@ def check_chat(frame: ChatFrame, limits: EdgeConfig) -> None:
         raise bad("messages must hold at least one message")
     if len(frame.messages) > limits.max_messages:
         raise bad(f"{len(frame.messages)} messages; the limit is {limits.max_messages}")
-    chars = sum(len(m.content) for m in frame.messages)
+    chars = prompt_chars(frame.messages)
     if chars > limits.max_prompt_chars:
         raise bad(f"the messages hold {chars} characters; the limit is {limits.max_prompt_chars}")
     if not any(m.content.strip() for m in frame.messages):

@@ -3,12 +3,15 @@
 Loaded on first use from the model's folder or hub id (only its tokenizer files are read), in a
 thread: tokenizing a long prompt takes milliseconds the event loop must not spend. The chat
 template is the model's own, fed the messages as the workers' engines feed it
-(ChatMessage.as_template_input), so the tokens are those a worker would compute.
+(ChatMessage.as_template_input), so the tokens are those a worker would compute. A load that
+failed is tried again no sooner than RETRY_AFTER_S later: calls in between fail at once, so clients
+cannot make every call a load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Sequence
 
 import structlog
@@ -16,6 +19,8 @@ import structlog
 from bus.messages import ChatMessage
 
 log = structlog.get_logger("grokstack.tokenizer")
+
+RETRY_AFTER_S = 60.0
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -27,11 +32,20 @@ class Tokenizer:
         self.source = source
         self._loaded: Any = None
         self._lock = asyncio.Lock()
+        self._failed: tuple[float, str] | None = None  # when the last load failed, and why
 
     async def _tokenizer(self) -> Any:
         async with self._lock:
             if self._loaded is None:
-                self._loaded = await asyncio.to_thread(self._load)
+                if self._failed is not None and time.monotonic() - self._failed[0] < RETRY_AFTER_S:
+                    raise TokenizerUnavailable(self._failed[1])
+                try:
+                    self._loaded = await asyncio.to_thread(self._load)
+                except TokenizerUnavailable as exc:
+                    self._failed = (time.monotonic(), str(exc))
+                    log.warning("tokenizer not loaded", source=self.source, error=str(exc),
+                                retry_after_s=RETRY_AFTER_S)
+                    raise
         return self._loaded
 
     def _load(self) -> Any:

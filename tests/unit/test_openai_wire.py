@@ -206,3 +206,10 @@ def test_ignored_field_names_are_remembered_bounded_in_number_and_length():
     assert ignored.note("a") == ("a", True) and ignored.note("a") == ("a", False)
     assert ignored.note("b" * 1000) == ("b" * 64, True)  # a label of the client's making, cut
     assert ignored.note("c") == ("other", False)  # past the first two names: one label for the rest
+
+
+def test_tool_call_arguments_count_toward_the_prompts_characters():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "x" * (LIMITS.max_prompt_chars + 1)}}
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with pytest.raises(FrameError, match="characters"):
+        parse_request(body(messages=history), LIMITS)

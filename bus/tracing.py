@@ -38,7 +38,17 @@ def headers_with_context(headers: Mapping[str, str] | None = None,
 
 def context_of(headers: Mapping[str, str] | None) -> otel_context.Context:
     """The trace context a message's (or an HTTP request's) headers carry; an empty one without."""
-    carrier = {k.lower(): v for k, v in (headers or {}).items() if k.lower() in TRACE_HEADERS}
+    if isinstance(headers, dict):  # a NATS message's: names as their publisher wrote them
+        carrier = {k.lower(): v for k, v in headers.items() if k.lower() in TRACE_HEADERS}
+        return _W3C.extract(carrier)
+    carrier = {}
+    for name in TRACE_HEADERS:  # HTTP's, case-insensitive: the ones wanted only (websockets' Headers
+        try:                    # raise on reading any header sent twice)
+            value = headers.get(name) if headers else None
+        except Exception:  # noqa: BLE001 - a trace header sent twice (MultipleValuesError): none taken
+            value = None
+        if value:
+            carrier[name] = value
     return _W3C.extract(carrier)
 
 

@@ -57,7 +57,7 @@ from bus.subjects import check_token
 from edge.admission import retry_after_header
 from edge.config import EdgeConfig
 from edge.intake import Intake, Refusal
-from edge.live import LiveRequest, LiveRequests
+from edge.live import LiveRequest, LiveRequests, Overloaded
 from edge import metrics
 from edge.openai_responses import (
     Answer,
@@ -353,37 +353,45 @@ class OpenAIApi:
         self._model_checked(body)
         chat = self._with_headers(request, frame)
         n = body.n or 1
-        async with contextlib.AsyncExitStack() as held:
-            lives: list[LiveRequest] = []
+        if n > 1:  # room for all the choices, or none is published
             try:
+                self.live.check_capacity(tenant.name, tenant.max_concurrent, more=n)
+            except Overloaded as exc:
+                raise ApiError("too_many_requests", f"{exc} (n = {n} asks for {n}); retry shortly",
+                               retry_after_s=1) from None
+        lives: list[LiveRequest] = []
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                admitted = []
                 for choice in choice_frames(chat, n):  # each choice a request of its own
                     # a client's own trace (W3C traceparent) goes on through the stack
                     accepted = await held.enter_async_context(self.intake.accept(
                         choice, tenant, tracing.context_of(request.headers), count_prompt=continuous_usage(body),
                         api="openai", stream=bool(body.stream)))
+                    admitted.append(accepted)
                     lives.append(accepted.live)
-            except Refusal as refusal:
-                await self._cancel(lives, "choice_failed")
-                retry = retry_after_header(refusal.retry_after_s) if refusal.retry_after_s is not None else 0
-                raise ApiError(refusal.code, refusal.message, refusal.param, retry) from None
-            for live in lives:
-                live.api_model = body.model or self.served.id
-                live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            first = lives[0]
-            headers = {REGION_HEADER: first.region, ROUTE_HEADER: first.route}
-            if n == 1:  # several choices are several requests: not resumed as one stream
-                headers[RESUME_HEADER] = self.guard.token(tenant.name, first.request_id)
-            # A batch request's max_tokens capped under load says so (edge/admission.py).
-            if accepted.degraded_max_tokens is not None:
-                headers[DEGRADED_HEADER] = str(accepted.degraded_max_tokens)
-            if accepted.estimated_wait_s is not None:
-                headers[ESTIMATED_WAIT_HEADER] = f"{accepted.estimated_wait_s:.3f}"
-            try:
+                for live in lives:
+                    live.api_model = body.model or self.served.id
+                    live.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                first = lives[0]
+                headers = {REGION_HEADER: first.region, ROUTE_HEADER: first.route}
+                if n == 1:  # several choices are several requests: not resumed as one stream
+                    headers[RESUME_HEADER] = self.guard.token(tenant.name, first.request_id)
+                # A batch request's max_tokens capped under load says so (edge/admission.py).
+                degraded = [a.degraded_max_tokens for a in admitted if a.degraded_max_tokens is not None]
+                if degraded:
+                    headers[DEGRADED_HEADER] = str(min(degraded))
+                waits = [a.estimated_wait_s for a in admitted if a.estimated_wait_s is not None]
+                if waits:
+                    headers[ESTIMATED_WAIT_HEADER] = f"{max(waits):.3f}"
                 if body.stream:
                     return await self._stream(request, lives, -1, headers, with_ids=n == 1 and reads_sse_ids(request))
                 return await self._complete(lives, headers)
+            except Refusal as refusal:
+                retry = retry_after_header(refusal.retry_after_s) if refusal.retry_after_s is not None else 0
+                raise ApiError(refusal.code, refusal.message, refusal.param, retry) from None
             finally:
-                if n > 1:  # nobody can come back for them
+                if n > 1:  # refused, failed, ended or left: nobody can come back for them
                     await self._cancel(lives, "choices_left")
 
     def _note_ignored(self, names: list[str]) -> None:
@@ -448,13 +456,15 @@ class OpenAIApi:
         shape = shape_of(first.request.prompt_format)
         tokens: list[list[TokenEvent]] = [[] for _ in lives]
         finals: dict[int, FinalEvent] = {}
-        async for index, event in self.live.follow_all(lives):
-            if isinstance(event, TokenEvent):
-                tokens[index].append(event)
-            elif isinstance(event, FinalEvent):
-                finals[index] = event
-            else:
-                raise ApiError(event.code, event.message, retry_after_s=1 if event.retryable else 0)
+        async with contextlib.aclosing(self.live.follow_all(lives)) as events:
+            async for index, event in events:
+                if isinstance(event, TokenEvent):
+                    tokens[index].append(event)
+                elif isinstance(event, FinalEvent):
+                    finals[index] = event
+                else:
+                    await self._cancel(lives, "choice_failed")  # before they are left: not a disconnect
+                    raise ApiError(event.code, event.message, retry_after_s=1 if event.retryable else 0)
         if len(finals) < len(lives):
             raise ApiError("internal", "the request ended without a final event")
         info = self._info(first, finals[0])
@@ -486,23 +496,25 @@ class OpenAIApi:
                     if running:
                         running.seen(index, earlier)
         try:
-            async for index, event in self.live.follow_all(lives, after_seq):
-                if isinstance(event, TokenEvent):
-                    chunk = shape.chunk(cid, created, model, event, offsets[index], index)
-                    if running:
-                        chunk.usage = running.seen(index, event)
-                    await self._send(response, event.seq, chunk, with_ids)
-                    offsets[index] += len(event.text)
-                elif isinstance(event, FinalEvent):
-                    chunks = end.finished(index, event, self._info(lives[index], event))
-                    if running:
-                        chunks[0].usage = running.of(index)
-                    for chunk in chunks:
+            async with contextlib.aclosing(self.live.follow_all(lives, after_seq)) as events:
+                async for index, event in events:
+                    if isinstance(event, TokenEvent):
+                        chunk = shape.chunk(cid, created, model, event, offsets[index], index)
+                        if running:
+                            chunk.usage = running.seen(index, event)
                         await self._send(response, event.seq, chunk, with_ids)
-                else:
-                    await self._send(response, event.seq, error_body(event.code, event.message)[1], with_ids)
-                    if len(lives) > 1:  # as vLLM: one choice's error ends the body's stream
-                        break
+                        offsets[index] += len(event.text)
+                    elif isinstance(event, FinalEvent):
+                        chunks = end.finished(index, event, self._info(lives[index], event))
+                        if running:
+                            chunks[0].usage = running.of(index)
+                        for chunk in chunks:
+                            await self._send(response, event.seq, chunk, with_ids)
+                    else:
+                        await self._send(response, event.seq, error_body(event.code, event.message)[1], with_ids)
+                        if len(lives) > 1:  # as vLLM: one choice's error ends the body's stream
+                            await self._cancel(lives, "choice_failed")  # before they are left
+                            break
             await self._write(response, b"data: [DONE]\n\n")
             await response.write_eof()
         except asyncio.TimeoutError:
@@ -518,8 +530,11 @@ class OpenAIApi:
         return info_of(live.request_id, event, usage)
 
     async def _cancel(self, lives: list[LiveRequest], reason: str) -> None:
-        for live in lives:
-            await self.live.cancel(live, reason)  # nothing for one that ended
+        """All of them at once (nothing for one that ended): one that fails leaves none running."""
+        results = await asyncio.gather(*(self.live.cancel(live, reason) for live in lives), return_exceptions=True)
+        for live, result in zip(lives, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("cancel not sent", request_id=live.request_id, error=str(result))
 
     async def _send(self, response: web.StreamResponse, seq: int, payload: object, with_id: bool) -> None:
         await self._write(response, sse_event(seq if with_id else None, _json.encode(payload)))

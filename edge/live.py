@@ -169,10 +169,11 @@ class LiveRequests:
     def in_flight(self) -> int:
         return sum(self.per_tenant.values())
 
-    def check_capacity(self, tenant: str, tenant_limit: int) -> None:
-        if self.in_flight >= self.config.max_inflight_per_edge:
+    def check_capacity(self, tenant: str, tenant_limit: int, more: int = 1) -> None:
+        """Overloaded unless there is room for `more` requests of `tenant`."""
+        if self.in_flight + more > self.config.max_inflight_per_edge:
             raise Overloaded(f"this edge has {self.in_flight} requests in flight, its limit")
-        if self.per_tenant[tenant] >= tenant_limit:
+        if self.per_tenant[tenant] + more > tenant_limit:
             raise Overloaded(f"tenant {tenant!r} has {self.per_tenant[tenant]} requests in flight, "
                              "its limit")
 
@@ -251,8 +252,9 @@ class LiveRequests:
                 async for event in self.follow(live, after_seq):
                     queue.put_nowait((index, event))
                 queue.put_nowait((index, None))
-            except Exception as exc:  # noqa: BLE001 - raised to the reader below
+            except BaseException as exc:  # to the reader below (which never waits for a follower gone)
                 queue.put_nowait((index, exc))
+                raise
 
         tasks = [asyncio.create_task(forward(i, live)) for i, live in enumerate(lives)]
         try:

@@ -31,21 +31,26 @@ class Tokenizer:
     def __init__(self, source: str) -> None:
         self.source = source
         self._loaded: Any = None
-        self._lock = asyncio.Lock()
+        # The load under way, shared: a caller that gives up (its client left) does not stop it,
+        # and the next caller waits for it instead of starting another.
+        self._loading: asyncio.Future | None = None
         self._failed: tuple[float, str] | None = None  # when the last load failed, and why
 
     async def _tokenizer(self) -> Any:
-        async with self._lock:
-            if self._loaded is None:
-                if self._failed is not None and time.monotonic() - self._failed[0] < RETRY_AFTER_S:
-                    raise TokenizerUnavailable(self._failed[1])
-                try:
-                    self._loaded = await asyncio.to_thread(self._load)
-                except TokenizerUnavailable as exc:
-                    self._failed = (time.monotonic(), str(exc))
-                    log.warning("tokenizer not loaded", source=self.source, error=str(exc),
-                                retry_after_s=RETRY_AFTER_S)
-                    raise
+        if self._loaded is not None:
+            return self._loaded
+        if self._loading is None:
+            if self._failed is not None and time.monotonic() - self._failed[0] < RETRY_AFTER_S:
+                raise TokenizerUnavailable(self._failed[1])
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+        loading = self._loading
+        try:
+            self._loaded = await asyncio.shield(loading)
+        except TokenizerUnavailable as exc:
+            if self._loading is loading:  # the first of its waiters to hear it
+                self._loading, self._failed = None, (time.monotonic(), str(exc))
+                log.warning("tokenizer not loaded", source=self.source, error=str(exc), retry_after_s=RETRY_AFTER_S)
+            raise
         return self._loaded
 
     def _load(self) -> Any:

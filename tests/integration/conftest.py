@@ -138,6 +138,12 @@ def engine_settings(nats_url: str, nats_credentials: str, redis_url: str, otlp_r
                                 decode_prefill_max_tokens=0))
 
 
+def in_process(settings: Settings) -> Settings:
+    """Settings for an engine started in the test process: without the OTLP endpoint, as vLLM
+    would make its tracer provider this process's (set once: the pipeline tests' would be refused)."""
+    return settings.replace(otlp_traces_endpoint="")
+
+
 @pytest.fixture(scope="session")
 def reference(engine_settings: Settings) -> dict[str, Reference]:
     """Greedy answers of one plain vLLM engine (no bus, no KV connector) to the test prompts."""
@@ -145,7 +151,7 @@ def reference(engine_settings: Settings) -> dict[str, Reference]:
     from services.processes import vllm_engine
 
     async def run() -> dict[str, Reference]:
-        engine = vllm_engine(engine_settings, DIRECT)
+        engine = vllm_engine(in_process(engine_settings), DIRECT)
         await engine.start()
         out = {}
         for name, messages in REFERENCE_PROMPTS.items():

@@ -14,6 +14,7 @@ from bus.credentials import BusAuth
 from bus.messages import ChatMessage
 from services.processes import start_worker
 from tests.conftest import provisioned
+from tests.integration.conftest import in_process
 
 pytestmark = pytest.mark.engine
 REGION = "specm"
@@ -39,7 +40,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 async def test_spec_decoding_acceptance_and_kv_capacity_reach_the_metrics(engine_settings):
-    settings = engine_settings.replace(region=REGION, worker_id=f"{engine_settings.bus.worker_id}-specm",
+    settings = in_process(engine_settings).replace(region=REGION, worker_id=f"{engine_settings.bus.worker_id}-specm",
                                        engine_step_lock="", spec_method="ngram", metrics_port=0)
     worker = await start_worker(provisioned(settings), "aggregated")  # another region: its own streams
     try:

@@ -23,7 +23,7 @@ from kv_store.config import KvConfig
 from kv_store.keys import kv_request, transfer_stats_key
 from kv_store.records import KvReport, TransferRecord, record_from_hash
 from services.settings import Settings
-from tests.integration.conftest import MAX_TOKENS
+from tests.integration.conftest import MAX_TOKENS, in_process
 
 pytestmark = pytest.mark.engine
 
@@ -41,7 +41,7 @@ class Run:
 def kv_settings(engine_settings: Settings) -> Settings:
     """The session's settings with KV keys of this module's own, under the stack's default prefix
     (what the embedded server's user may touch)."""
-    return engine_settings.replace(kv_key_prefix=f"{KvConfig().kv_key_prefix}:{uuid.uuid4().hex[:10]}")
+    return in_process(engine_settings).replace(kv_key_prefix=f"{KvConfig().kv_key_prefix}:{uuid.uuid4().hex[:10]}")
 
 
 @pytest.fixture(scope="module")

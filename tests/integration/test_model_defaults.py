@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bus.messages import SamplingSpec
-from tests.integration.conftest import MAX_TOKENS
+from tests.integration.conftest import MAX_TOKENS, in_process
 
 pytestmark = pytest.mark.engine
 
@@ -16,7 +16,8 @@ async def test_unset_sampling_fields_take_the_models_generation_config(engine_se
     from inference.pools import DIRECT
     from services.processes import vllm_engine
 
-    settings = engine_settings.replace(engine_args="""--override-generation-config '{"top_k": 1}'""")
+    settings = in_process(engine_settings).replace(
+        engine_args="""--override-generation-config '{"top_k": 1}'""")
     engine = vllm_engine(settings, DIRECT)
     await engine.start()
     try:

@@ -11,6 +11,7 @@ import aiohttp
 
 from edge import metrics as edge_metrics
 from edge.live import CANCEL_MESSAGES
+from edge.tenants import add_key
 from edge.openapi import PATH, render
 from services.lab.fake_engine import reply_for
 from tests.pipeline.harness import eventually, running_stack
@@ -185,6 +186,21 @@ async def test_several_choices_are_several_requests_answered_together(settings):
         assert stack.edge.live.config.resume_grace_s >= 10
         await eventually(lambda: stack.edge.live.in_flight == 0, timeout=5)
         assert len(lives) == 2 and all(live.events[-1].message == CANCEL_MESSAGES["choices_left"] for live in lives)
+
+
+async def test_a_body_asking_more_choices_than_its_tenant_may_run_publishes_none(settings, tmp_path):
+    keys_file = tmp_path / "keys.json"
+    small = add_key(keys_file, "small", ["interactive", "standard", "batch"], 2)
+    settings = settings.replace(api_keys_file=str(keys_file))
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {small}"}) as http:
+            body = {"prompt": "x", "max_tokens": 3, "n": 3}
+            async with http.post(f"{api(stack)}/completions", json=body) as r:
+                assert r.status == 429 and (await r.json())["error"]["code"] == "too_many_requests"
+            assert stack.edge.live._live == {}  # none of its choices was published (and cancelled)
+            async with http.post(f"{api(stack)}/completions", json={**body, "n": 2}) as r:
+                assert r.status == 200 and len((await r.json())["choices"]) == 2
 
 
 async def test_tokenize_detokenize_health_version_models_and_the_openapi_document(settings):

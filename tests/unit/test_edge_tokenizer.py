@@ -3,6 +3,8 @@ error, and no second load until RETRY_AFTER_S has passed (a client cannot make e
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from edge import tokenizer as module
@@ -28,3 +30,24 @@ async def test_a_failed_load_is_not_tried_again_before_its_retry_time(tmp_path, 
     with pytest.raises(TokenizerUnavailable):
         await edge.tokenize("hello")
     assert loads == 2
+
+
+async def test_callers_that_give_up_do_not_start_more_loads(tmp_path, monkeypatch):
+    """A load that takes long (a slow disk or hub) is one load, however many callers leave."""
+    import threading
+
+    edge = Tokenizer(str(tmp_path / "slow"))
+    loads, release = 0, threading.Event()
+
+    def slow() -> object:
+        nonlocal loads
+        loads += 1
+        release.wait(10)
+        return "the tokenizer"
+
+    monkeypatch.setattr(edge, "_load", slow)
+    for _ in range(3):  # each caller's client leaves before the load ends
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(edge._tokenizer(), 0.05)
+    release.set()
+    assert await edge._tokenizer() == "the tokenizer" and loads == 1

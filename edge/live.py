@@ -396,7 +396,8 @@ class LiveRequests:
         successor = msgspec.structs.replace(
             request, region=route.region, route="failover", attempt=request.attempt + 1,
             continuation=Continuation(token_ids=tokens, next_seq=next_seq), created_at=time.time(),
-            sampling=msgspec.structs.replace(request.sampling, max_tokens=left),
+            sampling=msgspec.structs.replace(request.sampling, max_tokens=left,
+                                             min_tokens=max(0, request.sampling.min_tokens - len(tokens))),
             reply_to=self.gateway.client.reply_to(live.request_id))  # here, whoever asked first
         cause = "client_moved" if live.orphaned else "region_dead"
         detected_s = regions.silent_for(old)

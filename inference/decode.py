@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import structlog
 
 from nats.js import JetStreamContext
@@ -99,11 +100,13 @@ class DecodeService:
         head = [] if j.first_token_id is None else [j.first_token_id]
         prompt = _PromptInBatch.of(job, len(sent))
         completion, finish, loaded, report, spec = len(head) + len(sent), None, 0, None, None
+        # What the answer already holds counts toward its min_tokens (the engine counts its own)
+        sampling = msgspec.structs.replace(j.sampling, min_tokens=max(0, j.sampling.min_tokens - completion))
         if completion >= j.sampling.max_tokens:
             finish = "length"
         else:
             async for chunk in self.engine.generate(
-                    j.request_id, [*j.prompt_token_ids, *head, *sent], j.sampling,
+                    j.request_id, [*j.prompt_token_ids, *head, *sent], sampling,
                     max_tokens=j.sampling.max_tokens - completion, kv=self._kv_request(j)):
                 if chunk.token_ids or chunk.text:
                     if job.deliveries > 1 and completion == len(head) + len(sent):

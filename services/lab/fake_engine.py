@@ -92,6 +92,8 @@ class FakeEngine:
         prompt = bytes(prompt_token_ids)
         head, _, already = prompt.rpartition(ASSISTANT)
         reply = reply_for(head + ASSISTANT)[len(already):]
+        # as vLLM's min_tokens: no end before this call has given that many (its end token held back)
+        reply += b"." * max(0, min(sampling.min_tokens, max_tokens) - len(reply))
         loaded, report = self._kv(prompt_token_ids, kv)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         emitted = 0

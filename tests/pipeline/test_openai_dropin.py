@@ -203,6 +203,19 @@ async def test_a_body_asking_more_choices_than_its_tenant_may_run_publishes_none
                 assert r.status == 200 and len((await r.json())["choices"]) == 2
 
 
+async def test_min_tokens_count_the_whole_answer_across_prefill_and_decode(settings):
+    """Prefill's first token counts toward min_tokens: decode asks its engine for the rest only
+    (the fake engine holds its end back as vLLM's min_tokens does, padding with dots)."""
+    settings = settings.replace(decode_prefill_max_tokens=0)  # prefill computes every first token
+    async with running_stack(settings, *engines(settings)) as stack:
+        await ready(stack)
+        reply = await sdk(stack).completions.create(model="fake", prompt="hi", max_tokens=50,
+                                                    extra_body={"min_tokens": 20})
+    short = text_expected("hi")
+    assert reply.choices[0].text == short + "." * (20 - len(short))
+    assert reply.usage.completion_tokens == 20
+
+
 async def test_tokenize_detokenize_health_version_models_and_the_openapi_document(settings):
     async with running_stack(settings, *engines(settings)) as stack:
         await ready(stack)
